@@ -1,0 +1,39 @@
+// The CUDA backend as the torch glue sees it: plain params in, kernels
+// launched on the given stream. No torch header here or below.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../common/params.h"
+
+namespace flash_ext::cuda {
+
+// Why a call cannot be served by the CUDA kernels (nullptr when it can). The
+// glue checks this before allocating anything; Python then falls back.
+const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major,
+                                   int device_minor);
+const char* bwd_unsupported_reason(const AttentionBwdParams& params, int device_major,
+                                   int device_minor);
+const char* kvcache_unsupported_reason(const KVCacheParams& params, int device_major,
+                                       int device_minor);
+
+// Workspace (bytes) the backward needs beyond params' own buffers:
+// the glue allocates it and passes it as dq_accum / softmax_d.
+struct BwdWorkspace {
+  size_t dq_accum_floats;   // float32 elements for dq accumulation
+  size_t softmax_d_floats;  // float32 elements for D = rowsum(dO * O)
+};
+BwdWorkspace bwd_workspace(const AttentionBwdParams& params);
+
+void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
+void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream);
+
+// Number of split-KV partitions for num_splits = 0 (chosen from the SM count).
+int choose_num_splits(const KVCacheParams& params, int num_sms);
+
+// Forces a kernel family for tests ("sm80", "sm90" or "" for automatic).
+void set_forced_path(const char* path);
+const char* active_path(int device_major, int device_minor);
+
+}  // namespace flash_ext::cuda
