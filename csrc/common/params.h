@@ -53,6 +53,7 @@ struct AttentionFwdParams {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;  // (batch, heads, q_len) contiguous, natural log
+  double* lse_f64 = nullptr;  // used instead of lse for float64 inputs (CPU)
 
   int64_t q_stride[3] = {0, 0, 0};  // batch, head, seq
   int64_t k_stride[3] = {0, 0, 0};

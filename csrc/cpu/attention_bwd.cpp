@@ -1,0 +1,169 @@
+// Attention backward on the CPU by recomputation: probabilities are rebuilt
+// tile by tile from q, k and the saved log-sum-exp, so nothing of size L x S
+// is kept between forward and backward.
+//
+// One work item owns a (batch, kv head): its key blocks accumulate dK and dV
+// over every query head of the GQA group, and it owns those heads' dQ rows,
+// so no two threads write the same gradient element.
+#include <ATen/Parallel.h>
+
+#include "attention_cpu.h"
+#include "dropout.h"
+#include "tile.h"
+
+namespace flash_ext::cpu {
+namespace {
+
+template <typename scalar_t>
+void attention_bwd_typed(const AttentionBwdParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t d = p.head_dim, dv = p.v_head_dim, L = p.q_len, S = p.kv_len;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const bool has_dropout = p.dropout.p > 0.f;
+  const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
+
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dq_acc(group * L * d), row_dot(group * L), row_lse(group * L);
+    std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);
+    std::vector<acc_t> k_buf(kBlockK * d), v_buf(kBlockK * dv);
+    std::vector<acc_t> dk_acc(kBlockK * d), dv_acc(kBlockK * dv);
+    std::vector<acc_t> probs(kBlockQ * kBlockK), dropped(kBlockQ * kBlockK), dscores(kBlockQ * kBlockK);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
+      const auto head_ptr = [&](const void* base, const int64_t* stride, int64_t h) {
+        return static_cast<const scalar_t*>(base) + b * stride[0] + h * stride[1];
+      };
+
+      // D_i = rowsum(dO_i * O_i), the softmax-backward correction per row.
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kvh * group + g;
+        const scalar_t* o = head_ptr(p.out, p.o_stride, h);
+        const scalar_t* dout = head_ptr(p.dout, p.do_stride, h);
+        for (int64_t i = 0; i < L; ++i) {
+          load_row(o + i * p.o_stride[2], dv, o_row.data());
+          load_row(dout + i * p.do_stride[2], dv, do_row.data());
+          row_dot[g * L + i] = at::vec::map2_reduce_all<acc_t>(
+              [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, o_row.data(),
+              do_row.data(), dv);
+          row_lse[g * L + i] = static_cast<acc_t>(load_lse(p, (b * p.heads + h) * L + i));
+        }
+      }
+      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+
+      const scalar_t* k = head_ptr(p.k, p.k_stride, kvh);
+      const scalar_t* v = head_ptr(p.v, p.v_stride, kvh);
+      for (int64_t col0 = 0; col0 < S; col0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, S - col0);
+        const Matrix<const acc_t> k_tile =
+            stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
+        const Matrix<const acc_t> v_tile =
+            stage_rows<acc_t>(v + col0 * p.v_stride[2], p.v_stride[2], cols, dv, v_buf.data());
+        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kvh * group + g, bh = b * p.heads + h;
+          const scalar_t* q = head_ptr(p.q, p.q_stride, h);
+          const scalar_t* dout = head_ptr(p.dout, p.do_stride, h);
+          const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
+          const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
+
+          for (int64_t row0 = 0; row0 < L; row0 += kBlockQ) {
+            const int64_t rows = std::min(kBlockQ, L - row0);
+            const KeyRange keys = visible_key_range(p.window, row0, row0 + rows, S);
+            if (keys.end <= col0 || keys.begin >= col0 + cols) continue;  // tile fully masked
+            const Matrix<const acc_t> q_tile =
+                stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
+            const Matrix<const acc_t> do_tile =
+                stage_rows<acc_t>(dout + row0 * p.do_stride[2], p.do_stride[2], rows, dv, do_buf.data());
+
+            // P = exp(S - lse), recomputed.
+            gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
+                        {probs.data(), kBlockK});
+            mask.apply(probs.data(), kBlockK, rows, cols, row0, col0);
+            if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
+              apply_window(p.window, probs.data(), kBlockK, rows, cols, col0,
+                           [row0](int64_t r) { return row0 + r; });
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* prow = probs.data() + r * kBlockK;
+              const acc_t lse = row_lse[g * L + row0 + r];
+              if (lse == neg_inf<acc_t>()) {  // the row saw no key: no gradient
+                std::fill(prow, prow + cols, acc_t(0));
+              } else {
+                at::vec::map([lse](Vec x) { return (x - Vec(lse)).exp(); }, prow, prow, cols);
+              }
+            }
+            // Pd: the probabilities after dropout, which produced O.
+            acc_t* pd = probs.data();
+            if (has_dropout) {
+              pd = dropped.data();
+              for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t c = 0; c < cols; ++c) {
+                  const acc_t prob = probs[r * kBlockK + c];
+                  pd[r * kBlockK + c] =
+                      dropout.dropped(row0 + r, col0 + c) ? acc_t(0) : prob * keep_scale;
+                }
+              }
+            }
+            // dV += Pdᵀ dO;  dPd = dO Vᵀ
+            gemm<acc_t>(true, false, cols, dv, rows, acc_t(1), {pd, kBlockK}, do_tile, acc_t(1),
+                        {dv_acc.data(), dv});
+            gemm<acc_t>(false, true, rows, cols, dv, acc_t(1), do_tile, v_tile, acc_t(0),
+                        {dscores.data(), kBlockK});
+            // dS = P ∘ (dP − D), with dP = dPd ∘ mask / (1 − p).
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t dot = row_dot[g * L + row0 + r];
+              acc_t* ds = dscores.data() + r * kBlockK;
+              const acc_t* prob = probs.data() + r * kBlockK;
+              for (int64_t c = 0; c < cols; ++c) {
+                acc_t dprob = ds[c];
+                if (has_dropout) {
+                  dprob = dropout.dropped(row0 + r, col0 + c) ? acc_t(0) : dprob * keep_scale;
+                }
+                ds[c] = prob[c] == acc_t(0) ? acc_t(0) : prob[c] * (dprob - dot);
+              }
+            }
+            if (p.dbias != nullptr) {
+              auto* dbias = static_cast<scalar_t*>(p.dbias) + b * p.dbias_stride[0] +
+                            h * p.dbias_stride[1] + row0 * p.dbias_stride[2] + col0 * p.dbias_stride[3];
+              for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t c = 0; c < cols; ++c) {
+                  dbias[r * p.dbias_stride[2] + c * p.dbias_stride[3]] =
+                      static_cast<scalar_t>(dscores[r * kBlockK + c]);
+                }
+              }
+            }
+            // dQ += scale · dS K;  dK += scale · dSᵀ Q
+            gemm<acc_t>(false, false, rows, d, cols, scale, {dscores.data(), kBlockK}, k_tile,
+                        acc_t(1), {dq_acc.data() + (g * L + row0) * d, d});
+            gemm<acc_t>(true, false, cols, d, rows, scale, {dscores.data(), kBlockK}, q_tile,
+                        acc_t(1), {dk_acc.data(), d});
+          }
+        }
+        auto* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_stride[0] + kvh * p.dk_stride[1];
+        auto* dvp = static_cast<scalar_t*>(p.dv) + b * p.dv_stride[0] + kvh * p.dv_stride[1];
+        store_rows(dk_acc.data(), d, cols, d, dk + col0 * p.dk_stride[2], p.dk_stride[2]);
+        store_rows(dv_acc.data(), dv, cols, dv, dvp + col0 * p.dv_stride[2], p.dv_stride[2]);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kvh * group + g;
+        auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+        store_rows(dq_acc.data() + g * L * d, d, L, d, dq, p.dq_stride[2]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_bwd(const AttentionBwdParams& params) {
+  dispatch_scalar(params.dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    attention_bwd_typed<scalar_t>(params);
+  });
+}
+
+}  // namespace flash_ext::cpu

@@ -1,0 +1,76 @@
+// Fused attention forward on the CPU: blocks of queries against blocks of keys
+// with an online softmax; the L x S score matrix never exists in full.
+#include <ATen/Parallel.h>
+
+#include "attention_cpu.h"
+#include "dropout.h"
+#include "tile.h"
+
+namespace flash_ext::cpu {
+namespace {
+
+template <typename scalar_t>
+void attention_fwd_typed(const AttentionFwdParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
+  const int64_t d = p.head_dim, dv = p.v_head_dim;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const bool has_dropout = p.dropout.p > 0.f;
+  const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
+
+  at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * dv);
+    std::vector<acc_t> scores(kBlockQ * kBlockK);
+    OnlineSoftmax<acc_t> softmax;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % q_blocks, bh = item / q_blocks;
+      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
+      const int64_t row0 = qb * kBlockQ, rows = std::min(kBlockQ, p.q_len - row0);
+
+      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
+      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+      const Matrix<const acc_t> q_tile =
+          stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
+      const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
+      const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
+
+      softmax.reset(rows, dv);
+      const KeyRange keys = visible_key_range(p.window, row0, row0 + rows, p.kv_len);
+      for (int64_t col0 = keys.begin; col0 < keys.end; col0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, keys.end - col0);
+        const Matrix<const acc_t> k_tile =
+            stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
+        const Matrix<const acc_t> v_tile =
+            stage_rows<acc_t>(v + col0 * p.v_stride[2], p.v_stride[2], cols, dv, v_buf.data());
+        gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
+                    {scores.data(), kBlockK});
+        mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
+        if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
+          apply_window(p.window, scores.data(), kBlockK, rows, cols, col0,
+                       [row0](int64_t r) { return row0 + r; });
+        }
+        softmax.update(
+            scores.data(), kBlockK, cols, v_tile,
+            [&](int64_t r, int64_t c) { return dropout.dropped(row0 + r, col0 + c); }, keep_scale,
+            has_dropout);
+      }
+
+      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
+      for (int64_t r = 0; r < rows; ++r) store_lse(p, bh * p.q_len + row0 + r, softmax.finalize_row(r));
+      store_rows(softmax.out.data(), dv, rows, dv, out + row0 * p.o_stride[2], p.o_stride[2]);
+    }
+  });
+}
+
+}  // namespace
+
+void attention_fwd(const AttentionFwdParams& params) {
+  dispatch_scalar(params.dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    attention_fwd_typed<scalar_t>(params);
+  });
+}
+
+}  // namespace flash_ext::cpu

@@ -1,0 +1,137 @@
+// Decoding against a KV cache on the CPU, split-KV: the new keys are appended
+// in place, each (sequence, kv head, split) attends its chunk of the cache for
+// every query head of the GQA group at once, and the partial outputs are
+// merged through their log-sum-exp.
+#include <ATen/Parallel.h>
+
+#include "attention_cpu.h"
+#include "tile.h"
+
+namespace flash_ext::cpu {
+namespace {
+
+// Address of cache row `row` of sequence b, kv head kvh (contiguous or paged).
+template <typename scalar_t>
+scalar_t* cache_row(const KVCacheParams& p, void* cache, const int64_t* stride, int64_t b,
+                    int64_t kvh, int64_t row) {
+  int64_t slot = b, offset = row;
+  if (p.block_table != nullptr) {
+    slot = p.block_table[b * p.block_table_stride + row / p.page_size];
+    offset = row % p.page_size;
+  }
+  return static_cast<scalar_t*>(cache) + slot * stride[0] + kvh * stride[1] + offset * stride[2];
+}
+
+template <typename scalar_t>
+void append_new_rows(const KVCacheParams& p) {
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
+      const auto* k_new = static_cast<const scalar_t*>(p.k_new) + b * p.k_new_stride[0] + kvh * p.k_new_stride[1];
+      const auto* v_new = static_cast<const scalar_t*>(p.v_new) + b * p.v_new_stride[0] + kvh * p.v_new_stride[1];
+      for (int64_t t = 0; t < p.new_len; ++t) {
+        const int64_t row = p.cache_seqlens[b] + t;
+        std::copy_n(k_new + t * p.k_new_stride[2], p.head_dim,
+                    cache_row<scalar_t>(p, p.k_cache, p.k_cache_stride, b, kvh, row));
+        std::copy_n(v_new + t * p.v_new_stride[2], p.v_head_dim,
+                    cache_row<scalar_t>(p, p.v_cache, p.v_cache_stride, b, kvh, row));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void kvcache_fwd_typed(const KVCacheParams& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  if (p.new_len > 0) append_new_rows<scalar_t>(p);
+
+  const int64_t group = p.heads / p.kv_heads, rows = group * p.q_len;
+  const int64_t d = p.head_dim, dv = p.v_head_dim, splits = p.num_splits;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  // Partial results, [split][batch][head][token] rows of dv values.
+  const int64_t partial_rows = p.batch * p.heads * p.q_len;
+  std::vector<acc_t> partial_out(splits * partial_rows * dv);
+  std::vector<acc_t> partial_lse(splits * partial_rows);
+
+  at::parallel_for(0, p.batch * p.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_buf(rows * d), k_buf(kBlockK * d), v_buf(kBlockK * dv), scores(rows * kBlockK);
+    OnlineSoftmax<acc_t> softmax;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t split = item % splits, bk = item / splits;
+      const int64_t b = bk / p.kv_heads, kvh = bk % p.kv_heads;
+      const int64_t total = p.cache_seqlens[b] + p.new_len;
+      const int64_t chunk = ceil_div(total, splits);
+      const int64_t key_begin = std::min(total, split * chunk);
+      const int64_t key_end = std::min(total, key_begin + chunk);
+
+      // Row r of the packed tile is query token r % q_len of head r / q_len.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = kvh * group + r / p.q_len, t = r % p.q_len;
+        const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + t * p.q_stride[2];
+        load_row(q, d, q_buf.data() + r * d);
+      }
+      const VisibilityWindow window{-1, p.causal ? 0 : -1, total - p.q_len};
+      const auto query_pos = [&](int64_t r) { return r % p.q_len; };
+
+      softmax.reset(rows, dv);
+      for (int64_t col0 = key_begin; col0 < key_end; col0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, key_end - col0);
+        for (int64_t c = 0; c < cols; ++c) {
+          const scalar_t* krow = cache_row<scalar_t>(p, p.k_cache, p.k_cache_stride, b, kvh, col0 + c);
+          const scalar_t* vrow = cache_row<scalar_t>(p, p.v_cache, p.v_cache_stride, b, kvh, col0 + c);
+          load_row(krow, d, k_buf.data() + c * d);
+          load_row(vrow, dv, v_buf.data() + c * dv);
+        }
+        gemm<acc_t>(false, true, rows, cols, d, scale, {q_buf.data(), d}, {k_buf.data(), d}, acc_t(0),
+                    {scores.data(), kBlockK});
+        apply_window(window, scores.data(), kBlockK, rows, cols, col0, query_pos);
+        softmax.update(scores.data(), kBlockK, cols, {v_buf.data(), dv},
+                       [](int64_t, int64_t) { return false; }, acc_t(1), false);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = kvh * group + r / p.q_len, t = r % p.q_len;
+        const int64_t index = split * partial_rows + (b * p.heads + h) * p.q_len + t;
+        partial_lse[index] = softmax.finalize_row(r);
+        std::copy_n(softmax.out.data() + r * dv, dv, partial_out.data() + index * dv);
+      }
+    }
+  });
+
+  // Merge the splits: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) out_s.
+  at::parallel_for(0, partial_rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> merged(dv);
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t max_lse = neg_inf<acc_t>();
+      for (int64_t s = 0; s < splits; ++s) max_lse = std::max(max_lse, partial_lse[s * partial_rows + row]);
+      std::fill(merged.begin(), merged.end(), acc_t(0));
+      acc_t lse = neg_inf<acc_t>();
+      if (max_lse != neg_inf<acc_t>()) {
+        acc_t sum = 0;
+        for (int64_t s = 0; s < splits; ++s) sum += std::exp(partial_lse[s * partial_rows + row] - max_lse);
+        lse = max_lse + std::log(sum);
+        for (int64_t s = 0; s < splits; ++s) {
+          const acc_t weight = std::exp(partial_lse[s * partial_rows + row] - lse);
+          if (weight == acc_t(0)) continue;
+          const acc_t* part = partial_out.data() + (s * partial_rows + row) * dv;
+          for (int64_t c = 0; c < dv; ++c) merged[c] += weight * part[c];
+        }
+      }
+      const int64_t bh = row / p.q_len, t = row % p.q_len;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + t * p.o_stride[2];
+      store_rows(merged.data(), dv, 1, dv, out, 0);
+      p.lse[row] = static_cast<float>(lse);
+    }
+  });
+}
+
+}  // namespace
+
+void kvcache_fwd(const KVCacheParams& params) {
+  dispatch_scalar(params.dtype, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    kvcache_fwd_typed<scalar_t>(params);
+  });
+}
+
+}  // namespace flash_ext::cpu

@@ -1,0 +1,225 @@
+// Tile logic shared by the CPU kernels: staging rows into accumulation-type
+// buffers, block products through ATen's BLAS, masking and online softmax.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common/mask.h"
+#include "../common/params.h"
+
+namespace flash_ext::cpu {
+
+// Rows of queries and keys per block: large enough that each block product
+// amortizes the call into BLAS, small enough that a score tile stays in L2.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// float64 inputs accumulate in float64, everything else in float32.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// A row-major matrix in memory: element (r, c) at ptr[r * ld + c].
+template <typename T>
+struct Matrix {
+  T* ptr;
+  int64_t ld;
+};
+
+// Rows [0, rows) of `src` (row stride `stride`, `cols` contiguous elements
+// each) as a matrix of acc_t. Same-type inputs are used in place; others are
+// converted into `buffer` (at least rows * cols elements).
+template <typename acc_t, typename scalar_t>
+Matrix<const acc_t> stage_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t cols,
+                               acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return {src, stride};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      at::vec::convert(src + r * stride, buffer + r * cols, cols);
+    }
+    return {buffer, cols};
+  }
+}
+
+// Copies n elements into dst, converting to acc_t.
+template <typename acc_t, typename scalar_t>
+void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::copy_n(src, n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Writes a rows x cols acc_t matrix to `dst` (row stride `stride`) in scalar_t.
+template <typename scalar_t, typename acc_t>
+void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, scalar_t* dst,
+                int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      std::copy(src + r * ld, src + r * ld + cols, dst + r * stride);
+    } else {
+      at::vec::convert(src + r * ld, dst + r * stride, cols);
+    }
+  }
+}
+
+template <typename acc_t>
+at::Tensor matrix_view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor m = at::from_blob(const_cast<acc_t*>(ptr), {rows, cols}, {ld, 1}, options);
+  return transpose ? m.t() : m;
+}
+
+// C (m x n) = alpha * op(A) * op(B) + beta * C through ATen's BLAS, where op
+// transposes when asked. A is stored (m x k), or (k x m) when trans_a; B is
+// stored (k x n), or (n x k) when trans_b. beta = 0 ignores C's contents.
+template <typename acc_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha,
+          Matrix<const acc_t> a, Matrix<const acc_t> b, acc_t beta, Matrix<acc_t> c) {
+  if (m == 0 || n == 0) return;
+  at::Tensor out = matrix_view<acc_t>(c.ptr, m, n, c.ld, false);
+  if (k == 0) {
+    out.mul_(beta);
+    return;
+  }
+  at::Tensor lhs = trans_a ? matrix_view(a.ptr, k, m, a.ld, true) : matrix_view(a.ptr, m, k, a.ld, false);
+  at::Tensor rhs = trans_b ? matrix_view(b.ptr, n, k, b.ld, true) : matrix_view(b.ptr, k, n, b.ld, false);
+  at::addmm_out(out, out, lhs, rhs, beta, alpha);
+}
+
+// Where attn_mask enters a tile of scores. Row r of the tile is query row
+// `row0 + r`; column c is key `col0 + c`.
+template <typename scalar_t>
+struct MaskTile {
+  MaskKind kind = MaskKind::kNone;
+  const void* base = nullptr;  // already offset to (batch, head)
+  int64_t row_stride = 0, col_stride = 0;
+
+  template <typename acc_t>
+  void apply(acc_t* s, int64_t lds, int64_t rows, int64_t cols, int64_t row0, int64_t col0) const {
+    if (kind == MaskKind::kNone) return;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* srow = s + r * lds;
+      const int64_t offset = (row0 + r) * row_stride + col0 * col_stride;
+      if (kind == MaskKind::kBool) {
+        const bool* m = static_cast<const bool*>(base) + offset;
+        for (int64_t c = 0; c < cols; ++c) {
+          if (!m[c * col_stride]) srow[c] = neg_inf<acc_t>();
+        }
+      } else {
+        const scalar_t* bias = static_cast<const scalar_t*>(base) + offset;
+        for (int64_t c = 0; c < cols; ++c) {
+          srow[c] += static_cast<acc_t>(bias[c * col_stride]);
+        }
+      }
+    }
+  }
+};
+
+// attn_mask of (batch b, head h) as a MaskTile.
+template <typename scalar_t>
+MaskTile<scalar_t> mask_tile(const AttentionFwdParams& p, int64_t b, int64_t h) {
+  MaskTile<scalar_t> tile;
+  tile.kind = p.mask_kind;
+  if (p.mask_kind == MaskKind::kNone) return tile;
+  const int64_t elem = p.mask_kind == MaskKind::kBool ? 1 : static_cast<int64_t>(sizeof(scalar_t));
+  tile.base = static_cast<const char*>(p.mask) + (b * p.mask_stride[0] + h * p.mask_stride[1]) * elem;
+  tile.row_stride = p.mask_stride[2];
+  tile.col_stride = p.mask_stride[3];
+  return tile;
+}
+
+// Sets scores of keys outside the visibility window to -inf. `query_pos(r)`
+// gives the query index of tile row r.
+template <typename acc_t, typename QueryPos>
+void apply_window(const VisibilityWindow& w, acc_t* s, int64_t lds, int64_t rows, int64_t cols,
+                  int64_t col0, QueryPos query_pos) {
+  if (w.window_left < 0 && w.window_right < 0) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = query_pos(r);
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!key_visible(w, i, col0 + c)) s[r * lds + c] = neg_inf<acc_t>();
+    }
+  }
+}
+
+// Running state of the online softmax for a block of query rows: the row
+// maximum m, the row sum l of exp(s - m), and the unnormalized output.
+template <typename acc_t>
+struct OnlineSoftmax {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t rows = 0, dv = 0;
+  std::vector<acc_t> out, row_max, row_sum;
+
+  void reset(int64_t n_rows, int64_t v_dim) {
+    rows = n_rows;
+    dv = v_dim;
+    out.assign(rows * dv, acc_t(0));
+    row_max.assign(rows, neg_inf<acc_t>());
+    row_sum.assign(rows, acc_t(0));
+  }
+
+  // Turns the score tile s (rows x cols) into probabilities relative to the
+  // updated row maxima, rescales the running output and sum, then adds P·V.
+  // `drop(r, c)` says whether dropout removes element (r, c); kept
+  // probabilities are scaled by keep_scale (the sum l uses the undropped ones).
+  template <typename Drop>
+  void update(acc_t* s, int64_t lds, int64_t cols, Matrix<const acc_t> v, Drop drop,
+              acc_t keep_scale, bool has_dropout) {
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* srow = s + r * lds;
+      const acc_t tile_max = at::vec::reduce_all<acc_t>(
+          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, srow, cols);
+      const acc_t new_max = std::max(row_max[r], tile_max);
+      if (new_max == neg_inf<acc_t>()) {  // nothing visible yet in this row
+        std::fill(srow, srow + cols, acc_t(0));
+        continue;
+      }
+      const acc_t rescale = std::exp(row_max[r] - new_max);
+      at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, srow, srow, cols);
+      const acc_t tile_sum =
+          at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, srow, cols);
+      row_sum[r] = row_sum[r] * rescale + tile_sum;
+      row_max[r] = new_max;
+      if (rescale != acc_t(1)) {
+        acc_t* orow = out.data() + r * dv;
+        at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, orow, orow, dv);
+      }
+      if (has_dropout) {
+        for (int64_t c = 0; c < cols; ++c) srow[c] = drop(r, c) ? acc_t(0) : srow[c] * keep_scale;
+      }
+    }
+    gemm<acc_t>(false, false, rows, dv, cols, acc_t(1), {s, lds}, v, acc_t(1), {out.data(), dv});
+  }
+
+  // Normalized output row r (written into the state) and its log-sum-exp;
+  // a row that saw no key gives 0 and -inf.
+  acc_t finalize_row(int64_t r) {
+    acc_t* orow = out.data() + r * dv;
+    if (row_sum[r] == acc_t(0)) {
+      std::fill(orow, orow + dv, acc_t(0));
+      return neg_inf<acc_t>();
+    }
+    const acc_t inv = acc_t(1) / row_sum[r];
+    at::vec::map([inv](Vec x) { return x * Vec(inv); }, orow, orow, dv);
+    return row_max[r] + std::log(row_sum[r]);
+  }
+};
+
+}  // namespace flash_ext::cpu

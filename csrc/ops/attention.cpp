@@ -1,0 +1,171 @@
+// attention_fwd / attention_bwd: checks, outputs and params, then the
+// device's kernels. Registered for CPU and CUDA alike; backend.h branches.
+#include <ATen/DeviceGuard.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../common/philox.h"
+#include "backend.h"
+#include "checks.h"
+#include "ops.h"
+
+namespace flash_ext {
+namespace {
+
+constexpr const char* kOp = "flash_ext.attention";
+
+at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void set_lse(AttentionFwdParams& p, const at::Tensor& lse) {
+  if (lse.scalar_type() == at::kDouble) {
+    p.lse_f64 = lse.data_ptr<double>();
+  } else {
+    p.lse = lse.data_ptr<float>();
+  }
+}
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                  int64_t window_left, int64_t window_right) {
+  check_attention_inputs(kOp, q, k, v);
+  if (attn_mask.has_value()) check_attn_mask(kOp, *attn_mask, q, k);
+  check_scalars(kOp, dropout_p, scale, window_left, window_right);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  const at::OptionalDeviceGuard guard(q.device());
+
+  at::Tensor out = empty_like_query_layout(q, v.size(3));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q)));
+  AttentionFwdParams params = make_fwd_params(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                              window_right, bottom_right);
+  at::Tensor rng_state = dropout_p > 0.0 ? backend::seed_dropout(q, params.dropout)
+                                         : at::empty({0}, q.options().dtype(at::kLong));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, rng_state};
+  if (k.size(2) == 0) {  // no keys: every row is empty
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse, rng_state};
+  }
+  params.out = out.data_ptr();
+  set_strides(params.o_stride, out);
+  set_lse(params, lse);
+  backend::run_attention_fwd(q, params);
+  return {out, lse, rng_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, bool bias_requires_grad,
+    bool deterministic) {
+  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
+  TORCH_CHECK_VALUE(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), kOp,
+                    ": out must be forward's output of shape ", at::IntArrayRef(out_shape), ", got ",
+                    out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.sizes() == out_shape && grad_out.scalar_type() == q.scalar_type(), kOp,
+                    ": grad_out must match the output's shape ", at::IntArrayRef(out_shape),
+                    " and dtype ", q.scalar_type(), ", got ", grad_out.sizes(), " ",
+                    grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.stride(3) == 1 && out.stride(3) == 1, kOp,
+                    ": grad_out and out must have a contiguous last dimension");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(out_shape).slice(0, 3) &&
+                        lse.scalar_type() == lse_dtype(q) && lse.is_contiguous(),
+                    kOp, ": lse must be forward's contiguous ", lse_dtype(q), " log-sum-exp of shape ",
+                    at::IntArrayRef(out_shape).slice(0, 3));
+  const bool bias_grad = bias_requires_grad && attn_mask.has_value() &&
+                         attn_mask->scalar_type() != at::kBool;
+  const at::OptionalDeviceGuard guard(q.device());
+
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dbias_full = bias_grad ? at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
+                                    : at::Tensor();
+  const auto bias_grad_result = [&]() {
+    if (!bias_grad) return at::empty({0}, q.options());
+    return dbias_full.sum_to_size(attn_mask->sizes());
+  };
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    if (bias_grad) dbias_full.zero_();
+    return {dq, dk, dv, bias_grad_result()};
+  }
+
+  AttentionBwdParams params;
+  static_cast<AttentionFwdParams&>(params) = make_fwd_params(
+      q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+  if (dropout_p > 0.0) backend::replay_dropout(rng_state, params.dropout);
+  params.out = out.data_ptr();
+  set_strides(params.o_stride, out);
+  set_lse(params, lse);
+  params.dout = grad_out.data_ptr();
+  set_strides(params.do_stride, grad_out);
+  params.dq = dq.data_ptr();
+  params.dk = dk.data_ptr();
+  params.dv = dv.data_ptr();
+  set_strides(params.dq_stride, dq);
+  set_strides(params.dk_stride, dk);
+  set_strides(params.dv_stride, dv);
+  if (bias_grad) {
+    params.dbias = dbias_full.data_ptr();
+    for (int i = 0; i < 4; ++i) params.dbias_stride[i] = dbias_full.stride(i);
+  }
+  params.deterministic = deterministic;
+  backend::run_attention_bwd(q, params);
+  return {dq, dk, dv, bias_grad_result()};
+}
+
+at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads,
+                             int64_t q_len, int64_t kv_len, double dropout_p) {
+  check_scalars("flash_ext.dropout_keep_mask", dropout_p, 1.0, -1, -1);
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && q_len >= 0 && kv_len >= 0,
+                    "flash_ext.dropout_keep_mask: sizes must be non-negative");
+  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
+                    "flash_ext.dropout_keep_mask: rng_state must be forward's int64 [seed, offset], got ",
+                    rng_state.sizes(), " ", rng_state.scalar_type());
+  const at::Tensor state = rng_state.cpu();
+  const auto seed = static_cast<uint64_t>(state[0].item<int64_t>());
+  const auto offset = static_cast<uint64_t>(state[1].item<int64_t>());
+  const uint32_t threshold = dropout_keep_threshold(static_cast<float>(dropout_p));
+  at::Tensor keep = at::empty({batch, heads, q_len, kv_len}, at::kBool);
+  bool* data = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint64_t bh = row / q_len, i = row % q_len;
+      for (int64_t j = 0; j < kv_len; ++j) {
+        const Philox4 r = dropout_bits4(seed, offset, bh, i, static_cast<uint64_t>(j) >> 2);
+        data[row * kv_len + j] = philox_word(r, static_cast<int>(j & 3)) < threshold;
+      }
+    }
+  });
+  return keep.to(rng_state.device());
+}
+
+TORCH_LIBRARY_IMPL(flash_ext, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+TORCH_LIBRARY_IMPL(flash_ext, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+TORCH_LIBRARY_IMPL(flash_ext, CompositeExplicitAutograd, m) {
+  m.impl("dropout_keep_mask", &dropout_keep_mask);
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,105 @@
+// Autograd for flash_ext::attention in C++, so gradients flow from Python and
+// from LibTorch alike: forward saves q, k, v, out, lse and the dropout seed,
+// never anything of size L x S; backward recomputes through attention_bwd.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace flash_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flash_ext::attention_fwd", "")
+                             .typed<decltype(attention_fwd)>();
+  return op.call(q, k, v, mask, dropout_p, scale, window_left, window_right, bottom_right);
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  // The mask travels as std::optional: Function::apply would ask an undefined
+  // tensor for its device.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+                               double dropout_p,
+                               double scale, int64_t window_left, int64_t window_right,
+                               bool bottom_right, bool deterministic) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor mask = attn_mask.value_or(at::Tensor());
+    auto [out, lse, rng_state] = call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                          window_right, bottom_right);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, mask});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["deterministic"] = deterministic;
+    ctx->saved_data["bias_requires_grad"] = mask.defined() && mask.requires_grad();
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("flash_ext::attention_bwd", "")
+                               .typed<decltype(attention_bwd)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
+    const at::Tensor &lse = saved[4], &rng_state = saved[5], &mask = saved[6];
+    at::Tensor grad_out = grads[0];
+    if (!grad_out.defined()) grad_out = at::zeros_like(out);
+    if (grad_out.stride(-1) != 1) grad_out = grad_out.contiguous();
+    auto [dq, dk, dv, dbias] = op.call(
+        grad_out, q, k, v, out, lse, rng_state, optional_tensor(mask),
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
+        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["bias_requires_grad"].toBool(),
+        ctx->saved_data["deterministic"].toBool());
+    const bool bias_grad = ctx->saved_data["bias_requires_grad"].toBool();
+    return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, bool deterministic) {
+  const variable_list outs = AttentionFunction::apply(
+      q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
+      bottom_right, deterministic);
+  return {outs[0], outs[1]};
+}
+
+// Below autograd (inference mode, or tensors without autograd): forward only.
+std::tuple<at::Tensor, at::Tensor> attention_inference(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, bool /*deterministic*/) {
+  auto [out, lse, rng_state] =
+      call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_ext, Autograd, m) { m.impl("attention", &attention_autograd); }
+
+TORCH_LIBRARY_IMPL(flash_ext, CompositeExplicitAutograd, m) {
+  m.impl("attention", &attention_inference);
+}
+
+}  // namespace flash_ext

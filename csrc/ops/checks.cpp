@@ -1,0 +1,132 @@
+#include "checks.h"
+
+#include <cmath>
+
+namespace flash_ext {
+
+ScalarKind scalar_kind(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return ScalarKind::kFloat16;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kDouble: return ScalarKind::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "flash_ext: unsupported dtype ", type);
+  }
+}
+
+namespace {
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat ||
+                       type == at::kDouble,
+                   op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", type);
+}
+
+void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+                    " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+}  // namespace
+
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v) {
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"query", &q}, {"key", &k}, {"value", &v}};
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name,
+                      " must be a 4-D tensor (batch, heads, seq, dim), got ", t->dim(), "-D");
+    check_floating(op, name, *t);
+    check_last_dim_contiguous(op, name, *t);
+  }
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": query, key and value must have the same dtype, got ", q.scalar_type(), ", ",
+                   k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
+                    ": query, key and value must be on the same device, got ", q.device(), ", ",
+                    k.device(), " and ", v.device());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op,
+                    ": query, key and value must have the same batch size, got ", q.size(0), ", ",
+                    k.size(0), " and ", v.size(0));
+  TORCH_CHECK_VALUE(k.size(1) == v.size(1), op, ": key and value must have the same number of heads, got ",
+                    k.size(1), " and ", v.size(1));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": query heads (", q.size(1),
+                    ") must be a multiple of key/value heads (", k.size(1), ") for grouped-query attention");
+  TORCH_CHECK_VALUE(k.size(2) == v.size(2), op, ": key and value must have the same sequence length, got ",
+                    k.size(2), " and ", v.size(2));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3), op, ": query and key must have the same head dim, got ",
+                    q.size(3), " and ", k.size(3));
+  TORCH_CHECK_VALUE(q.size(3) > 0 && v.size(3) > 0, op, ": head dims must be positive, got query ",
+                    q.size(3), " and value ", v.size(3));
+}
+
+void check_attn_mask(const char* op, const at::Tensor& mask, const at::Tensor& q,
+                     const at::Tensor& k) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(), op,
+                   ": attn_mask must be bool or have the query's dtype (", q.scalar_type(), "), got ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == q.device(), op, ": attn_mask must be on the query's device (",
+                    q.device(), "), got ", mask.device());
+  const int64_t expected[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  bool ok = mask.dim() == 4;
+  for (int64_t i = 0; ok && i < 4; ++i) ok = mask.size(i) == expected[i] || mask.size(i) == 1;
+  TORCH_CHECK_VALUE(ok, op, ": attn_mask must be 4-D and broadcastable to (batch, heads, q_len, kv_len) = ",
+                    at::IntArrayRef(expected), " (each size equal or 1), got ", mask.sizes());
+}
+
+void check_scalars(const char* op, double dropout_p, double scale, int64_t window_left,
+                   int64_t window_right) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window sizes must be >= 0, or -1 for unbounded, got (", window_left, ", ",
+                    window_right, ")");
+}
+
+void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+}
+
+at::Tensor empty_like_query_layout(const at::Tensor& q, int64_t dim) {
+  const bool heads_inner = q.stride(1) < q.stride(2);
+  if (heads_inner) {
+    return at::empty({q.size(0), q.size(2), q.size(1), dim}, q.options()).transpose(1, 2);
+  }
+  return at::empty({q.size(0), q.size(1), q.size(2), dim}, q.options());
+}
+
+AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                   double scale, int64_t window_left, int64_t window_right,
+                                   bool bottom_right) {
+  AttentionFwdParams p;
+  p.dtype = scalar_kind(q.scalar_type());
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.q_len = q.size(2);
+  p.kv_len = k.size(2);
+  p.head_dim = q.size(3);
+  p.v_head_dim = v.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(p.q_stride, q);
+  set_strides(p.k_stride, k);
+  set_strides(p.v_stride, v);
+  if (attn_mask.has_value()) {
+    const at::Tensor& mask = *attn_mask;
+    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+    p.mask = mask.data_ptr();
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.size(i) == 1 ? 0 : mask.stride(i);
+  }
+  p.scale = static_cast<float>(scale);
+  p.window.window_left = window_left;
+  p.window.window_right = window_right;
+  p.window.diagonal_offset = bottom_right ? p.kv_len - p.q_len : 0;
+  p.dropout.p = static_cast<float>(dropout_p);
+  return p;
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,40 @@
+// Argument checking and params building for the ops: every error names the
+// argument and what was expected, and is raised before any kernel runs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "../common/params.h"
+
+namespace flash_ext {
+
+ScalarKind scalar_kind(at::ScalarType type);
+
+// query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev): same dtype
+// and device, H divisible by Hkv, last dimensions contiguous.
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v);
+
+// attn_mask: bool or q's dtype, 4-D, each size 1 or equal to (B, H, L, S).
+void check_attn_mask(const char* op, const at::Tensor& mask, const at::Tensor& q,
+                     const at::Tensor& k);
+
+void check_scalars(const char* op, double dropout_p, double scale, int64_t window_left,
+                   int64_t window_right);
+
+// Params for q, k, v, the optional mask and the window; outputs unset.
+AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                   double scale, int64_t window_left, int64_t window_right,
+                                   bool bottom_right);
+
+// (batch, head, seq) element strides of a (B, H, L, D) tensor.
+void set_strides(int64_t (&dst)[3], const at::Tensor& t);
+
+// An output for (B, H, L, dim) laid out like q: heads-inner memory (B, L, H,
+// dim) when q is so, as PyTorch's flash backend returns, else (B, H, L, dim).
+at::Tensor empty_like_query_layout(const at::Tensor& q, int64_t dim);
+
+}  // namespace flash_ext

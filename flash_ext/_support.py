@@ -1,0 +1,148 @@
+"""What each kernel family serves: the one place the Python layer decides
+between our kernels and PyTorch's own SDPA, and the source of the README's
+support table (``python -m flash_ext.support_table``).
+
+The C++ side re-checks everything it relies on (csrc/ops/checks.cpp and each
+backend's ``*_unsupported_reason``), so a rule missing here gives an error,
+never a wrong answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _C
+
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+MAX_CUDA_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family and the features it serves, per pass."""
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | None
+    head_dim_multiple: int
+    forward: frozenset[str] = field(default_factory=frozenset)
+    backward: frozenset[str] = field(default_factory=frozenset)
+    decode: frozenset[str] = field(default_factory=frozenset)
+
+
+FEATURES = (
+    "causal", "sliding window", "bool mask", "float mask (bias)", "bias gradient", "dropout",
+    "GQA/MQA", "value dim != query dim", "any strides (last dim contiguous)", "paged KV cache",
+    "KV append", "return_lse", "deterministic backward",
+)
+
+_PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
+                      "any strides (last dim contiguous)", "return_lse"})
+_DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
+                     "any strides (last dim contiguous)"})
+
+FAMILIES = {
+    "cpu": Family("cpu", CPU_DTYPES, None, 1,
+                  forward=_PREFILL | {"value dim != query dim"},
+                  backward=_PREFILL | {"value dim != query dim", "bias gradient", "deterministic backward"},
+                  decode=_DECODE | {"value dim != query dim"}),
+    "sm80": Family("sm80", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
+                   forward=_PREFILL, backward=_PREFILL | {"bias gradient", "deterministic backward"},
+                   decode=_DECODE),
+}
+
+
+def cuda_built() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return bool(_C.WITH_CUDA)
+
+
+def family_for(device: torch.device) -> tuple[Family | None, str | None]:
+    """The kernel family serving ``device``, or None and the reason."""
+    if device.type == "cpu":
+        return FAMILIES["cpu"], None
+    if device.type != "cuda":
+        return None, f"no flash_ext kernels for device type {device.type!r}"
+    if not cuda_built():
+        return None, "flash_ext was built without its CUDA kernels"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return None, f"the CUDA kernels need compute capability >= 8.0, got {major}.{minor}"
+    return FAMILIES["sm80"], None
+
+
+def prefill_unsupported_reason(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+    dropout_p: float, needs_grad: bool, bias_grad: bool,
+) -> str | None:
+    """Why our prefill kernels cannot serve this call, or None when they can."""
+    family, reason = family_for(query.device)
+    if family is None:
+        return reason
+    if query.dtype not in family.dtypes:
+        return f"the {family.name} kernels serve {_names(family.dtypes)}, got {query.dtype}"
+    dim, v_dim = query.shape[-1], value.shape[-1]
+    for name, d in (("query/key", dim), ("value", v_dim)):
+        if family.max_head_dim is not None and d > family.max_head_dim:
+            return f"the {family.name} kernels serve head dims up to {family.max_head_dim}, got {name} {d}"
+        if d % family.head_dim_multiple:
+            return f"the {family.name} kernels need head dims divisible by {family.head_dim_multiple}, got {name} {d}"
+    wanted = set()
+    if v_dim != dim:
+        wanted.add("value dim != query dim")
+    if attn_mask is not None:
+        wanted.add("bool mask" if attn_mask.dtype == torch.bool else "float mask (bias)")
+    if dropout_p > 0:
+        wanted.add("dropout")
+    if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        wanted.add("GQA/MQA")
+    passes = [("forward", family.forward, wanted)]
+    if needs_grad:
+        passes.append(("backward", family.backward, wanted | ({"bias gradient"} if bias_grad else set())))
+    for pass_name, features, needed in passes:
+        missing = needed - features
+        if missing:
+            return f"the {family.name} {pass_name} kernels do not serve: {', '.join(sorted(missing))}"
+    return None
+
+
+def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why our decode kernels cannot serve this call, or None when they can."""
+    family, reason = family_for(q.device)
+    if family is None:
+        return reason
+    if q.dtype not in family.dtypes:
+        return f"the {family.name} kernels serve {_names(family.dtypes)}, got {q.dtype}"
+    dim, v_dim = q.shape[-1], v_cache.shape[-1]
+    if family.max_head_dim is not None and max(dim, v_dim) > family.max_head_dim:
+        return f"the {family.name} kernels serve head dims up to {family.max_head_dim}"
+    if dim % family.head_dim_multiple or (v_dim != dim and "value dim != query dim" not in family.decode):
+        return f"the {family.name} decode kernels need equal head dims divisible by {family.head_dim_multiple}"
+    return None
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def support_table() -> str:
+    """Markdown: every feature x family x pass, from FAMILIES above."""
+    header = "| feature | " + " | ".join(
+        f"{name} {p}" for name in FAMILIES for p in ("fwd", "bwd", "decode")) + " |"
+    rule = "|---" * (1 + 3 * len(FAMILIES)) + "|"
+    rows = [header, rule]
+    for feature in FEATURES:
+        cells = []
+        for family in FAMILIES.values():
+            for features in (family.forward, family.backward, family.decode):
+                cells.append("yes" if feature in features else "—")
+        rows.append(f"| {feature} | " + " | ".join(cells) + " |")
+    dtypes = " | ".join(f"{_names(f.dtypes)} | | " for f in FAMILIES.values())
+    rows.append(f"| dtypes | {dtypes}")
+    dims = " | ".join(
+        (f"multiples of {f.head_dim_multiple} up to {f.max_head_dim}" if f.max_head_dim else "any")
+        + " | | " for f in FAMILIES.values())
+    rows.append(f"| head dims | {dims}")
+    return "\n".join(rows)

@@ -1,0 +1,243 @@
+"""The public attention functions: a drop-in for PyTorch's
+``scaled_dot_product_attention``, FlashAttention's ``flash_attn_func`` and
+``flash_attn_with_kvcache``. Argument handling lives here; the work is done by
+the ``torch.ops.flash_ext`` operators."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import _support
+from ._ops import ops
+
+# PyTorch's own SDPA, kept before flash_ext.patch() can replace it.
+torch_sdpa = F.scaled_dot_product_attention
+
+_strict = False
+_warned: set[str] = set()
+
+
+def set_strict(strict: bool) -> None:
+    """When strict, an input our kernels cannot serve raises instead of
+    falling back to PyTorch's own SDPA with a warning."""
+    global _strict
+    _strict = bool(strict)
+
+
+def is_strict() -> bool:
+    """Whether fallbacks raise (see :func:`set_strict`)."""
+    return _strict
+
+
+def _fall_back(reason: str) -> None:
+    if _strict:
+        raise RuntimeError(f"flash_ext cannot serve this call (strict mode): {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"flash_ext falls back to PyTorch's scaled_dot_product_attention: {reason}",
+                      stacklevel=3)
+
+
+def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
+                       scale: float | None, enable_gqa: bool) -> None:
+    """The errors PyTorch's SDPA raises, with the argument named."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"scaled_dot_product_attention: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"scaled_dot_product_attention: {name} must have at least 2 dimensions "
+                             f"(..., seq, dim), got {t.dim()}-D")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError("scaled_dot_product_attention: query, key and value must have the same dtype, "
+                           f"got {query.dtype}, {key.dtype} and {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError("scaled_dot_product_attention: query, key and value must be on the same device, "
+                           f"got {query.device}, {key.device} and {value.device}")
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError("scaled_dot_product_attention: query and key must have the same head dim, "
+                           f"got {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError("scaled_dot_product_attention: key and value must have the same sequence "
+                           f"length, got {key.shape[-2]} and {value.shape[-2]}")
+    if key.shape[:-2] != value.shape[:-2]:
+        raise RuntimeError("scaled_dot_product_attention: key and value must have the same batch and "
+                           f"head sizes, got {tuple(key.shape[:-2])} and {tuple(value.shape[:-2])}")
+    if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        if not enable_gqa:
+            raise RuntimeError(f"scaled_dot_product_attention: query has {query.shape[-3]} heads but key/value "
+                               f"have {key.shape[-3]}; pass enable_gqa=True for grouped-query attention")
+        if query.shape[-3] % key.shape[-3]:
+            raise RuntimeError(f"scaled_dot_product_attention: query heads ({query.shape[-3]}) must be a "
+                               f"multiple of key/value heads ({key.shape[-3]}) for grouped-query attention")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scaled_dot_product_attention: scale must be finite, got {scale}")
+    if attn_mask is not None:
+        if is_causal:
+            raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when "
+                               "is_causal=True")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"scaled_dot_product_attention: attn_mask must be bool or floating-point, "
+                            f"got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"scaled_dot_product_attention: attn_mask must be on the query's device "
+                               f"({query.device}), got {attn_mask.device}")
+        target = (*query.shape[:-1], key.shape[-2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} "
+                               f"does not broadcast to (..., L, S) = {tuple(target)}") from None
+
+
+def _as_4d(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """(*batch, H, N, D) with any number of leading dims as (B, H, N, D)."""
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(1) if len(batch_shape) == 0 else t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+    scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in replacement for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Same signature and semantics: ``query (..., L, E)``, ``key (..., S, E)``,
+    ``value (..., S, Ev)``; a boolean ``attn_mask`` keeps the positions that are
+    True, a float one is added to the scores, either broadcast to
+    ``(..., L, S)``; ``is_causal`` aligns the causal mask to the top left as
+    PyTorch does when ``L != S``; ``scale`` defaults to ``1/sqrt(E)``;
+    ``enable_gqa`` lets several query heads share one key/value head.
+
+    Differences: a query row whose keys are all masked out gives 0 (and zero
+    gradients) where PyTorch's math backend gives NaN. Inputs our kernels do
+    not serve go to PyTorch's SDPA with a one-time warning, or raise under
+    :func:`flash_ext.set_strict`.
+    """
+    _check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, attn_mask))
+    bias_grad = attn_mask is not None and attn_mask.requires_grad and attn_mask.dtype != torch.bool
+    reason = _sdpa_layout_reason(query, key, value, attn_mask)
+    if reason is None:
+        reason = _support.prefill_unsupported_reason(query, key, value, attn_mask, dropout_p, needs_grad,
+                                                     bias_grad)
+    if reason is not None:
+        _fall_back(reason)
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+
+    batch_shape = tuple(query.shape[:-3])
+    q4, k4, v4 = (_as_4d(t, batch_shape) for t in (query, key, value))
+    q4, k4, v4 = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q4, k4, v4))
+    mask4 = None
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            attn_mask = attn_mask.to(query.dtype)
+        full = (*query.shape[:-1], key.shape[-2])
+        mask4 = attn_mask.expand(full).reshape(q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2]) \
+            if len(full) != 4 else attn_mask.expand(full)
+    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
+                           False, False)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: torch.Tensor | None) -> str | None:
+    """Inputs outside the (B, H, N, D) model our kernels use."""
+    if any(t.is_nested for t in (query, key, value)):
+        return "nested (jagged) tensors are not served yet"
+    if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
+        return "query and key/value batch dimensions differ (broadcast batch)"
+    if query.dim() <= 3 and query.shape[:-2] != key.shape[:-2]:
+        return "query and key/value leading dimensions differ"
+    return None
+
+
+def flash_attn_func(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+    softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), deterministic: bool = False, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's interface on ``(batch, seq, heads, dim)`` tensors.
+
+    ``causal`` aligns to the bottom right (query i of L sees keys
+    ``j <= i + S - L``), as FlashAttention does; ``window_size=(left, right)``
+    limits each query to that many keys before/after its diagonal (-1 =
+    unbounded). Returns the output ``(batch, seq, heads, dim_v)``, and the
+    log-sum-exp ``(batch, heads, seq)`` (float32) when ``return_lse``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"flash_attn_func: {name} must be 4-D (batch, seq, heads, dim), got {t.dim()}-D")
+    if len(window_size) != 2:
+        raise ValueError(f"flash_attn_func: window_size must be (left, right), got {window_size}")
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0
+    reason = _support.prefill_unsupported_reason(
+        q, k, v, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False)
+    if reason is not None:
+        raise RuntimeError(f"flash_attn_func: {reason}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, float(dropout_p),
+                             scale, left, right, True, bool(deterministic))
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None, cache_seqlens: torch.Tensor | int | None = None,
+    softmax_scale: float | None = None, causal: bool = True, num_splits: int = 0,
+    return_lse: bool = False, block_table: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decoding against a KV cache, FlashAttention's interface.
+
+    ``q (batch, q_len, heads, dim)`` attends to ``cache_seqlens[b]`` cached
+    keys of ``k_cache``/``v_cache`` ``(batch, max_len, kv_heads, dim)``, or of
+    a paged cache ``(num_pages, page_size, kv_heads, dim)`` addressed through
+    ``block_table (batch, max_pages)`` (int32). When ``k``/``v``
+    ``(batch, new_len, kv_heads, dim)`` are given they are first written into
+    the cache at ``cache_seqlens`` (in place) and attended too; the caller
+    advances ``cache_seqlens``. With ``causal``, new query t sees the keys up
+    to its own position. The cache is split across ``num_splits`` partitions
+    (0 = chosen from the device) whose partial results merge through their
+    log-sum-exp. Returns the output ``(batch, q_len, heads, dim)`` and, with
+    ``return_lse``, the log-sum-exp ``(batch, heads, q_len)``.
+
+    On CUDA, lengths and page ids are not read back to the host (that would
+    synchronize): out-of-range values there are the caller's error.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"flash_attn_with_kvcache: {name} must be a 4-D tensor")
+    batch = q.shape[0]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_with_kvcache: cache_seqlens is required when appending k/v")
+        cache_seqlens = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"flash_attn_with_kvcache: cache_seqlens must be an int32 tensor or an int, "
+                        f"got {type(cache_seqlens).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    reason = _support.decode_unsupported_reason(q, v_cache)
+    if reason is not None:
+        raise RuntimeError(f"flash_attn_with_kvcache: {reason}")
+    out, lse = ops.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, bool(causal),
+                                     int(num_splits))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,96 @@
+"""Builds flash_ext._C: the CPU kernels always, the CUDA kernels when nvcc is
+found (FLASH_EXT_CUDA=0/1 forces either). FLASH_EXT_CUDA_ARCHS lists the
+targets (default "8.0;9.0a"); FLASH_EXT_CUDA_SOURCES=subset compiles one
+representative instantiation per kernel (for CI on small machines).
+
+Build against the installed torch: pip install --no-build-isolation .
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("FLASH_EXT_CUDA")
+    if forced is not None:
+        return forced not in ("0", "", "false", "False")
+    return shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+
+
+def _cutlass_include() -> str:
+    """CuTe/CUTLASS headers: FLASH_EXT_CUTLASS_INCLUDE, else the nvidia-cutlass wheel."""
+    explicit = os.environ.get("FLASH_EXT_CUTLASS_INCLUDE")
+    if explicit:
+        return explicit
+    try:
+        import cutlass_library
+    except ImportError as err:
+        raise RuntimeError(
+            "the CUDA build needs CUTLASS headers: pip install nvidia-cutlass, "
+            "or set FLASH_EXT_CUTLASS_INCLUDE to a CUTLASS include directory"
+        ) from err
+    return str(Path(cutlass_library.__file__).parent / "source" / "include")
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern), recursive=True))
+
+
+def _cuda_sources() -> list[str]:
+    sources = _sources("csrc/cuda/**/*.cu")
+    if os.environ.get("FLASH_EXT_CUDA_SOURCES") == "subset":
+        # One instantiation per kernel family and the dispatch; the others
+        # differ only in template arguments.
+        subset_file = ROOT / "csrc" / "cuda" / "ci_subset.txt"
+        keep = set(subset_file.read_text().split()) if subset_file.exists() else set()
+        sources = [s for s in sources if "instantiations" not in s or Path(s).name in keep]
+    return sources
+
+
+def build_extension():
+    # The C++ standard comes from torch (its headers need C++20 from 2.13 on).
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    sources = _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp") + ["csrc/python_module.cpp"]
+    sources = [s for s in sources if not s.endswith("backend_cuda.cpp")]
+    if not _want_cuda():
+        return CppExtension("flash_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            py_limited_api=False)
+    archs = os.environ.get("FLASH_EXT_CUDA_ARCHS", "8.0;9.0a")
+    nvcc_flags = [
+        "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-lineinfo", *_gencode_flags(archs),
+    ]
+    if os.environ.get("FLASH_EXT_PTXAS_VERBOSE"):
+        nvcc_flags.append("-Xptxas=-v")
+    return CUDAExtension(
+        "flash_ext._C",
+        sources + ["csrc/ops/backend_cuda.cpp"] + _cuda_sources(),
+        include_dirs=[str(ROOT / "csrc"), _cutlass_include()],
+        define_macros=[("FLASH_EXT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["flash_ext", "flash_ext.*"]),
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
