@@ -65,7 +65,7 @@ def _cuda_sources() -> list[str]:
 
 def build_extension():
     # The C++ standard comes from torch (its headers need C++20 from 2.13 on).
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
     sources = _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp") + ["csrc/python_module.cpp"]
     sources = [s for s in sources if not s.endswith("backend_cuda.cpp")]
     if not _want_cuda():

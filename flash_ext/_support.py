@@ -139,10 +139,27 @@ def support_table() -> str:
             for features in (family.forward, family.backward, family.decode):
                 cells.append("yes" if feature in features else "—")
         rows.append(f"| {feature} | " + " | ".join(cells) + " |")
-    dtypes = " | ".join(f"{_names(f.dtypes)} | | " for f in FAMILIES.values())
-    rows.append(f"| dtypes | {dtypes}")
-    dims = " | ".join(
+    rows.append("| dtypes | " + " | ".join(_names(f.dtypes) for f in FAMILIES.values() for _ in range(3)) + " |")
+    rows.append("| head dims | " + " | ".join(
         (f"multiples of {f.head_dim_multiple} up to {f.max_head_dim}" if f.max_head_dim else "any")
-        + " | | " for f in FAMILIES.values())
-    rows.append(f"| head dims | {dims}")
+        for f in FAMILIES.values() for _ in range(3)) + " |")
     return "\n".join(rows)
+
+
+README_MARKERS = ("<!-- support-table -->", "<!-- /support-table -->")
+
+
+def readme_with_table(readme: str) -> str:
+    """The README text with the support table between its markers renewed."""
+    start, end = README_MARKERS
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{support_table()}\n{end}{tail}"
+
+
+if __name__ == "__main__":
+    import pathlib
+    import sys
+
+    path = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(readme_with_table(path.read_text()))

@@ -64,7 +64,7 @@ struct AttentionFwdParams {
   const void* mask = nullptr;
   int64_t mask_stride[4] = {0, 0, 0, 0};  // batch, head, q, k; 0 = broadcast
 
-  float scale = 1.f;
+  double scale = 1.0;  // float64 inputs need it unrounded; kernels may narrow it
   VisibilityWindow window;
   DropoutParams dropout;
 };
@@ -122,7 +122,7 @@ struct KVCacheParams {
   int64_t block_table_stride = 0;
   int64_t page_size = 0;   // rows per page (max_len for a contiguous cache)
 
-  float scale = 1.f;
+  double scale = 1.0;  // float64 inputs need it unrounded; kernels may narrow it
   bool causal = true;      // new tokens attend causally among themselves
   int64_t num_splits = 1;  // split-KV partitions, >= 1
 

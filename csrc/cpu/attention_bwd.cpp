@@ -93,7 +93,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               if (lse == neg_inf<acc_t>()) {  // the row saw no key: no gradient
                 std::fill(prow, prow + cols, acc_t(0));
               } else {
-                at::vec::map([lse](Vec x) { return (x - Vec(lse)).exp(); }, prow, prow, cols);
+                exp_shifted_sum(prow, cols, lse);
               }
             }
             // Pd: the probabilities after dropout, which produced O.

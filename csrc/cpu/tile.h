@@ -14,12 +14,13 @@
 
 #include "../common/mask.h"
 #include "../common/params.h"
+#include "vec_math.h"
 
 namespace flash_ext::cpu {
 
 // Rows of queries and keys per block: large enough that each block product
 // amortizes the call into BLAS, small enough that a score tile stays in L2.
-constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
 
 template <typename T>
@@ -163,16 +164,15 @@ void apply_window(const VisibilityWindow& w, acc_t* s, int64_t lds, int64_t rows
 // maximum m, the row sum l of exp(s - m), and the unnormalized output.
 template <typename acc_t>
 struct OnlineSoftmax {
-  using Vec = at::vec::Vectorized<acc_t>;
   int64_t rows = 0, dv = 0;
-  std::vector<acc_t> out, row_max, row_sum;
+  std::vector<acc_t> out, running_max, running_sum;
 
   void reset(int64_t n_rows, int64_t v_dim) {
     rows = n_rows;
     dv = v_dim;
     out.assign(rows * dv, acc_t(0));
-    row_max.assign(rows, neg_inf<acc_t>());
-    row_sum.assign(rows, acc_t(0));
+    running_max.assign(rows, neg_inf<acc_t>());
+    running_sum.assign(rows, acc_t(0));
   }
 
   // Turns the score tile s (rows x cols) into probabilities relative to the
@@ -184,23 +184,16 @@ struct OnlineSoftmax {
               acc_t keep_scale, bool has_dropout) {
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* srow = s + r * lds;
-      const acc_t tile_max = at::vec::reduce_all<acc_t>(
-          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, srow, cols);
-      const acc_t new_max = std::max(row_max[r], tile_max);
+      const acc_t new_max = std::max(running_max[r], row_max(srow, cols));
       if (new_max == neg_inf<acc_t>()) {  // nothing visible yet in this row
         std::fill(srow, srow + cols, acc_t(0));
         continue;
       }
-      const acc_t rescale = std::exp(row_max[r] - new_max);
-      at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, srow, srow, cols);
-      const acc_t tile_sum =
-          at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, srow, cols);
-      row_sum[r] = row_sum[r] * rescale + tile_sum;
-      row_max[r] = new_max;
-      if (rescale != acc_t(1)) {
-        acc_t* orow = out.data() + r * dv;
-        at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, orow, orow, dv);
-      }
+      const acc_t rescale = std::exp(running_max[r] - new_max);
+      const acc_t tile_sum = exp_shifted_sum(srow, cols, new_max);
+      running_sum[r] = running_sum[r] * rescale + tile_sum;
+      running_max[r] = new_max;
+      if (rescale != acc_t(1)) scale_row(out.data() + r * dv, dv, rescale);
       if (has_dropout) {
         for (int64_t c = 0; c < cols; ++c) srow[c] = drop(r, c) ? acc_t(0) : srow[c] * keep_scale;
       }
@@ -212,13 +205,12 @@ struct OnlineSoftmax {
   // a row that saw no key gives 0 and -inf.
   acc_t finalize_row(int64_t r) {
     acc_t* orow = out.data() + r * dv;
-    if (row_sum[r] == acc_t(0)) {
+    if (running_sum[r] == acc_t(0)) {
       std::fill(orow, orow + dv, acc_t(0));
       return neg_inf<acc_t>();
     }
-    const acc_t inv = acc_t(1) / row_sum[r];
-    at::vec::map([inv](Vec x) { return x * Vec(inv); }, orow, orow, dv);
-    return row_max[r] + std::log(row_sum[r]);
+    scale_row(orow, dv, acc_t(1) / running_sum[r]);
+    return running_max[r] + std::log(running_sum[r]);
   }
 };
 

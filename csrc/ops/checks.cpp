@@ -121,7 +121,7 @@ AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, con
     p.mask = mask.data_ptr();
     for (int i = 0; i < 4; ++i) p.mask_stride[i] = mask.size(i) == 1 ? 0 : mask.stride(i);
   }
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.window.window_left = window_left;
   p.window.window_right = window_right;
   p.window.diagonal_offset = bottom_right ? p.kv_len - p.q_len : 0;

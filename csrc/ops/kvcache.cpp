@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     p.block_table_stride = block_table->stride(0);
   }
   p.page_size = page_size;
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.causal = causal;
   p.num_splits = num_splits;
   backend::run_kvcache(q, p, capacity);

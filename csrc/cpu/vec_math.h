@@ -1,0 +1,24 @@
+// Softmax inner loops over one row of scores. The float32 versions are built
+// for AVX2+FMA and for the baseline ISA, picked at load time, so the library
+// runs anywhere yet vectorizes where it can (at::vec in an extension only
+// gets the baseline ISA).
+#pragma once
+
+#include <cstdint>
+
+namespace flash_ext::cpu {
+
+// max_i x[i]; -inf for an empty row.
+float row_max(const float* x, int64_t n);
+double row_max(const double* x, int64_t n);
+
+// x[i] = exp(x[i] - shift) in place; returns the sum of the results.
+// exp(-inf) = 0 and NaN stays NaN, as in the reference softmax.
+float exp_shifted_sum(float* x, int64_t n, float shift);
+double exp_shifted_sum(double* x, int64_t n, double shift);
+
+// x[i] *= factor.
+void scale_row(float* x, int64_t n, float factor);
+void scale_row(double* x, int64_t n, double factor);
+
+}  // namespace flash_ext::cpu

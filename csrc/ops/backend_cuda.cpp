@@ -1,0 +1,105 @@
+// CUDA pieces of the glue: the current stream, PyTorch's CUDA generator
+// (graph-safe Philox state), workspaces from the caching allocator, and the
+// kernels of csrc/cuda behind their plain-params interface.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+
+#include <mutex>
+#include <stdexcept>
+
+#include "../cuda/api.h"
+#include "backend.h"
+
+namespace flash_ext::backend::cuda {
+namespace {
+
+// Kernels report failures as std::runtime_error; Python sees a RuntimeError.
+template <typename Fn>
+void run_kernels(const char* what, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::runtime_error& err) {
+    TORCH_CHECK(false, "flash_ext CUDA ", what, ": ", err.what());
+  }
+}
+
+template <typename Params, typename ReasonFn>
+void require_supported(const at::Tensor& q, const Params& params, ReasonFn reason_fn) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
+  const char* reason = reason_fn(params, prop->major, prop->minor);
+  TORCH_CHECK(reason == nullptr, "flash_ext: the CUDA kernels cannot serve this call: ", reason);
+}
+
+}  // namespace
+
+at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    // Each element's counter is its own (row, column) address; advancing the
+    // offset by one block of four words keeps successive calls distinct.
+    state = gen->philox_cuda_state(4);
+  }
+  if (state.captured_) {
+    dropout.seed_ptr = reinterpret_cast<const int64_t*>(state.seed_.ptr);
+    dropout.offset_ptr = reinterpret_cast<const int64_t*>(state.offset_.ptr);
+    dropout.offset_intragraph = state.offset_intragraph_;
+  } else {
+    dropout.seed = state.seed_.val;
+    dropout.offset = state.offset_.val;
+  }
+  at::Tensor rng_state = at::empty({2}, q.options().dtype(at::kLong));
+  dropout.rng_state = rng_state.data_ptr<int64_t>();
+  return rng_state;
+}
+
+void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
+  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong && rng_state.is_cuda(),
+                    "flash_ext: rng_state must be the CUDA int64 [seed, offset] that forward returned, got ",
+                    rng_state.sizes(), " ", rng_state.scalar_type(), " on ", rng_state.device());
+  const int64_t* state = rng_state.data_ptr<int64_t>();
+  dropout.seed_ptr = state;
+  dropout.offset_ptr = state + 1;
+  dropout.offset_intragraph = 0;
+}
+
+void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
+  require_supported(q, params, flash_ext::cuda::fwd_unsupported_reason);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  run_kernels("forward", [&] { flash_ext::cuda::run_attention_fwd(params, stream); });
+}
+
+void run_attention_bwd(const at::Tensor& q, AttentionBwdParams& params) {
+  require_supported(q, params, flash_ext::cuda::bwd_unsupported_reason);
+  const flash_ext::cuda::BwdWorkspace sizes = flash_ext::cuda::bwd_workspace(params);
+  const auto f32 = q.options().dtype(at::kFloat);
+  const at::Tensor dq_accum = at::zeros({static_cast<int64_t>(sizes.dq_accum_floats)}, f32);
+  const at::Tensor softmax_d = at::empty({static_cast<int64_t>(sizes.softmax_d_floats)}, f32);
+  params.dq_accum = dq_accum.data_ptr<float>();
+  params.softmax_d = softmax_d.data_ptr<float>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  run_kernels("backward", [&] { flash_ext::cuda::run_attention_bwd(params, stream); });
+}
+
+void run_kvcache(const at::Tensor& q, KVCacheParams& params, int64_t /*max_keys*/) {
+  require_supported(q, params, flash_ext::cuda::kvcache_unsupported_reason);
+  if (params.num_splits == 0) {
+    params.num_splits = flash_ext::cuda::choose_num_splits(
+        params, at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount);
+  }
+  at::Tensor out_partial, lse_partial;
+  if (params.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len, params.v_head_dim}, f32);
+    lse_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len}, f32);
+    params.out_partial = out_partial.data_ptr<float>();
+    params.lse_partial = lse_partial.data_ptr<float>();
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  run_kernels("KV-cache decode", [&] { flash_ext::cuda::run_kvcache_fwd(params, stream); });
+}
+
+}  // namespace flash_ext::backend::cuda
