@@ -13,9 +13,15 @@ import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent.resolve()
+
+# torch guesses CUDA_HOME from nvcc's folder; with nvcc linked into
+# /usr/local/bin that guess is /usr/local, which holds no CUDA headers.
+if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda() -> bool:
@@ -38,6 +44,16 @@ def _cutlass_include() -> str:
             "or set FLASH_EXT_CUTLASS_INCLUDE to a CUTLASS include directory"
         ) from err
     return str(Path(cutlass_library.__file__).parent / "source" / "include")
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers of the CUDA libraries torch's wheel brings (cuSPARSE, cuBLAS...),
+    which torch's own headers include and a bare toolkit may lack."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "*", "include")))
 
 
 def _gencode_flags(archs: str) -> list[str]:
@@ -83,7 +99,7 @@ def build_extension():
     return CUDAExtension(
         "flash_ext._C",
         sources + ["csrc/ops/backend_cuda.cpp"] + _cuda_sources(),
-        include_dirs=[str(ROOT / "csrc"), _cutlass_include()],
+        include_dirs=[str(ROOT / "csrc"), _cutlass_include(), *_pip_cuda_includes()],
         define_macros=[("FLASH_EXT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
