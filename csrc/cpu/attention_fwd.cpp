@@ -38,8 +38,10 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
 
       softmax.reset(rows, dv);
       const KeyRange keys = visible_key_range(p.window, row0, row0 + rows, p.kv_len);
-      for (int64_t col0 = keys.begin; col0 < keys.end; col0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, keys.end - col0);
+      // Tiles are laid from the end of the visible range backwards, so under a
+      // causal mask only the last one crosses the diagonal.
+      for (int64_t col_end = keys.end; col_end > keys.begin; col_end -= kBlockK) {
+        const int64_t col0 = std::max(keys.begin, col_end - kBlockK), cols = col_end - col0;
         const Matrix<const acc_t> k_tile =
             stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
         const Matrix<const acc_t> v_tile =
