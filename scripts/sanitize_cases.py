@@ -1,0 +1,80 @@
+"""A representative call of every CUDA kernel, small enough for
+compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
+bool mask, float bias with its gradient, dropout, odd lengths, every head-dim
+instantiation), and decode (contiguous, paged, append, several splits).
+Exits non-zero if any result is non-finite, so the sanitizer run also checks
+that every output element was written."""
+from __future__ import annotations
+
+import torch
+
+import flash_ext
+
+DEV = "cuda"
+flash_ext.set_strict(True)
+torch.manual_seed(0)
+
+
+def check(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert torch.isfinite(t).all(), f"{name}: non-finite values"
+    print(f"ok  {name}")
+
+
+def prefill(dtype: torch.dtype, dim: int, q_len: int, kv_len: int, heads: int, kv_heads: int, **kw) -> None:
+    q = torch.randn(2, heads, q_len, dim, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, kv_heads, kv_len, dim, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, kv_heads, kv_len, dim, device=DEV, dtype=dtype, requires_grad=True)
+    mask = kw.pop("mask", None)
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads, **kw)
+    grads = torch.autograd.grad(out, inputs, torch.randn_like(out))
+    check(f"prefill {dtype} d={dim} L={q_len} S={kv_len} H={heads}/{kv_heads} {sorted(kw)}", out, *grads)
+
+
+def flash_causal(dtype: torch.dtype, dim: int, q_len: int, kv_len: int) -> None:
+    q = torch.randn(1, q_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, kv_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, kv_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
+    out = flash_ext.flash_attn_func(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    check(f"flash_attn_func causal bottom-right d={dim} L={q_len} S={kv_len}", out, *grads)
+
+
+def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: int) -> None:
+    batch, heads, kv_heads, page = 3, 8, 2, 16
+    lens = torch.tensor([0, 37, 250], dtype=torch.int32, device=DEV)
+    if paged:
+        table = torch.randperm(3 * 17, device=DEV, dtype=torch.int32).view(3, 17)
+        k_cache = torch.randn(3 * 17, page, kv_heads, dim, device=DEV, dtype=dtype)
+    else:
+        table = None
+        k_cache = torch.randn(batch, 17 * page, kv_heads, dim, device=DEV, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, q_len, heads, dim, device=DEV, dtype=dtype)
+    k_new = torch.randn(batch, q_len, kv_heads, dim, device=DEV, dtype=dtype)
+    v_new = torch.randn_like(k_new)
+    out, lse = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lens,
+                                                 num_splits=num_splits, return_lse=True, block_table=table)
+    check(f"decode {dtype} d={dim} paged={paged} splits={num_splits} q_len={q_len}", out, lse)
+
+
+def main() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for dim in (32, 64, 96, 128, 256):
+            prefill(dtype, dim, 77, 131, 4, 2)
+    prefill(torch.bfloat16, 64, 129, 65, 4, 4, is_causal=True)
+    prefill(torch.bfloat16, 64, 200, 200, 4, 1, dropout_p=0.2)
+    prefill(torch.bfloat16, 128, 90, 150, 2, 2, mask=torch.rand(90, 150, device=DEV) > 0.3)
+    bias = torch.randn(1, 2, 90, 150, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    prefill(torch.bfloat16, 128, 90, 150, 2, 2, mask=bias)
+    flash_causal(torch.float16, 64, 100, 300)
+    for paged in (False, True):
+        for splits in (1, 3):
+            decode(torch.bfloat16, 128, paged, splits, 1)
+    decode(torch.float16, 64, False, 0, 4)
+    decode(torch.bfloat16, 256, True, 2, 2)
+
+
+if __name__ == "__main__":
+    main()

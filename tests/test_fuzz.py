@@ -1,0 +1,115 @@
+"""Randomized testing: hypothesis draws shapes, strides, dtypes, masks, GQA
+ratios and windows, and every draw is checked against the float64 reference.
+
+CI runs it on the CPU, bounded (FLASH_EXT_FUZZ_EXAMPLES, default 80 per
+test). The same generator drives a longer GPU run:
+``FLASH_EXT_FUZZ_DEVICE=cuda FLASH_EXT_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flash_ext
+from conftest import TORCH_SDPA, assert_matches_reference, reference_attention
+
+DEVICE = os.environ.get("FLASH_EXT_FUZZ_DEVICE", "cpu")
+EXAMPLES = int(os.environ.get("FLASH_EXT_FUZZ_EXAMPLES", "80"))
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("FLASH_EXT_FUZZ_DEVICE=cuda needs a GPU", allow_module_level=True)
+
+# The CUDA kernels serve fp16/bf16 with equal head dims, multiples of 8.
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else \
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+HEAD_DIMS = [8, 16, 32, 40, 64, 72, 96, 128, 160, 256] if DEVICE == "cuda" else [1, 3, 8, 16, 33, 64, 80, 128]
+
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def attention_case(draw: st.DrawFn) -> dict:
+    batch = draw(st.integers(1, 3))
+    kv_heads = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 1, 2, 4]))
+    q_len = draw(st.integers(1, 160))
+    kv_len = draw(st.integers(1, 160))
+    dim = draw(st.sampled_from(HEAD_DIMS))
+    v_dim = dim if DEVICE == "cuda" else draw(st.sampled_from([dim, 8, 24]))
+    mask = draw(st.sampled_from(["none", "bool", "float", "causal"]))
+    # Broadcast pattern of the mask over (batch, heads, L, S): True keeps the size.
+    mask_dims = draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.just(True)))
+    return dict(
+        batch=batch, kv_heads=kv_heads, heads=kv_heads * group, q_len=q_len, kv_len=kv_len, dim=dim,
+        v_dim=v_dim, dtype=draw(st.sampled_from(DTYPES)), heads_inner=draw(st.booleans()), mask=mask,
+        mask_dims=mask_dims, scale=draw(st.sampled_from([None, 0.05, 0.3, 1.0])), seed=draw(st.integers(0, 2**31)),
+    )
+
+
+def _make_inputs(case: dict, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(case["seed"])
+
+    def tensor(heads: int, seq: int, dim: int) -> torch.Tensor:
+        shape = (case["batch"], seq, heads, dim) if case["heads_inner"] else (case["batch"], heads, seq, dim)
+        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, case["dtype"])
+        t = t.transpose(1, 2) if case["heads_inner"] else t  # (B, H, N, D) view, strided either way
+        return t.requires_grad_(requires_grad)
+
+    q = tensor(case["heads"], case["q_len"], case["dim"])
+    k = tensor(case["kv_heads"], case["kv_len"], case["dim"])
+    v = tensor(case["kv_heads"], case["kv_len"], case["v_dim"])
+    mask = None
+    if case["mask"] in ("bool", "float"):
+        full = (case["batch"], case["heads"], case["q_len"], case["kv_len"])
+        shape = tuple(n if keep else 1 for n, keep in zip(full, case["mask_dims"]))
+        if case["mask"] == "bool":
+            mask = (torch.rand(shape, generator=gen) < 0.8).to(DEVICE)
+        else:
+            mask = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, case["dtype"])
+    return q, k, v, mask
+
+
+def _call(fn, q, k, v, mask, case):
+    return fn(q, k, v, attn_mask=mask, is_causal=case["mask"] == "causal", scale=case["scale"],
+              enable_gqa=case["heads"] != case["kv_heads"])
+
+
+@FUZZ
+@given(case=attention_case())
+def test_fuzz_forward(case: dict) -> None:
+    q, k, v, mask = _make_inputs(case, requires_grad=False)
+    out = _call(flash_ext.scaled_dot_product_attention, q, k, v, mask, case)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=case["mask"] == "causal", scale=case["scale"],
+                              enable_gqa=case["heads"] != case["kv_heads"])
+    theirs = None
+    if case["dtype"] in (torch.float16, torch.bfloat16):
+        theirs = _call(TORCH_SDPA, q, k, v, mask, case)
+        # PyTorch gives NaN on rows that see no key; ours (and the reference) 0.
+        theirs = torch.nan_to_num(theirs, nan=0.0)
+    assert_matches_reference(out, ref, torch_out=theirs, what=f"forward {case}")
+
+
+@FUZZ
+@given(case=attention_case())
+def test_fuzz_backward(case: dict) -> None:
+    if DEVICE == "cpu":
+        case = {**case, "dtype": torch.float64}  # exact gradients on the CPU; low precision runs on the GPU
+    q, k, v, mask = _make_inputs(case, requires_grad=True)
+    inputs = [q, k, v] + ([mask.requires_grad_()] if mask is not None and mask.is_floating_point() else [])
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    out = _call(flash_ext.scaled_dot_product_attention, q, k, v, mask, case)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE, out.dtype)
+    ours = torch.autograd.grad(out, inputs, grad_out)
+    ref = reference_attention(q, k, v, attn_mask=mask, is_causal=case["mask"] == "causal", scale=case["scale"],
+                              enable_gqa=case["heads"] != case["kv_heads"])
+    want = torch.autograd.grad(ref, inputs, grad_out.to(torch.float64))
+    theirs = [None] * len(inputs)
+    if case["dtype"] in (torch.float16, torch.bfloat16):
+        ref_torch = _call(TORCH_SDPA, q, k, v, mask, case)
+        theirs = [torch.nan_to_num(g, nan=0.0) for g in torch.autograd.grad(ref_torch, inputs, grad_out)]
+    for name, got, expected, t in zip(("dq", "dk", "dv", "dmask"), ours, want, theirs):
+        assert_matches_reference(got, expected, torch_out=t, what=f"{name} {case}",
+                                 fixed_tol={torch.float64: (1e-9, 1e-9)})
