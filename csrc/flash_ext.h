@@ -15,13 +15,16 @@ namespace flash_ext {
 // unbounded; causal is window_right = 0); the diagonal is aligned top-left
 // (PyTorch) or bottom-right (FlashAttention). attn_mask: bool (true takes
 // part) or an additive bias of q's dtype, 4-D, each size 1 or full.
+// softcap > 0 caps scale * q·k at softcap * tanh(. / softcap); alibi_slopes
+// (heads,) or (batch, heads) float32 subtract slope * |i + diagonal - j|.
 // Returns the output and the row log-sum-exp; differentiable in q, k, v and
 // a float attn_mask.
 std::tuple<at::Tensor, at::Tensor> attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask = std::nullopt, double dropout_p = 0.0,
     std::optional<double> scale = std::nullopt, int64_t window_left = -1,
-    int64_t window_right = -1, bool bottom_right = false, bool deterministic = false);
+    int64_t window_right = -1, bool bottom_right = false, bool deterministic = false,
+    double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // torch.nn.functional.scaled_dot_product_attention's semantics on 4-D inputs.
 at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k,
@@ -36,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new = std::nullopt,
     const std::optional<at::Tensor>& v_new = std::nullopt,
     const std::optional<at::Tensor>& block_table = std::nullopt,
-    std::optional<double> scale = std::nullopt, bool causal = true, int64_t num_splits = 0);
+    std::optional<double> scale = std::nullopt, bool causal = true, int64_t num_splits = 0,
+    double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 }  // namespace flash_ext

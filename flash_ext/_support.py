@@ -35,19 +35,20 @@ class Family:
 FEATURES = (
     "causal", "sliding window", "bool mask", "float mask (bias)", "bias gradient", "dropout",
     "GQA/MQA", "value dim != query dim", "any strides (last dim contiguous)", "paged KV cache",
-    "KV append", "return_lse", "deterministic backward",
+    "KV append", "return_lse", "deterministic backward", "softcap", "ALiBi",
 )
 
 _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
                       "any strides (last dim contiguous)", "return_lse"})
+_CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi"})
 _DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
 
 FAMILIES = {
     "cpu": Family("cpu", CPU_DTYPES, None, 1,
-                  forward=_PREFILL | {"value dim != query dim"},
-                  backward=_PREFILL | {"value dim != query dim", "bias gradient", "deterministic backward"},
-                  decode=_DECODE | {"value dim != query dim"}),
+                  forward=_PREFILL | _CPU_EXTRAS,
+                  backward=_PREFILL | _CPU_EXTRAS | {"bias gradient", "deterministic backward"},
+                  decode=_DECODE | _CPU_EXTRAS),
     "sm80": Family("sm80", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
                    forward=_PREFILL, backward=_PREFILL | {"bias gradient", "deterministic backward"},
                    decode=_DECODE),
@@ -75,7 +76,7 @@ def family_for(device: torch.device) -> tuple[Family | None, str | None]:
 
 def prefill_unsupported_reason(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-    dropout_p: float, needs_grad: bool, bias_grad: bool,
+    dropout_p: float, needs_grad: bool, bias_grad: bool, softcap: float = 0.0, alibi: bool = False,
 ) -> str | None:
     """Why our prefill kernels cannot serve this call, or None when they can."""
     family, reason = family_for(query.device)
@@ -96,6 +97,10 @@ def prefill_unsupported_reason(
         wanted.add("bool mask" if attn_mask.dtype == torch.bool else "float mask (bias)")
     if dropout_p > 0:
         wanted.add("dropout")
+    if softcap:
+        wanted.add("softcap")
+    if alibi:
+        wanted.add("ALiBi")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         wanted.add("GQA/MQA")
     passes = [("forward", family.forward, wanted)]
@@ -108,7 +113,8 @@ def prefill_unsupported_reason(
     return None
 
 
-def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor, softcap: float = 0.0,
+                              alibi: bool = False) -> str | None:
     """Why our decode kernels cannot serve this call, or None when they can."""
     family, reason = family_for(q.device)
     if family is None:
@@ -120,6 +126,10 @@ def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor) -> str | N
         return f"the {family.name} kernels serve head dims up to {family.max_head_dim}"
     if dim % family.head_dim_multiple or (v_dim != dim and "value dim != query dim" not in family.decode):
         return f"the {family.name} decode kernels need equal head dims divisible by {family.head_dim_multiple}"
+    missing = ({"softcap"} if softcap else set()) | ({"ALiBi"} if alibi else set())
+    missing -= family.decode
+    if missing:
+        return f"the {family.name} decode kernels do not serve: {', '.join(sorted(missing))}"
     return None
 
 

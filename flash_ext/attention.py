@@ -65,6 +65,12 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError("scaled_dot_product_attention: key and value must have the same sequence "
                            f"length, got {key.shape[-2]} and {value.shape[-2]}")
+    if query.dim() >= 4 and key.dim() >= 4:
+        try:
+            torch.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+        except RuntimeError:
+            raise RuntimeError(f"scaled_dot_product_attention: query batch dims {tuple(query.shape[:-3])} and key "
+                               f"batch dims {tuple(key.shape[:-3])} do not broadcast") from None
     if key.shape[:-2] != value.shape[:-2]:
         raise RuntimeError("scaled_dot_product_attention: key and value must have the same batch and "
                            f"head sizes, got {tuple(key.shape[:-2])} and {tuple(value.shape[:-2])}")
@@ -169,15 +175,20 @@ def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 def flash_attn_func(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
     softmax_scale: float | None = None, causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1), deterministic: bool = False, return_lse: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention's interface on ``(batch, seq, heads, dim)`` tensors.
 
     ``causal`` aligns to the bottom right (query i of L sees keys
     ``j <= i + S - L``), as FlashAttention does; ``window_size=(left, right)``
     limits each query to that many keys before/after its diagonal (-1 =
-    unbounded). Returns the output ``(batch, seq, heads, dim_v)``, and the
-    log-sum-exp ``(batch, heads, seq)`` (float32) when ``return_lse``.
+    unbounded). ``softcap > 0`` caps the scaled scores at
+    ``softcap * tanh(s / softcap)`` (Gemma-2); ``alibi_slopes`` ``(heads,)`` or
+    ``(batch, heads)`` float32 subtract ``slope * |i + S - L - j|`` (ALiBi).
+    Returns the output ``(batch, seq, heads, dim_v)``, and the log-sum-exp
+    ``(batch, heads, seq)`` (float32; float64 for float64 inputs) when
+    ``return_lse``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -188,12 +199,13 @@ def flash_attn_func(
     if causal:
         right = 0
     reason = _support.prefill_unsupported_reason(
-        q, k, v, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False)
+        q, k, v, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False,
+        softcap=softcap, alibi=alibi_slopes is not None)
     if reason is not None:
         raise RuntimeError(f"flash_attn_func: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, float(dropout_p),
-                             scale, left, right, True, bool(deterministic))
+                             scale, left, right, True, bool(deterministic), float(softcap), alibi_slopes)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
@@ -202,7 +214,8 @@ def flash_attn_with_kvcache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None = None,
     v: torch.Tensor | None = None, cache_seqlens: torch.Tensor | int | None = None,
     softmax_scale: float | None = None, causal: bool = True, num_splits: int = 0,
-    return_lse: bool = False, block_table: torch.Tensor | None = None,
+    return_lse: bool = False, block_table: torch.Tensor | None = None, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decoding against a KV cache, FlashAttention's interface.
 
@@ -216,7 +229,9 @@ def flash_attn_with_kvcache(
     to its own position. The cache is split across ``num_splits`` partitions
     (0 = chosen from the device) whose partial results merge through their
     log-sum-exp. Returns the output ``(batch, q_len, heads, dim)`` and, with
-    ``return_lse``, the log-sum-exp ``(batch, heads, q_len)``.
+    ``return_lse``, the log-sum-exp ``(batch, heads, q_len)``. ``softcap`` and
+    ``alibi_slopes`` as in :func:`flash_attn_func` (ALiBi distance from each
+    new query's own position).
 
     On CUDA, lengths and page ids are not read back to the host (that would
     synchronize): out-of-range values there are the caller's error.
@@ -224,6 +239,8 @@ def flash_attn_with_kvcache(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"flash_attn_with_kvcache: {name} must be a 4-D tensor")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"flash_attn_with_kvcache: q must be a floating-point tensor, got {q.dtype}")
     batch = q.shape[0]
     if cache_seqlens is None:
         if k is not None:
@@ -235,9 +252,9 @@ def flash_attn_with_kvcache(
         raise TypeError(f"flash_attn_with_kvcache: cache_seqlens must be an int32 tensor or an int, "
                         f"got {type(cache_seqlens).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    reason = _support.decode_unsupported_reason(q, v_cache)
+    reason = _support.decode_unsupported_reason(q, v_cache, softcap=softcap, alibi=alibi_slopes is not None)
     if reason is not None:
         raise RuntimeError(f"flash_attn_with_kvcache: {reason}")
     out, lse = ops.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, bool(causal),
-                                     int(num_splits))
+                                     int(num_splits), float(softcap), alibi_slopes)
     return (out, lse) if return_lse else out

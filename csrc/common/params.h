@@ -33,7 +33,7 @@ struct VisibilityWindow {
 // seed and offset live in device memory (the *_ptr fields) and the kernel
 // stores the values it used into rng_state so backward can replay them.
 struct DropoutParams {
-  float p = 0.f;                      // probability of dropping
+  double p = 0.0;                     // probability of dropping
   uint64_t seed = 0;
   uint64_t offset = 0;
   const int64_t* seed_ptr = nullptr;  // CUDA graph capture: read on device
@@ -67,6 +67,14 @@ struct AttentionFwdParams {
   double scale = 1.0;  // float64 inputs need it unrounded; kernels may narrow it
   VisibilityWindow window;
   DropoutParams dropout;
+
+  // Logit soft-capping (Gemma-2): s -> softcap * tanh(s / softcap), applied to
+  // scale * q·k before ALiBi and attn_mask; 0 = off.
+  float softcap = 0.f;
+  // ALiBi: s -= slope * |i + diagonal_offset - j|; float32 slopes per
+  // (batch, head), alibi_batch_stride 0 when the batch shares them.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
 };
 
 struct AttentionBwdParams : AttentionFwdParams {
@@ -124,6 +132,10 @@ struct KVCacheParams {
 
   double scale = 1.0;  // float64 inputs need it unrounded; kernels may narrow it
   bool causal = true;      // new tokens attend causally among themselves
+  float softcap = 0.f;     // as in AttentionFwdParams
+  // ALiBi slopes (batch, heads) float32; distance |total - q_len + t - j|.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
   int64_t num_splits = 1;  // split-KV partitions, >= 1
 
   // Partial results of each split, float32, owned by the glue:

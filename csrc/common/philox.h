@@ -48,8 +48,8 @@ FLASH_HOST_DEVICE Philox4 dropout_bits4(uint64_t seed, uint64_t offset, uint64_t
 }
 
 // Element kept iff its word is below this threshold: keep probability 1 - p.
-FLASH_HOST_DEVICE uint32_t dropout_keep_threshold(float p) {
-  const double keep = 1.0 - static_cast<double>(p);
+FLASH_HOST_DEVICE uint32_t dropout_keep_threshold(double p) {
+  const double keep = 1.0 - p;
   const double scaled = keep * 4294967296.0;
   return scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled);
 }

@@ -21,7 +21,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
   const int64_t group = p.heads / p.kv_heads;
   const int64_t d = p.head_dim, dv = p.v_head_dim, L = p.q_len, S = p.kv_len;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const bool has_dropout = p.dropout.p > 0.f;
+  const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -30,6 +30,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
     std::vector<acc_t> k_buf(kBlockK * d), v_buf(kBlockK * dv);
     std::vector<acc_t> dk_acc(kBlockK * d), dv_acc(kBlockK * dv);
     std::vector<acc_t> probs(kBlockQ * kBlockK), dropped(kBlockQ * kBlockK), dscores(kBlockQ * kBlockK);
+    std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockK : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
       const auto head_ptr = [&](const void* base, const int64_t* stride, int64_t h) {
@@ -68,6 +69,8 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
           const scalar_t* q = head_ptr(p.q, p.q_stride, h);
           const scalar_t* dout = head_ptr(p.dout, p.do_stride, h);
           const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
+          const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
+                               p.window.diagonal_offset);
           const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
 
           for (int64_t row0 = 0; row0 < L; row0 += kBlockQ) {
@@ -82,6 +85,10 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
             // P = exp(S - lse), recomputed.
             gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
                         {probs.data(), kBlockK});
+            if (mods.active()) {
+              mods.apply(probs.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; },
+                         capped.empty() ? nullptr : capped.data());
+            }
             mask.apply(probs.data(), kBlockK, rows, cols, row0, col0);
             if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
               apply_window(p.window, probs.data(), kBlockK, rows, cols, col0,
@@ -133,6 +140,15 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
                 for (int64_t c = 0; c < cols; ++c) {
                   dbias[r * p.dbias_stride[2] + c * p.dbias_stride[3]] =
                       static_cast<scalar_t>(dscores[r * kBlockK + c]);
+                }
+              }
+            }
+            // Through the cap: d(cap · tanh(x / cap)) / dx = 1 − tanh².
+            if (!capped.empty()) {
+              for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t c = 0; c < cols; ++c) {
+                  const acc_t t = capped[r * kBlockK + c];
+                  dscores[r * kBlockK + c] *= acc_t(1) - t * t;
                 }
               }
             }

@@ -16,7 +16,7 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
   const int64_t d = p.head_dim, dv = p.v_head_dim;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const bool has_dropout = p.dropout.p > 0.f;
+  const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -34,6 +34,8 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
       const Matrix<const acc_t> q_tile =
           stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
       const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
+      const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
+                           p.window.diagonal_offset);
       const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
 
       softmax.reset(rows, dv);
@@ -48,6 +50,9 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
             stage_rows<acc_t>(v + col0 * p.v_stride[2], p.v_stride[2], cols, dv, v_buf.data());
         gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
                     {scores.data(), kBlockK});
+        if (mods.active()) {
+          mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
+        }
         mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
         if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
           apply_window(p.window, scores.data(), kBlockK, rows, cols, col0,

@@ -72,6 +72,11 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
       }
       const VisibilityWindow window{-1, p.causal ? 0 : -1, total - p.q_len};
       const auto query_pos = [&](int64_t r) { return r % p.q_len; };
+      // Row r belongs to head kvh * group + r / q_len: ALiBi slopes differ per row.
+      const auto row_mods = [&](int64_t r) {
+        return ScoreMods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, kvh * group + r / p.q_len,
+                         total - p.q_len);
+      };
 
       softmax.reset(rows, dv);
       for (int64_t col0 = key_begin; col0 < key_end; col0 += kBlockK) {
@@ -84,6 +89,12 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
         }
         gemm<acc_t>(false, true, rows, cols, d, scale, {q_buf.data(), d}, {k_buf.data(), d}, acc_t(0),
                     {scores.data(), kBlockK});
+        if (p.softcap != 0.f || p.alibi_slopes != nullptr) {
+          for (int64_t r = 0; r < rows; ++r) {
+            row_mods(r).apply(scores.data() + r * kBlockK, kBlockK, 1, cols, col0,
+                              [&](int64_t) { return query_pos(r); });
+          }
+        }
         apply_window(window, scores.data(), kBlockK, rows, cols, col0, query_pos);
         softmax.update(scores.data(), kBlockK, cols, {v_buf.data(), dv},
                        [](int64_t, int64_t) { return false; }, acc_t(1), false);

@@ -160,6 +160,47 @@ void apply_window(const VisibilityWindow& w, acc_t* s, int64_t lds, int64_t rows
   }
 }
 
+// Soft-capping and ALiBi of one (batch, head), applied to scale * q·k before
+// attn_mask and the window.
+struct ScoreMods {
+  double softcap = 0.0;  // 0 = off
+  double slope = 0.0;    // ALiBi slope, 0 = off
+  int64_t diagonal_offset = 0;
+
+  ScoreMods() = default;
+  ScoreMods(double cap, const float* slopes, int64_t batch_stride, int64_t b, int64_t h,
+            int64_t diagonal)
+      : softcap(cap),
+        slope(slopes != nullptr ? slopes[b * batch_stride + h] : 0.0),
+        diagonal_offset(diagonal) {}
+
+  bool active() const { return softcap != 0.0 || slope != 0.0; }
+
+  // When `tanh_out` is given it receives tanh(s / softcap), which backward
+  // needs for the derivative of the cap.
+  template <typename acc_t, typename QueryPos>
+  void apply(acc_t* s, int64_t lds, int64_t rows, int64_t cols, int64_t col0, QueryPos query_pos,
+             acc_t* tanh_out = nullptr) const {
+    const acc_t cap = static_cast<acc_t>(softcap), alibi = static_cast<acc_t>(slope);
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* srow = s + r * lds;
+      if (cap != acc_t(0)) {
+        for (int64_t c = 0; c < cols; ++c) {
+          const acc_t t = std::tanh(srow[c] / cap);
+          if (tanh_out != nullptr) tanh_out[r * lds + c] = t;
+          srow[c] = cap * t;
+        }
+      }
+      if (alibi != acc_t(0)) {
+        const int64_t diag = query_pos(r) + diagonal_offset;
+        for (int64_t c = 0; c < cols; ++c) {
+          srow[c] -= alibi * static_cast<acc_t>(std::abs(diag - (col0 + c)));
+        }
+      }
+    }
+  }
+};
+
 // Running state of the online softmax for a block of query rows: the row
 // maximum m, the row sum l of exp(s - m), and the unnormalized output.
 template <typename acc_t>
@@ -184,7 +225,10 @@ struct OnlineSoftmax {
               acc_t keep_scale, bool has_dropout) {
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* srow = s + r * lds;
-      const acc_t new_max = std::max(running_max[r], row_max(srow, cols));
+      // NaN propagates (std::max would drop it): the row becomes NaN as in
+      // the reference softmax.
+      const acc_t tile_max = row_max(srow, cols);
+      const acc_t new_max = (tile_max > running_max[r] || tile_max != tile_max) ? tile_max : running_max[r];
       if (new_max == neg_inf<acc_t>()) {  // nothing visible yet in this row
         std::fill(srow, srow + cols, acc_t(0));
         continue;

@@ -82,18 +82,18 @@ FLASH_CPU_CLONES float row_max(const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const F8 v = load8(x + i);
-    m = v > m ? v : m;
+    m = (v > m) | (v != v) ? v : m;
   }
   const F8 tail = load_tail(x + i, n - i, ninf);
-  m = tail > m ? tail : m;
+  m = (tail > m) | (tail != tail) ? tail : m;
   float result = ninf;
-  for (int64_t l = 0; l < kLanes; ++l) result = m[l] > result ? m[l] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = (m[l] > result || m[l] != m[l]) ? m[l] : result;
   return result;
 }
 
 double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int64_t i = 0; i < n; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
   return m;
 }
 

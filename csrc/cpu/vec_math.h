@@ -8,7 +8,7 @@
 
 namespace flash_ext::cpu {
 
-// max_i x[i]; -inf for an empty row.
+// max_i x[i]; -inf for an empty row, NaN if any element is NaN.
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 

@@ -30,10 +30,12 @@ void set_lse(AttentionFwdParams& p, const at::Tensor& lse) {
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-                  int64_t window_left, int64_t window_right) {
+                  int64_t window_left, int64_t window_right, double softcap,
+                  const std::optional<at::Tensor>& alibi_slopes) {
   check_attention_inputs(kOp, q, k, v);
   if (attn_mask.has_value()) check_attn_mask(kOp, *attn_mask, q, k);
   check_scalars(kOp, dropout_p, scale, window_left, window_right);
+  check_softcap_alibi(kOp, softcap, alibi_slopes, q.size(0), q.size(1), q.device());
 }
 
 }  // namespace
@@ -41,14 +43,15 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
-  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, softcap, alibi_slopes);
   const at::OptionalDeviceGuard guard(q.device());
 
   at::Tensor out = empty_like_query_layout(q, v.size(3));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q)));
   AttentionFwdParams params = make_fwd_params(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                              window_right, bottom_right);
+                                              window_right, bottom_right, softcap, alibi_slopes);
   at::Tensor rng_state = dropout_p > 0.0 ? backend::seed_dropout(q, params.dropout)
                                          : at::empty({0}, q.options().dtype(at::kLong));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse, rng_state};
@@ -69,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, bool bias_requires_grad,
-    bool deterministic) {
-  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+    bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, softcap, alibi_slopes);
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK_VALUE(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), kOp,
                     ": out must be forward's output of shape ", at::IntArrayRef(out_shape), ", got ",
@@ -106,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   AttentionBwdParams params;
   static_cast<AttentionFwdParams&>(params) = make_fwd_params(
-      q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+      q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap,
+      alibi_slopes);
   if (dropout_p > 0.0) backend::replay_dropout(rng_state, params.dropout);
   params.out = out.data_ptr();
   set_strides(params.o_stride, out);
@@ -139,7 +143,7 @@ at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t
   const at::Tensor state = rng_state.cpu();
   const auto seed = static_cast<uint64_t>(state[0].item<int64_t>());
   const auto offset = static_cast<uint64_t>(state[1].item<int64_t>());
-  const uint32_t threshold = dropout_keep_threshold(static_cast<float>(dropout_p));
+  const uint32_t threshold = dropout_keep_threshold(dropout_p);
   at::Tensor keep = at::empty({batch, heads, q_len, kv_len}, at::kBool);
   bool* data = keep.data_ptr<bool>();
   at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {

@@ -3,6 +3,7 @@
 // never anything of size L x S; backward recomputes through attention_bwd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -20,11 +21,13 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right) {
+    int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("flash_ext::attention_fwd", "")
                              .typed<decltype(attention_fwd)>();
-  return op.call(q, k, v, mask, dropout_p, scale, window_left, window_right, bottom_right);
+  return op.call(q, k, v, mask, dropout_p, scale, window_left, window_right, bottom_right, softcap,
+                 alibi_slopes);
 }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -35,12 +38,14 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p,
                                double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right, bool deterministic) {
+                               bool bottom_right, bool deterministic, double softcap,
+                               const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const at::Tensor mask = attn_mask.value_or(at::Tensor());
     auto [out, lse, rng_state] = call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                          window_right, bottom_right);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, mask});
+                                          window_right, bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, mask, alibi_slopes.value_or(at::Tensor())});
+    ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
@@ -58,7 +63,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                .typed<decltype(attention_bwd)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
-    const at::Tensor &lse = saved[4], &rng_state = saved[5], &mask = saved[6];
+    const at::Tensor &lse = saved[4], &rng_state = saved[5], &mask = saved[6], &slopes = saved[7];
     at::Tensor grad_out = grads[0];
     if (!grad_out.defined()) grad_out = at::zeros_like(out);
     if (grad_out.stride(-1) != 1) grad_out = grad_out.contiguous();
@@ -67,20 +72,22 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
         ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["bias_requires_grad"].toBool(),
-        ctx->saved_data["deterministic"].toBool());
+        ctx->saved_data["deterministic"].toBool(), ctx->saved_data["softcap"].toDouble(),
+        optional_tensor(slopes));
     const bool bias_grad = ctx->saved_data["bias_requires_grad"].toBool();
     return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, bool deterministic) {
+    int64_t window_left, int64_t window_right, bool bottom_right, bool deterministic,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const variable_list outs = AttentionFunction::apply(
       q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
-      bottom_right, deterministic);
+      bottom_right, deterministic, softcap, alibi_slopes);
   return {outs[0], outs[1]};
 }
 
@@ -88,15 +95,24 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
 std::tuple<at::Tensor, at::Tensor> attention_inference(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, bool /*deterministic*/) {
-  auto [out, lse, rng_state] =
-      call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+    int64_t window_left, int64_t window_right, bool bottom_right, bool /*deterministic*/,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  auto [out, lse, rng_state] = call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                        window_right, bottom_right, softcap, alibi_slopes);
   return {out, lse};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_ext, Autograd, m) { m.impl("attention", &attention_autograd); }
+TORCH_LIBRARY_IMPL(flash_ext, Autograd, m) {
+  m.impl("attention", &attention_autograd);
+  // The others are not differentiable (attention's backward is once
+  // differentiable): differentiating through them raises instead of silently
+  // giving zero gradients.
+  for (const char* name : {"attention_fwd", "attention_bwd", "kvcache_attention", "dropout_keep_mask"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
+}
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeExplicitAutograd, m) {
   m.impl("attention", &attention_inference);

@@ -84,6 +84,30 @@ void check_scalars(const char* op, double dropout_p, double scale, int64_t windo
                     window_right, ")");
 }
 
+void check_softcap_alibi(const char* op, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes, int64_t batch,
+                         int64_t heads, const at::Device& device) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be finite and >= 0 (0 = off), got ", softcap);
+  if (!alibi_slopes.has_value()) return;
+  const at::Tensor& s = *alibi_slopes;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ",
+                   s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == device, op, ": alibi_slopes must be on the query's device (", device,
+                    "), got ", s.device());
+  const bool per_head = s.dim() == 1 && s.size(0) == heads;
+  const bool per_batch = s.dim() == 2 && s.size(0) == batch && s.size(1) == heads;
+  TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must have shape (heads,) = (", heads,
+                    ",) or (batch, heads) = (", batch, ", ", heads, "), got ", s.sizes());
+  TORCH_CHECK_VALUE(s.stride(-1) == 1, op, ": alibi_slopes must be contiguous in the head dimension");
+}
+
+std::pair<const float*, int64_t> alibi_pointer(const std::optional<at::Tensor>& alibi_slopes) {
+  if (!alibi_slopes.has_value()) return {nullptr, 0};
+  const at::Tensor& s = *alibi_slopes;
+  return {s.data_ptr<float>(), s.dim() == 2 ? s.stride(0) : 0};
+}
+
 void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
@@ -99,7 +123,8 @@ at::Tensor empty_like_query_layout(const at::Tensor& q, int64_t dim) {
 AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                    double scale, int64_t window_left, int64_t window_right,
-                                   bool bottom_right) {
+                                   bool bottom_right, double softcap,
+                                   const std::optional<at::Tensor>& alibi_slopes) {
   AttentionFwdParams p;
   p.dtype = scalar_kind(q.scalar_type());
   p.batch = q.size(0);
@@ -125,7 +150,9 @@ AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, con
   p.window.window_left = window_left;
   p.window.window_right = window_right;
   p.window.diagonal_offset = bottom_right ? p.kv_len - p.q_len : 0;
-  p.dropout.p = static_cast<float>(dropout_p);
+  p.dropout.p = dropout_p;
+  p.softcap = static_cast<float>(softcap);
+  std::tie(p.alibi_slopes, p.alibi_batch_stride) = alibi_pointer(alibi_slopes);
   return p;
 }
 

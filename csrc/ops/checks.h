@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "../common/params.h"
 
@@ -24,11 +26,21 @@ void check_attn_mask(const char* op, const at::Tensor& mask, const at::Tensor& q
 void check_scalars(const char* op, double dropout_p, double scale, int64_t window_left,
                    int64_t window_right);
 
+// softcap >= 0 and finite; alibi_slopes float32 (heads,) or (batch, heads)
+// on the query's device.
+void check_softcap_alibi(const char* op, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes, int64_t batch,
+                         int64_t heads, const at::Device& device);
+
+// Where slopes live and how the batch steps through them (0 = shared).
+std::pair<const float*, int64_t> alibi_pointer(const std::optional<at::Tensor>& alibi_slopes);
+
 // Params for q, k, v, the optional mask and the window; outputs unset.
 AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                    double scale, int64_t window_left, int64_t window_right,
-                                   bool bottom_right);
+                                   bool bottom_right, double softcap,
+                                   const std::optional<at::Tensor>& alibi_slopes);
 
 // (batch, head, seq) element strides of a (B, H, L, D) tensor.
 void set_strides(int64_t (&dst)[3], const at::Tensor& t);

@@ -19,15 +19,17 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& attn_mask,
                                              double dropout_p, std::optional<double> scale,
                                              int64_t window_left, int64_t window_right,
-                                             bool bottom_right, bool deterministic) {
+                                             bool bottom_right, bool deterministic, double softcap,
+                                             const std::optional<at::Tensor>& alibi_slopes) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("flash_ext::attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, double, double, int64_t, int64_t, bool, bool)>();
+              const std::optional<at::Tensor>&, double, double, int64_t, int64_t, bool, bool,
+              double, const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, attn_mask, dropout_p, default_scale(q, scale), window_left,
-                 window_right, bottom_right, deterministic);
+                 window_right, bottom_right, deterministic, softcap, alibi_slopes);
 }
 
 at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k,
@@ -44,16 +46,18 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
-    std::optional<double> scale, bool causal, int64_t num_splits) {
+    std::optional<double> scale, bool causal, int64_t num_splits, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("flash_ext::kvcache_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const at::Tensor&, const std::optional<at::Tensor>&, double, bool, int64_t)>();
+              const at::Tensor&, const std::optional<at::Tensor>&, double, bool, int64_t, double,
+              const std::optional<at::Tensor>&)>();
   return op.call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
-                 default_scale(q, scale), causal, num_splits);
+                 default_scale(q, scale), causal, num_splits, softcap, alibi_slopes);
 }
 
 }  // namespace flash_ext

@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
-    bool causal, int64_t num_splits) {
+    bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be 4-D (batch, q_len, heads, dim), got ", q.dim(), "-D");
   const auto type = q.scalar_type();
   TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble,
@@ -75,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
                     ") must be a multiple of the cache's kv heads (", kv_heads, ")");
   TORCH_CHECK_VALUE(std::isfinite(scale), kOp, ": softmax_scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  check_softcap_alibi(kOp, softcap, alibi_slopes, batch, heads, q.device());
 
   check_int32_on("cache_seqlens", cache_seqlens, q, 1);
   TORCH_CHECK_VALUE(cache_seqlens.size(0) == batch, kOp, ": cache_seqlens must have one length per batch entry (",
@@ -160,6 +161,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
   p.scale = scale;
   p.causal = causal;
   p.num_splits = num_splits;
+  p.softcap = static_cast<float>(softcap);
+  std::tie(p.alibi_slopes, p.alibi_batch_stride) = alibi_pointer(alibi_slopes);
   backend::run_kvcache(q, p, capacity);
   return {out, lse};
 }

@@ -7,23 +7,26 @@ TORCH_LIBRARY(flash_ext, m) {
   // strides whose last dimension is contiguous. Query i sees key j when the
   // window allows it (see csrc/common/mask.h; -1 = unbounded, causal is
   // window_right = 0) and attn_mask (bool: True takes part; float: added to
-  // the scores) does. Returns the output and the row log-sum-exp.
+  // the scores) does. softcap > 0 caps scale * q·k at softcap * tanh(. /
+  // softcap); alibi_slopes (heads,) or (batch, heads) float32 subtract
+  // slope * |i + diagonal - j|. Returns the output and the row log-sum-exp.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, float scale, "
-      "int window_left, int window_right, bool bottom_right, bool deterministic) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, bool bottom_right, bool deterministic, "
+      "float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // The forward kernel alone: also returns what backward needs to replay
   // dropout ([seed, offset], empty when dropout_p == 0).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, float scale, "
-      "int window_left, int window_right, bool bottom_right) "
-      "-> (Tensor out, Tensor lse, Tensor rng_state)");
+      "int window_left, int window_right, bool bottom_right, float softcap=0., "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
   // Backward by recomputation from q, k, v, out and lse. grad_bias is the
   // gradient of a float attn_mask (empty unless bias_requires_grad).
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, int window_left, "
-      "int window_right, bool bottom_right, bool bias_requires_grad, bool deterministic) "
+      "int window_right, bool bottom_right, bool bias_requires_grad, bool deterministic, "
+      "float softcap=0., Tensor? alibi_slopes=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
   // Decoding against a KV cache in FlashAttention's layout: q (batch, q_len,
   // heads, dim); caches (batch, max_len, kv_heads, dim), or paged
@@ -33,7 +36,7 @@ TORCH_LIBRARY(flash_ext, m) {
   m.def(
       "kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, "
       "Tensor? v_new, Tensor cache_seqlens, Tensor? block_table, float scale, bool causal, "
-      "int num_splits) -> (Tensor out, Tensor lse)");
+      "int num_splits, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // The boolean keep-mask that dropout with this rng_state applied to a
   // (batch, heads, q_len, kv_len) score matrix: for tests and debugging.
   m.def(
