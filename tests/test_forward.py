@@ -1,0 +1,316 @@
+"""Forward pass against the float64 reference: shapes, GQA, masks with every
+broadcast shape, scale, value dim, strides, 3-D/5-D inputs, dtypes; and
+flash_attn_func (bottom-right causal, windows, lse)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flash_ext
+from conftest import (
+    ALL_DTYPES, DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, rand_bool, randn,
+    reference_attention, skip_unless_served, to_bshd,
+)
+
+# (batch, heads, kv_heads, L, S, E, Ev, causal)
+GRID = [
+    (1, 1, 1, 1, 1, 8, 8, False),
+    (2, 2, 2, 7, 7, 16, 16, True),
+    (3, 4, 2, 63, 65, 40, 40, False),
+    (1, 4, 1, 65, 63, 64, 64, True),        # MQA, L > S, top-left causal
+    (2, 8, 2, 129, 33, 96, 96, False),      # GQA 4
+    (1, 2, 2, 1, 257, 128, 128, False),     # a single query row
+    (1, 2, 1, 257, 129, 256, 256, True),
+    (2, 3, 3, 33, 129, 40, 24, True),       # value dim != query dim
+    (1, 2, 2, 200, 257, 64, 128, False),
+    (2, 4, 4, 129, 129, 8, 8, True),
+    (1, 6, 3, 17, 300, 16, 16, True),       # L < S, top-left causal
+]
+
+
+def _ids(case):
+    b, h, hk, L, S, E, Ev, c = case
+    return f"b{b}h{h}kv{hk}-L{L}S{S}-E{E}v{Ev}-{'causal' if c else 'full'}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRID, ids=_ids)
+def test_sdpa_forward_grid(case, dtype, device, gen):
+    b, h, hk, L, S, E, Ev, causal = case
+    skip_unless_served(device, dtype, E, Ev)
+    q = randn((b, h, L, E), dtype, device, gen)
+    k = randn((b, hk, S, E), dtype, device, gen)
+    v = randn((b, hk, S, Ev), dtype, device, gen)
+    gqa = h != hk
+    out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    assert out.dtype == dtype and out.device == q.device
+    ref = reference_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    torch_out = None
+    if dtype in LOW_PRECISION:
+        torch_out = TORCH_SDPA(q, k, v, is_causal=causal, enable_gqa=gqa)
+    assert_matches_reference(out, ref, dtype, torch_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [0.05, 0.5, 2.0, 0.0])
+def test_sdpa_custom_scale(scale, dtype, device, gen):
+    skip_unless_served(device, dtype, 32)
+    q, k, v = (randn((2, 3, 37, 32), dtype, device, gen) for _ in range(3))
+    out = flash_ext.scaled_dot_product_attention(q, k, v, scale=scale)
+    ref = reference_attention(q, k, v, scale=scale)
+    torch_out = TORCH_SDPA(q, k, v, scale=scale) if dtype in LOW_PRECISION else None
+    assert_matches_reference(out, ref, dtype, torch_out)
+
+
+def test_sdpa_default_scale_is_inverse_sqrt_dim(gen):
+    q, k, v = (randn((1, 2, 19, 24), gen=gen, scale=3.0) for _ in range(3))
+    out = flash_ext.scaled_dot_product_attention(q, k, v)
+    explicit = flash_ext.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(24))
+    torch.testing.assert_close(out, explicit, atol=1e-12, rtol=1e-12)
+    assert_matches_reference(out, reference_attention(q, k, v, scale=1 / math.sqrt(24)))
+    # and a different scale really changes the result
+    assert (flash_ext.scaled_dot_product_attention(q, k, v, scale=1.0) - out).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- masks
+
+B, H, L, S, E = 2, 3, 9, 13, 16
+MASK_SHAPES = [
+    (L, S), (1, S), (L, 1), (S,), (1, 1), (1,),
+    (B, 1, L, S), (1, H, L, S), (B, H, 1, S), (B, H, L, S), (1, 1, 1, S), (H, L, S), (1, L, S),
+    (B, 1, 1, 1), (1, H, 1, 1), (B, H, L, 1),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["bool", "float", "float_with_inf"])
+def test_sdpa_mask_broadcast(kind, shape, dtype, device, gen):
+    skip_unless_served(device, dtype, E)
+    q = randn((B, H, L, E), dtype, device, gen)
+    k = randn((B, H, S, E), dtype, device, gen)
+    v = randn((B, H, S, E), dtype, device, gen)
+    if kind == "bool":
+        mask = rand_bool(shape, gen, 0.6, device)
+    else:
+        mask = randn(shape, dtype, device, gen)
+        if kind == "float_with_inf":
+            mask = mask.masked_fill(rand_bool(shape, gen, 0.3, device), -math.inf)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = reference_attention(q, k, v, attn_mask=mask)
+    assert_matches_reference(out, ref, dtype)
+    # PyTorch agrees wherever its math has no empty (NaN) rows (some shapes,
+    # e.g. a 1-D mask, PyTorch's CPU SDPA does not take; the reference decides)
+    try:
+        theirs = TORCH_SDPA(q, k, v, attn_mask=mask)
+    except (RuntimeError, IndexError):
+        return
+    finite = ~torch.isnan(theirs)
+    torch.testing.assert_close(out[finite], theirs[finite], atol=1e-5 if dtype == torch.float32 else 1e-10,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_mask_low_precision(kind, dtype, device, gen):
+    q = randn((2, 4, 70, 64), dtype, device, gen)
+    k = randn((2, 4, 90, 64), dtype, device, gen)
+    v = randn((2, 4, 90, 64), dtype, device, gen)
+    if kind == "bool":
+        mask = rand_bool((2, 1, 70, 90), gen, 0.5, device)
+        mask[..., 0] = True  # no empty rows, so PyTorch's output is finite
+    else:
+        mask = randn((1, 4, 70, 90), dtype, device, gen, scale=2.0)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = reference_attention(q, k, v, attn_mask=mask)
+    assert_matches_reference(out, ref, dtype, TORCH_SDPA(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sdpa_mask_noncontiguous_and_gqa(dtype, gen):
+    """A transposed (column-major) bool mask and a float mask in a wider buffer,
+    with GQA heads."""
+    q = randn((2, 4, 21, 16), dtype, gen=gen)
+    k = randn((2, 2, 34, 16), dtype, gen=gen)
+    v = randn((2, 2, 34, 8), dtype, gen=gen)
+    bool_mask = rand_bool((34, 21), gen).t()
+    assert not bool_mask.is_contiguous()
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, enable_gqa=True)
+    assert_matches_reference(out, reference_attention(q, k, v, attn_mask=bool_mask, enable_gqa=True), dtype)
+    bias = randn((2, 4, 21, 70), dtype, gen=gen)[..., 3:71:2]
+    assert bias.shape[-1] == 34 and bias.stride(-1) == 2
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    assert_matches_reference(out, reference_attention(q, k, v, attn_mask=bias, enable_gqa=True), dtype)
+
+
+def test_sdpa_float_mask_of_other_float_dtype(gen):
+    """A float32 mask on float64 inputs is added to the scores as its values.
+    (PyTorch's CPU SDPA accepts this too, but on torch 2.14 returns wrong
+    values for it, so the float64 reference decides.)"""
+    q, k, v = (randn((1, 2, 11, 8), gen=gen) for _ in range(3))
+    mask = randn((11, 11), torch.float32, gen=gen)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_matches_reference(out, reference_attention(q, k, v, attn_mask=mask.double()))
+
+
+# --------------------------------------------------------------------------- strides and ranks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sdpa_gpt2_view_transpose(dtype, device, gen):
+    """nanoGPT: qkv = x @ W -> split -> view(B,T,nh,hs).transpose(1,2)."""
+    skip_unless_served(device, dtype, 32)
+    b, t, nh, hs = 2, 67, 4, 32
+    qkv = randn((b, t, 3 * nh * hs), dtype, device, gen)
+    q, k, v = qkv.split(nh * hs, dim=2)
+    q, k, v = (x.view(b, t, nh, hs).transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = reference_attention(q, k, v, is_causal=True)
+    torch_out = TORCH_SDPA(q, k, v, is_causal=True) if dtype in LOW_PRECISION else None
+    assert_matches_reference(out, ref, dtype, torch_out)
+
+
+STRIDE_CASES = ["seq_slice", "last_dim_slice", "expanded_batch", "heads_permuted", "offset_view"]
+
+
+@pytest.mark.parametrize("layout", STRIDE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sdpa_noncontiguous_inputs(layout, dtype, gen):
+    if layout == "seq_slice":
+        q = randn((2, 3, 40, 16), dtype, gen=gen)[:, :, ::2]
+        k = randn((2, 3, 62, 16), dtype, gen=gen)[:, :, 1::3]
+        v = randn((2, 3, 62, 24), dtype, gen=gen)[:, :, 1::3]
+    elif layout == "last_dim_slice":
+        q = randn((2, 3, 20, 32), dtype, gen=gen)[..., ::2]
+        k = randn((2, 3, 21, 32), dtype, gen=gen)[..., 1::2]
+        v = randn((2, 3, 21, 16), dtype, gen=gen)
+    elif layout == "expanded_batch":
+        q = randn((3, 2, 20, 16), dtype, gen=gen)
+        k = randn((1, 2, 21, 16), dtype, gen=gen).expand(3, -1, -1, -1)
+        v = randn((1, 2, 21, 16), dtype, gen=gen).expand(3, -1, -1, -1)
+    elif layout == "heads_permuted":
+        q = randn((20, 2, 3, 16), dtype, gen=gen).permute(1, 2, 0, 3)
+        k = randn((3, 21, 2, 16), dtype, gen=gen).permute(2, 0, 1, 3)
+        v = randn((21, 3, 16, 2), dtype, gen=gen).permute(3, 1, 0, 2)
+    else:
+        base = randn((2 * 3 * 21 * 16 + 5,), dtype, gen=gen)
+        q = randn((2, 3, 20, 16), dtype, gen=gen)
+        k = base[5:].view(2, 3, 21, 16)
+        v = base[:-5].view(2, 3, 21, 16)
+    for causal in (False, True):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert_matches_reference(out, reference_attention(q, k, v, is_causal=causal), dtype,
+                                 what=f"{layout} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sdpa_3d_2d_5d_inputs(dtype, gen):
+    # 3-D (N, L, E)
+    q, k, v = randn((4, 13, 16), dtype, gen=gen), randn((4, 9, 16), dtype, gen=gen), randn((4, 9, 8), dtype, gen=gen)
+    mask = rand_bool((4, 13, 9), gen)
+    mask[..., 0] = True
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}, {"attn_mask": mask[0]}):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, **kw)
+        assert out.shape == (4, 13, 8)
+        assert_matches_reference(out, reference_attention(q, k, v, **kw), dtype, what=f"3-D {list(kw)}")
+        torch.testing.assert_close(out, TORCH_SDPA(q, k, v, **kw), atol=1e-5, rtol=1e-5)
+    # 2-D (L, E)
+    q2, k2, v2 = q[0], k[0], v[0]
+    out = flash_ext.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
+    assert out.shape == (13, 8)
+    assert_matches_reference(out, reference_attention(q2, k2, v2, is_causal=True), dtype, what="2-D")
+    # 5-D (B, X, H, L, E), with GQA and a broadcast mask, and a transposed view
+    q5 = randn((2, 3, 4, 11, 16), dtype, gen=gen)
+    k5 = randn((2, 3, 2, 14, 16), dtype, gen=gen)
+    v5 = randn((2, 3, 14, 2, 8), dtype, gen=gen).transpose(2, 3)
+    m5 = randn((3, 1, 11, 14), dtype, gen=gen)
+    out = flash_ext.scaled_dot_product_attention(q5, k5, v5, attn_mask=m5, enable_gqa=True)
+    assert out.shape == (2, 3, 4, 11, 8)
+    assert_matches_reference(out, reference_attention(q5, k5, v5, attn_mask=m5, enable_gqa=True), dtype,
+                             what="5-D")
+    out = flash_ext.scaled_dot_product_attention(q5, k5, v5, is_causal=True, enable_gqa=True)
+    assert_matches_reference(out, reference_attention(q5, k5, v5, is_causal=True, enable_gqa=True), dtype,
+                             what="5-D causal")
+
+
+# --------------------------------------------------------------------------- flash_attn_func
+
+FA_CASES = [
+    # (batch, heads, kv_heads, L, S, E, causal, window)
+    (2, 2, 2, 7, 7, 16, True, (-1, -1)),
+    (1, 4, 2, 65, 63, 40, True, (-1, -1)),     # L > S bottom-right: first rows empty
+    (2, 4, 1, 33, 129, 64, True, (-1, -1)),    # L < S
+    (1, 2, 2, 129, 129, 32, False, (16, 0)),   # sliding window, causal-like
+    (1, 2, 2, 65, 100, 32, False, (8, 5)),     # two-sided window, L != S
+    (2, 2, 2, 100, 65, 16, False, (0, 0)),     # diagonal only, L > S
+    (1, 3, 3, 63, 63, 96, False, (-1, 3)),     # right-bounded only
+    (1, 2, 1, 1, 257, 128, True, (-1, -1)),    # decode-like
+    (1, 2, 2, 70, 70, 8, True, (10, 7)),       # causal overrides the right window
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", FA_CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}-L{c[3]}S{c[4]}-E{c[5]}-c{int(c[6])}-w{c[7][0]}_{c[7][1]}")
+def test_flash_attn_func_forward(case, dtype, device, gen):
+    b, h, hk, L, S, E, causal, window = case
+    skip_unless_served(device, dtype, E)
+    q = randn((b, L, h, E), dtype, device, gen)
+    k = randn((b, S, hk, E), dtype, device, gen)
+    v = randn((b, S, hk, E), dtype, device, gen)
+    out, lse = flash_ext.flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
+    assert out.shape == (b, L, h, E) and out.dtype == dtype
+    assert lse.shape == (b, h, L)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    w = (window[0], 0) if causal else window
+    ref, ref_lse = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=w, bottom_right=True,
+                                       return_lse=True)
+    ref = to_bshd(ref)
+    torch_out = None
+    if dtype in LOW_PRECISION:
+        # PyTorch's SDPA on the same inputs with the same visibility as a bool mask
+        from conftest import window_visible
+        vis = window_visible(L, S, w[0], w[1], True, device=device)
+        safe = vis.clone()
+        safe[~vis.any(-1)] = True  # keep PyTorch finite; those rows are compared to 0 below anyway
+        torch_out = to_bshd(TORCH_SDPA(to_bshd(q), to_bshd(k), to_bshd(v), attn_mask=safe,
+                                       enable_gqa=h != hk))
+        torch_out[:, ~vis.any(-1)] = 0
+    assert_matches_reference(out, ref, dtype, torch_out)
+    # lse: natural log, -inf for rows with no key, float32 precision suffices
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse.cpu()), empty.cpu())
+    lse_tol = 1e-10 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=lse_tol, rtol=lse_tol)
+
+
+def test_flash_attn_func_default_scale_and_custom_scale(gen):
+    q, k, v = (randn((2, 17, 2, 24), gen=gen) for _ in range(3))
+    out = flash_ext.flash_attn_func(q, k, v)
+    ref = to_bshd(reference_attention(to_bshd(q), to_bshd(k), to_bshd(v)))
+    assert_matches_reference(out, ref)
+    out = flash_ext.flash_attn_func(q, k, v, softmax_scale=0.7, causal=True)
+    ref = to_bshd(reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), scale=0.7, window=(-1, 0),
+                                      bottom_right=True))
+    assert_matches_reference(out, ref)
+
+
+def test_flash_attn_func_value_dim_and_strides(gen):
+    """(B, S, H, D) views of packed qkv and a value dim != query dim."""
+    b, n, h = 2, 45, 3
+    qkv = randn((b, n, 3, h, 32), gen=gen)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    v = randn((b, n, h, 48), gen=gen)[..., :20]
+    assert not q.is_contiguous() and not v.is_contiguous()
+    out = flash_ext.flash_attn_func(q, k, v, causal=True)
+    ref = to_bshd(reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=(-1, 0), bottom_right=True))
+    assert out.shape == (b, n, h, 20)
+    assert_matches_reference(out, ref)
