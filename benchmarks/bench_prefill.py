@@ -1,0 +1,181 @@
+"""Prefill (training/prompt) attention: flash_ext against every PyTorch SDPA
+backend and FlexAttention, on the FlashAttention papers' setting (TABLE.md).
+
+bf16, layout (batch, heads, n, d), heads = 2048/d, batch = 16384/n. Forward
+and backward TFLOP/s (forward 4·batch·heads·n²·d FLOPs, halved when causal;
+backward 2.5x). As measure_anchors.py: forward timed with inputs that require
+grad (a training forward), backward = median(forward+backward) - median(forward),
+both triton do_bench medians; gradients are reset outside the timed region.
+Each of our forward outputs is compared with an SDPA backend's (``rel_err``),
+so a fast wrong kernel shows. Rows per RESULTS_FORMAT.md ``prefill``.
+
+    python benchmarks/bench_prefill.py [--quick] [--dry-run] [--smoke] [--no-flex]
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import common
+
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+HIDDEN, TOKENS = 2048, 16384
+
+Setting = tuple[int, bool, int]  # (d, causal, n)
+
+
+def sweep(quick: bool, smoke: bool) -> list[Setting]:
+    if smoke:
+        return [(64, True, 128), (64, False, 256)]
+    if quick:
+        return list(itertools.product((64, 128), (False, True), (2048, 8192)))
+    return list(itertools.product((64, 128, 256), (False, True), (512, 1024, 2048, 4096, 8192, 16384)))
+
+
+def shape(d: int, n: int, smoke: bool) -> tuple[int, int]:
+    """(batch, heads) of a setting."""
+    return (1, 2) if smoke else (max(1, TOKENS // n), HIDDEN // d)
+
+
+def flops_fwd(batch: int, heads: int, n: int, d: int, causal: bool) -> float:
+    return 4 * batch * heads * n * n * d / (2 if causal else 1)
+
+
+def flex_settings(quick: bool, smoke: bool, settings: list[Setting]) -> tuple[list[Setting], bool]:
+    """Which settings FlexAttention runs, and whether its backward is timed:
+    each shape costs a compile, so the quick check times one (TABLE.md's)."""
+    if quick and not smoke:
+        return [s for s in settings if s[0] == 128 and s[2] == 8192], False
+    return settings, True
+
+
+class Flex:
+    """FlexAttention compiled once, a causal block mask per sequence length."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # One static compile per shape, as the anchors' single-shape compile
+        # (no dynamic-shape kernel); the default limit of 8 would send later
+        # shapes to eager.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        self.device = device
+        self.fn = torch.compile(flex_attention, dynamic=False)
+        self.create_block_mask = create_block_mask
+
+    def __call__(self, n: int, causal: bool) -> Callable[..., torch.Tensor]:
+        mask = self.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n,
+                                      device=self.device) if causal else None
+        return lambda q, k, v: self.fn(q, k, v, block_mask=mask)
+
+
+def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int,
+                    with_flex: bool) -> dict[str, Callable[..., torch.Tensor] | str]:
+    """name -> forward(q, k, v), or the reason it cannot run."""
+    impls: dict[str, Callable[..., torch.Tensor] | str] = {}
+    impls[common.OURS] = ((lambda q, k, v: flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                          if flash_ext else "flash_ext could not be imported")
+    for name, backend in SDPA_BACKENDS.items():
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        impls[name] = sdpa
+    if with_flex:
+        impls["flex"] = flex(n, causal) if flex else "FlexAttention unavailable"
+    return impls
+
+
+def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] | str], device: torch.device,
+                smoke: bool, flex_bwd: bool) -> list[dict[str, Any]]:
+    d, causal, n = setting
+    batch, heads = shape(d, n, smoke)
+    q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    fwd_flops = flops_fwd(batch, heads, n, d, causal)
+    rows: list[dict[str, Any]] = []
+    reference: torch.Tensor | None = None
+    ours_out: torch.Tensor | None = None
+    for name, fwd in impls.items():
+        row: dict[str, Any] = dict(impl=name, dtype="bfloat16", d=d, causal=causal, n=n, batch=batch, heads=heads)
+        try:
+            if isinstance(fwd, str):
+                raise RuntimeError(fwd)
+            out = fwd(q, k, v).detach()
+            if name == common.OURS:
+                ours_out = out
+            elif reference is None:
+                reference = out
+            row["fwd_ms"] = common.time_ms(lambda: fwd(q, k, v), device)
+            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+        except Exception as err:  # a refused setting is a row, not the end of the sweep
+            row["error"] = common.error_text(err)
+        if "error" not in row and (name != "flex" or flex_bwd):
+            try:
+                fwd_bwd = common.time_ms(lambda: fwd(q, k, v).backward(grad), device, grad_to_none=(q, k, v))
+                row["fwd_bwd_ms"] = fwd_bwd
+                row["bwd_ms"] = fwd_bwd - row["fwd_ms"]
+                row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
+            except Exception as err:  # keep the forward's numbers
+                row["error"] = "backward: " + common.error_text(err)
+        q.grad = k.grad = v.grad = None
+        rows.append(row)
+    if ours_out is not None and reference is not None:
+        err = ((ours_out.float() - reference.float()).norm() / reference.float().norm()).item()
+        rows[0]["rel_err"] = err
+        if not err <= common.REL_ERR_LIMIT:
+            common.log(f"WARNING d={d} causal={int(causal)} n={n}: flash_ext output differs from SDPA's "
+                       f"(relative error {err:.3g})")
+    return rows
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on any device (checks the script, not the speed)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else common.default_device()
+    settings = sweep(args.quick, args.smoke)
+    flex_on, flex_bwd = flex_settings(args.quick, args.smoke, settings)
+    if args.no_flex:
+        flex_on = []
+    if args.dry_run:
+        for d, causal, n in settings:
+            batch, heads = shape(d, n, args.smoke)
+            extra = (", flex" + (" fwd+bwd" if flex_bwd else " fwd")) if (d, causal, n) in flex_on else ""
+            print(f"prefill d={d} causal={int(causal)} n={n} batch={batch} heads={heads}: "
+                  f"flash_ext, {', '.join(SDPA_BACKENDS)}{extra}")
+        return
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("bench_prefill.py measures CUDA kernels; on a CPU run bench_cpu.py (or --smoke here)")
+    torch.manual_seed(0)
+    flash_ext = common.strict_flash_ext()
+    flex = None
+    if flex_on:
+        try:
+            flex = Flex(device)
+        except Exception as err:  # FlexAttention missing from this torch: its rows say so
+            common.log(f"FlexAttention unavailable: {common.error_text(err)}")
+    ceilings = common.measure_ceilings(device)
+    common.log(f"ceilings {ceilings}")
+    header = common.run_header("prefill", device, ceilings, args.quick)
+    path = common.results_path("prefill", device, args.quick, args.out_dir)
+    rows: list[dict[str, Any]] = []
+    for setting in common.progress(settings, len(settings), "prefill"):
+        d, causal, n = setting
+        impls = implementations(flash_ext, flex, causal, n, setting in flex_on)
+        rows += run_setting(setting, impls, device, args.smoke, flex_bwd)
+        common.write_results(path, header, rows)
+    print("\n".join(common.compare({**header, "rows": rows})))
+    print(f"wrote {common.shown(path)} and .md")
+
+
+if __name__ == "__main__":
+    main()
