@@ -1,0 +1,82 @@
+// Split-KV decoding (flash-decoding) on CUDA: what the launcher files share.
+// The kernels live in kvcache_kernel.cuh (attention) and kvcache_combine.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../../common/params.h"
+
+namespace flash_ext::cuda::kvcache {
+
+// Keys per pipeline stage: one shared-memory tile of K and one of V.
+constexpr int kBlockN = 64;
+constexpr int kThreads = 128;  // four warps
+constexpr int kMaxStages = 6;
+
+// Knobs that run_kvcache_fwd leaves at their defaults; the standalone
+// harness varies them to tune.
+struct Tuning {
+  int stages = 0;    // cp.async pipeline depth, 2..kMaxStages; 0 = by head dim
+  bool pdl = true;   // programmatic dependent launch where the device has it
+};
+
+// Integer division by a run-time constant through a multiply-high
+// (Granlund-Montgomery, as in CUTLASS), for the paged-cache row -> page split.
+// Exact for dividends below 2^31.
+struct FastDivmod {
+  uint32_t divisor = 1, multiplier = 0, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) : divisor(d) {
+    while ((1u << shift) < d) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+#ifdef __CUDACC__
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return (__umulhi(n, multiplier) + n) >> shift;
+  }
+#endif
+};
+
+// Warps along M (packed query rows) x warps along N (keys). One GQA group's
+// rows = group * q_len: up to 16 rows take one m16 tile and split the keys
+// four ways; more rows trade key-parallelism for row-parallelism.
+enum class WarpLayout : int { k1x4 = 0, k2x2 = 1, k4x1 = 2 };
+
+inline WarpLayout warp_layout(int64_t rows) {
+  return rows <= 16 ? WarpLayout::k1x4 : rows <= 32 ? WarpLayout::k2x2 : WarpLayout::k4x1;
+}
+inline int block_rows(WarpLayout layout) { return 16 << static_cast<int>(layout); }
+
+// Kernel arguments: the caller's params plus values derived once on the host.
+struct KernelArgs {
+  KVCacheParams p;
+  FastDivmod page_div;
+  int group = 1;      // query heads per kv head
+  int rows = 1;       // group * q_len packed query rows per (sequence, kv head)
+  int m_blocks = 1;   // thread blocks along the packed rows
+  int stages = 2;
+  float scale_log2 = 1.f;  // softmax scale * log2(e): scores live in base 2
+};
+
+// Shared memory of one attention block: Q tile, then the K/V stages (which
+// the epilogue reuses for its cross-warp reduction).
+inline int attention_smem_bytes(int head_dim_inst, WarpLayout layout, int stages) {
+  return block_rows(layout) * head_dim_inst * 2 + stages * 2 * kBlockN * head_dim_inst * 2;
+}
+
+template <typename T, int kHeadDim>
+void launch_attention(const KernelArgs& args, bool pdl, cudaStream_t stream);
+
+template <typename T>
+void launch_combine(const KVCacheParams& p, bool pdl, cudaStream_t stream);
+
+// run_kvcache_fwd with explicit tuning.
+void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream);
+
+// Throws std::runtime_error naming `what` unless err (or, for a launch that
+// returned success, the last error) is cudaSuccess.
+void check_cuda(cudaError_t err, const char* what);
+
+}  // namespace flash_ext::cuda::kvcache
