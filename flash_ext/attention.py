@@ -146,7 +146,7 @@ def scaled_dot_product_attention(
 
     batch_shape = tuple(query.shape[:-3])
     q4, k4, v4 = (_as_4d(t, batch_shape) for t in (query, key, value))
-    q4, k4, v4 = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q4, k4, v4))
+    q4, k4, v4 = (t if _layout_served(t) else t.contiguous() for t in (q4, k4, v4))
     mask4 = None
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, query.dtype):
@@ -158,6 +158,19 @@ def scaled_dot_product_attention(
     out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
                            False, False)
     return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _layout_served(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` in place: a contiguous last dim, and
+    on CUDA 16-byte vectors (aligned start, strides in multiples of 8
+    elements; the allocator aligns the storage itself)."""
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        return False
+    if t.device.type != "cuda":
+        return True
+    vector = 16 // t.element_size()
+    return t.storage_offset() % vector == 0 and all(
+        size == 1 or stride % vector == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
 def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -204,6 +217,7 @@ def flash_attn_func(
     if reason is not None:
         raise RuntimeError(f"flash_attn_func: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    q, k, v = (t if _layout_served(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, float(dropout_p),
                              scale, left, right, True, bool(deterministic), float(softcap), alibi_slopes)
     out = out.transpose(1, 2)
