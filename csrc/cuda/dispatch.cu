@@ -1,0 +1,221 @@
+// The attention entry points of api.h: which kernel family serves a device
+// (a table, so the Hopper family slots in beside sm80), what it cannot do,
+// and routing by head dim and dtype to the instantiations.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "sm80_launch.h"
+
+namespace flash_ext::cuda {
+namespace {
+
+// Largest dynamic shared memory a block may opt into, by compute capability.
+int smem_per_block_optin(int major, int minor) {
+  if (major == 9 || major == 10) return 227 * 1024;
+  if (major == 8 && (minor == 0 || minor == 7)) return 163 * 1024;
+  return 99 * 1024;  // sm_86, sm_89, sm_120 and anything unknown
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// 16-byte vector access needs every stride of a dimension with more than one
+// index to be a multiple of 8 elements.
+bool strides_vectorizable(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
+  const int64_t extent[3] = {d0, d1, d2};
+  for (int i = 0; i < 3; ++i) {
+    if (extent[i] > 1 && stride[i] % 8 != 0) return false;
+  }
+  return true;
+}
+
+const char* sm80_common_reason(const AttentionFwdParams& p, int major, int minor, bool backward) {
+  if (major < 8) return "the CUDA attention kernels need compute capability 8.0 or newer";
+  if (p.dtype != ScalarKind::kFloat16 && p.dtype != ScalarKind::kBFloat16) {
+    return "the CUDA attention kernels take float16 and bfloat16 only";
+  }
+  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) {
+    return "the CUDA attention kernels need a head dim that is a multiple of 8, at most 256";
+  }
+  if (p.v_head_dim != p.head_dim) return "the CUDA attention kernels need v_head_dim == head_dim";
+  if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) return "heads must be a multiple of kv_heads";
+  if (!(p.scale > 0.0)) return "the CUDA attention kernels need a positive scale";
+  if (p.softcap != 0.f) return "the CUDA attention kernels do not implement softcap yet";
+  if (p.alibi_slopes != nullptr) return "the CUDA attention kernels do not implement ALiBi yet";
+  if (p.dropout.p < 0.f || p.dropout.p >= 1.f) return "the CUDA attention kernels need 0 <= dropout_p < 1";
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
+      !strides_vectorizable(p.q_stride, p.batch, p.heads, p.q_len) ||
+      !strides_vectorizable(p.k_stride, p.batch, p.kv_heads, p.kv_len) ||
+      !strides_vectorizable(p.v_stride, p.batch, p.kv_heads, p.kv_len) ||
+      !strides_vectorizable(p.o_stride, p.batch, p.heads, p.q_len)) {
+    return "the CUDA attention kernels need 16-byte aligned q/k/v/out with strides that are multiples of 8";
+  }
+  const int inst = sm80::head_dim_instance(p.head_dim);
+  const int need = backward ? sm80::bwd_smem_bytes(inst) : sm80::fwd_smem_bytes(inst);
+  if (need > smem_per_block_optin(major, minor)) {
+    return backward ? "this GPU has too little shared memory per block for the CUDA attention backward at this head dim"
+                    : "this GPU has too little shared memory per block for the CUDA attention forward at this head dim";
+  }
+  return nullptr;
+}
+
+const char* sm80_fwd_reason(const AttentionFwdParams& p, int major, int minor) {
+  return sm80_common_reason(p, major, minor, false);
+}
+
+const char* sm80_bwd_reason(const AttentionBwdParams& p, int major, int minor) {
+  if (const char* r = sm80_common_reason(p, major, minor, true)) return r;
+  if (!aligned16(p.dout) || !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv) ||
+      !strides_vectorizable(p.do_stride, p.batch, p.heads, p.q_len) ||
+      !strides_vectorizable(p.dq_stride, p.batch, p.heads, p.q_len) ||
+      !strides_vectorizable(p.dk_stride, p.batch, p.kv_heads, p.kv_len) ||
+      !strides_vectorizable(p.dv_stride, p.batch, p.kv_heads, p.kv_len)) {
+    return "the CUDA attention backward needs 16-byte aligned dout/dq/dk/dv with strides that are multiples of 8";
+  }
+  return nullptr;
+}
+
+template <int kHeadDim>
+void sm80_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {
+  p.dtype == ScalarKind::kBFloat16 ? sm80::run_fwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
+                                   : sm80::run_fwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+}
+
+template <int kHeadDim>
+void sm80_bwd_dtype(const AttentionBwdParams& p, cudaStream_t s) {
+  p.dtype == ScalarKind::kBFloat16 ? sm80::run_bwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
+                                   : sm80::run_bwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+}
+
+void sm80_fwd(const AttentionFwdParams& p, cudaStream_t s) {
+  switch (sm80::head_dim_instance(p.head_dim)) {
+    case 64: return sm80_fwd_dtype<64>(p, s);
+    case 128: return sm80_fwd_dtype<128>(p, s);
+    default: return sm80_fwd_dtype<256>(p, s);
+  }
+}
+
+void sm80_bwd(const AttentionBwdParams& p, cudaStream_t s) {
+  switch (sm80::head_dim_instance(p.head_dim)) {
+    case 64: return sm80_bwd_dtype<64>(p, s);
+    case 128: return sm80_bwd_dtype<128>(p, s);
+    default: return sm80_bwd_dtype<256>(p, s);
+  }
+}
+
+BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
+  const int64_t inst = sm80::head_dim_instance(p.head_dim);
+  const int64_t q_rows = (p.q_len + 127) / 128 * 128;  // matches kDqRowPad
+  const int64_t block_m = sm80::bwd_block_m(static_cast<int>(inst));
+  const int64_t semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
+  return {static_cast<size_t>(p.batch * p.heads * q_rows * inst + semaphores),
+          static_cast<size_t>(p.batch * p.heads * p.q_len)};
+}
+
+// A kernel family: the devices it runs on and its entry points. Families are
+// tried in order; a forced path picks one by name.
+struct Family {
+  const char* name;
+  bool (*runs_on)(int major, int minor);
+  const char* (*fwd_reason)(const AttentionFwdParams&, int, int);
+  const char* (*bwd_reason)(const AttentionBwdParams&, int, int);
+  BwdWorkspace (*workspace)(const AttentionBwdParams&);
+  void (*fwd)(const AttentionFwdParams&, cudaStream_t);
+  void (*bwd)(const AttentionBwdParams&, cudaStream_t);
+};
+
+constexpr Family kFamilies[] = {
+    {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
+     sm80_fwd, sm80_bwd},
+};
+
+std::string& forced_path() {
+  static std::string path;
+  return path;
+}
+
+const Family* find_family(int major, int minor) {
+  const std::string& forced = forced_path();
+  for (const Family& f : kFamilies) {
+    if (forced.empty() ? f.runs_on(major, minor) : forced == f.name) return &f;
+  }
+  return nullptr;
+}
+
+void current_capability(int& major, int& minor) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_ext: querying the CUDA device failed: ") + cudaGetErrorString(err));
+  }
+}
+
+const Family& family_for_current_device() {
+  int major = 0, minor = 0;
+  current_capability(major, minor);
+  const Family* f = find_family(major, minor);
+  if (f == nullptr || !f->runs_on(major, minor)) {
+    throw std::runtime_error("flash_ext: no CUDA attention kernel family runs on compute capability " +
+                             std::to_string(major) + "." + std::to_string(minor));
+  }
+  return *f;
+}
+
+const char* no_family_reason(const Family* f, int major, int minor) {
+  if (f == nullptr) return "the CUDA attention kernels need compute capability 8.0 or newer";
+  if (!f->runs_on(major, minor)) return "the forced CUDA kernel family does not run on this GPU";
+  return nullptr;
+}
+
+}  // namespace
+
+const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {
+  const Family* f = find_family(device_major, device_minor);
+  if (const char* r = no_family_reason(f, device_major, device_minor)) return r;
+  return f->fwd_reason(params, device_major, device_minor);
+}
+
+const char* bwd_unsupported_reason(const AttentionBwdParams& params, int device_major, int device_minor) {
+  const Family* f = find_family(device_major, device_minor);
+  if (const char* r = no_family_reason(f, device_major, device_minor)) return r;
+  return f->bwd_reason(params, device_major, device_minor);
+}
+
+BwdWorkspace bwd_workspace(const AttentionBwdParams& params) {
+  return family_for_current_device().workspace(params);
+}
+
+void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
+  family_for_current_device().fwd(params, stream);
+}
+
+void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
+  if (params.dq_accum == nullptr || params.softmax_d == nullptr) {
+    throw std::runtime_error("flash_ext attention backward: dq_accum / softmax_d workspace missing");
+  }
+  family_for_current_device().bwd(params, stream);
+}
+
+void set_forced_path(const char* path) {
+  const std::string name = path == nullptr ? "" : path;
+  if (!name.empty()) {
+    bool known = false;
+    for (const Family& f : kFamilies) known = known || name == f.name;
+    if (!known) {
+      throw std::invalid_argument("flash_ext: unknown or unbuilt CUDA kernel family '" + name + "' (built: sm80)");
+    }
+  }
+  forced_path() = name;
+}
+
+const char* active_path(int device_major, int device_minor) {
+  const Family* f = find_family(device_major, device_minor);
+  return f != nullptr && f->runs_on(device_major, device_minor) ? f->name : "";
+}
+
+}  // namespace flash_ext::cuda

@@ -1,0 +1,6 @@
+// Forward kernels of the sm80 family, head dim 64, fp16.
+#include "../sm80_configs.cuh"
+
+namespace flash_ext::cuda::sm80 {
+template void run_fwd<64, ScalarKind::kFloat16>(const AttentionFwdParams&, cudaStream_t);
+}  // namespace flash_ext::cuda::sm80

@@ -1,0 +1,118 @@
+// What turns q.k into the score the softmax sees, element by element of a
+// register tile: the visibility window and sequence ends (mask.h), the
+// attn_mask (boolean or additive), and dropout (philox.h, the same bits as
+// the CPU kernels). Coordinates come from an identity tensor partitioned like
+// the accumulator, viewed (rows x cols).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/mask.h"
+#include "common/params.h"
+#include "common/philox.h"
+#include "tile_utils.cuh"
+
+namespace flash_ext::cuda::sm80 {
+
+// Seed and offset of this call: from device memory under graph capture
+// (as PyTorch's PhiloxCudaState unpacks), else the host values.
+struct DropoutRng {
+  uint64_t seed, offset;
+  uint32_t keep_threshold;
+};
+
+__device__ __forceinline__ DropoutRng resolve_dropout(const DropoutParams& d) {
+  DropoutRng r;
+  if (d.seed_ptr != nullptr) {
+    r.seed = static_cast<uint64_t>(*d.seed_ptr);
+    r.offset = static_cast<uint64_t>(*d.offset_ptr) + d.offset_intragraph;
+  } else {
+    r.seed = d.seed;
+    r.offset = d.offset;
+  }
+  r.keep_threshold = dropout_keep_threshold(d.p);
+  return r;
+}
+
+// Sets to -inf the scores of keys outside the window or past kv_len.
+// (m0, n0) is the tile's origin.
+template <class S, class C>
+__device__ __forceinline__ void mask_window(S& s, const C& c, int64_t m0, int64_t n0,
+                                            const VisibilityWindow& w, int64_t kv_len) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(s); ++mi) {
+    const int64_t diag = m0 + get<0>(c(mi, 0)) + w.diagonal_offset - n0;
+    int64_t hi = kv_len - n0;
+    if (w.window_right >= 0 && diag + w.window_right + 1 < hi) hi = diag + w.window_right + 1;
+    const int64_t lo = w.window_left >= 0 ? diag - w.window_left : 0;
+    // Clamped so tile-local comparisons fit in int.
+    const int col_lo = static_cast<int>(lo < 0 ? 0 : lo > 1 << 20 ? 1 << 20 : lo);
+    const int col_hi = static_cast<int>(hi < 0 ? 0 : hi > 1 << 20 ? 1 << 20 : hi);
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(s); ++ni) {
+      const int col = get<1>(c(0, ni));
+      if (col < col_lo || col >= col_hi) s(mi, ni) = -INFINITY;
+    }
+  }
+}
+
+// attn_mask for head (b, h): boolean keep-mask or additive bias (Element).
+// Scores are unscaled here, so the bias enters divided by the scale.
+struct AttnMask {
+  MaskKind kind;
+  const uint8_t* base;  // at (b, h); element type from kind
+  int64_t stride_q, stride_k;
+  float inv_scale;
+};
+
+template <class Element>
+__device__ __forceinline__ AttnMask make_attn_mask(const AttentionFwdParams& p, int64_t b, int64_t h) {
+  const int64_t elem = p.mask_kind == MaskKind::kAdditive ? int64_t(sizeof(Element)) : 1;
+  return {p.mask_kind,
+          static_cast<const uint8_t*>(p.mask) + (b * p.mask_stride[0] + h * p.mask_stride[1]) * elem,
+          p.mask_stride[2], p.mask_stride[3], static_cast<float>(1.0 / p.scale)};
+}
+
+template <class Element, class S, class C>
+__device__ __forceinline__ void apply_attn_mask(S& s, const C& c, const AttnMask& mask, int64_t m0,
+                                                int64_t n0, int64_t q_len, int64_t kv_len) {
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(s); ++mi) {
+    const int64_t i = m0 + get<0>(c(mi, 0));
+    if (i >= q_len) continue;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(s); ++ni) {
+      const int64_t j = n0 + get<1>(c(0, ni));
+      if (j >= kv_len) continue;
+      const int64_t off = i * mask.stride_q + j * mask.stride_k;
+      if (mask.kind == MaskKind::kBool) {
+        if (__ldg(mask.base + off) == 0) s(mi, ni) = -INFINITY;
+      } else {
+        const float bias = static_cast<float>(reinterpret_cast<const Element*>(mask.base)[off]);
+        s(mi, ni) = fmaf(bias, mask.inv_scale, s(mi, ni));
+      }
+    }
+  }
+}
+
+// Calls f(mi, ni, keep) for every element of the tile. Neighbouring column
+// pairs share one philox call (same group of four columns).
+template <class S, class C, class F>
+__device__ __forceinline__ void for_each_dropout(const S& s, const C& c, const DropoutRng& rng,
+                                                 uint64_t batch_head, int64_t m0, int64_t n0, F&& f) {
+  static_assert(decltype(size<1>(s))::value % 2 == 0);
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(s); ++mi) {
+    const uint64_t i = static_cast<uint64_t>(m0 + get<0>(c(mi, 0)));
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(s); ni += 2) {
+      const uint64_t j = static_cast<uint64_t>(n0 + get<1>(c(0, ni)));
+      const Philox4 bits = dropout_bits4(rng.seed, rng.offset, batch_head, i, j >> 2);
+      f(mi, ni, philox_word(bits, int(j & 3)) < rng.keep_threshold);
+      f(mi, ni + 1, philox_word(bits, int((j + 1) & 3)) < rng.keep_threshold);
+    }
+  }
+}
+
+}  // namespace flash_ext::cuda::sm80
