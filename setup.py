@@ -108,8 +108,20 @@ def build_extension():
     )
 
 
+class BuildExtensionInTree(BuildExtension):
+    """Also places the built library in the source tree, so `python -m
+    flash_ext` and `pytest` run from a checkout (where ./flash_ext shadows the
+    installed package) load the same build. A subset build is a compile check
+    and stays out of the tree."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.inplace and os.environ.get("FLASH_EXT_CUDA_SOURCES") != "subset":
+            self.copy_extensions_to_source()
+
+
 setup(
     packages=find_packages(include=["flash_ext", "flash_ext.*"]),
     ext_modules=[build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionInTree.with_options(use_ninja=True)},
 )
