@@ -35,12 +35,12 @@ class Family:
 FEATURES = (
     "causal", "sliding window", "bool mask", "float mask (bias)", "bias gradient", "dropout",
     "GQA/MQA", "value dim != query dim", "any strides (last dim contiguous)", "paged KV cache",
-    "KV append", "return_lse", "deterministic backward", "softcap", "ALiBi",
+    "KV append", "return_lse", "deterministic backward", "softcap", "ALiBi", "scale <= 0",
 )
 
 _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
                       "any strides (last dim contiguous)", "return_lse"})
-_CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi"})
+_CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi", "scale <= 0"})
 _DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
 
@@ -77,6 +77,7 @@ def family_for(device: torch.device) -> tuple[Family | None, str | None]:
 def prefill_unsupported_reason(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     dropout_p: float, needs_grad: bool, bias_grad: bool, softcap: float = 0.0, alibi: bool = False,
+    scale: float | None = None,
 ) -> str | None:
     """Why our prefill kernels cannot serve this call, or None when they can."""
     family, reason = family_for(query.device)
@@ -99,6 +100,8 @@ def prefill_unsupported_reason(
         wanted.add("dropout")
     if softcap:
         wanted.add("softcap")
+    if scale is not None and scale <= 0:
+        wanted.add("scale <= 0")
     if alibi:
         wanted.add("ALiBi")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:

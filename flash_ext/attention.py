@@ -138,7 +138,7 @@ def scaled_dot_product_attention(
     reason = _sdpa_layout_reason(query, key, value, attn_mask)
     if reason is None:
         reason = _support.prefill_unsupported_reason(query, key, value, attn_mask, dropout_p, needs_grad,
-                                                     bias_grad)
+                                                     bias_grad, scale=scale)
     if reason is not None:
         _fall_back(reason)
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -161,16 +161,10 @@ def scaled_dot_product_attention(
 
 
 def _layout_served(t: torch.Tensor) -> bool:
-    """Whether the kernels can read ``t`` in place: a contiguous last dim, and
-    on CUDA 16-byte vectors (aligned start, strides in multiples of 8
-    elements; the allocator aligns the storage itself)."""
-    if t.stride(-1) != 1 and t.shape[-1] != 1:
-        return False
-    if t.device.type != "cuda":
-        return True
-    vector = 16 // t.element_size()
-    return t.storage_offset() % vector == 0 and all(
-        size == 1 or stride % vector == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    """Whether the ops take ``t`` as it is: a contiguous last dimension (the
+    ops copy what else a device's kernels need, see readable_layout in
+    csrc/ops/backend.h)."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1
 
 
 def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -213,7 +207,7 @@ def flash_attn_func(
         right = 0
     reason = _support.prefill_unsupported_reason(
         q, k, v, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False,
-        softcap=softcap, alibi=alibi_slopes is not None)
+        softcap=softcap, alibi=alibi_slopes is not None, scale=softmax_scale)
     if reason is not None:
         raise RuntimeError(f"flash_attn_func: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)

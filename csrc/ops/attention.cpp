@@ -41,14 +41,17 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, softcap, alibi_slopes);
-  const at::OptionalDeviceGuard guard(q.device());
+  check_common(q_in, k_in, v_in, attn_mask, dropout_p, scale, window_left, window_right, softcap,
+               alibi_slopes);
+  const at::OptionalDeviceGuard guard(q_in.device());
+  const at::Tensor q = backend::readable_layout(q_in), k = backend::readable_layout(k_in),
+                   v = backend::readable_layout(v_in);
 
-  at::Tensor out = empty_like_query_layout(q, v.size(3));
+  at::Tensor out = empty_like_query_layout(q_in, v.size(3));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q)));
   AttentionFwdParams params = make_fwd_params(q, k, v, attn_mask, dropout_p, scale, window_left,
                                               window_right, bottom_right, softcap, alibi_slopes);
@@ -68,12 +71,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, bool bias_requires_grad,
     bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  check_common(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, softcap, alibi_slopes);
+  check_common(q_in, k_in, v_in, attn_mask, dropout_p, scale, window_left, window_right, softcap,
+               alibi_slopes);
+  const at::Tensor q = backend::readable_layout(q_in), k = backend::readable_layout(k_in),
+                   v = backend::readable_layout(v_in);
+  const at::Tensor &out = out_in, &grad_out = grad_out_in;
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK_VALUE(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), kOp,
                     ": out must be forward's output of shape ", at::IntArrayRef(out_shape), ", got ",
@@ -84,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                     grad_out.scalar_type());
   TORCH_CHECK_VALUE(grad_out.stride(3) == 1 && out.stride(3) == 1, kOp,
                     ": grad_out and out must have a contiguous last dimension");
+  const at::Tensor dout_r = backend::readable_layout(grad_out), out_r = backend::readable_layout(out);
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(out_shape).slice(0, 3) &&
                         lse.scalar_type() == lse_dtype(q) && lse.is_contiguous(),
                     kOp, ": lse must be forward's contiguous ", lse_dtype(q), " log-sum-exp of shape ",
@@ -112,11 +120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
       q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap,
       alibi_slopes);
   if (dropout_p > 0.0) backend::replay_dropout(rng_state, params.dropout);
-  params.out = out.data_ptr();
-  set_strides(params.o_stride, out);
+  params.out = out_r.data_ptr();
+  set_strides(params.o_stride, out_r);
   set_lse(params, lse);
-  params.dout = grad_out.data_ptr();
-  set_strides(params.do_stride, grad_out);
+  params.dout = dout_r.data_ptr();
+  set_strides(params.do_stride, dout_r);
   params.dq = dq.data_ptr();
   params.dk = dk.data_ptr();
   params.dv = dv.data_ptr();

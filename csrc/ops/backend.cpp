@@ -14,6 +14,16 @@ void require_cuda_build(const at::Tensor& q) {
 
 }  // namespace
 
+at::Tensor readable_layout(const at::Tensor& t) {
+  if (!t.is_cuda()) return t;
+  const int64_t vector = 16 / static_cast<int64_t>(t.element_size());
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; aligned && d + 1 < t.dim(); ++d) {
+    aligned = t.size(d) == 1 || t.stride(d) % vector == 0;
+  }
+  return aligned ? t : t.contiguous();
+}
+
 at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout) {
   if (!q.is_cuda()) return cpu::seed_dropout(q, dropout);
   require_cuda_build(q);

@@ -8,6 +8,11 @@
 
 namespace flash_ext::backend {
 
+// The tensor as the device's kernels can read it in place, else a
+// contiguous copy: CUDA loads 16-byte vectors (aligned start, strides in
+// multiples of 16 bytes); the CPU takes any layout with a contiguous last dim.
+at::Tensor readable_layout(const at::Tensor& t);
+
 // Fills dropout's seed and offset from the device's default generator and
 // returns rng_state ([seed, offset], int64, on q's device) for backward.
 at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout);

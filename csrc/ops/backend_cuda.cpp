@@ -88,11 +88,11 @@ void run_attention_bwd(const at::Tensor& q, AttentionBwdParams& params) {
 }
 
 void run_kvcache(const at::Tensor& q, KVCacheParams& params, int64_t /*max_keys*/) {
-  require_supported(q, params, flash_ext::cuda::kvcache_unsupported_reason);
   if (params.num_splits == 0) {
     params.num_splits = flash_ext::cuda::choose_num_splits(
         params, at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount);
   }
+  require_supported(q, params, flash_ext::cuda::kvcache_unsupported_reason);
   at::Tensor out_partial, lse_partial;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
