@@ -64,6 +64,7 @@ def _strict_and_unpatched():
     """Every test runs in strict mode (no silent fallback) and unpatched."""
     was_strict = flash_ext.is_strict()
     flash_ext.set_strict(True)
+    _fa_attention._warned.clear()  # each test sees the one-time fallback warnings afresh
     saved_sdpa = F.scaled_dot_product_attention
     try:
         yield

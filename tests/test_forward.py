@@ -60,7 +60,16 @@ def test_sdpa_forward_grid(case, dtype, device, gen):
 def test_sdpa_custom_scale(scale, dtype, device, gen):
     skip_unless_served(device, dtype, 32)
     q, k, v = (randn((2, 3, 37, 32), dtype, device, gen) for _ in range(3))
-    out = flash_ext.scaled_dot_product_attention(q, k, v, scale=scale)
+    if device == "cuda" and scale <= 0:
+        # The CUDA kernels fold the scale into exp2 after the row maximum
+        # (positive scales only): strict mode refuses, default mode falls back.
+        with pytest.raises(RuntimeError, match="scale <= 0"):
+            flash_ext.scaled_dot_product_attention(q, k, v, scale=scale)
+        flash_ext.set_strict(False)
+        with pytest.warns(UserWarning, match="scale <= 0"):
+            out = flash_ext.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        out = flash_ext.scaled_dot_product_attention(q, k, v, scale=scale)
     ref = reference_attention(q, k, v, scale=scale)
     torch_out = TORCH_SDPA(q, k, v, scale=scale) if dtype in LOW_PRECISION else None
     assert_matches_reference(out, ref, dtype, torch_out)
