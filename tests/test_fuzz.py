@@ -85,11 +85,14 @@ def test_fuzz_forward(case: dict) -> None:
     ref = reference_attention(q, k, v, attn_mask=mask, is_causal=case["mask"] == "causal", scale=case["scale"],
                               enable_gqa=case["heads"] != case["kv_heads"])
     theirs = None
-    if case["dtype"] in (torch.float16, torch.bfloat16):
+    if case["dtype"] != torch.float64:
+        # float32 too: with scale 1 and d=128 the logits reach ~50 and any
+        # float32 softmax is off by ~1e-5, so the bar is PyTorch's own error.
         theirs = _call(TORCH_SDPA, q, k, v, mask, case)
         # PyTorch gives NaN on rows that see no key; ours (and the reference) 0.
         theirs = torch.nan_to_num(theirs, nan=0.0)
-    assert_matches_reference(out, ref, torch_out=theirs, what=f"forward {case}")
+    assert_matches_reference(out, ref, torch_out=theirs, what=f"forward {case}",
+                             fixed_tol={torch.float64: (1e-10, 1e-10)})
 
 
 @FUZZ

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -147,16 +148,19 @@ MaskTile<scalar_t> mask_tile(const AttentionFwdParams& p, int64_t b, int64_t h) 
 }
 
 // Sets scores of keys outside the visibility window to -inf. `query_pos(r)`
-// gives the query index of tile row r.
+// gives the query index of tile row r. Each row's visible keys are one
+// interval, so only its two ends are filled.
 template <typename acc_t, typename QueryPos>
 void apply_window(const VisibilityWindow& w, acc_t* s, int64_t lds, int64_t rows, int64_t cols,
                   int64_t col0, QueryPos query_pos) {
   if (w.window_left < 0 && w.window_right < 0) return;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = query_pos(r);
-    for (int64_t c = 0; c < cols; ++c) {
-      if (!key_visible(w, i, col0 + c)) s[r * lds + c] = neg_inf<acc_t>();
-    }
+    const KeyRange keys = visible_key_range(w, query_pos(r), query_pos(r) + 1, col0 + cols);
+    const int64_t begin = std::clamp<int64_t>(keys.begin - col0, 0, cols);
+    const int64_t end = std::clamp<int64_t>(keys.end - col0, begin, cols);
+    acc_t* srow = s + r * lds;
+    std::fill(srow, srow + begin, neg_inf<acc_t>());
+    std::fill(srow + end, srow + cols, neg_inf<acc_t>());
   }
 }
 
