@@ -14,6 +14,10 @@
 namespace flash_ext::cpu {
 namespace {
 
+// Key tiles as wide as query tiles: wider ones would recompute more of the
+// masked triangle on a causal diagonal for every query block.
+constexpr int64_t kBlockKBwd = kBlockQ;
+
 template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& p) {
   using acc_t = acc_type_t<scalar_t>;
@@ -27,10 +31,10 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dq_acc(group * L * d), row_dot(group * L), row_lse(group * L);
     std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);
-    std::vector<acc_t> k_buf(kBlockK * d), v_buf(kBlockK * dv);
-    std::vector<acc_t> dk_acc(kBlockK * d), dv_acc(kBlockK * dv);
-    std::vector<acc_t> probs(kBlockQ * kBlockK), dropped(kBlockQ * kBlockK), dscores(kBlockQ * kBlockK);
-    std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockK : 0);
+    std::vector<acc_t> k_buf(kBlockKBwd * d), v_buf(kBlockKBwd * dv);
+    std::vector<acc_t> dk_acc(kBlockKBwd * d), dv_acc(kBlockKBwd * dv);
+    std::vector<acc_t> probs(kBlockQ * kBlockKBwd), dropped(kBlockQ * kBlockKBwd), dscores(kBlockQ * kBlockKBwd);
+    std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockKBwd : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
       const auto head_ptr = [&](const void* base, const int64_t* stride, int64_t h) {
@@ -55,8 +59,8 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
 
       const scalar_t* k = head_ptr(p.k, p.k_stride, kvh);
       const scalar_t* v = head_ptr(p.v, p.v_stride, kvh);
-      for (int64_t col0 = 0; col0 < S; col0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, S - col0);
+      for (int64_t col0 = 0; col0 < S; col0 += kBlockKBwd) {
+        const int64_t cols = std::min(kBlockKBwd, S - col0);
         const Matrix<const acc_t> k_tile =
             stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
         const Matrix<const acc_t> v_tile =
@@ -84,18 +88,18 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
 
             // P = exp(S - lse), recomputed.
             gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
-                        {probs.data(), kBlockK});
+                        {probs.data(), kBlockKBwd});
             if (mods.active()) {
-              mods.apply(probs.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; },
+              mods.apply(probs.data(), kBlockKBwd, rows, cols, col0, [row0](int64_t r) { return row0 + r; },
                          capped.empty() ? nullptr : capped.data());
             }
-            mask.apply(probs.data(), kBlockK, rows, cols, row0, col0);
+            mask.apply(probs.data(), kBlockKBwd, rows, cols, row0, col0);
             if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
-              apply_window(p.window, probs.data(), kBlockK, rows, cols, col0,
+              apply_window(p.window, probs.data(), kBlockKBwd, rows, cols, col0,
                            [row0](int64_t r) { return row0 + r; });
             }
             for (int64_t r = 0; r < rows; ++r) {
-              acc_t* prow = probs.data() + r * kBlockK;
+              acc_t* prow = probs.data() + r * kBlockKBwd;
               const acc_t lse = row_lse[g * L + row0 + r];
               if (lse == neg_inf<acc_t>()) {  // the row saw no key: no gradient
                 std::fill(prow, prow + cols, acc_t(0));
@@ -109,29 +113,26 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               pd = dropped.data();
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < cols; ++c) {
-                  const acc_t prob = probs[r * kBlockK + c];
-                  pd[r * kBlockK + c] =
+                  const acc_t prob = probs[r * kBlockKBwd + c];
+                  pd[r * kBlockKBwd + c] =
                       dropout.dropped(row0 + r, col0 + c) ? acc_t(0) : prob * keep_scale;
                 }
               }
             }
             // dV += Pdᵀ dO;  dPd = dO Vᵀ
-            gemm<acc_t>(true, false, cols, dv, rows, acc_t(1), {pd, kBlockK}, do_tile, acc_t(1),
+            gemm<acc_t>(true, false, cols, dv, rows, acc_t(1), {pd, kBlockKBwd}, do_tile, acc_t(1),
                         {dv_acc.data(), dv});
             gemm<acc_t>(false, true, rows, cols, dv, acc_t(1), do_tile, v_tile, acc_t(0),
-                        {dscores.data(), kBlockK});
+                        {dscores.data(), kBlockKBwd});
             // dS = P ∘ (dP − D), with dP = dPd ∘ mask / (1 − p).
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t dot = row_dot[g * L + row0 + r];
-              acc_t* ds = dscores.data() + r * kBlockK;
-              const acc_t* prob = probs.data() + r * kBlockK;
-              for (int64_t c = 0; c < cols; ++c) {
-                acc_t dprob = ds[c];
-                if (has_dropout) {
-                  dprob = dropout.dropped(row0 + r, col0 + c) ? acc_t(0) : dprob * keep_scale;
+              acc_t* ds = dscores.data() + r * kBlockKBwd;
+              if (has_dropout) {
+                for (int64_t c = 0; c < cols; ++c) {
+                  ds[c] = dropout.dropped(row0 + r, col0 + c) ? acc_t(0) : ds[c] * keep_scale;
                 }
-                ds[c] = prob[c] == acc_t(0) ? acc_t(0) : prob[c] * (dprob - dot);
               }
+              softmax_grad_row(ds, probs.data() + r * kBlockKBwd, cols, row_dot[g * L + row0 + r]);
             }
             if (p.dbias != nullptr) {
               auto* dbias = static_cast<scalar_t*>(p.dbias) + b * p.dbias_stride[0] +
@@ -139,7 +140,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < cols; ++c) {
                   dbias[r * p.dbias_stride[2] + c * p.dbias_stride[3]] =
-                      static_cast<scalar_t>(dscores[r * kBlockK + c]);
+                      static_cast<scalar_t>(dscores[r * kBlockKBwd + c]);
                 }
               }
             }
@@ -147,15 +148,15 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
             if (!capped.empty()) {
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < cols; ++c) {
-                  const acc_t t = capped[r * kBlockK + c];
-                  dscores[r * kBlockK + c] *= acc_t(1) - t * t;
+                  const acc_t t = capped[r * kBlockKBwd + c];
+                  dscores[r * kBlockKBwd + c] *= acc_t(1) - t * t;
                 }
               }
             }
             // dQ += scale · dS K;  dK += scale · dSᵀ Q
-            gemm<acc_t>(false, false, rows, d, cols, scale, {dscores.data(), kBlockK}, k_tile,
+            gemm<acc_t>(false, false, rows, d, cols, scale, {dscores.data(), kBlockKBwd}, k_tile,
                         acc_t(1), {dq_acc.data() + (g * L + row0) * d, d});
-            gemm<acc_t>(true, false, cols, d, rows, scale, {dscores.data(), kBlockK}, q_tile,
+            gemm<acc_t>(true, false, cols, d, rows, scale, {dscores.data(), kBlockKBwd}, q_tile,
                         acc_t(1), {dk_acc.data(), d});
           }
         }

@@ -123,6 +123,20 @@ double exp_shifted_sum(double* x, int64_t n, double shift) {
   return sum;
 }
 
+FLASH_CPU_CLONES void softmax_grad_row(float* ds, const float* p, int64_t n, float dot) {
+  const F8 d = splat(dot), zero = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const F8 prob = load8(p + i);
+    store8(ds + i, prob == zero ? zero : prob * (load8(ds + i) - d));
+  }
+  for (; i < n; ++i) ds[i] = p[i] == 0.0f ? 0.0f : p[i] * (ds[i] - dot);
+}
+
+void softmax_grad_row(double* ds, const double* p, int64_t n, double dot) {
+  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] == 0.0 ? 0.0 : p[i] * (ds[i] - dot);
+}
+
 FLASH_CPU_CLONES void scale_row(float* x, int64_t n, float factor) {
   for (int64_t i = 0; i < n; ++i) x[i] *= factor;
 }

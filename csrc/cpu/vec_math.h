@@ -17,6 +17,12 @@ double row_max(const double* x, int64_t n);
 float exp_shifted_sum(float* x, int64_t n, float shift);
 double exp_shifted_sum(double* x, int64_t n, double shift);
 
+// ds[i] = p[i] * (ds[i] - dot), the softmax backward (dS = P ∘ (dP − D));
+// exactly 0 where p[i] == 0, so masked keys give no gradient even when dP
+// is not finite there.
+void softmax_grad_row(float* ds, const float* p, int64_t n, float dot);
+void softmax_grad_row(double* ds, const double* p, int64_t n, double dot);
+
 // x[i] *= factor.
 void scale_row(float* x, int64_t n, float factor);
 void scale_row(double* x, int64_t n, double factor);
