@@ -71,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& rng_state,
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, bool bias_requires_grad,
     bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
@@ -80,7 +80,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                alibi_slopes);
   const at::Tensor q = backend::readable_layout(q_in), k = backend::readable_layout(k_in),
                    v = backend::readable_layout(v_in);
-  const at::Tensor &out = out_in, &grad_out = grad_out_in;
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK_VALUE(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), kOp,
                     ": out must be forward's output of shape ", at::IntArrayRef(out_shape), ", got ",
