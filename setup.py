@@ -1,5 +1,6 @@
 """Builds flash_ext._C: the CPU kernels always, the CUDA kernels when nvcc is
-found (FLASH_EXT_CUDA=0/1 forces either). FLASH_EXT_CUDA_ARCHS lists the
+found and a GPU is visible (FLASH_EXT_CUDA=1 builds them without one, e.g.
+for wheels; FLASH_EXT_CUDA=0 skips them). FLASH_EXT_CUDA_ARCHS lists the
 targets (default "8.0;9.0a"). FLASH_EXT_CUDA_SOURCES=subset compiles only the
 instantiations named in csrc/cuda/ci_subset.txt: a compile check for small
 machines (CI), whose library cannot be loaded (the dispatch needs them all).
@@ -22,6 +23,7 @@ ROOT = Path(__file__).parent.resolve()
 if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -29,7 +31,10 @@ def _want_cuda() -> bool:
     forced = os.environ.get("FLASH_EXT_CUDA")
     if forced is not None:
         return forced not in ("0", "", "false", "False")
-    return shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+    # Like xformers' FORCE_CUDA: without a GPU to run them, the CUDA kernels'
+    # long compile is opt-in.
+    has_nvcc = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+    return has_nvcc and torch.cuda.is_available()
 
 
 def _cutlass_include() -> str:
