@@ -83,14 +83,10 @@ def prefill_unsupported_reason(
     family, reason = family_for(query.device)
     if family is None:
         return reason
-    if query.dtype not in family.dtypes:
-        return f"the {family.name} kernels serve {_names(family.dtypes)}, got {query.dtype}"
     dim, v_dim = query.shape[-1], value.shape[-1]
-    for name, d in (("query/key", dim), ("value", v_dim)):
-        if family.max_head_dim is not None and d > family.max_head_dim:
-            return f"the {family.name} kernels serve head dims up to {family.max_head_dim}, got {name} {d}"
-        if d % family.head_dim_multiple:
-            return f"the {family.name} kernels need head dims divisible by {family.head_dim_multiple}, got {name} {d}"
+    reason = _dtype_and_dims_reason(family, query.dtype, dim, v_dim)
+    if reason is not None:
+        return reason
     wanted = set()
     if v_dim != dim:
         wanted.add("value dim != query dim")
@@ -122,17 +118,26 @@ def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor, softcap: f
     family, reason = family_for(q.device)
     if family is None:
         return reason
-    if q.dtype not in family.dtypes:
-        return f"the {family.name} kernels serve {_names(family.dtypes)}, got {q.dtype}"
     dim, v_dim = q.shape[-1], v_cache.shape[-1]
-    if family.max_head_dim is not None and max(dim, v_dim) > family.max_head_dim:
-        return f"the {family.name} kernels serve head dims up to {family.max_head_dim}"
-    if dim % family.head_dim_multiple or (v_dim != dim and "value dim != query dim" not in family.decode):
-        return f"the {family.name} decode kernels need equal head dims divisible by {family.head_dim_multiple}"
-    missing = ({"softcap"} if softcap else set()) | ({"ALiBi"} if alibi else set())
-    missing -= family.decode
+    reason = _dtype_and_dims_reason(family, q.dtype, dim, v_dim)
+    if reason is not None:
+        return reason
+    wanted = {name for name, used in (("value dim != query dim", v_dim != dim), ("softcap", bool(softcap)),
+                                      ("ALiBi", alibi)) if used}
+    missing = wanted - family.decode
     if missing:
         return f"the {family.name} decode kernels do not serve: {', '.join(sorted(missing))}"
+    return None
+
+
+def _dtype_and_dims_reason(family: Family, dtype: torch.dtype, dim: int, v_dim: int) -> str | None:
+    if dtype not in family.dtypes:
+        return f"the {family.name} kernels serve {_names(family.dtypes)}, got {dtype}"
+    for name, d in (("query/key", dim), ("value", v_dim)):
+        if family.max_head_dim is not None and d > family.max_head_dim:
+            return f"the {family.name} kernels serve head dims up to {family.max_head_dim}, got {name} {d}"
+        if d % family.head_dim_multiple:
+            return f"the {family.name} kernels need head dims divisible by {family.head_dim_multiple}, got {name} {d}"
     return None
 
 

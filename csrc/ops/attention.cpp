@@ -6,7 +6,7 @@
 
 #include <limits>
 
-#include "../common/philox.h"
+#include "../cpu/dropout.h"
 #include "backend.h"
 #include "checks.h"
 #include "ops.h"
@@ -144,22 +144,16 @@ at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t
   check_scalars("flash_ext.dropout_keep_mask", dropout_p, 1.0, -1, -1);
   TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && q_len >= 0 && kv_len >= 0,
                     "flash_ext.dropout_keep_mask: sizes must be non-negative");
-  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
-                    "flash_ext.dropout_keep_mask: rng_state must be forward's int64 [seed, offset], got ",
-                    rng_state.sizes(), " ", rng_state.scalar_type());
-  const at::Tensor state = rng_state.cpu();
-  const auto seed = static_cast<uint64_t>(state[0].item<int64_t>());
-  const auto offset = static_cast<uint64_t>(state[1].item<int64_t>());
-  const uint32_t threshold = dropout_keep_threshold(dropout_p);
+  check_rng_state("flash_ext.dropout_keep_mask", rng_state);
+  DropoutParams dropout;
+  dropout.p = dropout_p;
+  backend::replay_dropout(rng_state.cpu(), dropout);
   at::Tensor keep = at::empty({batch, heads, q_len, kv_len}, at::kBool);
   bool* data = keep.data_ptr<bool>();
   at::parallel_for(0, batch * heads * q_len, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const uint64_t bh = row / q_len, i = row % q_len;
-      for (int64_t j = 0; j < kv_len; ++j) {
-        const Philox4 r = dropout_bits4(seed, offset, bh, i, static_cast<uint64_t>(j) >> 2);
-        data[row * kv_len + j] = philox_word(r, static_cast<int>(j & 3)) < threshold;
-      }
+      const cpu::DropoutMask mask(dropout, static_cast<uint64_t>(row / q_len));
+      for (int64_t j = 0; j < kv_len; ++j) data[row * kv_len + j] = !mask.dropped(row % q_len, j);
     }
   });
   return keep.to(rng_state.device());

@@ -6,6 +6,7 @@
 
 #include "../cpu/attention_cpu.h"
 #include "backend.h"
+#include "checks.h"
 
 namespace flash_ext::backend::cpu {
 
@@ -24,9 +25,7 @@ at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout) {
 }
 
 void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
-  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
-                    "flash_ext: rng_state must be the int64 [seed, offset] that forward returned, got ",
-                    rng_state.sizes(), " ", rng_state.scalar_type());
+  check_rng_state("flash_ext.attention", rng_state);
   const int64_t* state = rng_state.data_ptr<int64_t>();
   dropout.seed = static_cast<uint64_t>(state[0]);
   dropout.offset = static_cast<uint64_t>(state[1]);

@@ -10,6 +10,7 @@
 
 #include "../cuda/api.h"
 #include "backend.h"
+#include "checks.h"
 
 namespace flash_ext::backend::cuda {
 namespace {
@@ -60,9 +61,7 @@ at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout) {
 }
 
 void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
-  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong && rng_state.is_cuda(),
-                    "flash_ext: rng_state must be the CUDA int64 [seed, offset] that forward returned, got ",
-                    rng_state.sizes(), " ", rng_state.scalar_type(), " on ", rng_state.device());
+  check_rng_state("flash_ext.attention", rng_state);
   const int64_t* state = rng_state.data_ptr<int64_t>();
   dropout.seed_ptr = state;
   dropout.offset_ptr = state + 1;

@@ -14,8 +14,6 @@ ScalarKind scalar_kind(at::ScalarType type) {
   }
 }
 
-namespace {
-
 void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto type = t.scalar_type();
   TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat ||
@@ -28,7 +26,11 @@ void check_last_dim_contiguous(const char* op, const char* name, const at::Tenso
                     " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
-}  // namespace
+void check_rng_state(const char* op, const at::Tensor& rng_state) {
+  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
+                    ": rng_state must be the int64 [seed, offset] that forward returned, got ",
+                    rng_state.sizes(), " ", rng_state.scalar_type());
+}
 
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v) {

@@ -14,6 +14,15 @@ namespace flash_ext {
 
 ScalarKind scalar_kind(at::ScalarType type);
 
+// `name` is float16, bfloat16, float32 or float64.
+void check_floating(const char* op, const char* name, const at::Tensor& t);
+
+// `name`'s last dimension has stride 1 (or size <= 1).
+void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t);
+
+// The int64 [seed, offset] that forward returned for dropout.
+void check_rng_state(const char* op, const at::Tensor& rng_state);
+
 // query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev): same dtype
 // and device, H divisible by Hkv, last dimensions contiguous.
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,

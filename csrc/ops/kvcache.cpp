@@ -19,8 +19,7 @@ void check_same(const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.device() == q.device(), kOp, ": ", name, " must be on q's device (",
                     q.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.dim() == 4, kOp, ": ", name, " must be 4-D, got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, kOp, ": ", name,
-                    " must have a contiguous last dimension, got strides ", t.strides());
+  check_last_dim_contiguous(kOp, name, t);
 }
 
 void check_int32_on(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t dims) {
@@ -32,18 +31,18 @@ void check_int32_on(const char* name, const at::Tensor& t, const at::Tensor& q, 
 }
 
 // Lengths and page ids, checked where reading them costs no device sync.
-void check_cache_values(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+void check_cache_values(const at::Tensor& lens, const std::optional<at::Tensor>& block_table,
                         int64_t new_len, int64_t capacity, int64_t page_size, int64_t num_pages) {
-  const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* len = lens.data_ptr<int32_t>();
+  const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
   for (int64_t b = 0; b < lens.numel(); ++b) {
     TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + new_len <= capacity, kOp, ": cache_seqlens[", b,
                       "] = ", len[b], " must be in [0, ", capacity - new_len, "] so that ", new_len,
                       " new token(s) fit in a cache of ", capacity, " rows");
-    if (!block_table.has_value()) continue;
+    if (table == nullptr) continue;
     const int64_t pages_used = (len[b] + new_len + page_size - 1) / page_size;
     for (int64_t i = 0; i < pages_used; ++i) {
-      const int32_t page = (*block_table)[b][i].item<int32_t>();
+      const int32_t page = table[b * block_table->stride(0) + i];
       TORCH_CHECK_VALUE(page >= 0 && page < num_pages, kOp, ": block_table[", b, ", ", i, "] = ",
                         page, " is not a page id in [0, ", num_pages, ")");
     }
@@ -58,9 +57,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
     bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be 4-D (batch, q_len, heads, dim), got ", q.dim(), "-D");
-  const auto type = q.scalar_type();
-  TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble,
-                   kOp, ": q must be float16, bfloat16, float32 or float64, got ", type);
+  check_floating(kOp, "q", q);
   check_same("q", q, q);
   check_same("k_cache", k_cache, q);
   check_same("v_cache", v_cache, q);
@@ -110,9 +107,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
                         " must be writable to append k/v (it has overlapping memory, e.g. an expanded view)");
     }
   }
-  if (!q.is_cuda()) {
-    check_cache_values(cache_seqlens, block_table, new_len, capacity, page_size, k_cache.size(0));
-  }
+  const at::Tensor lens = cache_seqlens.contiguous();
+  if (!q.is_cuda()) check_cache_values(lens, block_table, new_len, capacity, page_size, k_cache.size(0));
 
   const at::OptionalDeviceGuard guard(q.device());
   at::Tensor out = at::empty({batch, q_len, heads, v_dim}, q.options());
@@ -122,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     return {out, lse};
   }
   KVCacheParams p;
-  p.dtype = scalar_kind(type);
+  p.dtype = scalar_kind(q.scalar_type());
   p.batch = batch;
   p.heads = heads;
   p.kv_heads = kv_heads;
@@ -151,7 +147,6 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     bhs(p.k_new_stride, *k_new);
     bhs(p.v_new_stride, *v_new);
   }
-  const at::Tensor lens = cache_seqlens.contiguous();
   p.cache_seqlens = lens.data_ptr<int32_t>();
   if (block_table.has_value()) {
     p.block_table = block_table->data_ptr<int32_t>();
