@@ -1,7 +1,7 @@
 """Builds flash_ext._C: the CPU kernels always, the CUDA kernels when nvcc is
 found and a GPU is visible (FLASH_EXT_CUDA=1 builds them without one, e.g.
 for wheels; FLASH_EXT_CUDA=0 skips them). FLASH_EXT_CUDA_ARCHS lists the
-targets (default "8.0;9.0a"). FLASH_EXT_CUDA_SOURCES=subset compiles only the
+targets (default "8.0;9.0a"; 9.0a adds the Hopper family). FLASH_EXT_CUDA_SOURCES=subset compiles only the
 instantiations named in csrc/cuda/ci_subset.txt: a compile check for small
 machines (CI), whose library cannot be loaded (the dispatch needs them all).
 
@@ -79,8 +79,15 @@ def _is_instantiation(source: str) -> bool:
     return "/instantiations/" in source or Path(source).name.startswith("kvcache_fwd_")
 
 
-def _cuda_sources() -> list[str]:
+def _builds_sm90a(archs: str) -> bool:
+    """The Hopper family (wgmma, TMA) needs the arch-specific sm_90a target."""
+    return any(a.strip() == "9.0a" for a in archs.replace(",", ";").split(";"))
+
+
+def _cuda_sources(archs: str) -> list[str]:
     sources = _sources("csrc/cuda/**/*.cu")
+    if not _builds_sm90a(archs):
+        sources = [s for s in sources if not Path(s).name.startswith("sm90_")]
     if os.environ.get("FLASH_EXT_CUDA_SOURCES") == "subset":
         keep = set((ROOT / "csrc" / "cuda" / "ci_subset.txt").read_text().split())
         sources = [s for s in sources if not _is_instantiation(s) or Path(s).name in keep]
@@ -106,9 +113,9 @@ def build_extension():
         nvcc_flags.append("-Xptxas=-v")
     return CUDAExtension(
         "flash_ext._C",
-        sources + ["csrc/ops/backend_cuda.cpp"] + _cuda_sources(),
+        sources + ["csrc/ops/backend_cuda.cpp"] + _cuda_sources(archs),
         include_dirs=[str(ROOT / "csrc"), _cutlass_include(), *_pip_cuda_includes()],
-        define_macros=[("FLASH_EXT_WITH_CUDA", None)],
+        define_macros=[("FLASH_EXT_WITH_CUDA", None)] + ([("FLASH_EXT_SM90A", None)] if _builds_sm90a(archs) else []),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 

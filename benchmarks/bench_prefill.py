@@ -75,12 +75,30 @@ class Flex:
         return lambda q, k, v: self.fn(q, k, v, block_mask=mask)
 
 
+OURS_SM80 = "flash_ext_sm80"
+
+
+def set_cuda_path(name: str | None) -> None:
+    import flash_ext
+    flash_ext.set_cuda_path(name)
+
+
+def hopper_kernels(flash_ext: Any) -> bool:
+    """Whether flash_ext serves this GPU with its Hopper family."""
+    if not torch.cuda.is_available() or not flash_ext.cuda_built():
+        return False
+    return flash_ext._C._cuda_path(*torch.cuda.get_device_capability()) == "sm90"
+
+
 def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int,
                     with_flex: bool) -> dict[str, Callable[..., torch.Tensor] | str]:
     """name -> forward(q, k, v), or the reason it cannot run."""
     impls: dict[str, Callable[..., torch.Tensor] | str] = {}
     impls[common.OURS] = ((lambda q, k, v: flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
                           if flash_ext else "flash_ext could not be imported")
+    if flash_ext and hopper_kernels(flash_ext):
+        # Our portable kernels on the same GPU, for the notes (run under set_cuda_path("sm80")).
+        impls[OURS_SM80] = impls[common.OURS]
     for name, backend in SDPA_BACKENDS.items():
         def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend = backend) -> torch.Tensor:
             with sdpa_kernel([backend]):
@@ -104,13 +122,15 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
     ours_out: torch.Tensor | None = None
     for name, fwd in impls.items():
         row: dict[str, Any] = dict(impl=name, dtype="bfloat16", d=d, causal=causal, n=n, batch=batch, heads=heads)
+        if name == OURS_SM80:
+            set_cuda_path("sm80")
         try:
             if isinstance(fwd, str):
                 raise RuntimeError(fwd)
             out = fwd(q, k, v).detach()
             if name == common.OURS:
                 ours_out = out
-            elif reference is None:
+            elif reference is None and not common.is_ours(name):
                 reference = out
             row["fwd_ms"] = common.time_ms(lambda: fwd(q, k, v), device)
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
@@ -124,6 +144,8 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
                 row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
             except Exception as err:  # keep the forward's numbers
                 row["error"] = "backward: " + common.error_text(err)
+        if name == OURS_SM80:
+            set_cuda_path(None)
         q.grad = k.grad = v.grad = None
         rows.append(row)
     if ours_out is not None and reference is not None:

@@ -301,6 +301,11 @@ def markdown(record: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- comparison
 
+def is_ours(impl: str) -> bool:
+    """Our implementation or one of its forced variants (e.g. flash_ext_sm80)."""
+    return impl == OURS or impl.startswith(OURS + "_")
+
+
 def _ours_variants(bench: str, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Our rows, split into the variants compared separately (decode: the
     contiguous and each paged cache)."""
@@ -333,7 +338,7 @@ def compare(record: dict[str, Any]) -> list[str]:
     for key, group in settings.items():
         cells = []
         for metric, higher in metrics:
-            others = [r for r in group if r["impl"] != OURS and isinstance(r.get(metric), (int, float))]
+            others = [r for r in group if not is_ours(r["impl"]) and isinstance(r.get(metric), (int, float))]
             best = (max if higher else min)(others, key=lambda r: r[metric]) if others else None
             mine_by_variant = _ours_variants(bench, group)
             for variant in variants:

@@ -8,6 +8,7 @@ never a wrong answer.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,11 @@ MAX_CUDA_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class Family:
-    """A kernel family and the features it serves, per pass."""
+    """A kernel family and the features its own kernels serve, per pass.
+
+    ``routes_to`` names the family whose kernels take the calls this one's do
+    not cover (on the same GPU), so what is served is the union of both.
+    """
 
     name: str
     dtypes: tuple[torch.dtype, ...]
@@ -30,6 +35,12 @@ class Family:
     forward: frozenset[str] = field(default_factory=frozenset)
     backward: frozenset[str] = field(default_factory=frozenset)
     decode: frozenset[str] = field(default_factory=frozenset)
+    routes_to: str | None = None
+
+    def serves(self, pass_name: str) -> frozenset[str]:
+        """Features served in ``pass_name`` ('forward', 'backward', 'decode'), routing included."""
+        own = getattr(self, pass_name)
+        return own | FAMILIES[self.routes_to].serves(pass_name) if self.routes_to else own
 
 
 FEATURES = (
@@ -52,6 +63,12 @@ FAMILIES = {
     "sm80": Family("sm80", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
                    forward=_PREFILL, backward=_PREFILL | {"bias gradient", "deterministic backward"},
                    decode=_DECODE),
+    # Hopper (sm_90a): TMA + wgmma forward; the rest runs on the sm80 kernels
+    # (csrc/cuda/dispatch.cu, sm90_fwd_serves).
+    "sm90": Family("sm90", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
+                   forward=frozenset({"causal", "sliding window", "GQA/MQA", "any strides (last dim contiguous)",
+                                      "return_lse"}),
+                   routes_to="sm80"),
 }
 
 
@@ -71,7 +88,26 @@ def family_for(device: torch.device) -> tuple[Family | None, str | None]:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return None, f"the CUDA kernels need compute capability >= 8.0, got {major}.{minor}"
-    return FAMILIES["sm80"], None
+    path = _C._cuda_path(major, minor)
+    if path not in FAMILIES:
+        return None, f"no flash_ext CUDA kernel family runs on compute capability {major}.{minor}"
+    return FAMILIES[path], None
+
+
+def set_cuda_path(name: str | None) -> None:
+    """Force the CUDA kernel family, e.g. ``"sm80"`` on an H100 to compare with
+    the Hopper kernels; ``None`` restores the choice by device. Sets the
+    ``FLASH_EXT_CUDA_PATH`` environment variable, which the C++ dispatch reads
+    on every call (a family that was not built raises there)."""
+    cuda_families = [name for name in FAMILIES if name != "cpu"]
+    if name is not None and name not in cuda_families:
+        raise ValueError(f"set_cuda_path: name must be one of {cuda_families} or None, got {name!r}")
+    os.environ["FLASH_EXT_CUDA_PATH"] = name or ""
+
+
+def last_cuda_kernel_family() -> str:
+    """The kernel family ('sm90', 'sm80') of this thread's last CUDA attention launch."""
+    return _C._last_cuda_kernel_family() if cuda_built() else ""
 
 
 def prefill_unsupported_reason(
@@ -102,9 +138,9 @@ def prefill_unsupported_reason(
         wanted.add("ALiBi")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         wanted.add("GQA/MQA")
-    passes = [("forward", family.forward, wanted)]
+    passes = [("forward", family.serves("forward"), wanted)]
     if needs_grad:
-        passes.append(("backward", family.backward, wanted | ({"bias gradient"} if bias_grad else set())))
+        passes.append(("backward", family.serves("backward"), wanted | ({"bias gradient"} if bias_grad else set())))
     for pass_name, features, needed in passes:
         missing = needed - features
         if missing:
@@ -124,7 +160,7 @@ def decode_unsupported_reason(q: torch.Tensor, v_cache: torch.Tensor, softcap: f
         return reason
     wanted = {name for name, used in (("value dim != query dim", v_dim != dim), ("softcap", bool(softcap)),
                                       ("ALiBi", alibi)) if used}
-    missing = wanted - family.decode
+    missing = wanted - family.serves("decode")
     if missing:
         return f"the {family.name} decode kernels do not serve: {', '.join(sorted(missing))}"
     return None
@@ -154,8 +190,13 @@ def support_table() -> str:
     for feature in FEATURES:
         cells = []
         for family in FAMILIES.values():
-            for features in (family.forward, family.backward, family.decode):
-                cells.append("yes" if feature in features else "—")
+            for pass_name in ("forward", "backward", "decode"):
+                if feature in getattr(family, pass_name):
+                    cells.append("yes")
+                elif feature in family.serves(pass_name):
+                    cells.append(f"{family.routes_to} kernels")
+                else:
+                    cells.append("—")
         rows.append(f"| {feature} | " + " | ".join(cells) + " |")
     rows.append("| dtypes | " + " | ".join(_names(f.dtypes) for f in FAMILIES.values() for _ in range(3)) + " |")
     rows.append("| head dims | " + " | ".join(

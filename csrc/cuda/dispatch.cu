@@ -4,11 +4,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 #include "api.h"
 #include "sm80_launch.h"
+#if defined(FLASH_EXT_SM90A)
+#include "sm90_launch.h"
+#endif
 
 namespace flash_ext::cuda {
 namespace {
@@ -115,6 +119,57 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
           static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
+// The family whose kernel ran last on this thread (tests check routing).
+thread_local const char* last_family = "";
+
+void sm80_fwd_counted(const AttentionFwdParams& p, cudaStream_t s) {
+  last_family = "sm80";
+  sm80_fwd(p, s);
+}
+
+void sm80_bwd_counted(const AttentionBwdParams& p, cudaStream_t s) {
+  last_family = "sm80";
+  sm80_bwd(p, s);
+}
+
+#if defined(FLASH_EXT_SM90A)
+bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
+  const int64_t extent[3] = {d0, d1, d2};
+  for (int i = 0; i < 3; ++i) {
+    if (extent[i] > 1 && stride[i] == 0) return false;
+  }
+  return true;
+}
+
+// Whether the Hopper forward serves a call the sm80 kernels accept; what it
+// does not cover yet (attn_mask, dropout, softcap, ALiBi, stride-0
+// broadcasts, which TMA cannot address, an empty key sequence) runs on the
+// sm80 kernels, also on a Hopper GPU.
+bool sm90_fwd_serves(const AttentionFwdParams& p) {
+  return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f &&
+         p.alibi_slopes == nullptr && p.kv_len > 0 && p.q_len < (int64_t(1) << 31) &&
+         p.kv_len < (int64_t(1) << 31) && nonzero_strides(p.q_stride, p.batch, p.heads, p.q_len) &&
+         nonzero_strides(p.k_stride, p.batch, p.kv_heads, p.kv_len) &&
+         nonzero_strides(p.v_stride, p.batch, p.kv_heads, p.kv_len);
+}
+
+template <int kHeadDim>
+void sm90_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {
+  p.dtype == ScalarKind::kBFloat16 ? sm90::run_fwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
+                                   : sm90::run_fwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+}
+
+void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
+  if (!sm90_fwd_serves(p)) return sm80_fwd_counted(p, s);
+  last_family = "sm90";
+  switch (sm90::head_dim_instance(p.head_dim)) {
+    case 64: return sm90_fwd_dtype<64>(p, s);
+    case 128: return sm90_fwd_dtype<128>(p, s);
+    default: return sm90_fwd_dtype<256>(p, s);
+  }
+}
+#endif
+
 // A kernel family: the devices it runs on and its entry points. Families are
 // tried in order; a forced path picks one by name.
 struct Family {
@@ -127,18 +182,45 @@ struct Family {
   void (*bwd)(const AttentionBwdParams&, cudaStream_t);
 };
 
+// The Hopper family serves everything the sm80 one does: calls its kernels do
+// not cover go to the sm80 kernels (and its backward is sm80's for now).
 constexpr Family kFamilies[] = {
+#if defined(FLASH_EXT_SM90A)
+    {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
+     sm90_fwd, sm80_bwd_counted},
+#endif
     {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     sm80_fwd, sm80_bwd},
+     sm80_fwd_counted, sm80_bwd_counted},
 };
 
-std::string& forced_path() {
-  static std::string path;
-  return path;
+constexpr const char* kBuiltFamilies =
+#if defined(FLASH_EXT_SM90A)
+    "sm90, sm80";
+#else
+    "sm80";
+#endif
+
+bool known_family(const std::string& name) {
+  for (const Family& f : kFamilies) {
+    if (name == f.name) return true;
+  }
+  return false;
+}
+
+// FLASH_EXT_CUDA_PATH forces a family (read on every call, so tests and
+// flash_ext.set_cuda_path() can switch it); unset, empty or "auto" = by device.
+std::string forced_name() {
+  const char* env = std::getenv("FLASH_EXT_CUDA_PATH");
+  const std::string name = env == nullptr ? "" : env;
+  if (!name.empty() && name != "auto" && !known_family(name)) {
+    throw std::invalid_argument("flash_ext: FLASH_EXT_CUDA_PATH='" + name +
+                                "' names no built CUDA kernel family (built: " + kBuiltFamilies + ")");
+  }
+  return name == "auto" ? "" : name;
 }
 
 const Family* find_family(int major, int minor) {
-  const std::string& forced = forced_path();
+  const std::string forced = forced_name();
   for (const Family& f : kFamilies) {
     if (forced.empty() ? f.runs_on(major, minor) : forced == f.name) return &f;
   }
@@ -201,17 +283,7 @@ void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
   family_for_current_device().bwd(params, stream);
 }
 
-void set_forced_path(const char* path) {
-  const std::string name = path == nullptr ? "" : path;
-  if (!name.empty()) {
-    bool known = false;
-    for (const Family& f : kFamilies) known = known || name == f.name;
-    if (!known) {
-      throw std::invalid_argument("flash_ext: unknown or unbuilt CUDA kernel family '" + name + "' (built: sm80)");
-    }
-  }
-  forced_path() = name;
-}
+const char* last_kernel_family() { return last_family; }
 
 const char* active_path(int device_major, int device_minor) {
   const Family* f = find_family(device_major, device_minor);

@@ -19,6 +19,16 @@ struct OnlineSoftmax {
   // running max / sum, rescaling the output accumulator `o` (rows x dims).
   template <bool kFirst, class S, class O>
   __device__ __forceinline__ void update(S& s, O& o, float scale_log2) {
+    float corr[kRows];
+    fold<kFirst>(s, scale_log2, corr);
+    if (!kFirst) rescale(o, corr);
+  }
+
+  // update() in two steps, for kernels whose product into `o` is still in
+  // flight while the next tile's softmax runs: fold() returns each row's
+  // correction of `o`, rescale() applies it once the product has landed.
+  template <bool kFirst, class S>
+  __device__ __forceinline__ void fold(S& s, float scale_log2, float (&corr)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
@@ -28,13 +38,8 @@ struct OnlineSoftmax {
       m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
       // A fully masked row so far: subtract 0, so exp2(-inf) = 0 and no NaN.
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      float sum = 0.f;
-      if (!kFirst) {
-        const float corr = exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
-        sum = row_sum[mi] * corr;
-        CUTE_UNROLL
-        for (int di = 0; di < size<1>(o); ++di) o(mi, di) *= corr;
-      }
+      corr[mi] = kFirst ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
+      float sum = kFirst ? 0.f : row_sum[mi] * corr[mi];
       row_max[mi] = m;
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) {
@@ -43,6 +48,15 @@ struct OnlineSoftmax {
         sum += p;
       }
       row_sum[mi] = sum;
+    }
+  }
+
+  template <class O>
+  __device__ __forceinline__ static void rescale(O& o, const float (&corr)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int di = 0; di < size<1>(o); ++di) o(mi, di) *= corr[mi];
     }
   }
 

@@ -6,6 +6,8 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
 
+#include "kernel_traits.h"
+
 #include <cstdint>
 
 namespace flash_ext::cuda::sm80 {
@@ -49,12 +51,17 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, const RA& tCrA, RB& tCrB, cons
   }
 }
 
-// An m16n8 accumulator layout ((2 cols, 2 rows), MMA_M, MMA_N) seen as
-// (rows, cols) = ((2, MMA_M), (2, MMA_N)).
+// An accumulator layout seen as (rows, cols). m16n8 (mma.sync):
+// ((2 cols, 2 rows), MMA_M, MMA_N) -> ((2, MMA_M), (2, MMA_N)); Hopper wgmma
+// m64nN: ((2 cols, 2 rows, N/8 col groups), MMA_M, MMA_N) -> ((2, MMA_M), (2, N/8, MMA_N)).
 template <class L>
 __device__ __forceinline__ auto rowcol_layout(L l) {
-  static_assert(decltype(rank<0>(l))::value == 2);
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  if constexpr (decltype(rank<0>(l))::value == 2) {
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+  } else {
+    static_assert(decltype(rank<0>(l))::value == 3);
+    return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+  }
 }
 
 template <class T>
@@ -62,12 +69,19 @@ __device__ __forceinline__ auto rowcol(T&& t) {
   return make_tensor(t.data(), rowcol_layout(t.layout()));
 }
 
-// Two neighbouring n8 accumulator tiles form the k16 A operand of the next
-// m16n8k16 product: ((2,2), MMA_M, MMA_N) -> ((2,2,2), MMA_M, MMA_N/2).
+// Two neighbouring n8 accumulator column groups form the k16 A operand of the
+// next product. m16n8k16: ((2,2), MMA_M, MMA_N) -> ((2,2,2), MMA_M, MMA_N/2);
+// wgmma (register A): ((2,2,N/8), MMA_M, MMA_N) -> ((2,2,2), MMA_M, (N/16, MMA_N)).
 template <class L>
 __device__ __forceinline__ auto acc_to_a_layout(L l) {
-  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
-  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  if constexpr (decltype(rank<0>(l))::value == 2) {
+    auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
+    return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+  } else {
+    auto v = logical_divide(get<0>(l), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+    return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(l),
+                       make_layout(get<2, 1>(v), get<2>(l)));
+  }
 }
 
 template <class To, class T>

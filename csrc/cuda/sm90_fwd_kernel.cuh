@@ -1,0 +1,312 @@
+// Attention forward, Hopper family (sm_90a): one block per (query tile,
+// batch*head). Warp group 0 is the producer: one thread issues TMA loads of
+// Q and of the K/V tiles into a kStages-deep mbarrier pipeline. The other
+// warp groups (64 query rows each) compute S = Q K^T and O += P V with wgmma,
+// overlapping inside a warp group the softmax of tile n with the products
+// of tiles n-1 (P V) and n+1 (Q K^T), and across warp groups taking turns
+// issuing products (named barriers) so one group's softmax hides behind the
+// other's tensor-core work.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/mask.h"
+#include "common/params.h"
+#include "score_mod.cuh"
+#include "sm90_kernel_traits.h"
+#include "softmax.cuh"
+#include "tile_utils.cuh"
+
+namespace flash_ext::cuda::sm90 {
+
+using sm80::acc_to_a_layout;
+using sm80::ceil_div64;
+using sm80::convert_to;
+using sm80::mask_window;
+using sm80::rowcol;
+
+template <class Tr>
+struct FwdArgs {
+  AttentionFwdParams p;
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmaKV tma_k;
+  typename Tr::TmaKV tma_v;
+};
+
+// Named barriers (ids past CUTLASS's reserved ones): one per consumer warp
+// group for taking turns, one per group for its epilogue.
+constexpr uint32_t kTurnBarrier = 0;
+constexpr uint32_t kEpilogueBarrier = 4;
+
+// acc (+)= A * B over the K mode, issued asynchronously as one wgmma batch;
+// the caller waits with warpgroup_wait<N>().
+template <bool kZeroInit, class Mma, class A, class B, class C>
+__device__ __forceinline__ void wgmma(Mma& mma, const A& a, const B& b, C& c) {
+  constexpr bool kRegisterA = !is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
+  if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<A&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<A&>(a));
+}
+
+// Consumer warp groups issue their products in turn (round robin), so the
+// tensor cores serve one group while the others run their softmax.
+template <int kNumMmaWG>
+struct Turns {
+  int wg;
+  __device__ __forceinline__ void start() const {
+    if (wg == kNumMmaWG - 1) cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier);
+  }
+  __device__ __forceinline__ void wait() const { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); }
+  // The last group's last pass has nobody left to hand the turn to.
+  __device__ __forceinline__ void pass(bool last) const {
+    if (!(last && wg == kNumMmaWG - 1)) {
+      cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + (wg + 1) % kNumMmaWG);
+    }
+  }
+};
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Tr::Element;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
+  const AttentionFwdParams& p = args.p;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+
+  // Heaviest (last, under a causal mask) query tiles first.
+  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
+  const int64_t m_block = m_blocks - 1 - int64_t(blockIdx.x) % m_blocks;
+  const int64_t bh = int64_t(blockIdx.x) / m_blocks;
+  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t hk = h / (p.heads / p.kv_heads);
+  const int64_t m0 = m_block * kBlockM;
+  const int rows = static_cast<int>(p.q_len - m0 < kBlockM ? p.q_len - m0 : kBlockM);
+  const KeyRange keys = visible_key_range(p.window, m0, m0 + rows, p.kv_len);
+  const int n_block_min = static_cast<int>(keys.begin / kBlockN);
+  const int n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
+
+  Element* out = static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
+  float* lse_out = p.lse + bh * p.q_len;
+  if (n_block_max <= n_block_min) {  // no visible key: out = 0, lse = -inf
+    for (int i = threadIdx.x; i < rows * p.head_dim; i += Tr::kNThreads) {
+      out[(m0 + i / p.head_dim) * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+    }
+    for (int r = threadIdx.x; r < rows; r += Tr::kNThreads) lse_out[m0 + r] = -INFINITY;
+    return;
+  }
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  using Pipeline = typename Tr::Pipeline;
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Tr::kKVBytes;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Tr::kNumMmaWG * 128;
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full, 1);
+  Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutKV{});
+
+  if (warp_group == 0) {
+    // ---- producer
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    const auto q_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
+    const auto kv_shape = make_shape(int32_t(p.kv_len), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(p.batch));
+    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_shape)(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                           make_coord(m_block, _0{}));
+    Tensor gK = local_tile(args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}));  // (kBlockN, kHeadDim, key tile)
+    Tensor gV = local_tile(args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}));
+    auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, Tr::kQBytes);
+    copy(args.tma_q.with(smem.q_full), tQg, tQs);
+    auto write = cutlass::make_producer_start_state<Pipeline>();
+    for (int n = n_block_max - 1; n >= n_block_min; --n) {
+      pipeline_k.producer_acquire(write);
+      copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKg(_, n), tKs(_, write.index()));
+      pipeline_v.producer_acquire(write);
+      copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write)), tVg(_, n), tVs(_, write.index()));
+      ++write;
+    }
+    return;
+  }
+
+  // ---- consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int tid = threadIdx.x - 128;
+  const Turns<Tr::kNumMmaWG> turns{tid / 128};
+  typename Tr::TiledMmaS mma_s;
+  typename Tr::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  Tensor rP = make_tensor<Element>(tSrS.layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+  Tensor s = rowcol(tSrS);
+  Tensor o = rowcol(tOrO);
+  Tensor coord_s = rowcol(thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})));
+  constexpr int kRows = decltype(size<0>(s))::value;
+
+  const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
+  sm80::OnlineSoftmax<kRows> softmax;
+  float corr[kRows];
+  auto mask_and_fold = [&](int n, auto first) {
+    const int64_t n0 = int64_t(n) * kBlockN;
+    if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
+    }
+    softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
+  };
+  auto to_p = [&] {
+    Tensor converted = convert_to<Element>(tSrS);
+    CUTE_UNROLL
+    for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
+  };
+
+  typename Pipeline::PipelineState read;
+  turns.start();
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, 0);
+
+  // First key tile: S only.
+  pipeline_k.consumer_wait(read);
+  turns.wait();
+  wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+  turns.pass(false);
+  warpgroup_wait<0>();
+  pipeline_k.consumer_release(read);
+  mask_and_fold(n_block_max - 1, cute::true_type{});
+  to_p();
+  clear(tOrO);
+
+  // Steady state: S of tile n in flight with P V of tile n+1.
+  for (int n = n_block_max - 2; n >= n_block_min; --n) {
+    const auto read_v = read;
+    ++read;
+    pipeline_k.consumer_wait(read);
+    turns.wait();
+    wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+    sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+    pipeline_v.consumer_wait(read_v);
+    wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+    turns.pass(false);
+    warpgroup_wait<1>();
+    pipeline_k.consumer_release(read);
+    mask_and_fold(n, cute::false_type{});
+    warpgroup_wait<0>();
+    pipeline_v.consumer_release(read_v);
+    to_p();
+  }
+
+  // Last P V.
+  sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+  pipeline_v.consumer_wait(read);
+  turns.wait();
+  wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+  turns.pass(true);
+  warpgroup_wait<0>();
+  pipeline_v.consumer_release(read);
+
+  float lse[kRows];
+  softmax.finalize(o, static_cast<float>(p.scale), 1.f, lse);
+  if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int r = get<0>(coord_s(mi, 0));
+      if (r < rows) lse_out[m0 + r] = lse[mi];
+    }
+  }
+
+  // O through shared memory (this group's 64 rows of the Q tile, which only
+  // this group read), then 16-byte row-contiguous stores.
+  Tensor sO = sQ;
+  auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+  auto r2s_thr = r2s.get_thread_slice(tid);
+  Tensor o_elem = convert_to<Element>(tOrO);
+  copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
+  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+  constexpr int kChunks = kHeadDim / 8;
+  const int row0 = turns.wg * 64;
+  for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+    if (r < rows && c < p.head_dim) {
+      *reinterpret_cast<uint4*>(out + (m0 + r) * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+    }
+  }
+#endif
+}
+
+// TMA needs a valid stride even for a dimension of extent 1, where any
+// multiple of 16 bytes will do: the coordinate is always 0.
+inline int64_t tma_stride(int64_t stride, int64_t extent) { return extent > 1 ? stride : 8; }
+
+template <class Tr>
+typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, int64_t heads, int64_t batch,
+                                    const int64_t (&stride)[3]) {
+  using Element = typename Tr::Element;
+  return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)),
+                     make_shape(int32_t(seq), int32_t(dim), int32_t(heads), int32_t(batch)),
+                     make_stride(tma_stride(stride[2], seq), _1{}, tma_stride(stride[1], heads),
+                                 tma_stride(stride[0], batch)));
+}
+
+template <class Tr>
+void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
+  const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
+  if (blocks == 0) return;
+  if (blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention forward: grid too large");
+  FwdArgs<Tr> args{p,
+                   make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, p.q_len, p.head_dim, p.heads, p.batch, p.q_stride),
+                                 typename Tr::SmemLayoutQ{}, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}, _1{}),
+                   make_tma_copy(SM90_TMA_LOAD{},
+                                 gmem_tensor<Tr>(p.k, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.k_stride),
+                                 take<0, 2>(typename Tr::SmemLayoutKV{}),
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
+                   make_tma_copy(SM90_TMA_LOAD{},
+                                 gmem_tensor<Tr>(p.v, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.v_stride),
+                                 take<0, 2>(typename Tr::SmemLayoutKV{}),
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
+  auto kernel = attention_fwd_sm90_kernel<Tr>;
+  constexpr int kSmem = Tr::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err == cudaSuccess) {
+    kernel<<<dim3(static_cast<unsigned>(blocks)), Tr::kNThreads, kSmem, stream>>>(args);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_ext attention forward (sm90, head dim ") +
+                             std::to_string(Tr::kHeadDim) + ") launch failed: " + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace flash_ext::cuda::sm90

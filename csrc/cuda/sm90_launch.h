@@ -1,0 +1,20 @@
+// Entry points of the Hopper (sm_90a) kernel family, one explicit
+// instantiation per (head dim, dtype) in instantiations/sm90_*, so dispatch.cu
+// needs no CuTe header. Built only when FLASH_EXT_CUDA_ARCHS includes 9.0a
+// (setup.py defines FLASH_EXT_SM90A).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/params.h"
+
+namespace flash_ext::cuda::sm90 {
+
+// Head dims with kernels; others run on the next size up: TMA zero-fills the
+// extra dims on load and the epilogue never stores them.
+constexpr int head_dim_instance(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
+
+template <int kHeadDim, ScalarKind kDtype>
+void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
+
+}  // namespace flash_ext::cuda::sm90

@@ -1,0 +1,125 @@
+"""The CUDA kernel families side by side: each family this GPU runs (on an
+H100, the Hopper kernels and the portable sm80 ones) against the float64
+reference on the same inputs, and the routing of the calls the Hopper
+kernels do not cover to the sm80 kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_ext
+from conftest import (
+    HAS_CUDA, TORCH_SDPA, assert_matches_reference, rand_bool, randn, reference_attention, to_bshd,
+    window_visible,
+)
+
+
+def _families_here() -> list[str]:
+    if not HAS_CUDA or not flash_ext.cuda_built():
+        return []
+    from flash_ext import _C
+    major, minor = torch.cuda.get_device_capability()
+    return ["sm90", "sm80"] if major == 9 and _C._cuda_path(major, minor) == "sm90" else ["sm80"]
+
+
+FAMILIES = _families_here()
+HAS_SM90 = "sm90" in FAMILIES
+
+
+@pytest.fixture(autouse=True)
+def _automatic_path():
+    yield
+    flash_ext.set_cuda_path(None)
+
+
+# (batch, heads, kv_heads, L, S, head dim, causal, window): flash_attn_func
+# semantics (bottom-right causal); several key tiles so the pipelines wrap.
+CASES = [
+    (2, 4, 4, 1000, 1000, 128, True, (-1, -1)),
+    (1, 8, 2, 333, 777, 64, False, (-1, -1)),     # GQA 4, L != S
+    (2, 2, 1, 129, 2000, 256, True, (-1, -1)),    # MQA
+    (1, 4, 4, 1536, 1536, 128, False, (-1, -1)),
+    (1, 3, 3, 200, 200, 96, False, (-1, -1)),     # head dim through the next size up
+    (2, 2, 2, 77, 300, 40, True, (-1, -1)),
+    (1, 2, 2, 300, 100, 128, True, (-1, -1)),     # L > S: the first 200 rows see no key
+    (1, 2, 2, 1, 1, 64, False, (-1, -1)),
+    (1, 2, 2, 1, 4097, 128, True, (-1, -1)),      # one query row, long cache
+    (1, 4, 2, 1024, 1024, 64, False, (128, 0)),   # sliding window
+    (1, 2, 2, 700, 900, 128, False, (64, 32)),    # two-sided window
+]
+
+
+def _case_id(c):
+    b, h, hk, L, S, d, causal, w = c
+    return f"b{b}h{h}kv{hk}-L{L}S{S}-d{d}-c{int(causal)}-w{w[0]}_{w[1]}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES or ["none"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_family_matches_reference(case, dtype, family, gen):
+    if family == "none":
+        pytest.skip("no CUDA kernel family here")
+    b, h, hk, L, S, d, causal, window = case
+    q = randn((b, L, h, d), dtype, "cuda", gen)
+    k = randn((b, S, hk, d), dtype, "cuda", gen)
+    v = randn((b, S, hk, d), dtype, "cuda", gen)
+    flash_ext.set_cuda_path(family)
+    out, lse = flash_ext.flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
+    assert flash_ext.last_cuda_kernel_family() == family
+    w = (window[0], 0) if causal else window
+    ref, ref_lse = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=w, bottom_right=True,
+                                       return_lse=True)
+    vis = window_visible(L, S, w[0], w[1], True, device="cuda")
+    safe = vis.clone()
+    safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
+    torch_out = to_bshd(TORCH_SDPA(to_bshd(q), to_bshd(k), to_bshd(v), attn_mask=safe, enable_gqa=h != hk))
+    torch_out[:, ~vis.any(-1)] = 0
+    assert_matches_reference(out, to_bshd(ref), dtype, torch_out)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
+    torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_routes_uncovered_calls_to_sm80(gen):
+    q, k, v = (randn((2, 4, 300, 128), torch.bfloat16, "cuda", gen) for _ in range(3))
+    mask = rand_bool((300, 300), gen, device="cuda")
+    flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    for kwargs in ({"attn_mask": mask}, {"dropout_p": 0.1}):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert flash_ext.last_cuda_kernel_family() == "sm80", kwargs
+        assert torch.isfinite(out).all()
+    # A stride-0 (expanded) batch is beyond TMA: the sm80 kernels take it.
+    k1, v1 = (randn((1, 4, 300, 128), torch.bfloat16, "cuda", gen).expand(2, -1, -1, -1) for _ in range(2))
+    out = flash_ext.scaled_dot_product_attention(q, k1, v1)
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
+    ref = reference_attention(q, k1, v1)
+    assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k1, v1))
+    # The backward runs on the sm80 kernels.
+    qg = q.detach().requires_grad_()
+    flash_ext.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_forced_sm80_path_on_hopper(gen):
+    q, k, v = (randn((1, 2, 257, 64), torch.float16, "cuda", gen) for _ in range(3))
+    flash_ext.set_cuda_path("sm80")
+    a = flash_ext.scaled_dot_product_attention(q, k, v)
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
+    flash_ext.set_cuda_path(None)
+    b = flash_ext.scaled_dot_product_attention(q, k, v)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    assert (a.float() - b.float()).abs().max().item() < 2e-3
+
+
+def test_set_cuda_path_rejects_unknown_names():
+    with pytest.raises(ValueError, match="name must be one of"):
+        flash_ext.set_cuda_path("sm70")
+    with pytest.raises(ValueError, match="name must be one of"):
+        flash_ext.set_cuda_path("cpu")
