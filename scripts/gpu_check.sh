@@ -16,7 +16,7 @@
 # what is left; GPU_CHECK_TESTS=0/1 skips/forces the tests (default: run them
 # in the quick mode only).
 #
-# Writes to $OUT (at most 8 files come back): build.log, ptxas.txt, tests.log,
+# Writes to $OUT: build.log, ptxas.txt, smoke.log, tests.log,
 # bench.log, prefill.json, decode.json, memory.json (full only), summary.txt.
 # Bring results into the repo with: python benchmarks/common.py import <files>.
 set -euo pipefail
@@ -89,6 +89,33 @@ note "build: $build_status in ${build_s}s; ptxas: $(head -1 "$OUT/ptxas.txt" 2>/
 if [[ $build_status != ok ]]; then
   note "build failed; last lines of build.log:"
   grep -E "error|Error" "$OUT/build.log" | head -8 | tee -a "$SUMMARY" || tail -8 "$OUT/build.log" | tee -a "$SUMMARY"
+  exit 1
+fi
+
+# ---- smoke: one call per kernel family, bounded, so a hanging or faulting
+# kernel costs a minute, not the whole call
+smoke_rc=0
+timeout -k 5 60 python3 - > "$OUT/smoke.log" 2>&1 <<'PYEOF' || smoke_rc=$?
+import torch, torch.nn.functional as F
+import flash_ext
+from flash_ext import _C
+major, minor = torch.cuda.get_device_capability()
+families = ["sm90", "sm80"] if _C._cuda_path(major, minor) == "sm90" else ["sm80"]
+for family in families:
+    flash_ext.set_cuda_path(family)
+    for d in (64, 128, 256):
+        q, k, v = (torch.randn(2, 4, 1000, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            torch.cuda.synchronize()
+            ran = flash_ext.last_cuda_kernel_family()
+            err = (out.float() - F.scaled_dot_product_attention(q, k, v, is_causal=causal).float()).abs().max().item()
+            print(f"smoke {family} ran {ran} d={d} causal={causal}: max abs diff vs SDPA {err:.2e}")
+            assert ran == family and err < 0.05, "wrong kernel or wrong answer"
+PYEOF
+note "smoke (exit $smoke_rc): $(grep -c '^smoke' "$OUT/smoke.log") calls ok"
+if (( smoke_rc != 0 )); then
+  tail -15 "$OUT/smoke.log" | tee -a "$SUMMARY"
   exit 1
 fi
 
