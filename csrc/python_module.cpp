@@ -3,8 +3,6 @@
 // tells Python whether CUDA kernels were built and which family serves a GPU.
 #include <Python.h>
 
-#include <exception>
-
 #ifdef FLASH_EXT_WITH_CUDA
 #include "cuda/api.h"
 #endif
@@ -12,27 +10,14 @@
 namespace {
 
 #ifdef FLASH_EXT_WITH_CUDA
-// _cuda_path(major, minor) -> the kernel family serving that compute capability.
-PyObject* cuda_path(PyObject*, PyObject* args) {
-  int major = 0, minor = 0;
-  if (!PyArg_ParseTuple(args, "ii", &major, &minor)) return nullptr;
-  try {
-    return PyUnicode_FromString(flash_ext::cuda::active_path(major, minor));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-    return nullptr;
-  }
-}
-
-// _last_cuda_kernel_family() -> the family whose kernel this thread ran last.
+// _last_cuda_kernel_family() -> the family whose kernel was launched last.
 PyObject* last_cuda_kernel_family(PyObject*, PyObject*) {
   return PyUnicode_FromString(flash_ext::cuda::last_kernel_family());
 }
 
 PyMethodDef methods[] = {
-    {"_cuda_path", cuda_path, METH_VARARGS, "kernel family serving compute capability (major, minor)"},
     {"_last_cuda_kernel_family", last_cuda_kernel_family, METH_NOARGS,
-     "kernel family of this thread's last CUDA attention launch"},
+     "kernel family of the last CUDA attention launch"},
     {nullptr, nullptr, 0, nullptr},
 };
 constexpr long kWithCuda = 1;
@@ -40,13 +25,23 @@ constexpr long kWithCuda = 1;
 PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
 constexpr long kWithCuda = 0;
 #endif
+// The CUDA kernel families built, in the order the dispatch tries them
+// (csrc/cuda/dispatch.cu); flash_ext/_support.py mirrors its rule.
+#if defined(FLASH_EXT_WITH_CUDA) && defined(FLASH_EXT_SM90A)
+constexpr const char* kCudaFamilies = "sm90,sm80";
+#elif defined(FLASH_EXT_WITH_CUDA)
+constexpr const char* kCudaFamilies = "sm80";
+#else
+constexpr const char* kCudaFamilies = "";
+#endif
 
 }  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "flash_ext operators", -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+  if (module != nullptr && (PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0 ||
+                            PyModule_AddStringConstant(module, "CUDA_FAMILIES", kCudaFamilies) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -88,10 +88,25 @@ def family_for(device: torch.device) -> tuple[Family | None, str | None]:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return None, f"the CUDA kernels need compute capability >= 8.0, got {major}.{minor}"
-    path = _C._cuda_path(major, minor)
-    if path not in FAMILIES:
-        return None, f"no flash_ext CUDA kernel family runs on compute capability {major}.{minor}"
-    return FAMILIES[path], None
+    name = cuda_family_name(major)
+    if name is None:
+        return None, f"the forced CUDA kernel family {_forced_cuda_path!r} does not run on compute capability {major}.{minor}"
+    return FAMILIES[name], None
+
+
+_CUDA_RUNS_ON = {"sm90": lambda major: major == 9, "sm80": lambda major: major >= 8}
+# The family FLASH_EXT_CUDA_PATH forces ("" = by device): read at import, then
+# set by set_cuda_path(). A plain global, so torch.compile guards on it.
+_forced_cuda_path = os.environ.get("FLASH_EXT_CUDA_PATH", "").replace("auto", "")
+
+
+def cuda_family_name(major: int) -> str | None:
+    """The family serving compute capability ``major``.x, by the C++
+    dispatch's rule: the forced one if any, else the first built that runs there."""
+    for name in str(_C.CUDA_FAMILIES).split(","):
+        if name and _CUDA_RUNS_ON[name](major) and _forced_cuda_path in ("", name):
+            return name
+    return None
 
 
 def set_cuda_path(name: str | None) -> None:
@@ -99,14 +114,18 @@ def set_cuda_path(name: str | None) -> None:
     the Hopper kernels; ``None`` restores the choice by device. Sets the
     ``FLASH_EXT_CUDA_PATH`` environment variable, which the C++ dispatch reads
     on every call (a family that was not built raises there)."""
+    global _forced_cuda_path
     cuda_families = [name for name in FAMILIES if name != "cpu"]
     if name is not None and name not in cuda_families:
         raise ValueError(f"set_cuda_path: name must be one of {cuda_families} or None, got {name!r}")
-    os.environ["FLASH_EXT_CUDA_PATH"] = name or ""
+    if name is not None and name not in str(_C.CUDA_FAMILIES).split(","):
+        raise ValueError(f"set_cuda_path: the {name} kernels were not built (built: {_C.CUDA_FAMILIES or 'none'})")
+    _forced_cuda_path = name or ""
+    os.environ["FLASH_EXT_CUDA_PATH"] = _forced_cuda_path
 
 
 def last_cuda_kernel_family() -> str:
-    """The kernel family ('sm90', 'sm80') of this thread's last CUDA attention launch."""
+    """The kernel family ('sm90', 'sm80') of the last CUDA attention launch."""
     return _C._last_cuda_kernel_family() if cuda_built() else ""
 
 

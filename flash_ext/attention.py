@@ -9,6 +9,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _support
 from ._ops import ops
@@ -141,6 +142,11 @@ def scaled_dot_product_attention(
                                                      bias_grad, scale=scale)
     if reason is not None:
         _fall_back(reason)
+        if scale is not None and scale <= 0 and query.is_cuda:
+            # PyTorch's fused CUDA kernels return NaN for scale = 0: its math backend does not.
+            with sdpa_kernel([SDPBackend.MATH]):
+                return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
 

@@ -17,9 +17,8 @@ from conftest import (
 def _families_here() -> list[str]:
     if not HAS_CUDA or not flash_ext.cuda_built():
         return []
-    from flash_ext import _C
-    major, minor = torch.cuda.get_device_capability()
-    return ["sm90", "sm80"] if major == 9 and _C._cuda_path(major, minor) == "sm90" else ["sm80"]
+    major, _ = torch.cuda.get_device_capability()
+    return ["sm90", "sm80"] if flash_ext._support.cuda_family_name(major) == "sm90" else ["sm80"]
 
 
 FAMILIES = _families_here()

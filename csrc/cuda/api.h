@@ -32,10 +32,8 @@ void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream);
 // Number of split-KV partitions for num_splits = 0 (chosen from the SM count).
 int choose_num_splits(const KVCacheParams& params, int num_sms);
 
-// The kernel family serving the device: "sm90" or "sm80", or the one the
-// FLASH_EXT_CUDA_PATH environment variable forces; "" when none runs there.
-const char* active_path(int device_major, int device_minor);
-// The family whose kernel this thread launched last (forward or backward).
+// The family whose attention kernel was launched last (forward or backward,
+// any thread: backward runs on autograd's device thread).
 const char* last_kernel_family();
 
 }  // namespace flash_ext::cuda

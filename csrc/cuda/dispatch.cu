@@ -3,6 +3,7 @@
 // and routing by head dim and dtype to the instantiations.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -119,8 +120,8 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
           static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
-// The family whose kernel ran last on this thread (tests check routing).
-thread_local const char* last_family = "";
+// The family whose kernel ran last (tests check routing).
+std::atomic<const char*> last_family{""};
 
 void sm80_fwd_counted(const AttentionFwdParams& p, cudaStream_t s) {
   last_family = "sm80";
@@ -284,10 +285,5 @@ void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
 }
 
 const char* last_kernel_family() { return last_family; }
-
-const char* active_path(int device_major, int device_minor) {
-  const Family* f = find_family(device_major, device_minor);
-  return f != nullptr && f->runs_on(device_major, device_minor) ? f->name : "";
-}
 
 }  // namespace flash_ext::cuda

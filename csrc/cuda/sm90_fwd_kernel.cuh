@@ -8,6 +8,11 @@
 // other's tensor-core work.
 #pragma once
 
+// wgmma tiles of any N multiple of 8 (e.g. 176 keys), before any CuTe header.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>

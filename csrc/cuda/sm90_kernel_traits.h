@@ -4,6 +4,11 @@
 // group and kNumMmaWG consumer warp groups of 64 query rows each.
 #pragma once
 
+// wgmma tiles of any N multiple of 8 (e.g. 176 keys), before any CuTe header.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
