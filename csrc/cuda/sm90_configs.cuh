@@ -16,23 +16,17 @@ namespace flash_ext::cuda::sm90 {
 template <ScalarKind kDtype>
 using ElementOf = std::conditional_t<kDtype == ScalarKind::kBFloat16, cutlass::bfloat16_t, cutlass::half_t>;
 
-// kWide: calls without a causal or sliding window, where a wider key tile
-// wastes nothing on the diagonal (d = 128: 176 keys, as S, P and O then just
-// fit the consumers' 240 registers).
-template <int kHeadDim, bool kWide, class Element>
+// d = 128 with 176-key tiles (S, P and O just fitting 240 registers) spilled
+// in the main loop and measured 7-13 % slower than 128-key tiles
+// (benchmarks/NOTES.md, sm90 v1).
+template <int kHeadDim, class Element>
 using FwdConfig = std::conditional_t<
     kHeadDim == 64, FwdTraits<64, 192, 128, 2, Element>,
-    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, kWide ? 176 : 128, 2, Element>,
-                       FwdTraits<256, 128, 64, 2, Element>>>;
+    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, 2, Element>, FwdTraits<256, 128, 64, 2, Element>>>;
 
 template <int kHeadDim, ScalarKind kDtype>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
-  if (kHeadDim == 128 && !windowed) {
-    launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>>(p, stream);
-  } else {
-    launch_attention_fwd<FwdConfig<kHeadDim, false, ElementOf<kDtype>>>(p, stream);
-  }
+  launch_attention_fwd<FwdConfig<kHeadDim, ElementOf<kDtype>>>(p, stream);
 }
 
 }  // namespace flash_ext::cuda::sm90
