@@ -60,9 +60,16 @@ def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: in
 
 
 def main() -> None:
-    for dtype in (torch.bfloat16, torch.float16):
-        for dim in (32, 64, 96, 128, 256):
-            prefill(dtype, dim, 77, 131, 4, 2)
+    # Every kernel family this GPU runs (the Hopper and the sm80 forward on an H100).
+    families = ["sm90", "sm80"] if flash_ext._support.cuda_family_name(torch.cuda.get_device_capability()[0]) == "sm90" \
+        else ["sm80"]
+    for family in families:
+        flash_ext.set_cuda_path(family)
+        for dtype in (torch.bfloat16, torch.float16):
+            for dim in (32, 64, 96, 128, 256):
+                prefill(dtype, dim, 77, 131, 4, 2)
+        prefill(torch.bfloat16, 128, 300, 700, 2, 1, is_causal=True)
+    flash_ext.set_cuda_path(None)
     prefill(torch.bfloat16, 64, 129, 65, 4, 4, is_causal=True)
     prefill(torch.bfloat16, 64, 200, 200, 4, 1, dropout_p=0.2)
     prefill(torch.bfloat16, 128, 90, 150, 2, 2, mask=torch.rand(90, 150, device=DEV) > 0.3)
