@@ -106,12 +106,14 @@ void sm80_bwd(const AttentionBwdParams& p, cudaStream_t s) {
   }
 }
 
+// Matches dq_workspace in attention_bwd_kernel.cuh (kDqRowPad = 128).
 BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
   const int64_t inst = sm80::head_dim_instance(p.head_dim);
-  const int64_t q_rows = (p.q_len + 127) / 128 * 128;  // matches kDqRowPad
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t q_rows = varlen ? p.total_q + p.batch * 128 : (p.q_len + 127) / 128 * 128;
   const int64_t block_m = sm80::bwd_block_m(static_cast<int>(inst));
   const int64_t semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
-  return {static_cast<size_t>(p.batch * p.heads * q_rows * inst + semaphores),
+  return {static_cast<size_t>((varlen ? 1 : p.batch) * p.heads * q_rows * inst + semaphores),
           static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
