@@ -47,10 +47,12 @@ FEATURES = (
     "causal", "sliding window", "bool mask", "float mask (bias)", "bias gradient", "dropout",
     "GQA/MQA", "value dim != query dim", "any strides (last dim contiguous)", "paged KV cache",
     "KV append", "return_lse", "deterministic backward", "softcap", "ALiBi", "scale <= 0",
+    "varlen (cu_seqlens)", "nested (jagged) tensors",
 )
 
 _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
-                      "any strides (last dim contiguous)", "return_lse"})
+                      "any strides (last dim contiguous)", "return_lse", "varlen (cu_seqlens)",
+                      "nested (jagged) tensors"})
 _CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi", "scale <= 0"})
 _DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
@@ -132,9 +134,10 @@ def last_cuda_kernel_family() -> str:
 def prefill_unsupported_reason(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     dropout_p: float, needs_grad: bool, bias_grad: bool, softcap: float = 0.0, alibi: bool = False,
-    scale: float | None = None,
+    scale: float | None = None, varlen: bool = False,
 ) -> str | None:
-    """Why our prefill kernels cannot serve this call, or None when they can."""
+    """Why our prefill kernels cannot serve this call, or None when they can.
+    Tensors are in SDPA layout (..., heads, seq, dim)."""
     family, reason = family_for(query.device)
     if family is None:
         return reason
@@ -155,6 +158,8 @@ def prefill_unsupported_reason(
         wanted.add("scale <= 0")
     if alibi:
         wanted.add("ALiBi")
+    if varlen:
+        wanted.add("varlen (cu_seqlens)")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         wanted.add("GQA/MQA")
     passes = [("forward", family.serves("forward"), wanted)]

@@ -36,10 +36,12 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   static_assert(Tr::kSmemBytes == fwd_smem_bytes(kHeadDim));
   const bool mask = p.mask_kind != MaskKind::kNone;
   const bool dropout = p.dropout.p > 0.f;
-  if (mask) {
-    dropout ? launch_attention_fwd<Tr, true, true>(p, stream) : launch_attention_fwd<Tr, true, false>(p, stream);
+  if (mask) {  // varlen calls never carry an attn_mask
+    dropout ? launch_attention_fwd<Tr, true, true, false>(p, stream) : launch_attention_fwd<Tr, true, false, false>(p, stream);
+  } else if (p.cu_seqlens_q != nullptr) {
+    dropout ? launch_attention_fwd<Tr, false, true, true>(p, stream) : launch_attention_fwd<Tr, false, false, true>(p, stream);
   } else {
-    dropout ? launch_attention_fwd<Tr, false, true>(p, stream) : launch_attention_fwd<Tr, false, false>(p, stream);
+    dropout ? launch_attention_fwd<Tr, false, true, false>(p, stream) : launch_attention_fwd<Tr, false, false, false>(p, stream);
   }
 }
 
@@ -49,10 +51,18 @@ template <int kHeadDim, ScalarKind kDtype, bool kHasMask>
 void run_bwd_masking(const AttentionBwdParams& p, cudaStream_t stream) {
   using Tr = BwdConfig<kHeadDim, ElementOf<kDtype>>;
   static_assert(Tr::kSmemBytes == bwd_smem_bytes(kHeadDim) && Tr::kBlockM == bwd_block_m(kHeadDim));
+  // Varlen calls never carry an attn_mask: only the unmasked file compiles them.
+  if constexpr (!kHasMask) {
+    if (p.cu_seqlens_q != nullptr) {
+      p.dropout.p > 0.f ? launch_attention_bwd<Tr, false, true, true>(p, stream)
+                        : launch_attention_bwd<Tr, false, false, true>(p, stream);
+      return;
+    }
+  }
   if (p.dropout.p > 0.f) {
-    launch_attention_bwd<Tr, kHasMask, true>(p, stream);
+    launch_attention_bwd<Tr, kHasMask, true, false>(p, stream);
   } else {
-    launch_attention_bwd<Tr, kHasMask, false>(p, stream);
+    launch_attention_bwd<Tr, kHasMask, false, false>(p, stream);
   }
 }
 
