@@ -19,6 +19,8 @@
 
 namespace flash_ext::cuda::sm80 {
 
+// kHasMask: the variant that modifies scores (attn_mask, softcap, ALiBi, each
+// checked at run time), so the common path carries none of it.
 template <class Tr, bool kHasMask, bool kDropout>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   using Element = typename Tr::Element;
@@ -122,7 +124,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
   AttnMask attn_mask{};
-  if constexpr (kHasMask) attn_mask = make_attn_mask<Element>(p, b, h);
+  float slope = 0.f;
+  if constexpr (kHasMask) {
+    attn_mask = make_attn_mask<Element>(p, b, h);
+    slope = alibi_slope(p, b, h);
+  }
   DropoutRng rng{};
   if constexpr (kDropout) rng = resolve_dropout(p.dropout);
 
@@ -140,7 +146,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
 
     Tensor s = rowcol(acc_s);
     const int64_t n0 = int64_t(n) * kBlockN;
-    if constexpr (kHasMask) apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, p.q_len, p.kv_len);
+    if constexpr (kHasMask) {
+      if (p.softcap != 0.f || slope != 0.f) apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0);
+      if (attn_mask.kind != MaskKind::kNone) apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, p.q_len, p.kv_len);
+    }
     if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
       mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
     }
