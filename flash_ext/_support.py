@@ -40,18 +40,20 @@ FEATURES = (
 
 _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
                       "any strides (last dim contiguous)", "return_lse"})
-_CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi", "scale <= 0"})
+_SCORE_MODS = frozenset({"softcap", "ALiBi"})
+_CPU_EXTRAS = frozenset({"value dim != query dim", "scale <= 0"})
 _DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
 
 FAMILIES = {
     "cpu": Family("cpu", CPU_DTYPES, None, 1,
-                  forward=_PREFILL | _CPU_EXTRAS,
-                  backward=_PREFILL | _CPU_EXTRAS | {"bias gradient", "deterministic backward"},
-                  decode=_DECODE | _CPU_EXTRAS),
+                  forward=_PREFILL | _SCORE_MODS | _CPU_EXTRAS,
+                  backward=_PREFILL | _SCORE_MODS | _CPU_EXTRAS | {"bias gradient", "deterministic backward"},
+                  decode=_DECODE | _SCORE_MODS | _CPU_EXTRAS),
     "sm80": Family("sm80", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
-                   forward=_PREFILL, backward=_PREFILL | {"bias gradient", "deterministic backward"},
-                   decode=_DECODE),
+                   forward=_PREFILL | _SCORE_MODS,
+                   backward=_PREFILL | _SCORE_MODS | {"bias gradient", "deterministic backward"},
+                   decode=_DECODE | _SCORE_MODS),
 }
 
 
