@@ -133,8 +133,9 @@ __device__ __forceinline__ int load_acquire(const int* ptr) {
   return v;
 }
 
-// kVarlen: p has cu_seqlens (compiled apart so dense batches keep their
-// registers).
+// kHasMask: the variant that modifies scores (attn_mask, softcap, ALiBi, each
+// checked at run time), so the common path carries none of it. kVarlen: p has
+// cu_seqlens (compiled apart so dense batches keep their registers).
 template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
     attention_bwd_kernel(const AttentionBwdParams p, const DqWorkspace ws) {
@@ -329,14 +330,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
+      Tensor s = rowcol(acc_s);
+      // Score modifications before dP exists: fewer registers live.
+      __half2 dtanh[decltype(size(s))::value / 2];  // only the kHasMask variant uses it
+      if constexpr (kHasMask) {
+        const float slope = alibi_slope(p, b, h);
+        if (p.softcap != 0.f || slope != 0.f) {
+          apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0, dtanh);
+        }
+        if (p.mask_kind != MaskKind::kNone) {
+          apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, seq.q_len, seq.kv_len);
+        }
+      }
       clear(acc_dp);
       gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
-
-      Tensor s = rowcol(acc_s);
       Tensor dp = rowcol(acc_dp);
-      if constexpr (kHasMask) {
-        apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, seq.q_len, seq.kv_len);
-      }
       if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
         mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
       }
@@ -370,6 +378,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           for (int ni = 0; ni < size<1>(s); ++ni) {
             const int64_t j = n0 + get<1>(coord_s(0, ni));
             if (j < seq.kv_len) db[i * p.dbias_stride[2] + j * p.dbias_stride[3]] = static_cast<Element>(dp(mi, ni));
+          }
+        }
+      }
+      // dS so far is w.r.t. the capped score; through the cap it picks up 1 - tanh^2.
+      if constexpr (kHasMask) {
+        if (p.softcap != 0.f) {
+          CUTE_UNROLL
+          for (int e = 0; e < size(dp); e += 2) {
+            const float2 f = __half22float2(dtanh[e / 2]);
+            dp(e) *= f.x;
+            dp(e + 1) *= f.y;
           }
         }
       }

@@ -19,8 +19,9 @@
 
 namespace flash_ext::cuda::sm80 {
 
-// kVarlen: p has cu_seqlens (compiled apart so dense batches keep their
-// registers).
+// kHasMask: the variant that modifies scores (attn_mask, softcap, ALiBi, each
+// checked at run time), so the common path carries none of it. kVarlen: p has
+// cu_seqlens (compiled apart so dense batches keep their registers).
 template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   using Element = typename Tr::Element;
@@ -131,7 +132,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
   AttnMask attn_mask{};
-  if constexpr (kHasMask) attn_mask = make_attn_mask<Element>(p, b, h);
+  float slope = 0.f;
+  if constexpr (kHasMask) {
+    attn_mask = make_attn_mask<Element>(p, b, h);
+    slope = alibi_slope(p, b, h);
+  }
   DropoutRng rng{};
   if constexpr (kDropout) rng = resolve_dropout(p.dropout);
 
@@ -149,7 +154,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
 
     Tensor s = rowcol(acc_s);
     const int64_t n0 = int64_t(n) * kBlockN;
-    if constexpr (kHasMask) apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, seq.q_len, seq.kv_len);
+    if constexpr (kHasMask) {
+      if (p.softcap != 0.f || slope != 0.f) apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0);
+      if (attn_mask.kind != MaskKind::kNone) {
+        apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, seq.q_len, seq.kv_len);
+      }
+    }
     if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
       mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
     }
