@@ -167,7 +167,7 @@ def test_varlen_dropout_replays(device, gen):
                                           cu_k, max(lens_q), max(lens_k), p, scale, -1, 0, True, False)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
     for got, want in zip((dq, dk, dv), ref_grads):
-        torch.testing.assert_close(got.double(), want, atol=tol[0] * 10, rtol=tol[1] * 10)
+        torch.testing.assert_close(got.double(), want.double(), atol=tol[0] * 10, rtol=tol[1] * 10)
     # the same seed through the autograd op drops the same elements
     torch.manual_seed(7)
     again = flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p,
@@ -243,7 +243,7 @@ def test_qkvpacked_and_kvpacked(device, gen):
     (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
     (ref_dqkv,) = torch.autograd.grad(ref.transpose(1, 2), qkv, grad_out.double())
     assert dqkv.shape == qkv.shape
-    torch.testing.assert_close(dqkv.double(), ref_dqkv, atol=tol * 5, rtol=tol * 5)
+    torch.testing.assert_close(dqkv.double(), ref_dqkv.double(), atol=tol * 5, rtol=tol * 5)
 
     hk = 2
     q = randn((b, 20, h, d), dtype, device, gen, requires_grad=True)
@@ -255,7 +255,7 @@ def test_qkvpacked_and_kvpacked(device, gen):
     grad_out = randn(out.shape, dtype, device, gen)
     for got, want in zip(torch.autograd.grad(out, (q, kv), grad_out),
                          torch.autograd.grad(ref, (q, kv), grad_out.double())):
-        torch.testing.assert_close(got.double(), want, atol=tol * 5, rtol=tol * 5)
+        torch.testing.assert_close(got.double(), want.double(), atol=tol * 5, rtol=tol * 5)
 
 
 def to_sdpa(t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +276,7 @@ def test_varlen_packed(device, gen):
     grad_out = randn(out.shape, dtype, device, gen)
     (got,) = torch.autograd.grad(out, qkv, grad_out)
     (want,) = torch.autograd.grad(ref, qkv, grad_out.double())
-    torch.testing.assert_close(got.double(), want, atol=tol * 5, rtol=tol * 5)
+    torch.testing.assert_close(got.double(), want.double(), atol=tol * 5, rtol=tol * 5)
 
     q = randn((sum(lens_q), h, d), dtype, device, gen, requires_grad=True)
     kv = randn((sum(lens_k), 2, hk, d), dtype, device, gen, requires_grad=True)
@@ -287,7 +287,7 @@ def test_varlen_packed(device, gen):
     grad_out = randn(out.shape, dtype, device, gen)
     for got, want in zip(torch.autograd.grad(out, (q, kv), grad_out),
                          torch.autograd.grad(ref, (q, kv), grad_out.double())):
-        torch.testing.assert_close(got.double(), want, atol=tol * 5, rtol=tol * 5)
+        torch.testing.assert_close(got.double(), want.double(), atol=tol * 5, rtol=tol * 5)
 
 
 # --------------------------------------------------------------------------- nested tensors
@@ -325,7 +325,7 @@ def test_nested_sdpa(device, causal, gen):
                for p in pieces)
     leaves = q_leaves + k_leaves + v_leaves
     for got, want in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(total, leaves)):
-        torch.testing.assert_close(got.double(), want, atol=tol * 5, rtol=tol * 5)
+        torch.testing.assert_close(got.double(), want.double(), atol=tol * 5, rtol=tol * 5)
 
 
 def test_nested_with_mask_falls_back(gen):

@@ -5,7 +5,6 @@
 
 #include <cutlass/numeric_types.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "sm90_fwd_kernel.cuh"
@@ -17,31 +16,24 @@ namespace flash_ext::cuda::sm90 {
 template <ScalarKind kDtype>
 using ElementOf = std::conditional_t<kDtype == ScalarKind::kBFloat16, cutlass::bfloat16_t, cutlass::half_t>;
 
-// d = 128 with 176-key tiles (S, P and O just fitting 240 registers) spilled
-// in the main loop and measured 7-13 % slower than 128-key tiles
-// (benchmarks/NOTES.md, sm90 v1).
-// EXPERIMENT (removed once measured): FLASH_EXT_SM90_VARIANT=1 tries three
-// pipeline stages; =2 tries 128-row query tiles at d=64.
-template <int kHeadDim, int kVariant, class Element>
+// Measured on an H100 (benchmarks/NOTES.md, sm90 v1): 176-key tiles at
+// d = 128 spilled in the main loop and ran 7-13 % slower than 128; a third
+// K/V stage gains ~3 % at d = 128 without a window but loses ~3 % under a
+// causal one (224 KB of shared memory, no room left to overlap anything);
+// 128-row query tiles at d = 64 lose 6-13 % against 192 without a window.
+template <int kHeadDim, bool kWindowed, class Element>
 using FwdConfig = std::conditional_t<
-    kHeadDim == 64, FwdTraits<64, kVariant == 2 ? 128 : 192, 128, kVariant == 1 ? 3 : 2, Element>,
-    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kVariant == 1 ? 3 : 2, Element>,
+    kHeadDim == 64, FwdTraits<64, 192, 128, 3, Element>,
+    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kWindowed ? 2 : 3, Element>,
                        FwdTraits<256, 128, 64, 2, Element>>>;
-
-inline int experiment_variant() {
-  static const int v = [] {
-    const char* e = std::getenv("FLASH_EXT_SM90_VARIANT");
-    return e == nullptr ? 0 : std::atoi(e);
-  }();
-  return v;
-}
 
 template <int kHeadDim, ScalarKind kDtype>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  switch (kHeadDim == 256 ? 0 : experiment_variant()) {
-    case 1: return launch_attention_fwd<FwdConfig<kHeadDim, 1, ElementOf<kDtype>>>(p, stream);
-    case 2: return launch_attention_fwd<FwdConfig<kHeadDim, 2, ElementOf<kDtype>>>(p, stream);
-    default: return launch_attention_fwd<FwdConfig<kHeadDim, 0, ElementOf<kDtype>>>(p, stream);
+  const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
+  if (kHeadDim == 128 && windowed) {
+    launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>>(p, stream);
+  } else {
+    launch_attention_fwd<FwdConfig<kHeadDim, false, ElementOf<kDtype>>>(p, stream);
   }
 }
 
