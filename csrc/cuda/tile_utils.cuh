@@ -1,4 +1,5 @@
-// Building blocks shared by the sm80 forward and backward kernels: tensor-core
+// Building blocks shared by the CUDA kernels (sm80 family; the Hopper one uses
+// the accumulator views, conversion and softmax reductions): tensor-core
 // GEMMs over shared-memory tiles, accumulator layout views, predicated tile
 // copies and the store of an accumulator tile through shared memory.
 #pragma once
