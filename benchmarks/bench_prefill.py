@@ -87,7 +87,7 @@ def hopper_kernels(flash_ext: Any) -> bool:
     """Whether flash_ext serves this GPU with its Hopper family."""
     if not torch.cuda.is_available() or not flash_ext.cuda_built():
         return False
-    return flash_ext._support.cuda_family_name(torch.cuda.get_device_capability()[0]) == "sm90"
+    return "sm90" in flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
 
 
 def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int,

@@ -98,7 +98,7 @@ smoke_rc=0
 timeout -k 5 60 python3 - > "$OUT/smoke.log" 2>&1 <<'PYEOF' || smoke_rc=$?
 import torch, torch.nn.functional as F
 import flash_ext
-families = ["sm90", "sm80"] if flash_ext._support.cuda_family_name(torch.cuda.get_device_capability()[0]) == "sm90" else ["sm80"]
+families = flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
 for family in families:
     flash_ext.set_cuda_path(family)
     for d in (64, 128, 256):

@@ -62,8 +62,7 @@ def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: in
 
 def main() -> None:
     # Every kernel family this GPU runs (the Hopper and the sm80 forward on an H100).
-    families = ["sm90", "sm80"] if flash_ext._support.cuda_family_name(torch.cuda.get_device_capability()[0]) == "sm90" \
-        else ["sm80"]
+    families = flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
     for family in families:
         flash_ext.set_cuda_path(family)
         for dtype in (torch.bfloat16, torch.float16):

@@ -17,8 +17,7 @@ from conftest import (
 def _families_here() -> list[str]:
     if not HAS_CUDA or not flash_ext.cuda_built():
         return []
-    major, _ = torch.cuda.get_device_capability()
-    return ["sm90", "sm80"] if flash_ext._support.cuda_family_name(major) == "sm90" else ["sm80"]
+    return flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
 
 
 FAMILIES = _families_here()

@@ -17,6 +17,7 @@
 #include "common/mask.h"
 #include "common/params.h"
 #include "kernel_traits.h"
+#include "launch.h"
 #include "score_mod.cuh"
 #include "tile_utils.cuh"
 
@@ -484,15 +485,8 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     launch_checked("softmax_d kernel", cudaGetLastError());
   }
   const int64_t n_blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
-  if (n_blocks > 0) {
-    if (n_blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention backward: grid too large");
-    auto kernel = attention_bwd_kernel<Tr, kHasMask, kDropout, kVarlen>;
-    constexpr int kSmem = Tr::kSmemBytes;
-    launch_checked("setting shared memory size",
-                            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    kernel<<<dim3(static_cast<unsigned>(n_blocks)), Tr::kNThreads, kSmem, stream>>>(p, ws);
-    launch_checked("main kernel", cudaGetLastError());
-  }
+  launch_1d("attention backward (sm80", Tr::kHeadDim, attention_bwd_kernel<Tr, kHasMask, kDropout, kVarlen>,
+            n_blocks, Tr::kNThreads, Tr::kSmemBytes, stream, p, ws);
   const int64_t chunks = rows * (p.head_dim / 8);
   if (chunks > 0) {
     const int64_t blocks = (chunks + 255) / 256;

@@ -7,12 +7,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/mask.h"
 #include "common/params.h"
 #include "kernel_traits.h"
+#include "launch.h"
 #include "score_mod.cuh"
 #include "softmax.cuh"
 #include "tile_utils.cuh"
@@ -202,20 +201,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
 
 template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
-  if (blocks == 0) return;
-  if (blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention forward: grid too large");
-  auto kernel = attention_fwd_kernel<Tr, kHasMask, kDropout, kVarlen>;
-  constexpr int kSmem = Tr::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err == cudaSuccess) {
-    kernel<<<dim3(static_cast<unsigned>(blocks)), Tr::kNThreads, kSmem, stream>>>(p);
-    err = cudaGetLastError();
-  }
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_ext attention forward (sm80, head dim ") +
-                             std::to_string(Tr::kHeadDim) + ") launch failed: " + cudaGetErrorString(err));
-  }
+  launch_1d("attention forward (sm80", Tr::kHeadDim, attention_fwd_kernel<Tr, kHasMask, kDropout, kVarlen>,
+            ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads, Tr::kNThreads, Tr::kSmemBytes, stream, p);
 }
 
 }  // namespace flash_ext::cuda::sm80

@@ -27,14 +27,20 @@ int smem_per_block_optin(int major, int minor) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// 16-byte vector access needs every stride of a dimension with more than one
-// index to be a multiple of 8 elements.
-bool strides_vectorizable(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
+// Whether `ok` holds for the stride of every dimension with more than one
+// index (a dimension of extent 1 may carry any stride).
+template <class Pred>
+bool strides_all(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2, Pred ok) {
   const int64_t extent[3] = {d0, d1, d2};
   for (int i = 0; i < 3; ++i) {
-    if (extent[i] > 1 && stride[i] % 8 != 0) return false;
+    if (extent[i] > 1 && !ok(stride[i])) return false;
   }
   return true;
+}
+
+// 16-byte vector access needs strides that are multiples of 8 elements.
+bool strides_vectorizable(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
+  return strides_all(stride, d0, d1, d2, [](int64_t s) { return s % 8 == 0; });
 }
 
 const char* sm80_common_reason(const AttentionFwdParams& p, int major, int minor, bool backward) {
@@ -96,7 +102,11 @@ void sm80_bwd_dtype(const AttentionBwdParams& p, cudaStream_t s) {
                                    : sm80::run_bwd<kHeadDim, ScalarKind::kFloat16>(p, s);
 }
 
+// The family whose kernel ran last (tests check routing).
+std::atomic<const char*> last_family{""};
+
 void sm80_fwd(const AttentionFwdParams& p, cudaStream_t s) {
+  last_family = "sm80";
   switch (sm80::head_dim_instance(p.head_dim)) {
     case 64: return sm80_fwd_dtype<64>(p, s);
     case 128: return sm80_fwd_dtype<128>(p, s);
@@ -105,6 +115,7 @@ void sm80_fwd(const AttentionFwdParams& p, cudaStream_t s) {
 }
 
 void sm80_bwd(const AttentionBwdParams& p, cudaStream_t s) {
+  last_family = "sm80";
   switch (sm80::head_dim_instance(p.head_dim)) {
     case 64: return sm80_bwd_dtype<64>(p, s);
     case 128: return sm80_bwd_dtype<128>(p, s);
@@ -123,26 +134,10 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
           static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
-// The family whose kernel ran last (tests check routing).
-std::atomic<const char*> last_family{""};
-
-void sm80_fwd_counted(const AttentionFwdParams& p, cudaStream_t s) {
-  last_family = "sm80";
-  sm80_fwd(p, s);
-}
-
-void sm80_bwd_counted(const AttentionBwdParams& p, cudaStream_t s) {
-  last_family = "sm80";
-  sm80_bwd(p, s);
-}
-
 #if defined(FLASH_EXT_SM90A)
+// TMA cannot address a stride-0 (broadcast) dimension.
 bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
-  const int64_t extent[3] = {d0, d1, d2};
-  for (int i = 0; i < 3; ++i) {
-    if (extent[i] > 1 && stride[i] == 0) return false;
-  }
-  return true;
+  return strides_all(stride, d0, d1, d2, [](int64_t s) { return s != 0; });
 }
 
 // Whether the Hopper forward serves a call the sm80 kernels accept; what it
@@ -164,7 +159,7 @@ void sm90_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {
 }
 
 void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
-  if (!sm90_fwd_serves(p)) return sm80_fwd_counted(p, s);
+  if (!sm90_fwd_serves(p)) return sm80_fwd(p, s);
   last_family = "sm90";
   switch (sm90::head_dim_instance(p.head_dim)) {
     case 64: return sm90_fwd_dtype<64>(p, s);
@@ -191,10 +186,10 @@ struct Family {
 constexpr Family kFamilies[] = {
 #if defined(FLASH_EXT_SM90A)
     {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     sm90_fwd, sm80_bwd_counted},
+     sm90_fwd, sm80_bwd},
 #endif
     {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     sm80_fwd_counted, sm80_bwd_counted},
+     sm80_fwd, sm80_bwd},
 };
 
 constexpr const char* kBuiltFamilies =

@@ -19,11 +19,10 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "common/mask.h"
 #include "common/params.h"
+#include "launch.h"
 #include "score_mod.cuh"
 #include "sm90_kernel_traits.h"
 #include "softmax.cuh"
@@ -288,8 +287,7 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
 template <class Tr>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
-  if (blocks == 0) return;
-  if (blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention forward: grid too large");
+  if (blocks == 0) return;  // before building TMA descriptors of empty tensors
   FwdArgs<Tr> args{p,
                    make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, p.q_len, p.head_dim, p.heads, p.batch, p.q_stride),
                                  typename Tr::SmemLayoutQ{}, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}, _1{}),
@@ -301,17 +299,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  auto kernel = attention_fwd_sm90_kernel<Tr>;
-  constexpr int kSmem = Tr::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err == cudaSuccess) {
-    kernel<<<dim3(static_cast<unsigned>(blocks)), Tr::kNThreads, kSmem, stream>>>(args);
-    err = cudaGetLastError();
-  }
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_ext attention forward (sm90, head dim ") +
-                             std::to_string(Tr::kHeadDim) + ") launch failed: " + cudaGetErrorString(err));
-  }
+  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr>, blocks, Tr::kNThreads,
+            Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90

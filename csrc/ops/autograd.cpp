@@ -18,6 +18,37 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The scalar arguments forward keeps for backward (both autograd functions).
+struct SavedOptions {
+  double dropout_p, scale, softcap;
+  int64_t window_left, window_right;
+  bool bottom_right, deterministic;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["deterministic"] = deterministic;
+  }
+
+  static SavedOptions load(AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    return {d["dropout_p"].toDouble(),   d["scale"].toDouble(),        d["softcap"].toDouble(),
+            d["window_left"].toInt(),    d["window_right"].toInt(),    d["bottom_right"].toBool(),
+            d["deterministic"].toBool()};
+  }
+};
+
+// The output's gradient as the backward kernels read it: zeros when autograd
+// passes none, last dimension contiguous.
+at::Tensor readable_grad(const at::Tensor& grad, const at::Tensor& out) {
+  if (!grad.defined()) return at::zeros_like(out);
+  return grad.stride(-1) == 1 ? grad : grad.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double dropout_p, double scale, int64_t window_left,
@@ -45,13 +76,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto [out, lse, rng_state] = call_fwd(q, k, v, attn_mask, dropout_p, scale, window_left,
                                           window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, mask, alibi_slopes.value_or(at::Tensor())});
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    ctx->saved_data["deterministic"] = deterministic;
+    SavedOptions{dropout_p, scale, softcap, window_left, window_right, bottom_right, deterministic}.save(ctx);
     ctx->saved_data["bias_requires_grad"] = mask.defined() && mask.requires_grad();
     ctx->mark_non_differentiable({lse});
     return {out, lse};
@@ -64,17 +89,12 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
     const at::Tensor &lse = saved[4], &rng_state = saved[5], &mask = saved[6], &slopes = saved[7];
-    at::Tensor grad_out = grads[0];
-    if (!grad_out.defined()) grad_out = at::zeros_like(out);
-    if (grad_out.stride(-1) != 1) grad_out = grad_out.contiguous();
-    auto [dq, dk, dv, dbias] = op.call(
-        grad_out, q, k, v, out, lse, rng_state, optional_tensor(mask),
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["bias_requires_grad"].toBool(),
-        ctx->saved_data["deterministic"].toBool(), ctx->saved_data["softcap"].toDouble(),
-        optional_tensor(slopes));
+    const SavedOptions o = SavedOptions::load(ctx);
     const bool bias_grad = ctx->saved_data["bias_requires_grad"].toBool();
+    auto [dq, dk, dv, dbias] = op.call(readable_grad(grads[0], out), q, k, v, out, lse, rng_state,
+                                       optional_tensor(mask), o.dropout_p, o.scale, o.window_left,
+                                       o.window_right, o.bottom_right, bias_grad, o.deterministic,
+                                       o.softcap, optional_tensor(slopes));
     return {dq, dk, dv, bias_grad ? dbias : at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -132,13 +152,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
                             alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
     ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    ctx->saved_data["deterministic"] = deterministic;
+    SavedOptions{dropout_p, scale, softcap, window_left, window_right, bottom_right, deterministic}.save(ctx);
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -150,16 +164,12 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
     const at::Tensor &lse = saved[4], &rng_state = saved[5], &slopes = saved[8];
-    at::Tensor grad_out = grads[0];
-    if (!grad_out.defined()) grad_out = at::zeros_like(out);
-    if (grad_out.stride(-1) != 1) grad_out = grad_out.contiguous();
-    auto [dq, dk, dv] = op.call(
-        grad_out, q, k, v, out, lse, rng_state, saved[6], saved[7],
-        ctx->saved_data["max_seqlen_q"].toInt(), ctx->saved_data["max_seqlen_k"].toInt(),
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["deterministic"].toBool(),
-        ctx->saved_data["softcap"].toDouble(), optional_tensor(slopes));
+    const SavedOptions o = SavedOptions::load(ctx);
+    auto [dq, dk, dv] = op.call(readable_grad(grads[0], out), q, k, v, out, lse, rng_state, saved[6],
+                                saved[7], ctx->saved_data["max_seqlen_q"].toInt(),
+                                ctx->saved_data["max_seqlen_k"].toInt(), o.dropout_p, o.scale,
+                                o.window_left, o.window_right, o.bottom_right, o.deterministic,
+                                o.softcap, optional_tensor(slopes));
     variable_list grad_inputs(15);
     grad_inputs[0] = dq;
     grad_inputs[1] = dk;
