@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           for (int ni = 0; ni < size<1>(s); ++ni) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - row_d[mi]);
         }
       }
-      if (p.dbias != nullptr) {
+      if (kHasMask && p.dbias != nullptr) {  // dbias is the gradient of an additive attn_mask
         Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + h * p.dbias_stride[1];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
@@ -361,11 +361,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // P, dS visible to all warps
 
+      gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
+      gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
+      // dQ last, so its accumulator is live only until the atomics and not
+      // next to dK and dV through their products.
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       clear(acc_dq);
       gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, s2r_dq_a, s2r_dq_a_thr, s2r_dq_b, s2r_dq_b_thr);
-      gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
-      gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
 
       int* sem = nullptr;
       if (p.deterministic) {
@@ -383,11 +385,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         __syncthreads();
       }
       {
-        float* dq = p.dq_accum + (bh * ws.q_rows + m0) * ws.dims;
+        // ws.dims == kHeadDim: compile-time row offsets fold into the atomics.
+        float* dq = p.dq_accum + (bh * ws.q_rows + m0) * kHeadDim;
         Tensor acc = rowcol(acc_dq);
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(acc); ++mi) {
-          float* row = dq + int64_t(get<0>(coord_dq(mi, 0))) * ws.dims;
+          float* row = dq + get<0>(coord_dq(mi, 0)) * kHeadDim;
           CUTE_UNROLL
           for (int ni = 0; ni < size<1>(acc); ++ni) atomicAdd(row + get<1>(coord_dq(0, ni)), acc(mi, ni));
         }
