@@ -189,9 +189,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   clear(acc_dk);
   clear(acc_dv);
 
-  const Element* q_head0 = static_cast<const Element*>(p.q) + b * p.q_stride[0];
-  const Element* do_head0 = static_cast<const Element*>(p.dout) + b * p.do_stride[0];
-
   if (steps > 0) {
     typename Tr::Gmem::Load g2s;
     auto g2s_thr = g2s.get_thread_slice(tid);
@@ -211,22 +208,29 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       load_tile(g2s, g2s_thr.partition_S(gK), tKsK, cKV, key_rows, dims);
       load_tile(g2s, g2s_thr.partition_S(gV), tVsV, cKV, key_rows, dims);
     }
-    // Query tile `step` of the flattened (head of the group, query tile) walk.
-    auto step_head = [&](int step) { return hk * group + step / m_count; };
-    auto step_m0 = [&](int step) { return int64_t(m_block_min + step % m_count) * kBlockM; };
-    auto q_rows = [&](int step) { return static_cast<int>(p.q_len - step_m0(step)); };
-    auto load_q = [&](int step, auto& dst) {
-      Tensor gQ = make_tensor(make_gmem_ptr(q_head0 + step_head(step) * p.q_stride[1] + step_m0(step) * p.q_stride[2]),
-                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{}));
-      load_tile(g2s, g2s_thr.partition_S(gQ), dst, cQ, q_rows(step), dims);
+    // The walk over (head of the group, query tile) is carried as the tile
+    // index, bh and the Q / dO source views, advanced by strides (no
+    // divisions or 64-bit products live across the loop).
+    int m_block = m_block_min;
+    int64_t bh = b * p.heads + hk * group;
+    const int64_t m0_first = int64_t(m_block_min) * kBlockM;
+    Tensor tQgQ = g2s_thr.partition_S(make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + hk * group * p.q_stride[1] + m0_first * p.q_stride[2]),
+        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{})));
+    Tensor tdOgdO = g2s_thr.partition_S(make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.dout) + b * p.do_stride[0] + hk * group * p.do_stride[1] + m0_first * p.do_stride[2]),
+        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.do_stride[2], _1{})));
+    // Element offset from the tile at m_block to the next one of the walk
+    // (the first tile of the next head after the last one).
+    auto next_offset = [&](int64_t head_stride, int64_t row_stride) {
+      return m_block + 1 < m_block_max ? kBlockM * row_stride
+                                       : head_stride - int64_t(m_count - 1) * kBlockM * row_stride;
     };
-    auto load_do = [&](int step) {
-      Tensor gdO = make_tensor(make_gmem_ptr(do_head0 + step_head(step) * p.do_stride[1] + step_m0(step) * p.do_stride[2]),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.do_stride[2], _1{}));
-      load_tile(g2s, g2s_thr.partition_S(gdO), tdOsdO, cQ, q_rows(step), dims);
+    auto next_rows = [&]() {
+      return static_cast<int>(p.q_len - int64_t(m_block + 1 < m_block_max ? m_block + 1 : m_block_min) * kBlockM);
     };
-    load_q(0, tQsQ);
-    load_do(0);
+    load_tile(g2s, tQgQ, tQsQ, cQ, static_cast<int>(p.q_len - m0_first), dims);
+    load_tile(g2s, tdOgdO, tdOsdO, cQ, static_cast<int>(p.q_len - m0_first), dims);
     cp_async_commit();
 
     // S = Q K^T and dP = dO V^T
@@ -282,10 +286,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const int64_t m_blocks_total = ceil_div64(p.q_len, kBlockM);
 
     for (int step = 0; step < steps; ++step) {
-      const int64_t h = step_head(step);
-      const int64_t bh = b * p.heads + h;
-      const int64_t m0 = step_m0(step);
-      const int rows = q_rows(step);
+      const int64_t m0 = int64_t(m_block) * kBlockM;
+      const int rows = static_cast<int>(p.q_len - m0);
       // lse in log2 units (+inf for empty or padding rows so P = 0) and D.
       float lse_log2[kRows], row_d[kRows];
       CUTE_UNROLL
@@ -300,7 +302,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       __syncthreads();  // Q, dO (and at first K, V) landed
       if (Tr::kDoubleBufferQ && step + 1 < steps) {
         Tensor next = make_tensor(tQsQ.data() + ((step + 1) & 1) * kQElems, tQsQ.layout());
-        load_q(step + 1, next);
+        tQgQ.data() = tQgQ.data() + next_offset(p.q_stride[1], p.q_stride[2]);
+        load_tile(g2s, tQgQ, next, cQ, next_rows(), dims);
         cp_async_commit();
       }
 
@@ -314,7 +317,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       Tensor s = rowcol(acc_s);
       Tensor dp = rowcol(acc_dp);
       if constexpr (kHasMask) {
-        apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, p.q_len, p.kv_len);
+        apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, bh - b * p.heads), m0, n0, p.q_len, p.kv_len);
       }
       if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
         mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
@@ -340,7 +343,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         }
       }
       if (kHasMask && p.dbias != nullptr) {  // dbias is the gradient of an additive attn_mask
-        Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + h * p.dbias_stride[1];
+        Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + (bh - b * p.heads) * p.dbias_stride[1];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
           const int64_t i = m0 + get<0>(coord_s(mi, 0));
@@ -373,7 +376,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       if (p.deterministic) {
         // Key tiles add into a query tile in increasing order; lower tiles have
         // lower block ids, so they were scheduled first and cannot wait on us.
-        const int64_t m_block = m0 / kBlockM;
         sem = semaphores + bh * m_blocks_total + m_block;
         const int rows_end = static_cast<int>(m0 + kBlockM < p.q_len ? kBlockM : p.q_len - m0);
         const int64_t first_n = visible_key_range(p.window, m0, m0 + rows_end, p.kv_len).begin / kBlockN;
@@ -409,9 +411,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // every warp is done with dO, P, dS (and a single Q buffer)
       if (step + 1 < steps) {
-        if constexpr (!Tr::kDoubleBufferQ) load_q(step + 1, tQsQ);
-        load_do(step + 1);
+        const int rows_next = next_rows();
+        if constexpr (!Tr::kDoubleBufferQ) {
+          tQgQ.data() = tQgQ.data() + next_offset(p.q_stride[1], p.q_stride[2]);
+          load_tile(g2s, tQgQ, tQsQ, cQ, rows_next, dims);
+        }
+        tdOgdO.data() = tdOgdO.data() + next_offset(p.do_stride[1], p.do_stride[2]);
+        load_tile(g2s, tdOgdO, tdOsdO, cQ, rows_next, dims);
         cp_async_commit();
+      }
+      if (m_block + 1 < m_block_max) {
+        ++m_block;
+      } else {
+        m_block = m_block_min;
+        ++bh;
       }
     }
   }
