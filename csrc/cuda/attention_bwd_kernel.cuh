@@ -288,14 +288,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int step = 0; step < steps; ++step) {
       const int64_t m0 = int64_t(m_block) * kBlockM;
       const int rows = static_cast<int>(p.q_len - m0);
-      // lse in log2 units (+inf for empty or padding rows so P = 0) and D.
-      float lse_log2[kRows], row_d[kRows];
+      // lse in log2 units (+inf for empty or padding rows so P = 0).
+      float lse_log2[kRows];
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         const int r = get<0>(coord_s(mi, 0));
         const float l = r < rows ? p.lse[bh * p.q_len + m0 + r] : -INFINITY;
         lse_log2[mi] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
-        row_d[mi] = r < rows ? p.softmax_d[bh * p.q_len + m0 + r] : 0.f;
       }
 
       cp_async_wait<0>();
@@ -308,14 +307,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
 
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
-      clear(acc_dp);
-      gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
 
       Tensor s = rowcol(acc_s);
-      Tensor dp = rowcol(acc_dp);
       if constexpr (kHasMask) {
         apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, bh - b * p.heads), m0, n0, p.q_len, p.kv_len);
       }
@@ -327,6 +322,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(s); ++ni) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -lse_log2[mi]));
       }
+      // P before dP = dO V^T (as in FlashAttention-2): lse is dead and D
+      // live only through the dP product, where S, dP, dK and dV peak.
+      float row_d[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        row_d[mi] = get<0>(coord_s(mi, 0)) < rows ? p.softmax_d[bh * p.q_len + m0 + get<0>(coord_s(mi, 0))] : 0.f;
+      }
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_dp);
+      gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
+      Tensor dp = rowcol(acc_dp);
       // dS = P * (dP - D) with dP through the dropout mask; s becomes the
       // dropped, rescaled P that multiplies dO.
       if constexpr (kDropout) {
