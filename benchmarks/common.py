@@ -196,8 +196,11 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- results
 
 def git_commit() -> str:
-    """HEAD's sha with "+dirty" for uncommitted changes; FLASH_EXT_COMMIT where
-    the tree is no git checkout (a copy sent to the GPU machine)."""
+    """FLASH_EXT_COMMIT when set (a copy of the tree sent to the GPU machine,
+    whose .git, if any, is not ours); else HEAD's sha with "+dirty" for
+    uncommitted changes."""
+    if os.environ.get("FLASH_EXT_COMMIT"):
+        return os.environ["FLASH_EXT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -205,7 +208,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FLASH_EXT_COMMIT", "unknown")
+        return "unknown"
 
 
 def run_header(bench: str, device: torch.device, ceilings: dict[str, float], quick: bool) -> dict[str, Any]:

@@ -54,6 +54,27 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropo
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_bias
 
 
+@torch.library.register_fake("flash_ext::attention_varlen_fwd")
+def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                               scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+    _check_devices("flash_ext.attention_varlen", q, key=k, value=v, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+    total_q, heads, _ = q.shape
+    out = q.new_empty((total_q, heads, v.shape[-1]))
+    lse = q.new_empty((heads, total_q), dtype=lse_dtype(q.dtype))
+    rng_state = q.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int64)
+    return out, lse, rng_state
+
+
+@torch.library.register_fake("flash_ext::attention_varlen_bwd")
+def _attention_varlen_bwd_fake(grad_out, q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, dropout_p, scale, window_left, window_right, bottom_right,
+                               deterministic, softcap=0.0, alibi_slopes=None):
+    _check_devices("flash_ext.attention_varlen", q, key=k, value=v, grad_out=grad_out, out=out, lse=lse,
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 @torch.library.register_fake("flash_ext::kvcache_attention")
 def _kvcache_attention_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale,
                             causal, num_splits, softcap=0.0, alibi_slopes=None):

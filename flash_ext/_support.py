@@ -47,22 +47,26 @@ FEATURES = (
     "causal", "sliding window", "bool mask", "float mask (bias)", "bias gradient", "dropout",
     "GQA/MQA", "value dim != query dim", "any strides (last dim contiguous)", "paged KV cache",
     "KV append", "return_lse", "deterministic backward", "softcap", "ALiBi", "scale <= 0",
+    "varlen (cu_seqlens)", "nested (jagged) tensors",
 )
 
 _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias)", "dropout", "GQA/MQA",
-                      "any strides (last dim contiguous)", "return_lse"})
-_CPU_EXTRAS = frozenset({"value dim != query dim", "softcap", "ALiBi", "scale <= 0"})
+                      "any strides (last dim contiguous)", "return_lse", "varlen (cu_seqlens)",
+                      "nested (jagged) tensors"})
+_SCORE_MODS = frozenset({"softcap", "ALiBi"})
+_CPU_EXTRAS = frozenset({"value dim != query dim", "scale <= 0"})
 _DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
 
 FAMILIES = {
     "cpu": Family("cpu", CPU_DTYPES, None, 1,
-                  forward=_PREFILL | _CPU_EXTRAS,
-                  backward=_PREFILL | _CPU_EXTRAS | {"bias gradient", "deterministic backward"},
-                  decode=_DECODE | _CPU_EXTRAS),
+                  forward=_PREFILL | _SCORE_MODS | _CPU_EXTRAS,
+                  backward=_PREFILL | _SCORE_MODS | _CPU_EXTRAS | {"bias gradient", "deterministic backward"},
+                  decode=_DECODE | _SCORE_MODS | _CPU_EXTRAS),
     "sm80": Family("sm80", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
-                   forward=_PREFILL, backward=_PREFILL | {"bias gradient", "deterministic backward"},
-                   decode=_DECODE),
+                   forward=_PREFILL | _SCORE_MODS,
+                   backward=_PREFILL | _SCORE_MODS | {"bias gradient", "deterministic backward"},
+                   decode=_DECODE | _SCORE_MODS),
     # Hopper (sm_90a): TMA + wgmma forward; the rest runs on the sm80 kernels
     # (csrc/cuda/dispatch.cu, sm90_fwd_serves).
     "sm90": Family("sm90", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
@@ -132,9 +136,10 @@ def last_cuda_kernel_family() -> str:
 def prefill_unsupported_reason(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     dropout_p: float, needs_grad: bool, bias_grad: bool, softcap: float = 0.0, alibi: bool = False,
-    scale: float | None = None,
+    scale: float | None = None, varlen: bool = False,
 ) -> str | None:
-    """Why our prefill kernels cannot serve this call, or None when they can."""
+    """Why our prefill kernels cannot serve this call, or None when they can.
+    Tensors are in SDPA layout (..., heads, seq, dim)."""
     family, reason = family_for(query.device)
     if family is None:
         return reason
@@ -155,8 +160,12 @@ def prefill_unsupported_reason(
         wanted.add("scale <= 0")
     if alibi:
         wanted.add("ALiBi")
+    if varlen:
+        wanted.add("varlen (cu_seqlens)")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         wanted.add("GQA/MQA")
+    if varlen and (softcap or alibi) and family.name != "cpu":
+        return "softcap and ALiBi with varlen batches run on the CPU kernels only"
     passes = [("forward", family.serves("forward"), wanted)]
     if needs_grad:
         passes.append(("backward", family.serves("backward"), wanted | ({"bias gradient"} if bias_grad else set())))

@@ -1,7 +1,8 @@
 """The public attention functions: a drop-in for PyTorch's
-``scaled_dot_product_attention``, FlashAttention's ``flash_attn_func`` and
-``flash_attn_with_kvcache``. Argument handling lives here; the work is done by
-the ``torch.ops.flash_ext`` operators."""
+``scaled_dot_product_attention``, FlashAttention's ``flash_attn_func``, its
+variable-length and packed variants, and ``flash_attn_with_kvcache``. Argument
+handling lives here; the work is done by the ``torch.ops.flash_ext``
+operators."""
 from __future__ import annotations
 
 import math
@@ -127,11 +128,18 @@ def scaled_dot_product_attention(
     PyTorch does when ``L != S``; ``scale`` defaults to ``1/sqrt(E)``;
     ``enable_gqa`` lets several query heads share one key/value head.
 
+    Jagged nested tensors ``(B, H, j, E)`` (``torch.nested`` with
+    ``layout=torch.jagged``, transposed from ``(B, j, H, E)``) run through the
+    variable-length kernels without padding and return a nested tensor, as
+    PyTorch's SDPA does; ``is_causal`` aligns each sequence top-left.
+
     Differences: a query row whose keys are all masked out gives 0 (and zero
     gradients) where PyTorch's math backend gives NaN. Inputs our kernels do
     not serve go to PyTorch's SDPA with a one-time warning, or raise under
     :func:`flash_ext.set_strict`.
     """
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, attn_mask))
@@ -166,6 +174,69 @@ def scaled_dot_product_attention(
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 
+def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
+                 enable_gqa: bool) -> torch.Tensor:
+    """SDPA on jagged nested tensors ``(B, H, j, E)`` through the varlen op."""
+    reason = _nested_reason(query, key, value, attn_mask, enable_gqa)
+    if reason is None:
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, j, H, E), ragged dim 1
+        q_values, k_values, v_values = (t.values() for t in (q, k, v))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        reason = _support.prefill_unsupported_reason(
+            q_values.unsqueeze(0).transpose(1, 2), k_values.unsqueeze(0).transpose(1, 2),
+            v_values.unsqueeze(0).transpose(1, 2), None, dropout_p, needs_grad, False, scale=scale, varlen=True)
+    if reason is not None:
+        _fall_back(reason)
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    q_values, k_values, v_values = (t if _layout_served(t) else t.contiguous()
+                                    for t in (q_values, k_values, v_values))
+    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out, _ = ops.attention_varlen(q_values, k_values, v_values, q.offsets().to(torch.int32),
+                                  k.offsets().to(torch.int32), _max_seqlen(q), _max_seqlen(k), float(dropout_p),
+                                  softmax_scale, -1, 0 if is_causal else -1, False, False)
+    out = torch.nested.nested_tensor_from_jagged(out, q.offsets(), min_seqlen=q._maybe_min_seqlen,
+                                                 max_seqlen=q._maybe_max_seqlen)
+    return out.transpose(1, 2)
+
+
+def _nested_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attn_mask: torch.Tensor | None, enable_gqa: bool) -> str | None:
+    """Nested inputs outside what the varlen op takes: (B, H, j, E) jagged
+    tensors ragged in the sequence dim only, without holes, no attn_mask."""
+    if not all(isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged
+               for t in (query, key, value)):
+        return "nested tensors are served when query, key and value are all jagged (layout=torch.jagged)"
+    if attn_mask is not None:
+        return "nested tensors with an attn_mask are not served"
+    for t in (query, key, value):
+        if t.dim() != 4 or t._ragged_idx != 2 or t._lengths is not None:
+            return "nested tensors are served as (batch, heads, jagged seq, dim) without holes (lengths)"
+    if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0]:
+        return "nested query, key and value must have the same batch size"
+    if key.offsets() is not value.offsets() and not torch.equal(key.offsets(), value.offsets()):
+        return "nested key and value must have the same sequence lengths"
+    if query.shape[-1] != key.shape[-1] or query.dtype != key.dtype or key.dtype != value.dtype:
+        return "nested query and key must share head dim and dtype"
+    if key.shape[1] != value.shape[1] or (query.shape[1] != key.shape[1] and
+                                          (not enable_gqa or query.shape[1] % key.shape[1])):
+        return "nested query heads must equal key/value heads (or be a multiple with enable_gqa)"
+    return None
+
+
+def _max_seqlen(t: torch.Tensor) -> int:
+    """The longest sequence of a jagged tensor: cached by PyTorch, else read
+    from its offsets (a device sync on CUDA, as in PyTorch's own SDPA)."""
+    cached = t._maybe_max_seqlen
+    if cached is not None:
+        return int(cached)
+    offsets = t.offsets()
+    return int((offsets[1:] - offsets[:-1]).max().item()) if offsets.numel() > 1 else 0
+
+
 def _layout_served(t: torch.Tensor) -> bool:
     """Whether the ops take ``t`` as it is: a contiguous last dimension (the
     ops copy what else a device's kernels need, see readable_layout in
@@ -176,8 +247,6 @@ def _layout_served(t: torch.Tensor) -> bool:
 def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attn_mask: torch.Tensor | None) -> str | None:
     """Inputs outside the (B, H, N, D) model our kernels use."""
-    if any(t.is_nested for t in (query, key, value)):
-        return "nested (jagged) tensors are not served yet"
     if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
         return "query and key/value batch dimensions differ (broadcast batch)"
     if query.dim() <= 3 and query.shape[:-2] != key.shape[:-2]:
@@ -222,6 +291,137 @@ def flash_attn_func(
                              scale, left, right, True, bool(deterministic), float(softcap), alibi_slopes)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def _window(fn: str, window_size: tuple[int, int], causal: bool) -> tuple[int, int]:
+    """(left, right) from FlashAttention's window_size and causal flag."""
+    if len(window_size) != 2:
+        raise ValueError(f"{fn}: window_size must be (left, right), got {window_size}")
+    left, right = (int(w) for w in window_size)
+    return left, 0 if causal else right
+
+
+def _results(out: torch.Tensor, lse: torch.Tensor, return_lse: bool, return_attn_probs: bool):
+    """FlashAttention's return conventions: ``return_attn_probs`` gives
+    (out, lse, None) -- the probabilities are never materialized --, ours
+    ``return_lse`` gives (out, lse)."""
+    if return_attn_probs:
+        return out, lse, None
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0, softmax_scale: float | None = None,
+    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+    return_lse: bool = False,
+):
+    """FlashAttention's variable-length interface: sequences packed without padding.
+
+    ``q (total_q, heads, dim)``, ``k``/``v (total_k, kv_heads, dim)``;
+    sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q against rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k and v (int32 ``(batch + 1,)``
+    on the tensors' device, starting at 0, nondecreasing, ending at the
+    total). ``max_seqlen_q``/``max_seqlen_k`` bound the lengths. Each sequence
+    is attended alone, nothing is computed for padding; ``causal`` aligns to
+    the bottom right of each sequence, other arguments as in
+    :func:`flash_attn_func` (``alibi_slopes`` ``(heads,)`` or ``(batch,
+    heads)``). Returns the output ``(total_q, heads, dim_v)``, with
+    ``return_lse`` also the log-sum-exp ``(heads, total_q)``; with
+    ``return_attn_probs`` (FlashAttention's flag) ``(out, lse, None)``.
+
+    On CUDA the cu_seqlens values are not read back (that would synchronize):
+    kernels clamp them to the tensors, but rows outside every sequence, or
+    past ``max_seqlen``, are then left undefined. On the CPU they raise.
+    """
+    fn = "flash_attn_varlen_func"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, dim), got {t.dim()}-D")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be an int32 tensor, got {type(t).__name__}")
+    left, right = _window(fn, window_size, causal)
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    reason = _support.prefill_unsupported_reason(
+        q4, k4, v4, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False,
+        softcap=softcap, alibi=alibi_slopes is not None, scale=softmax_scale, varlen=True)
+    if reason is not None:
+        raise RuntimeError(f"{fn}: {reason}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    q, k, v = (t if _layout_served(t) else t.contiguous() for t in (q, k, v))
+    out, lse = ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    float(dropout_p), scale, left, right, True, bool(deterministic),
+                                    float(softcap), alibi_slopes)
+    return _results(out, lse, return_lse, return_attn_probs)
+
+
+def _unpack(fn: str, packed: torch.Tensor, name: str, dim: int, count: int) -> tuple[torch.Tensor, ...]:
+    """Views of the ``count`` tensors packed along ``dim`` (no copy; gradients
+    flow back into ``packed``)."""
+    rank = dim + 3
+    if not isinstance(packed, torch.Tensor) or packed.dim() != rank or packed.shape[dim] != count:
+        layout = ("batch, seq, " if dim == 2 else "total_tokens, ") + f"{count}, heads, dim"
+        got = f"shape {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"{fn}: {name} must be {rank}-D ({layout}), got {got}")
+    return packed.unbind(dim)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_attn_probs: bool = False, return_lse: bool = False,
+):
+    """:func:`flash_attn_func` on ``qkv (batch, seq, 3, heads, dim)``, read in
+    place; gradients flow to ``qkv``."""
+    q, k, v = _unpack("flash_attn_qkvpacked_func", qkv, "qkv", 2, 3)
+    out, lse = flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               deterministic, return_lse=True)
+    return _results(out, lse, return_lse, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+    return_lse: bool = False,
+):
+    """:func:`flash_attn_func` with ``kv (batch, seq_k, 2, kv_heads, dim)``,
+    read in place; gradients flow to ``kv``."""
+    k, v = _unpack("flash_attn_kvpacked_func", kv, "kv", 2, 2)
+    out, lse = flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               deterministic, return_lse=True)
+    return _results(out, lse, return_lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: float | None = None, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+    return_attn_probs: bool = False, return_lse: bool = False,
+):
+    """:func:`flash_attn_varlen_func` on ``qkv (total_tokens, 3, heads, dim)``
+    with one ``cu_seqlens`` for queries and keys; gradients flow to ``qkv``."""
+    q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", qkv, "qkv", 1, 3)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, return_lse)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0, softmax_scale: float | None = None,
+    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+    return_lse: bool = False,
+):
+    """:func:`flash_attn_varlen_func` with ``kv (total_k, 2, kv_heads, dim)``;
+    gradients flow to ``kv``."""
+    k, v = _unpack("flash_attn_varlen_kvpacked_func", kv, "kv", 1, 2)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, return_lse)
 
 
 def flash_attn_with_kvcache(

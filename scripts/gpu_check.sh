@@ -14,7 +14,7 @@
 # wheels in .whl/ (pytest, hypothesis...) are installed to /tmp/site first.
 # Environment: GPU_CHECK_BUDGET_S (default 540) bounds the run: later steps get
 # what is left; GPU_CHECK_TESTS=0/1 skips/forces the tests (default: run them
-# in the quick mode only).
+# in the quick mode only); GPU_CHECK_BENCH=0 skips the quick benchmarks.
 #
 # Writes to $OUT: build.log, ptxas.txt, smoke.log, tests.log,
 # bench.log, prefill.json, decode.json, memory.json (full only), summary.txt.
@@ -152,7 +152,7 @@ run_bench() {  # name, seconds wanted, seconds to leave for later steps
 }
 if [[ $MODE == full ]]; then
   for name in "${FULL_BENCHES[@]}"; do run_bench "$name" 100000 10; done
-else
+elif [[ ${GPU_CHECK_BENCH:-1} != 0 ]]; then
   run_bench prefill 240 75
   run_bench decode 120 10
 fi

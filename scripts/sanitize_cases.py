@@ -1,7 +1,8 @@
 """A representative call of every CUDA kernel, small enough for
 compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
-bool mask, float bias with its gradient, dropout, odd lengths, every head-dim
-instantiation), and decode (contiguous, paged, append, several splits).
+bool mask, float bias with its gradient, dropout, softcap and ALiBi, odd
+lengths, every head-dim instantiation), and decode (contiguous, paged, append,
+several splits, softcap and ALiBi).
 Exits non-zero if any result is non-finite, so the sanitizer run also checks
 that every output element was written."""
 from __future__ import annotations
@@ -32,16 +33,16 @@ def prefill(dtype: torch.dtype, dim: int, q_len: int, kv_len: int, heads: int, k
     check(f"prefill {dtype} d={dim} L={q_len} S={kv_len} H={heads}/{kv_heads} {sorted(kw)}", out, *grads)
 
 
-def flash_causal(dtype: torch.dtype, dim: int, q_len: int, kv_len: int) -> None:
+def flash_causal(dtype: torch.dtype, dim: int, q_len: int, kv_len: int, **kw) -> None:
     q = torch.randn(1, q_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
     k = torch.randn(1, kv_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
     v = torch.randn(1, kv_len, 4, dim, device=DEV, dtype=dtype, requires_grad=True)
-    out = flash_ext.flash_attn_func(q, k, v, causal=True)
+    out = flash_ext.flash_attn_func(q, k, v, causal=True, **kw)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    check(f"flash_attn_func causal bottom-right d={dim} L={q_len} S={kv_len}", out, *grads)
+    check(f"flash_attn_func causal bottom-right d={dim} L={q_len} S={kv_len} {sorted(kw)}", out, *grads)
 
 
-def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: int) -> None:
+def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: int, **kw) -> None:
     batch, heads, kv_heads, page = 3, 8, 2, 16
     lens = torch.tensor([0, 37, 250], dtype=torch.int32, device=DEV)
     if paged:
@@ -55,25 +56,36 @@ def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: in
     k_new = torch.randn(batch, q_len, kv_heads, dim, device=DEV, dtype=dtype)
     v_new = torch.randn_like(k_new)
     out, lse = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lens,
-                                                 num_splits=num_splits, return_lse=True, block_table=table)
-    check(f"decode {dtype} d={dim} paged={paged} splits={num_splits} q_len={q_len}", out, lse)
+                                                 num_splits=num_splits, return_lse=True, block_table=table, **kw)
+    check(f"decode {dtype} d={dim} paged={paged} splits={num_splits} q_len={q_len} {sorted(kw)}", out, lse)
 
 
 def main() -> None:
-    for dtype in (torch.bfloat16, torch.float16):
-        for dim in (32, 64, 96, 128, 256):
-            prefill(dtype, dim, 77, 131, 4, 2)
+    # Every kernel family this GPU runs (the Hopper and the sm80 forward on an H100).
+    families = ["sm90", "sm80"] if flash_ext._support.cuda_family_name(torch.cuda.get_device_capability()[0]) == "sm90" \
+        else ["sm80"]
+    for family in families:
+        flash_ext.set_cuda_path(family)
+        for dtype in (torch.bfloat16, torch.float16):
+            for dim in (32, 64, 96, 128, 256):
+                prefill(dtype, dim, 77, 131, 4, 2)
+        prefill(torch.bfloat16, 128, 300, 700, 2, 1, is_causal=True)
+    flash_ext.set_cuda_path(None)
     prefill(torch.bfloat16, 64, 129, 65, 4, 4, is_causal=True)
     prefill(torch.bfloat16, 64, 200, 200, 4, 1, dropout_p=0.2)
     prefill(torch.bfloat16, 128, 90, 150, 2, 2, mask=torch.rand(90, 150, device=DEV) > 0.3)
     bias = torch.randn(1, 2, 90, 150, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     prefill(torch.bfloat16, 128, 90, 150, 2, 2, mask=bias)
     flash_causal(torch.float16, 64, 100, 300)
+    slopes = torch.rand(4, device=DEV)
+    flash_causal(torch.bfloat16, 128, 100, 300, softcap=5.0, alibi_slopes=slopes)
+    flash_causal(torch.float16, 64, 77, 77, softcap=5.0, dropout_p=0.1)
     for paged in (False, True):
         for splits in (1, 3):
             decode(torch.bfloat16, 128, paged, splits, 1)
     decode(torch.float16, 64, False, 0, 4)
     decode(torch.bfloat16, 256, True, 2, 2)
+    decode(torch.bfloat16, 128, True, 3, 2, softcap=5.0, alibi_slopes=torch.rand(8, device=DEV))
 
 
 if __name__ == "__main__":

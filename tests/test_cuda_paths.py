@@ -98,6 +98,11 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     ref = reference_attention(q, k1, v1)
     assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k1, v1))
+    # Packed variable-length batches run on the sm80 kernels.
+    qv, kv, vv = (randn((300, 4, 128), torch.bfloat16, "cuda", gen) for _ in range(3))
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
     # The backward runs on the sm80 kernels.
     qg = q.detach().requires_grad_()
     flash_ext.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()

@@ -44,4 +44,36 @@ FLASH_HOST_DEVICE bool tile_fully_visible(const VisibilityWindow& w, int64_t row
          key_visible(w, row_begin, col_begin) && key_visible(w, row_end - 1, col_end - 1);
 }
 
+// Where sequence b of a batch lies: its lengths, its first query and key rows
+// (0 unless varlen) and its window. Varlen bounds are clamped to the packed
+// tensors and to the maximum lengths, so bad cu_seqlens never address memory
+// outside them (the CUDA glue cannot check their values without a sync).
+struct SequenceBounds {
+  int64_t q_row0, k_row0, q_len, kv_len;
+  // lse of (head h, query i) is at lse[h * lse_head_stride + lse_row0 + i].
+  int64_t lse_row0, lse_head_stride;
+  VisibilityWindow window;
+};
+
+FLASH_HOST_DEVICE int64_t clamp_row(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : x > hi ? hi : x;
+}
+
+// kMayBeVarlen = false (kernels compiled for dense batches) keeps every
+// bound a plain params field, which costs no register to keep live.
+template <bool kMayBeVarlen = true>
+FLASH_HOST_DEVICE SequenceBounds sequence_bounds(const AttentionFwdParams& p, int64_t b) {
+  if (!kMayBeVarlen || p.cu_seqlens_q == nullptr) {
+    return {0, 0, p.q_len, p.kv_len, b * p.heads * p.q_len, p.q_len, p.window};
+  }
+  const int64_t q0 = clamp_row(p.cu_seqlens_q[b], 0, p.total_q);
+  const int64_t k0 = clamp_row(p.cu_seqlens_k[b], 0, p.total_k);
+  const int64_t q_len = clamp_row(p.cu_seqlens_q[b + 1], q0, p.total_q) - q0;
+  const int64_t kv_len = clamp_row(p.cu_seqlens_k[b + 1], k0, p.total_k) - k0;
+  SequenceBounds s{q0, k0, q_len < p.q_len ? q_len : p.q_len, kv_len < p.kv_len ? kv_len : p.kv_len,
+                   q0, p.total_q, p.window};
+  if (p.bottom_right) s.window.diagonal_offset = s.kv_len - s.q_len;
+  return s;
+}
+
 }  // namespace flash_ext

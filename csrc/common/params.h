@@ -75,6 +75,18 @@ struct AttentionFwdParams {
   // (batch, head), alibi_batch_stride 0 when the batch shares them.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
+
+  // Variable-length (packed) batches, FlashAttention's varlen layout: when
+  // cu_seqlens_q is set, sequence b owns query rows [cu_seqlens_q[b],
+  // cu_seqlens_q[b+1]) of a (total_q, heads, dim) tensor and key rows
+  // [cu_seqlens_k[b], cu_seqlens_k[b+1]) of (total_k, kv_heads, dim) ones
+  // (batch strides 0, see SequenceBounds). q_len and kv_len are then the
+  // largest lengths, which size grids and workspaces; lse is (heads, total_q).
+  // With bottom_right, each sequence's diagonal is its kv_len - q_len.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
+  bool bottom_right = false;
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

@@ -23,13 +23,14 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
   using acc_t = acc_type_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t group = p.heads / p.kv_heads;
-  const int64_t d = p.head_dim, dv = p.v_head_dim, L = p.q_len, S = p.kv_len;
+  const int64_t d = p.head_dim, dv = p.v_head_dim;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dq_acc(group * L * d), row_dot(group * L), row_lse(group * L);
+    // Sized for the longest sequence; a varlen sequence uses its first rows.
+    std::vector<acc_t> dq_acc(group * p.q_len * d), row_dot(group * p.q_len), row_lse(group * p.q_len);
     std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);
     std::vector<acc_t> k_buf(kBlockKBwd * d), v_buf(kBlockKBwd * dv);
     std::vector<acc_t> dk_acc(kBlockKBwd * d), dv_acc(kBlockKBwd * dv);
@@ -37,28 +38,35 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
     std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockKBwd : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
-      const auto head_ptr = [&](const void* base, const int64_t* stride, int64_t h) {
-        return static_cast<const scalar_t*>(base) + b * stride[0] + h * stride[1];
+      const SequenceBounds seq = sequence_bounds(p, b);
+      const int64_t L = seq.q_len, S = seq.kv_len;
+      // Offset of (b, h) in a query-side or key-side tensor, at the sequence's first row.
+      const auto q_at = [&](const int64_t* stride, int64_t h) {
+        return b * stride[0] + h * stride[1] + seq.q_row0 * stride[2];
       };
+      const auto k_at = [&](const int64_t* stride, int64_t h) {
+        return b * stride[0] + h * stride[1] + seq.k_row0 * stride[2];
+      };
+      const auto in = [](const void* base) { return static_cast<const scalar_t*>(base); };
 
       // D_i = rowsum(dO_i * O_i), the softmax-backward correction per row.
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kvh * group + g;
-        const scalar_t* o = head_ptr(p.out, p.o_stride, h);
-        const scalar_t* dout = head_ptr(p.dout, p.do_stride, h);
+        const scalar_t* o = in(p.out) + q_at(p.o_stride, h);
+        const scalar_t* dout = in(p.dout) + q_at(p.do_stride, h);
         for (int64_t i = 0; i < L; ++i) {
           load_row(o + i * p.o_stride[2], dv, o_row.data());
           load_row(dout + i * p.do_stride[2], dv, do_row.data());
           row_dot[g * L + i] = at::vec::map2_reduce_all<acc_t>(
               [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, o_row.data(),
               do_row.data(), dv);
-          row_lse[g * L + i] = static_cast<acc_t>(load_lse(p, (b * p.heads + h) * L + i));
+          row_lse[g * L + i] = static_cast<acc_t>(load_lse(p, h * seq.lse_head_stride + seq.lse_row0 + i));
         }
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
-      const scalar_t* k = head_ptr(p.k, p.k_stride, kvh);
-      const scalar_t* v = head_ptr(p.v, p.v_stride, kvh);
+      const scalar_t* k = in(p.k) + k_at(p.k_stride, kvh);
+      const scalar_t* v = in(p.v) + k_at(p.v_stride, kvh);
       for (int64_t col0 = 0; col0 < S; col0 += kBlockKBwd) {
         const int64_t cols = std::min(kBlockKBwd, S - col0);
         const Matrix<const acc_t> k_tile =
@@ -70,16 +78,16 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
 
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kvh * group + g, bh = b * p.heads + h;
-          const scalar_t* q = head_ptr(p.q, p.q_stride, h);
-          const scalar_t* dout = head_ptr(p.dout, p.do_stride, h);
+          const scalar_t* q = in(p.q) + q_at(p.q_stride, h);
+          const scalar_t* dout = in(p.dout) + q_at(p.do_stride, h);
           const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
           const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
-                               p.window.diagonal_offset);
+                               seq.window.diagonal_offset);
           const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
 
           for (int64_t row0 = 0; row0 < L; row0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - row0);
-            const KeyRange keys = visible_key_range(p.window, row0, row0 + rows, S);
+            const KeyRange keys = visible_key_range(seq.window, row0, row0 + rows, S);
             if (keys.end <= col0 || keys.begin >= col0 + cols) continue;  // tile fully masked
             const Matrix<const acc_t> q_tile =
                 stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
@@ -94,8 +102,8 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
                          capped.empty() ? nullptr : capped.data());
             }
             mask.apply(probs.data(), kBlockKBwd, rows, cols, row0, col0);
-            if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
-              apply_window(p.window, probs.data(), kBlockKBwd, rows, cols, col0,
+            if (!tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
+              apply_window(seq.window, probs.data(), kBlockKBwd, rows, cols, col0,
                            [row0](int64_t r) { return row0 + r; });
             }
             for (int64_t r = 0; r < rows; ++r) {
@@ -160,14 +168,14 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
                         acc_t(1), {dk_acc.data(), d});
           }
         }
-        auto* dk = static_cast<scalar_t*>(p.dk) + b * p.dk_stride[0] + kvh * p.dk_stride[1];
-        auto* dvp = static_cast<scalar_t*>(p.dv) + b * p.dv_stride[0] + kvh * p.dv_stride[1];
+        auto* dk = static_cast<scalar_t*>(p.dk) + k_at(p.dk_stride, kvh);
+        auto* dvp = static_cast<scalar_t*>(p.dv) + k_at(p.dv_stride, kvh);
         store_rows(dk_acc.data(), d, cols, d, dk + col0 * p.dk_stride[2], p.dk_stride[2]);
         store_rows(dv_acc.data(), dv, cols, dv, dvp + col0 * p.dv_stride[2], p.dv_stride[2]);
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kvh * group + g;
-        auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+        auto* dq = static_cast<scalar_t*>(p.dq) + q_at(p.dq_stride, h);
         store_rows(dq_acc.data() + g * L * d, d, L, d, dq, p.dq_stride[2]);
       }
     }

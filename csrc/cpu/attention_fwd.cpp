@@ -26,20 +26,26 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % q_blocks, bh = item / q_blocks;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
-      const int64_t row0 = qb * kBlockQ, rows = std::min(kBlockQ, p.q_len - row0);
+      const SequenceBounds seq = sequence_bounds(p, b);
+      const int64_t row0 = qb * kBlockQ;
+      if (row0 >= seq.q_len) continue;  // past this sequence's end (varlen)
+      const int64_t rows = std::min(kBlockQ, seq.q_len - row0);
 
-      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1];
-      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1];
+      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
+                      seq.q_row0 * p.q_stride[2];
+      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] +
+                      seq.k_row0 * p.k_stride[2];
+      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] +
+                      seq.k_row0 * p.v_stride[2];
       const Matrix<const acc_t> q_tile =
           stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
       const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
       const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
-                           p.window.diagonal_offset);
+                           seq.window.diagonal_offset);
       const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
 
       softmax.reset(rows, dv);
-      const KeyRange keys = visible_key_range(p.window, row0, row0 + rows, p.kv_len);
+      const KeyRange keys = visible_key_range(seq.window, row0, row0 + rows, seq.kv_len);
       // Tiles are laid from the end of the visible range backwards, so under a
       // causal mask only the last one crosses the diagonal.
       for (int64_t col_end = keys.end; col_end > keys.begin; col_end -= kBlockK) {
@@ -54,8 +60,8 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
           mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
         }
         mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
-        if (!tile_fully_visible(p.window, row0, row0 + rows, col0, col0 + cols)) {
-          apply_window(p.window, scores.data(), kBlockK, rows, cols, col0,
+        if (!tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
+          apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
                        [row0](int64_t r) { return row0 + r; });
         }
         softmax.update(
@@ -64,8 +70,10 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
             has_dropout);
       }
 
-      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
-      for (int64_t r = 0; r < rows; ++r) store_lse(p, bh * p.q_len + row0 + r, softmax.finalize_row(r));
+      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                  seq.q_row0 * p.o_stride[2];
+      const int64_t lse0 = h * seq.lse_head_stride + seq.lse_row0 + row0;
+      for (int64_t r = 0; r < rows; ++r) store_lse(p, lse0 + r, softmax.finalize_row(r));
       store_rows(softmax.out.data(), dv, rows, dv, out + row0 * p.o_stride[2], p.o_stride[2]);
     }
   });

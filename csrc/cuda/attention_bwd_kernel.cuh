@@ -26,10 +26,13 @@ namespace flash_ext::cuda::sm80 {
 constexpr int kDqRowPad = 128;
 
 // Layout of the float32 workspace: dq_accum (batch*heads, padded q_len,
-// head_dim_inst), then, when deterministic, one int semaphore per
-// (batch*heads, query tile) counting the key tiles already added.
+// head_dim_inst), or for varlen (heads, total_q + batch * kDqRowPad,
+// head_dim_inst) with sequence b at row cu_seqlens_q[b] + b * kDqRowPad (as
+// FlashAttention-2; no padding to the longest sequence); then, when
+// deterministic, one int semaphore per (batch*heads, query tile) counting the
+// key tiles already added. dispatch.cu's sm80_workspace sizes it alike.
 struct DqWorkspace {
-  int64_t q_rows;  // padded q_len
+  int64_t q_rows;  // rows per head (and batch unless varlen)
   int64_t dims;    // instantiated head dim
   int64_t floats;  // dq part
   int64_t semaphores;
@@ -37,11 +40,18 @@ struct DqWorkspace {
 
 inline DqWorkspace dq_workspace(const AttentionBwdParams& p, int head_dim_inst, int block_m) {
   DqWorkspace w;
-  w.q_rows = (p.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  w.q_rows = varlen ? p.total_q + p.batch * kDqRowPad : (p.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad;
   w.dims = head_dim_inst;
-  w.floats = p.batch * p.heads * w.q_rows * w.dims;
+  w.floats = (varlen ? 1 : p.batch) * p.heads * w.q_rows * w.dims;
   w.semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
   return w;
+}
+
+// dq_accum row of query 0 of (batch b, head h).
+__device__ __forceinline__ int64_t dq_accum_row0(bool varlen, const AttentionBwdParams& p, const DqWorkspace& w,
+                                                 const SequenceBounds& seq, int64_t b, int64_t h) {
+  return varlen ? h * w.q_rows + seq.q_row0 + b * kDqRowPad : (b * p.heads + h) * w.q_rows;
 }
 
 // One warp per row: lanes hold 8 consecutive dims each (up to 256).
@@ -53,12 +63,15 @@ __global__ void __launch_bounds__(256) softmax_d_kernel(const AttentionBwdParams
        row += int64_t(gridDim.x) * blockDim.x / 32) {
     const int64_t i = row % p.q_len, bh = row / p.q_len;
     const int64_t b = bh / p.heads, h = bh % p.heads;
+    const SequenceBounds seq = sequence_bounds(p, b);
+    if (i >= seq.q_len) continue;  // warp-uniform: past a varlen sequence's end
+    const int64_t r = seq.q_row0 + i;
     float acc = 0.f;
     if (lane * 8 < p.v_head_dim) {
       const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
-                         i * p.o_stride[2] + lane * 8;
+                         r * p.o_stride[2] + lane * 8;
       const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] +
-                         h * p.do_stride[1] + i * p.do_stride[2] + lane * 8;
+                         h * p.do_stride[1] + r * p.do_stride[2] + lane * 8;
       const uint4 ov = *reinterpret_cast<const uint4*>(o);
       const uint4 dv = *reinterpret_cast<const uint4*>(d);
       const Element* oe = reinterpret_cast<const Element*>(&ov);
@@ -83,7 +96,9 @@ __global__ void __launch_bounds__(256) convert_dq_kernel(const AttentionBwdParam
     const int64_t c = idx % chunks, row = idx / chunks;
     const int64_t i = row % p.q_len, bh = row / p.q_len;
     const int64_t b = bh / p.heads, h = bh % p.heads;
-    const float* src = p.dq_accum + (bh * w.q_rows + i) * w.dims + c * 8;
+    const SequenceBounds seq = sequence_bounds(p, b);
+    if (i >= seq.q_len) continue;
+    const float* src = p.dq_accum + (dq_accum_row0(p.cu_seqlens_q != nullptr, p, w, seq, b, h) + i) * w.dims + c * 8;
     const float4 lo = *reinterpret_cast<const float4*>(src);
     const float4 hi = *reinterpret_cast<const float4*>(src + 4);
     const float vals[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
@@ -92,7 +107,7 @@ __global__ void __launch_bounds__(256) convert_dq_kernel(const AttentionBwdParam
     CUTE_UNROLL
     for (int e = 0; e < 8; ++e) out[e] = static_cast<Element>(vals[e] * scale);
     *reinterpret_cast<uint4*>(static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
-                              i * p.dq_stride[2] + c * 8) = packed;
+                              (seq.q_row0 + i) * p.dq_stride[2] + c * 8) = packed;
   }
 }
 
@@ -118,7 +133,10 @@ __device__ __forceinline__ int load_acquire(const int* ptr) {
   return v;
 }
 
-template <class Tr, bool kHasMask, bool kDropout>
+// kHasMask: the variant that modifies scores (attn_mask, softcap, ALiBi, each
+// checked at run time), so the common path carries none of it. kVarlen: p has
+// cu_seqlens (compiled apart so dense batches keep their registers).
+template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1)
     attention_bwd_kernel(const AttentionBwdParams p, const DqWorkspace ws) {
   using Element = typename Tr::Element;
@@ -133,10 +151,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int64_t b = bk / p.kv_heads, hk = bk % p.kv_heads;
   const int64_t group = p.heads / p.kv_heads;
   const int64_t n0 = n_block * kBlockN;
-  const int key_rows = static_cast<int>(p.kv_len - n0 < kBlockN ? p.kv_len - n0 : kBlockN);
+  // The grid covers the longest sequence; key tiles past a varlen sequence's
+  // end exit (no query tile waits on them in deterministic mode).
+  const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+  if (n0 >= seq.kv_len) return;
+  const int key_rows = static_cast<int>(seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN);
   const int dims = static_cast<int>(p.head_dim);
 
-  const KeyRange qrange = visible_query_range(p.window, n0, n0 + key_rows, p.q_len);
+  const KeyRange qrange = visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
   const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
   const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
   const int m_count = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
@@ -145,8 +167,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   // dbias of query rows this tile never visits is zero.
   if (p.dbias != nullptr) {
     const int64_t lo = int64_t(m_block_min) * kBlockM;
-    const int64_t hi = m_count > 0 ? (int64_t(m_block_max) * kBlockM < p.q_len ? int64_t(m_block_max) * kBlockM : p.q_len) : lo;
-    const int64_t skipped = p.q_len - (hi - lo);
+    const int64_t hi = m_count > 0 ? (int64_t(m_block_max) * kBlockM < seq.q_len ? int64_t(m_block_max) * kBlockM : seq.q_len) : lo;
+    const int64_t skipped = seq.q_len - (hi - lo);
     for (int64_t g = 0; g < group; ++g) {
       Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + (hk * group + g) * p.dbias_stride[1];
       for (int64_t e = tid; e < skipped * key_rows; e += kNThreads) {
@@ -198,10 +220,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     Tensor tdOsdO = g2s_thr.partition_D(sdO);
     {
       Tensor gK = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.k) + b * p.k_stride[0] +
-                                            hk * p.k_stride[1] + n0 * p.k_stride[2]),
+                                            hk * p.k_stride[1] + (seq.k_row0 + n0) * p.k_stride[2]),
                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(p.k_stride[2], _1{}));
       Tensor gV = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.v) + b * p.v_stride[0] +
-                                            hk * p.v_stride[1] + n0 * p.v_stride[2]),
+                                            hk * p.v_stride[1] + (seq.k_row0 + n0) * p.v_stride[2]),
                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(p.v_stride[2], _1{}));
       Tensor tKsK = g2s_thr.partition_D(sK);
       Tensor tVsV = g2s_thr.partition_D(sV);
@@ -210,15 +232,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     }
     // The walk over (head of the group, query tile) is carried as the tile
     // index, bh and the Q / dO source views, advanced by strides (no
-    // divisions or 64-bit products live across the loop).
+    // divisions or 64-bit products live across the loop). A varlen sequence's
+    // rows start at seq.q_row0 of every head, so the head step is the same.
     int m_block = m_block_min;
     int64_t bh = b * p.heads + hk * group;
     const int64_t m0_first = int64_t(m_block_min) * kBlockM;
+    const int64_t q_row_first = seq.q_row0 + m0_first;
     Tensor tQgQ = g2s_thr.partition_S(make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + hk * group * p.q_stride[1] + m0_first * p.q_stride[2]),
+        make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + hk * group * p.q_stride[1] + q_row_first * p.q_stride[2]),
         Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{})));
     Tensor tdOgdO = g2s_thr.partition_S(make_tensor(
-        make_gmem_ptr(static_cast<const Element*>(p.dout) + b * p.do_stride[0] + hk * group * p.do_stride[1] + m0_first * p.do_stride[2]),
+        make_gmem_ptr(static_cast<const Element*>(p.dout) + b * p.do_stride[0] + hk * group * p.do_stride[1] + q_row_first * p.do_stride[2]),
         Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.do_stride[2], _1{})));
     // Element offset from the tile at m_block to the next one of the walk
     // (the first tile of the next head after the last one).
@@ -227,10 +251,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
                                        : head_stride - int64_t(m_count - 1) * kBlockM * row_stride;
     };
     auto next_rows = [&]() {
-      return static_cast<int>(p.q_len - int64_t(m_block + 1 < m_block_max ? m_block + 1 : m_block_min) * kBlockM);
+      return static_cast<int>(seq.q_len - int64_t(m_block + 1 < m_block_max ? m_block + 1 : m_block_min) * kBlockM);
     };
-    load_tile(g2s, tQgQ, tQsQ, cQ, static_cast<int>(p.q_len - m0_first), dims);
-    load_tile(g2s, tdOgdO, tdOsdO, cQ, static_cast<int>(p.q_len - m0_first), dims);
+    load_tile(g2s, tQgQ, tQsQ, cQ, static_cast<int>(seq.q_len - m0_first), dims);
+    load_tile(g2s, tdOgdO, tdOsdO, cQ, static_cast<int>(seq.q_len - m0_first), dims);
     cp_async_commit();
 
     // S = Q K^T and dP = dO V^T
@@ -286,14 +310,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const int64_t m_blocks_total = ceil_div64(p.q_len, kBlockM);
 
     for (int step = 0; step < steps; ++step) {
+      const int64_t h = bh - b * p.heads;
       const int64_t m0 = int64_t(m_block) * kBlockM;
-      const int rows = static_cast<int>(p.q_len - m0);
+      const int rows = static_cast<int>(seq.q_len - m0);
       // lse in log2 units (+inf for empty or padding rows so P = 0).
       float lse_log2[kRows];
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         const int r = get<0>(coord_s(mi, 0));
-        const float l = r < rows ? p.lse[bh * p.q_len + m0 + r] : -INFINITY;
+        const float l = r < rows ? p.lse[h * seq.lse_head_stride + seq.lse_row0 + m0 + r] : -INFINITY;
         lse_log2[mi] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
       }
 
@@ -309,13 +334,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
-
       Tensor s = rowcol(acc_s);
+      // Score modifications before dP exists: fewer registers live.
+      __half2 dtanh[decltype(size(s))::value / 2];  // only the kHasMask variant uses it
       if constexpr (kHasMask) {
-        apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, bh - b * p.heads), m0, n0, p.q_len, p.kv_len);
+        const float slope = alibi_slope(p, b, h);
+        if (p.softcap != 0.f || slope != 0.f) {
+          apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0, dtanh);
+        }
+        if (p.mask_kind != MaskKind::kNone) {
+          apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, seq.q_len, seq.kv_len);
+        }
       }
-      if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-        mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
+      if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
       }
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
@@ -349,15 +381,26 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         }
       }
       if (kHasMask && p.dbias != nullptr) {  // dbias is the gradient of an additive attn_mask
-        Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + (bh - b * p.heads) * p.dbias_stride[1];
+        Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + h * p.dbias_stride[1];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
           const int64_t i = m0 + get<0>(coord_s(mi, 0));
-          if (i >= p.q_len) continue;
+          if (i >= seq.q_len) continue;
           CUTE_UNROLL
           for (int ni = 0; ni < size<1>(s); ++ni) {
             const int64_t j = n0 + get<1>(coord_s(0, ni));
-            if (j < p.kv_len) db[i * p.dbias_stride[2] + j * p.dbias_stride[3]] = static_cast<Element>(dp(mi, ni));
+            if (j < seq.kv_len) db[i * p.dbias_stride[2] + j * p.dbias_stride[3]] = static_cast<Element>(dp(mi, ni));
+          }
+        }
+      }
+      // dS so far is w.r.t. the capped score; through the cap it picks up 1 - tanh^2.
+      if constexpr (kHasMask) {
+        if (p.softcap != 0.f) {
+          CUTE_UNROLL
+          for (int e = 0; e < size(dp); e += 2) {
+            const float2 f = __half22float2(dtanh[e / 2]);
+            dp(e) *= f.x;
+            dp(e + 1) *= f.y;
           }
         }
       }
@@ -383,8 +426,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         // Key tiles add into a query tile in increasing order; lower tiles have
         // lower block ids, so they were scheduled first and cannot wait on us.
         sem = semaphores + bh * m_blocks_total + m_block;
-        const int rows_end = static_cast<int>(m0 + kBlockM < p.q_len ? kBlockM : p.q_len - m0);
-        const int64_t first_n = visible_key_range(p.window, m0, m0 + rows_end, p.kv_len).begin / kBlockN;
+        const int rows_end = static_cast<int>(m0 + kBlockM < seq.q_len ? kBlockM : seq.q_len - m0);
+        const int64_t first_n = visible_key_range(seq.window, m0, m0 + rows_end, seq.kv_len).begin / kBlockN;
         if (tid == 0) {
           while (load_acquire(sem) != static_cast<int>(n_block - first_n)) {
           }
@@ -394,7 +437,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       {
         // ws.dims == kHeadDim: compile-time row offsets fold into the atomics.
-        float* dq = p.dq_accum + (bh * ws.q_rows + m0) * kHeadDim;
+        float* dq = p.dq_accum + (dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
         Tensor acc = rowcol(acc_dq);
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(acc); ++mi) {
@@ -440,10 +483,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   for (int e = 0; e < size(acc_dk); ++e) acc_dk(e) *= static_cast<float>(p.scale);
   __syncthreads();
   Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + b * p.dk_stride[0] +
-                                         hk * p.dk_stride[1] + n0 * p.dk_stride[2]),
+                                         hk * p.dk_stride[1] + (seq.k_row0 + n0) * p.dk_stride[2]),
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(p.dk_stride[2], _1{}));
   Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + b * p.dv_stride[0] +
-                                         hk * p.dv_stride[1] + n0 * p.dv_stride[2]),
+                                         hk * p.dv_stride[1] + (seq.k_row0 + n0) * p.dv_stride[2]),
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(p.dv_stride[2], _1{}));
   store_acc_tile<Element, kNThreads>(acc_dk, mma_dkv, smem_k, typename Tr::SmemLayoutKV{}, gdK, key_rows, dims);
   store_acc_tile<Element, kNThreads>(acc_dv, mma_dkv, smem_v, typename Tr::SmemLayoutKV{}, gdV, key_rows, dims);
@@ -455,7 +498,7 @@ inline void launch_checked(const char* what, cudaError_t err) {
   }
 }
 
-template <class Tr, bool kHasMask, bool kDropout>
+template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Element = typename Tr::Element;
   const DqWorkspace ws = dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
@@ -468,7 +511,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t n_blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
   if (n_blocks > 0) {
     if (n_blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention backward: grid too large");
-    auto kernel = attention_bwd_kernel<Tr, kHasMask, kDropout>;
+    auto kernel = attention_bwd_kernel<Tr, kHasMask, kDropout, kVarlen>;
     constexpr int kSmem = Tr::kSmemBytes;
     launch_checked("setting shared memory size",
                             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));

@@ -19,7 +19,10 @@
 
 namespace flash_ext::cuda::sm80 {
 
-template <class Tr, bool kHasMask, bool kDropout>
+// kHasMask: the variant that modifies scores (attn_mask, softcap, ALiBi, each
+// checked at run time), so the common path carries none of it. kVarlen: p has
+// cu_seqlens (compiled apart so dense batches keep their registers).
+template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
@@ -32,20 +35,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
     p.dropout.rng_state[1] = static_cast<int64_t>(rng.offset);
   }
 
-  // Heaviest (last, under a causal mask) query tiles first.
+  // Heaviest (last, under a causal mask) query tiles first. The grid covers
+  // the longest sequence; tiles past a varlen sequence's end exit.
   const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
   const int64_t m_block = m_blocks - 1 - int64_t(blockIdx.x) % m_blocks;
   const int64_t bh = int64_t(blockIdx.x) / m_blocks;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t hk = h / (p.heads / p.kv_heads);
   const int64_t m0 = m_block * kBlockM;
-  const int rows = static_cast<int>(p.q_len - m0 < kBlockM ? p.q_len - m0 : kBlockM);
+  const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+  if (m0 >= seq.q_len) return;
+  const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
   const int dims = static_cast<int>(p.head_dim);
 
   Tensor gO = make_tensor(
-      make_gmem_ptr(static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + m0 * p.o_stride[2]),
+      make_gmem_ptr(static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                    (seq.q_row0 + m0) * p.o_stride[2]),
       Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.o_stride[2], _1{}));
-  float* lse_out = p.lse + bh * p.q_len + m0;
+  float* lse_out = p.lse + h * seq.lse_head_stride + seq.lse_row0 + m0;
 
   typename Tr::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
@@ -56,7 +63,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   constexpr int kRows = decltype(size<0>(acc_o_rc))::value;
   float lse[kRows];
 
-  const KeyRange keys = visible_key_range(p.window, m0, m0 + rows, p.kv_len);
+  const KeyRange keys = visible_key_range(seq.window, m0, m0 + rows, seq.kv_len);
   const int n_block_min = static_cast<int>(keys.begin / kBlockN);
   const int n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
 
@@ -75,16 +82,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Tr::SmemLayoutVtNoSwizzle{});
 
   Tensor gQ = make_tensor(
-      make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + m0 * p.q_stride[2]),
+      make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
+                    (seq.q_row0 + m0) * p.q_stride[2]),
       Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{}));
   // (kBlockN, kHeadDim, key tile)
-  const int64_t n_blocks = ceil_div64(p.kv_len, kBlockN);
+  const int64_t n_blocks = ceil_div64(seq.kv_len, kBlockN);
   Tensor gK = make_tensor(
-      make_gmem_ptr(static_cast<const Element*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1]),
+      make_gmem_ptr(static_cast<const Element*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
+                    seq.k_row0 * p.k_stride[2]),
       make_shape(Int<kBlockN>{}, Int<kHeadDim>{}, n_blocks),
       make_stride(p.k_stride[2], _1{}, p.k_stride[2] * kBlockN));
   Tensor gV = make_tensor(
-      make_gmem_ptr(static_cast<const Element*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1]),
+      make_gmem_ptr(static_cast<const Element*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                    seq.k_row0 * p.v_stride[2]),
       make_shape(Int<kBlockN>{}, Int<kHeadDim>{}, n_blocks),
       make_stride(p.v_stride[2], _1{}, p.v_stride[2] * kBlockN));
 
@@ -98,7 +108,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   Tensor tVsV = g2s_thr.partition_D(sV);
   Tensor tQcQ = g2s_thr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tKVc = g2s_thr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  auto kv_rows = [&](int n) { return static_cast<int>(p.kv_len - int64_t(n) * kBlockN); };
+  auto kv_rows = [&](int n) { return static_cast<int>(seq.kv_len - int64_t(n) * kBlockN); };
 
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
   Tensor tSrK = thr_mma.partition_fragment_B(sK);
@@ -122,7 +132,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
   AttnMask attn_mask{};
-  if constexpr (kHasMask) attn_mask = make_attn_mask<Element>(p, b, h);
+  float slope = 0.f;
+  if constexpr (kHasMask) {
+    attn_mask = make_attn_mask<Element>(p, b, h);
+    slope = alibi_slope(p, b, h);
+  }
   DropoutRng rng{};
   if constexpr (kDropout) rng = resolve_dropout(p.dropout);
 
@@ -140,9 +154,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
 
     Tensor s = rowcol(acc_s);
     const int64_t n0 = int64_t(n) * kBlockN;
-    if constexpr (kHasMask) apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, p.q_len, p.kv_len);
-    if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
+    if constexpr (kHasMask) {
+      if (p.softcap != 0.f || slope != 0.f) apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0);
+      if (attn_mask.kind != MaskKind::kNone) {
+        apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, seq.q_len, seq.kv_len);
+      }
+    }
+    if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
     }
 
     cp_async_wait<0>();
@@ -181,12 +200,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
   }
 }
 
-template <class Tr, bool kHasMask, bool kDropout>
+template <class Tr, bool kHasMask, bool kDropout, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
   if (blocks == 0) return;
   if (blocks > 0x7fffffff) throw std::runtime_error("flash_ext attention forward: grid too large");
-  auto kernel = attention_fwd_kernel<Tr, kHasMask, kDropout>;
+  auto kernel = attention_fwd_kernel<Tr, kHasMask, kDropout, kVarlen>;
   constexpr int kSmem = Tr::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err == cudaSuccess) {

@@ -48,8 +48,9 @@ const char* sm80_common_reason(const AttentionFwdParams& p, int major, int minor
   if (p.v_head_dim != p.head_dim) return "the CUDA attention kernels need v_head_dim == head_dim";
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) return "heads must be a multiple of kv_heads";
   if (!(p.scale > 0.0)) return "the CUDA attention kernels need a positive scale";
-  if (p.softcap != 0.f) return "the CUDA attention kernels do not implement softcap yet";
-  if (p.alibi_slopes != nullptr) return "the CUDA attention kernels do not implement ALiBi yet";
+  if (p.cu_seqlens_q != nullptr && (p.softcap != 0.f || p.alibi_slopes != nullptr)) {
+    return "the CUDA attention kernels do not combine softcap or ALiBi with varlen batches yet";
+  }
   if (p.dropout.p < 0.f || p.dropout.p >= 1.f) return "the CUDA attention kernels need 0 <= dropout_p < 1";
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
       !strides_vectorizable(p.q_stride, p.batch, p.heads, p.q_len) ||
@@ -111,12 +112,14 @@ void sm80_bwd(const AttentionBwdParams& p, cudaStream_t s) {
   }
 }
 
+// Matches dq_workspace in attention_bwd_kernel.cuh (kDqRowPad = 128).
 BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
   const int64_t inst = sm80::head_dim_instance(p.head_dim);
-  const int64_t q_rows = (p.q_len + 127) / 128 * 128;  // matches kDqRowPad
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t q_rows = varlen ? p.total_q + p.batch * 128 : (p.q_len + 127) / 128 * 128;
   const int64_t block_m = sm80::bwd_block_m(static_cast<int>(inst));
   const int64_t semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
-  return {static_cast<size_t>(p.batch * p.heads * q_rows * inst + semaphores),
+  return {static_cast<size_t>((varlen ? 1 : p.batch) * p.heads * q_rows * inst + semaphores),
           static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
@@ -143,11 +146,11 @@ bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t
 }
 
 // Whether the Hopper forward serves a call the sm80 kernels accept; what it
-// does not cover yet (attn_mask, dropout, softcap, ALiBi, stride-0
+// does not cover yet (attn_mask, dropout, softcap, ALiBi, varlen, stride-0
 // broadcasts, which TMA cannot address, an empty key sequence) runs on the
 // sm80 kernels, also on a Hopper GPU.
 bool sm90_fwd_serves(const AttentionFwdParams& p) {
-  return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f &&
+  return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f && p.cu_seqlens_q == nullptr &&
          p.alibi_slopes == nullptr && p.kv_len > 0 && p.q_len < (int64_t(1) << 31) &&
          p.kv_len < (int64_t(1) << 31) && nonzero_strides(p.q_stride, p.batch, p.heads, p.q_len) &&
          nonzero_strides(p.k_stride, p.batch, p.kv_heads, p.kv_len) &&

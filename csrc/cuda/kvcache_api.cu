@@ -13,6 +13,7 @@
 
 #include "api.h"
 #include "kvcache/kvcache_launch.cuh"
+#include "softcap.cuh"
 
 namespace flash_ext::cuda {
 namespace kvcache {
@@ -99,6 +100,11 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   const WarpLayout layout = warp_layout(args.rows);
   args.m_blocks = (args.rows + block_rows(layout) - 1) / block_rows(layout);
   args.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  if (p.softcap > 0.f) {
+    args.tanh_in = static_cast<float>(kTwoLog2e * p.scale / p.softcap);
+    args.tanh_out = static_cast<float>(p.softcap / p.scale);
+  }
+  args.inv_scale = static_cast<float>(1.0 / p.scale);
   const int head_dim_inst = head_dim_instance(p.head_dim);
   args.stages = choose_stages(head_dim_inst, layout, tuning.stages,
                               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
@@ -126,9 +132,6 @@ const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major,
     return "the CUDA decoding kernels need a head dim that is a multiple of 8, at most 256";
   }
   if (p.v_head_dim != p.head_dim) return "the CUDA decoding kernels need v's head dim equal to q's";
-  if (p.softcap != 0.f || p.alibi_slopes != nullptr) {
-    return "the CUDA decoding kernels do not implement softcap or ALiBi yet";
-  }
   if (device_major == 8 && device_minor != 0 && p.head_dim > 128) {
     return "head dims above 128 need more shared memory per block than sm_86/sm_89 offer";
   }

@@ -1,9 +1,11 @@
 // What turns q.k into the score the softmax sees, element by element of a
-// register tile: the visibility window and sequence ends (mask.h), the
-// attn_mask (boolean or additive), and dropout (philox.h, the same bits as
-// the CPU kernels). Coordinates come from an identity tensor partitioned like
-// the accumulator, viewed (rows x cols).
+// register tile: soft-capping and ALiBi (params.h), the visibility window and
+// sequence ends (mask.h), the attn_mask (boolean or additive), and dropout
+// (philox.h, the same bits as the CPU kernels). Coordinates come from an
+// identity tensor partitioned like the accumulator, viewed (rows x cols).
 #pragma once
+
+#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
@@ -11,6 +13,7 @@
 #include "common/mask.h"
 #include "common/params.h"
 #include "common/philox.h"
+#include "softcap.cuh"
 #include "tile_utils.cuh"
 
 namespace flash_ext::cuda::sm80 {
@@ -53,6 +56,64 @@ __device__ __forceinline__ void mask_window(S& s, const C& c, int64_t m0, int64_
     for (int ni = 0; ni < size<1>(s); ++ni) {
       const int col = get<1>(c(0, ni));
       if (col < col_lo || col >= col_hi) s(mi, ni) = -INFINITY;
+    }
+  }
+}
+
+// Soft-capping and ALiBi of head (b, h), applied before the attn_mask. Scores
+// are unscaled here (s = q.k), so with z = scale * s the cap
+// softcap * tanh(z / softcap) enters as (softcap / scale) * tanh(s * scale /
+// softcap) and ALiBi as (slope / scale) * |i + diagonal_offset - j|.
+struct ScoreMods {
+  float tanh_in;   // 2 log2(e) * scale / softcap (tanh_exp2's argument); 0 = no cap
+  float tanh_out;  // softcap / scale
+  float slope;     // ALiBi slope / scale; 0 = none
+  int64_t diagonal_offset;
+};
+
+// Rebuilt per tile from the params (constant memory) rather than held in
+// registers across the key loop; the caller loads the slope (alibi_slope).
+__device__ __forceinline__ ScoreMods make_score_mods(const AttentionFwdParams& p, float slope) {
+  const float scale = static_cast<float>(p.scale);
+  ScoreMods m;
+  m.tanh_in = p.softcap > 0.f ? static_cast<float>(kTwoLog2e) * scale / p.softcap : 0.f;
+  m.tanh_out = p.softcap / scale;
+  m.slope = slope / scale;
+  m.diagonal_offset = p.window.diagonal_offset;
+  return m;
+}
+
+__device__ __forceinline__ float alibi_slope(const AttentionFwdParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes != nullptr ? __ldg(p.alibi_slopes + b * p.alibi_batch_stride + h) : 0.f;
+}
+
+// Applies `mods` to tile s at origin (m0, n0). With a cap, dtanh[e / 2]
+// receives 1 - tanh^2 of elements e, e + 1 (linear index into s), the
+// derivative backward needs: float16 pairs, half the registers of a float
+// tile (which would spill there), rounded no worse than dS itself.
+template <class S, class C>
+__device__ __forceinline__ void apply_score_mods(S& s, const C& c, const ScoreMods& mods, int64_t m0,
+                                                 int64_t n0, __half2* dtanh = nullptr) {
+  if (mods.tanh_in != 0.f) {
+    CUTE_UNROLL
+    for (int e = 0; e < size(s); e += 2) {
+      const float t0 = tanh_exp2(s(e) * mods.tanh_in), t1 = tanh_exp2(s(e + 1) * mods.tanh_in);
+      s(e) = mods.tanh_out * t0;
+      s(e + 1) = mods.tanh_out * t1;
+      if (dtanh != nullptr) dtanh[e / 2] = __floats2half2_rn(1.f - t0 * t0, 1.f - t1 * t1);
+    }
+  }
+  if (mods.slope != 0.f) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(s); ++mi) {
+      // In int, not float: float column coordinates get hoisted out of the key
+      // loop into registers. Exact below 2^24 keys.
+      const int64_t d = m0 + get<0>(c(mi, 0)) + mods.diagonal_offset - n0;
+      const int diag = static_cast<int>(d < -(1 << 30) ? -(1 << 30) : d > 1 << 30 ? 1 << 30 : d);
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        s(mi, ni) -= mods.slope * static_cast<float>(abs(diag - get<1>(c(0, ni))));
+      }
     }
   }
 }

@@ -30,35 +30,51 @@ using BwdConfig = std::conditional_t<
     std::conditional_t<kHeadDim == 128, BwdTraits<128, 64, 128, 8, 2, 4, 2, true, Element>,
                        BwdTraits<256, 64, 64, 8, 4, 2, 2, false, Element>>>;
 
+// Calls whose scores need more than the window (attn_mask, softcap, ALiBi)
+// take the kernels' kHasMask variant; the rest run without that code.
+inline bool modifies_scores(const AttentionFwdParams& p) {
+  return p.mask_kind != MaskKind::kNone || p.softcap != 0.f || p.alibi_slopes != nullptr;
+}
+
 template <int kHeadDim, ScalarKind kDtype>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Tr = FwdConfig<kHeadDim, ElementOf<kDtype>>;
   static_assert(Tr::kSmemBytes == fwd_smem_bytes(kHeadDim));
-  const bool mask = p.mask_kind != MaskKind::kNone;
+  const bool mask = modifies_scores(p);
   const bool dropout = p.dropout.p > 0.f;
-  if (mask) {
-    dropout ? launch_attention_fwd<Tr, true, true>(p, stream) : launch_attention_fwd<Tr, true, false>(p, stream);
+  if (mask) {  // varlen calls never carry an attn_mask
+    dropout ? launch_attention_fwd<Tr, true, true, false>(p, stream) : launch_attention_fwd<Tr, true, false, false>(p, stream);
+  } else if (p.cu_seqlens_q != nullptr) {
+    dropout ? launch_attention_fwd<Tr, false, true, true>(p, stream) : launch_attention_fwd<Tr, false, false, true>(p, stream);
   } else {
-    dropout ? launch_attention_fwd<Tr, false, true>(p, stream) : launch_attention_fwd<Tr, false, false>(p, stream);
+    dropout ? launch_attention_fwd<Tr, false, true, false>(p, stream) : launch_attention_fwd<Tr, false, false, false>(p, stream);
   }
 }
 
-// Split in two files per (head dim, dtype) for build parallelism: calls with
-// an attn_mask and calls without.
+// Split in two files per (head dim, dtype) for build parallelism: calls that
+// modify scores and calls that do not.
 template <int kHeadDim, ScalarKind kDtype, bool kHasMask>
 void run_bwd_masking(const AttentionBwdParams& p, cudaStream_t stream) {
   using Tr = BwdConfig<kHeadDim, ElementOf<kDtype>>;
   static_assert(Tr::kSmemBytes == bwd_smem_bytes(kHeadDim) && Tr::kBlockM == bwd_block_m(kHeadDim));
+  // Varlen calls never carry an attn_mask: only the unmasked file compiles them.
+  if constexpr (!kHasMask) {
+    if (p.cu_seqlens_q != nullptr) {
+      p.dropout.p > 0.f ? launch_attention_bwd<Tr, false, true, true>(p, stream)
+                        : launch_attention_bwd<Tr, false, false, true>(p, stream);
+      return;
+    }
+  }
   if (p.dropout.p > 0.f) {
-    launch_attention_bwd<Tr, kHasMask, true>(p, stream);
+    launch_attention_bwd<Tr, kHasMask, true, false>(p, stream);
   } else {
-    launch_attention_bwd<Tr, kHasMask, false>(p, stream);
+    launch_attention_bwd<Tr, kHasMask, false, false>(p, stream);
   }
 }
 
 template <int kHeadDim, ScalarKind kDtype>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
-  if (p.mask_kind != MaskKind::kNone) {
+  if (modifies_scores(p)) {
     run_bwd_masking<kHeadDim, kDtype, true>(p, stream);
   } else {
     run_bwd_masking<kHeadDim, kDtype, false>(p, stream);

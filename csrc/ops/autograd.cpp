@@ -102,20 +102,111 @@ std::tuple<at::Tensor, at::Tensor> attention_inference(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flash_ext::attention_varlen_fwd", "")
+                             .typed<decltype(attention_varlen_fwd)>();
+  return op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                 window_left, window_right, bottom_right, softcap, alibi_slopes);
+}
+
+// attention_varlen's autograd: as AttentionFunction, with the cu_seqlens saved.
+class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k, double dropout_p, double scale,
+                               int64_t window_left, int64_t window_right, bool bottom_right,
+                               bool deterministic, double softcap,
+                               const std::optional<at::Tensor>& alibi_slopes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, rng_state] =
+        call_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                        scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlens_k,
+                            alibi_slopes.value_or(at::Tensor())});
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["deterministic"] = deterministic;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("flash_ext::attention_varlen_bwd", "")
+                               .typed<decltype(attention_varlen_bwd)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
+    const at::Tensor &lse = saved[4], &rng_state = saved[5], &slopes = saved[8];
+    at::Tensor grad_out = grads[0];
+    if (!grad_out.defined()) grad_out = at::zeros_like(out);
+    if (grad_out.stride(-1) != 1) grad_out = grad_out.contiguous();
+    auto [dq, dk, dv] = op.call(
+        grad_out, q, k, v, out, lse, rng_state, saved[6], saved[7],
+        ctx->saved_data["max_seqlen_q"].toInt(), ctx->saved_data["max_seqlen_k"].toInt(),
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
+        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["deterministic"].toBool(),
+        ctx->saved_data["softcap"].toDouble(), optional_tensor(slopes));
+    variable_list grad_inputs(15);
+    grad_inputs[0] = dq;
+    grad_inputs[1] = dk;
+    grad_inputs[2] = dv;
+    return grad_inputs;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, bool deterministic,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const variable_list outs = VarlenAttentionFunction::apply(
+      q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+      window_left, window_right, bottom_right, deterministic, softcap, alibi_slopes);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_inference(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    bool /*deterministic*/, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  auto [out, lse, rng_state] =
+      call_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_ext, Autograd, m) {
   m.impl("attention", &attention_autograd);
+  m.impl("attention_varlen", &attention_varlen_autograd);
   // The others are not differentiable (attention's backward is once
   // differentiable): differentiating through them raises instead of silently
   // giving zero gradients.
-  for (const char* name : {"attention_fwd", "attention_bwd", "kvcache_attention", "dropout_keep_mask"}) {
+  for (const char* name : {"attention_fwd", "attention_bwd", "attention_varlen_fwd",
+                           "attention_varlen_bwd", "kvcache_attention", "dropout_keep_mask"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeExplicitAutograd, m) {
   m.impl("attention", &attention_inference);
+  m.impl("attention_varlen", &attention_varlen_inference);
 }
 
 }  // namespace flash_ext

@@ -27,9 +27,6 @@ void run_kernels(const char* what, Fn&& fn) {
 
 template <typename Params, typename ReasonFn>
 void require_supported(const at::Tensor& q, const Params& params, ReasonFn reason_fn) {
-  // Features the CUDA kernels do not read yet: refuse rather than ignore them.
-  TORCH_CHECK(params.softcap == 0.f && params.alibi_slopes == nullptr,
-              "flash_ext: softcap and alibi_slopes are not served by the CUDA kernels yet");
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
   const char* reason = reason_fn(params, prop->major, prop->minor);
   TORCH_CHECK(reason == nullptr, "flash_ext: the CUDA kernels cannot serve this call: ", reason);

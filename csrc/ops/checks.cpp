@@ -62,6 +62,54 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
                     q.size(3), " and value ", v.size(3));
 }
 
+namespace {
+
+void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t batch,
+                      int64_t total, int64_t max_seqlen, const at::Device& device) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name,
+                    " must be 1-D of shape (batch + 1,), got ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == device, op, ": ", name, " must be on the query's device (", device,
+                    "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.size(0) == batch + 1, op, ": ", name, " must have batch + 1 = ", batch + 1,
+                    " entries like cu_seqlens_q, got ", cu.size(0));
+  if (cu.is_cuda()) return;  // reading the values would synchronize; kernels clamp them
+  const at::Tensor c = cu.contiguous();
+  const int32_t* x = c.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(x[0] == 0, op, ": ", name, " must start at 0, got ", x[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t(x[b + 1]) - x[b];
+    TORCH_CHECK_VALUE(len >= 0, op, ": ", name, " must be nondecreasing, got ", x[b], " then ",
+                      x[b + 1], " at index ", b);
+    TORCH_CHECK_VALUE(len <= max_seqlen, op, ": sequence ", b, " has length ", len, " (from ", name,
+                      ") above its max_seqlen ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(x[batch] == total, op, ": ", name, " must end at the number of packed rows (",
+                    total, "), got ", x[batch]);
+}
+
+}  // namespace
+
+void check_varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                         int64_t max_seqlen_k) {
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK_VALUE(t->dim() == 3, op, ": ", name,
+                      " must be a 3-D tensor (total_tokens, heads, dim), got ", t->dim(), "-D");
+  }
+  check_attention_inputs(op, packed_as_4d(q), packed_as_4d(k), packed_as_4d(v));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op,
+                    ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_seqlen_q, " and ",
+                    max_seqlen_k);
+  TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
+                    ": cu_seqlens_q must be 1-D of shape (batch + 1,), got ", cu_seqlens_q.sizes());
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, batch, q.size(0), max_seqlen_q, q.device());
+  check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, batch, k.size(0), max_seqlen_k, q.device());
+}
+
 void check_attn_mask(const char* op, const at::Tensor& mask, const at::Tensor& q,
                      const at::Tensor& k) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(), op,
@@ -155,6 +203,28 @@ AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, con
   p.dropout.p = dropout_p;
   p.softcap = static_cast<float>(softcap);
   std::tie(p.alibi_slopes, p.alibi_batch_stride) = alibi_pointer(alibi_slopes);
+  return p;
+}
+
+AttentionFwdParams make_varlen_fwd_params(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double dropout_p, double scale,
+                                          int64_t window_left, int64_t window_right,
+                                          bool bottom_right, double softcap,
+                                          const std::optional<at::Tensor>& alibi_slopes) {
+  AttentionFwdParams p =
+      make_fwd_params(packed_as_4d(q), packed_as_4d(k), packed_as_4d(v), std::nullopt, dropout_p,
+                      scale, window_left, window_right, false, softcap, alibi_slopes);
+  p.batch = cu_seqlens_q.size(0) - 1;
+  p.q_len = max_seqlen_q;
+  p.kv_len = max_seqlen_k;
+  p.q_stride[0] = p.k_stride[0] = p.v_stride[0] = 0;  // rows come from cu_seqlens
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.bottom_right = bottom_right;
   return p;
 }
 

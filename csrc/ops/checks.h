@@ -44,12 +44,35 @@ void check_softcap_alibi(const char* op, double softcap,
 // Where slopes live and how the batch steps through them (0 = shared).
 std::pair<const float*, int64_t> alibi_pointer(const std::optional<at::Tensor>& alibi_slopes);
 
+// Variable-length batches: q (total_q, heads, dim), k (total_k, kv_heads,
+// dim), v (total_k, kv_heads, dim_v) with the rules of check_attention_inputs;
+// cu_seqlens_q/k int32, 1-D, (batch + 1,), on q's device; max_seqlen >= 0.
+// On the CPU also their values: start at 0, nondecreasing, end at total, no
+// length above max_seqlen (on CUDA that would need a sync: kernels clamp).
+void check_varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                         int64_t max_seqlen_k);
+
 // Params for q, k, v, the optional mask and the window; outputs unset.
 AttentionFwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                    double scale, int64_t window_left, int64_t window_right,
                                    bool bottom_right, double softcap,
                                    const std::optional<at::Tensor>& alibi_slopes);
+
+// make_fwd_params for packed (total, heads, dim) q, k, v and their
+// cu_seqlens (contiguous int32), see AttentionFwdParams' varlen fields.
+AttentionFwdParams make_varlen_fwd_params(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double dropout_p, double scale,
+                                          int64_t window_left, int64_t window_right,
+                                          bool bottom_right, double softcap,
+                                          const std::optional<at::Tensor>& alibi_slopes);
+
+// (total, heads, dim) as the (1, heads, total, dim) view the 4-D rules take.
+inline at::Tensor packed_as_4d(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
 
 // (batch, head, seq) element strides of a (B, H, L, D) tensor.
 void set_strides(int64_t (&dst)[3], const at::Tensor& t);

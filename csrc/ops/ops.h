@@ -21,6 +21,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     int64_t window_left, int64_t window_right, bool bottom_right, bool bias_requires_grad,
     bool deterministic, double softcap, const std::optional<at::Tensor>& alibi_slopes);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, bool deterministic, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes);
+
 std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,

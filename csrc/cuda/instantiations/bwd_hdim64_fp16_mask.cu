@@ -1,4 +1,4 @@
-// Backward kernels of the sm80 family with an attn_mask, head dim 64, fp16.
+// Backward kernels of the sm80 family for calls that modify scores, head dim 64, fp16.
 #include "../sm80_configs.cuh"
 
 namespace flash_ext::cuda::sm80 {

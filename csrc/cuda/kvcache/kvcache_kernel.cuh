@@ -14,6 +14,7 @@
 
 #include <cmath>
 
+#include "../softcap.cuh"
 #include "kvcache_device.cuh"
 #include "kvcache_launch.cuh"
 
@@ -238,11 +239,21 @@ __global__ void __launch_bounds__(kThreads)
 
   // Each thread holds rows ra = lane/4 and rb = ra + 8 of its warp's m16 tile.
   const int ra = wm * 16 + (lane >> 2), rb = ra + 8;
-  // Last visible key of a row: bottom-right causal alignment, or all keys.
-  const auto last_key = [&](int r) { return p.causal ? total - q_len + (row0 + r) % q_len : total - 1; };
+  // A row's own position among the keys (bottom-right alignment).
+  const auto row_pos = [&](int r) { return total - q_len + (row0 + r) % q_len; };
+  // Last visible key of a row: its own position when causal, else all keys.
+  const auto last_key = [&](int r) { return p.causal ? row_pos(r) : total - 1; };
   const int last_a = last_key(ra), last_b = last_key(rb);
   const int first_masked = (p.causal ? total - q_len : total - 1) + 1;  // over every row
   const float scale_log2 = args.scale_log2;
+  const bool mods = args.tanh_in != 0.f || p.alibi_slopes != nullptr;
+  // ALiBi slope of a row over the scale (scores are unscaled); padding rows get 0.
+  const auto alibi_slope = [&](int r) {
+    const int m = row0 + r;
+    return p.alibi_slopes != nullptr && m < args.rows
+               ? p.alibi_slopes[b * p.alibi_batch_stride + kvh * args.group + m / q_len] * args.inv_scale
+               : 0.f;
+  };
 
   float m_run[2] = {kNegInf, kNegInf};  // running max, base-2 scaled
   float l_run[2] = {0.f, 0.f};          // this thread's part of the row sums
@@ -283,9 +294,25 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
+    const int key0 = tile * kBlockN + wn * Cfg::kWarpKeys + (lane & 3) * 2;
+    // Soft-capping and ALiBi (params.h), on unscaled scores like the plain
+    // path's. Row values are rederived per tile so they hold no registers
+    // across the loop.
+    if (mods) {
+      const float slope[2] = {alibi_slope(ra), alibi_slope(rb)};
+      const int pos[2] = {row_pos(ra), row_pos(rb)};
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kWarpKeys / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float& v = s[nt][e];
+          if (args.tanh_in != 0.f) v = args.tanh_out * tanh_exp2(v * args.tanh_in);
+          v -= slope[e >> 1] * fabsf(static_cast<float>(pos[e >> 1] - (key0 + nt * 8 + (e & 1))));
+        }
+      }
+    }
     // Online softmax in base 2; masking only on the sequence's last tiles.
     const bool need_mask = (tile + 1) * kBlockN > first_masked;
-    const int key0 = tile * kBlockN + wn * Cfg::kWarpKeys + (lane & 3) * 2;
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < Cfg::kWarpKeys / 8; ++nt) {

@@ -58,6 +58,10 @@ struct KernelArgs {
   int m_blocks = 1;   // thread blocks along the packed rows
   int stages = 2;
   float scale_log2 = 1.f;  // softmax scale * log2(e): scores live in base 2
+  // Soft-capping and ALiBi on unscaled scores s = q.k (as score_mod.cuh):
+  // s -> tanh_out * tanh_exp2(s * tanh_in), tanh_in = 0 when off; ALiBi
+  // slopes enter times inv_scale.
+  float tanh_in = 0.f, tanh_out = 0.f, inv_scale = 1.f;
 };
 
 // Shared memory of one attention block: Q tile, then the K/V stages (which
