@@ -212,9 +212,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   clear(acc_dk);
   clear(acc_dv);
 
-  const Element* q_head0 = static_cast<const Element*>(p.q) + b * p.q_stride[0] + seq.q_row0 * p.q_stride[2];
-  const Element* do_head0 = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + seq.q_row0 * p.do_stride[2];
-
   if (steps > 0) {
     typename Tr::Gmem::Load g2s;
     auto g2s_thr = g2s.get_thread_slice(tid);
@@ -234,22 +231,31 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       load_tile(g2s, g2s_thr.partition_S(gK), tKsK, cKV, key_rows, dims);
       load_tile(g2s, g2s_thr.partition_S(gV), tVsV, cKV, key_rows, dims);
     }
-    // Query tile `step` of the flattened (head of the group, query tile) walk.
-    auto step_head = [&](int step) { return hk * group + step / m_count; };
-    auto step_m0 = [&](int step) { return int64_t(m_block_min + step % m_count) * kBlockM; };
-    auto q_rows = [&](int step) { return static_cast<int>(seq.q_len - step_m0(step)); };
-    auto load_q = [&](int step, auto& dst) {
-      Tensor gQ = make_tensor(make_gmem_ptr(q_head0 + step_head(step) * p.q_stride[1] + step_m0(step) * p.q_stride[2]),
-                              Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{}));
-      load_tile(g2s, g2s_thr.partition_S(gQ), dst, cQ, q_rows(step), dims);
+    // The walk over (head of the group, query tile) is carried as the tile
+    // index, bh and the Q / dO source views, advanced by strides (no
+    // divisions or 64-bit products live across the loop). A varlen sequence's
+    // rows start at seq.q_row0 of every head, so the head step is the same.
+    int m_block = m_block_min;
+    int64_t bh = b * p.heads + hk * group;
+    const int64_t m0_first = int64_t(m_block_min) * kBlockM;
+    const int64_t q_row_first = seq.q_row0 + m0_first;
+    Tensor tQgQ = g2s_thr.partition_S(make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.q) + b * p.q_stride[0] + hk * group * p.q_stride[1] + q_row_first * p.q_stride[2]),
+        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.q_stride[2], _1{})));
+    Tensor tdOgdO = g2s_thr.partition_S(make_tensor(
+        make_gmem_ptr(static_cast<const Element*>(p.dout) + b * p.do_stride[0] + hk * group * p.do_stride[1] + q_row_first * p.do_stride[2]),
+        Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.do_stride[2], _1{})));
+    // Element offset from the tile at m_block to the next one of the walk
+    // (the first tile of the next head after the last one).
+    auto next_offset = [&](int64_t head_stride, int64_t row_stride) {
+      return m_block + 1 < m_block_max ? kBlockM * row_stride
+                                       : head_stride - int64_t(m_count - 1) * kBlockM * row_stride;
     };
-    auto load_do = [&](int step) {
-      Tensor gdO = make_tensor(make_gmem_ptr(do_head0 + step_head(step) * p.do_stride[1] + step_m0(step) * p.do_stride[2]),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(p.do_stride[2], _1{}));
-      load_tile(g2s, g2s_thr.partition_S(gdO), tdOsdO, cQ, q_rows(step), dims);
+    auto next_rows = [&]() {
+      return static_cast<int>(seq.q_len - int64_t(m_block + 1 < m_block_max ? m_block + 1 : m_block_min) * kBlockM);
     };
-    load_q(0, tQsQ);
-    load_do(0);
+    load_tile(g2s, tQgQ, tQsQ, cQ, static_cast<int>(seq.q_len - m0_first), dims);
+    load_tile(g2s, tdOgdO, tdOsdO, cQ, static_cast<int>(seq.q_len - m0_first), dims);
     cp_async_commit();
 
     // S = Q K^T and dP = dO V^T
@@ -305,30 +311,28 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const int64_t m_blocks_total = ceil_div64(p.q_len, kBlockM);
 
     for (int step = 0; step < steps; ++step) {
-      const int64_t h = step_head(step);
-      const int64_t bh = b * p.heads + h;
-      const int64_t m0 = step_m0(step);
-      const int rows = q_rows(step);
-      // lse in log2 units (+inf for empty or padding rows so P = 0) and D.
-      float lse_log2[kRows], row_d[kRows];
+      const int64_t h = bh - b * p.heads;
+      const int64_t m0 = int64_t(m_block) * kBlockM;
+      const int rows = static_cast<int>(seq.q_len - m0);
+      // lse in log2 units (+inf for empty or padding rows so P = 0).
+      float lse_log2[kRows];
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         const int r = get<0>(coord_s(mi, 0));
         const float l = r < rows ? p.lse[h * seq.lse_head_stride + seq.lse_row0 + m0 + r] : -INFINITY;
         lse_log2[mi] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
-        row_d[mi] = r < rows ? p.softmax_d[bh * p.q_len + m0 + r] : 0.f;
       }
 
       cp_async_wait<0>();
       __syncthreads();  // Q, dO (and at first K, V) landed
       if (Tr::kDoubleBufferQ && step + 1 < steps) {
         Tensor next = make_tensor(tQsQ.data() + ((step + 1) & 1) * kQElems, tQsQ.layout());
-        load_q(step + 1, next);
+        tQgQ.data() = tQgQ.data() + next_offset(p.q_stride[1], p.q_stride[2]);
+        load_tile(g2s, tQgQ, next, cQ, next_rows(), dims);
         cp_async_commit();
       }
 
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
       Tensor s = rowcol(acc_s);
@@ -343,9 +347,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, seq.q_len, seq.kv_len);
         }
       }
-      clear(acc_dp);
-      gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
-      Tensor dp = rowcol(acc_dp);
       if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
         mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
       }
@@ -354,6 +355,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(s); ++ni) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -lse_log2[mi]));
       }
+      // P before dP = dO V^T (as in FlashAttention-2): lse is dead and D
+      // live only through the dP product, where S, dP, dK and dV peak.
+      float row_d[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        row_d[mi] = get<0>(coord_s(mi, 0)) < rows ? p.softmax_d[bh * p.q_len + m0 + get<0>(coord_s(mi, 0))] : 0.f;
+      }
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_dp);
+      gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, s2r_sdp_a, s2r_sdp_a_thr, s2r_sdp_b, s2r_sdp_b_thr);
+      Tensor dp = rowcol(acc_dp);
       // dS = P * (dP - D) with dP through the dropout mask; s becomes the
       // dropped, rescaled P that multiplies dO.
       if constexpr (kDropout) {
@@ -369,7 +381,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           for (int ni = 0; ni < size<1>(s); ++ni) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - row_d[mi]);
         }
       }
-      if (p.dbias != nullptr) {
+      if (kHasMask && p.dbias != nullptr) {  // dbias is the gradient of an additive attn_mask
         Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + h * p.dbias_stride[1];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
@@ -402,17 +414,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // P, dS visible to all warps
 
+      gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
+      gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
+      // dQ last, so its accumulator is live only until the atomics and not
+      // next to dK and dV through their products.
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       clear(acc_dq);
       gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, s2r_dq_a, s2r_dq_a_thr, s2r_dq_b, s2r_dq_b_thr);
-      gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
-      gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma_dkv, s2r_dkv_a, s2r_dkv_a_thr, s2r_dkv_b, s2r_dkv_b_thr);
 
       int* sem = nullptr;
       if (p.deterministic) {
         // Key tiles add into a query tile in increasing order; lower tiles have
         // lower block ids, so they were scheduled first and cannot wait on us.
-        const int64_t m_block = m0 / kBlockM;
         sem = semaphores + bh * m_blocks_total + m_block;
         const int rows_end = static_cast<int>(m0 + kBlockM < seq.q_len ? kBlockM : seq.q_len - m0);
         const int64_t first_n = visible_key_range(seq.window, m0, m0 + rows_end, seq.kv_len).begin / kBlockN;
@@ -424,11 +437,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         __syncthreads();
       }
       {
-        float* dq = p.dq_accum + (dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * ws.dims;
+        // ws.dims == kHeadDim: compile-time row offsets fold into the atomics.
+        float* dq = p.dq_accum + (dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
         Tensor acc = rowcol(acc_dq);
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(acc); ++mi) {
-          float* row = dq + int64_t(get<0>(coord_dq(mi, 0))) * ws.dims;
+          float* row = dq + get<0>(coord_dq(mi, 0)) * kHeadDim;
           CUTE_UNROLL
           for (int ni = 0; ni < size<1>(acc); ++ni) atomicAdd(row + get<1>(coord_dq(0, ni)), acc(mi, ni));
         }
@@ -447,9 +461,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       }
       __syncthreads();  // every warp is done with dO, P, dS (and a single Q buffer)
       if (step + 1 < steps) {
-        if constexpr (!Tr::kDoubleBufferQ) load_q(step + 1, tQsQ);
-        load_do(step + 1);
+        const int rows_next = next_rows();
+        if constexpr (!Tr::kDoubleBufferQ) {
+          tQgQ.data() = tQgQ.data() + next_offset(p.q_stride[1], p.q_stride[2]);
+          load_tile(g2s, tQgQ, tQsQ, cQ, rows_next, dims);
+        }
+        tdOgdO.data() = tdOgdO.data() + next_offset(p.do_stride[1], p.do_stride[2]);
+        load_tile(g2s, tdOgdO, tdOsdO, cQ, rows_next, dims);
         cp_async_commit();
+      }
+      if (m_block + 1 < m_block_max) {
+        ++m_block;
+      } else {
+        m_block = m_block_min;
+        ++bh;
       }
     }
   }
