@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -94,6 +95,15 @@ def _cuda_sources(archs: str) -> list[str]:
     return sources
 
 
+# A compiler whose libstdc++ links statically (the GPU machine's /opt/gcc
+# g++ does) puts a second libstdc++ in our library; its stream code then
+# resolved the locale facets' ids to torch's libstdc++ and crashed formatting
+# any number into an error message. Keeping the archive's symbols local makes
+# that copy self-consistent; with a shared libstdc++ (the usual case) the flag
+# changes nothing.
+LINK_FLAGS = ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def build_extension():
     # The C++ standard comes from torch (its headers need C++20 from 2.13 on).
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
@@ -101,7 +111,7 @@ def build_extension():
     sources = [s for s in sources if not s.endswith("backend_cuda.cpp")]
     if not _want_cuda():
         return CppExtension("flash_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
-                            py_limited_api=False)
+                            extra_link_args=LINK_FLAGS, py_limited_api=False)
     archs = os.environ.get("FLASH_EXT_CUDA_ARCHS", "8.0;9.0a")
     nvcc_flags = [
         "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
@@ -117,6 +127,7 @@ def build_extension():
         include_dirs=[str(ROOT / "csrc"), _cutlass_include(), *_pip_cuda_includes()],
         define_macros=[("FLASH_EXT_WITH_CUDA", None)] + ([("FLASH_EXT_SM90A", None)] if _builds_sm90a(archs) else []),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=LINK_FLAGS,
     )
 
 

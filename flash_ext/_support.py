@@ -113,6 +113,12 @@ def cuda_family_name(major: int) -> str | None:
     return None
 
 
+def cuda_families(major: int) -> list[str]:
+    """Every built family that runs on compute capability ``major``.x, in
+    dispatch order, whatever is forced (what tests and benchmarks iterate)."""
+    return [name for name in str(_C.CUDA_FAMILIES).split(",") if name and _CUDA_RUNS_ON[name](major)]
+
+
 def set_cuda_path(name: str | None) -> None:
     """Force the CUDA kernel family, e.g. ``"sm80"`` on an H100 to compare with
     the Hopper kernels; ``None`` restores the choice by device. Sets the

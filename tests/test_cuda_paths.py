@@ -30,6 +30,22 @@ def _automatic_path():
     flash_ext.set_cuda_path(None)
 
 
+def test_family_rule(monkeypatch):
+    """The Python mirror of the dispatch's family rule (runs without a GPU)."""
+    support = flash_ext._support
+    monkeypatch.setattr(support._C, "CUDA_FAMILIES", "sm90,sm80")
+    monkeypatch.setattr(support, "_forced_cuda_path", "")
+    assert support.cuda_families(9) == ["sm90", "sm80"]
+    assert support.cuda_families(8) == support.cuda_families(10) == ["sm80"]
+    assert support.cuda_families(7) == []
+    assert (support.cuda_family_name(9), support.cuda_family_name(8), support.cuda_family_name(7)) == ("sm90", "sm80", None)
+    monkeypatch.setattr(support, "_forced_cuda_path", "sm80")
+    assert support.cuda_family_name(9) == "sm80" and support.cuda_families(9) == ["sm90", "sm80"]
+    monkeypatch.setattr(support._C, "CUDA_FAMILIES", "sm80")
+    monkeypatch.setattr(support, "_forced_cuda_path", "")
+    assert support.cuda_families(9) == ["sm80"] and support.cuda_family_name(9) == "sm80"
+
+
 # (batch, heads, kv_heads, L, S, head dim, causal, window): flash_attn_func
 # semantics (bottom-right causal); several key tiles so the pipelines wrap.
 CASES = [

@@ -350,13 +350,6 @@ def _call(q, k, v, cu_q, cu_k, max_q=4, max_k=4, **kw):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_bad_inputs(device, gen):
-    if device == "cuda":
-        # Known bug, open: on the GPU machine (torch 2.11) every ValueError that
-        # attention_varlen's C++ checks raise for CUDA tensors kills the process
-        # (SIGSEGV; TypeErrors from the same function are fine). Skipped so the
-        # rest of the CUDA suite runs; benchmarks/NOTES.md and the issue note
-        # track it.
-        pytest.skip("known crash: C++ ValueError from attention_varlen on CUDA (see benchmarks/NOTES.md)")
     q, k, v = packed_inputs([3, 4], [3, 4], 2, 2, 16, torch.float16 if device == "cuda" else torch.float32,
                             device, gen, requires_grad=False)
     cu = cu_seqlens([3, 4], device)
