@@ -60,8 +60,9 @@ def main() -> None:
         try:
             with torch.no_grad():
                 row["fwd_ms"] = common.time_ms(fwd, device)
+            row["fwd_family"] = flash_ext.last_cuda_kernel_family()
             row["fwd_bwd_ms"] = common.time_ms(lambda: fwd().backward(grad), device, grad_to_none=(q, k, v))
-            row["family"] = flash_ext.last_cuda_kernel_family()
+            row["bwd_family"] = flash_ext.last_cuda_kernel_family()
         except Exception as err:
             row["error"] = common.error_text(err)
         rows.append(row)
