@@ -139,21 +139,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const KeyRange qrange = sm80::visible_query_range(p.window, n0, n0 + key_rows, p.q_len);
   const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
   const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
-  const int m_count = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
-  const int steps = static_cast<int>(group) * m_count;
 
   Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + n0 * p.dk_stride[2];
   Element* dv = static_cast<Element*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + n0 * p.dv_stride[2];
-  if (steps == 0) {  // no query sees these keys: dK = dV = 0
+  if (m_block_max <= m_block_min) {  // no query sees these keys: dK = dV = 0
     for (int i = threadIdx.x; i < key_rows * p.head_dim; i += Tr::kNThreads) {
       dk[(i / p.head_dim) * p.dk_stride[2] + i % p.head_dim] = Element(0.f);
       dv[(i / p.head_dim) * p.dv_stride[2] + i % p.head_dim] = Element(0.f);
     }
     return;
   }
-  // Query tile `step` of the walk over (head of the group, query tile).
-  auto step_head = [&](int step) { return hk * group + step / m_count; };
-  auto step_m_block = [&](int step) { return m_block_min + step % m_count; };
+  // Both roles walk the query tiles of each head of the group in turn.
+  const int64_t h_begin = hk * group, h_end = h_begin + group;
 
   const int warp_group = cutlass::canonical_warp_group_idx();
   using Pipeline = typename Tr::Pipeline;
@@ -178,42 +175,45 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     if (threadIdx.x != 0) return;
     const auto q_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
     const auto kv_shape = make_shape(int32_t(p.kv_len), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(p.batch));
-    Tensor mQ = args.tma_q.get_tma_tensor(q_shape);
-    Tensor mdO = args.tma_do.get_tma_tensor(q_shape);
+    // (kBlockM, kHeadDim, query tile, head) views, partitioned once.
+    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}, _));
+    Tensor gdO = local_tile(args.tma_do.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                            make_coord(_, _0{}, _));
     Tensor gK = local_tile(args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
                            make_coord(n_block, _0{}));
     Tensor gV = local_tile(args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
                            make_coord(n_block, _0{}));
+    auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Tr::kKVBytes);
     copy(args.tma_k.with(smem.kv_full), tKg, tKs);
     copy(args.tma_v.with(smem.kv_full), tVg, tVs);
 
-    const float* lse_log2 = lse_log2_ptr(p, ws.q_rows);
-    const float* dpsum = dpsum_ptr(p);
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    for (int step = 0; step < steps; ++step) {
-      const int64_t h = step_head(step);
-      const int m_block = step_m_block(step);
-      const int64_t row0 = (b * p.heads + h) * ws.q_rows + int64_t(m_block) * kBlockM;
-      Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-      Tensor gdO = local_tile(mdO(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-      auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-      auto [tdOg, tdOs] =
-          tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-
-      pipeline_q.producer_acquire(write);
-      uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
-      copy(args.tma_q.with(*q_bar), tQg, tQs(_, write.index()));
-      SM90_BULK_COPY_G2S::copy(lse_log2 + row0, q_bar, smem.lse.data() + write.index() * kBlockM,
-                               kBlockM * sizeof(float));
-      pipeline_do.producer_acquire(write);
-      uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
-      copy(args.tma_do.with(*do_bar), tdOg, tdOs(_, write.index()));
-      SM90_BULK_COPY_G2S::copy(dpsum + row0, do_bar, smem.dpsum.data() + write.index() * kBlockM,
-                               kBlockM * sizeof(float));
-      ++write;
+    // Not unrolled: the producer lives in kProducerRegs registers.
+    CUTE_NO_UNROLL
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      // lse and D of query tile m_block of head h: kBlockM floats at offset m_block * kBlockM.
+      const int64_t row0 = (b * p.heads + h) * ws.q_rows;
+      const float* lse_log2 = lse_log2_ptr(p, ws.q_rows) + row0;
+      const float* dpsum = dpsum_ptr(p) + row0;
+      CUTE_NO_UNROLL
+      for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
+        pipeline_q.producer_acquire(write);
+        uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
+        copy(args.tma_q.with(*q_bar), tQg(_, m_block, h), tQs(_, write.index()));
+        SM90_BULK_COPY_G2S::copy(lse_log2 + m_block * kBlockM, q_bar, smem.lse.data() + write.index() * kBlockM,
+                                 kBlockM * sizeof(float));
+        pipeline_do.producer_acquire(write);
+        uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
+        copy(args.tma_do.with(*do_bar), tdOg(_, m_block, h), tdOs(_, write.index()));
+        SM90_BULK_COPY_G2S::copy(dpsum + m_block * kBlockM, do_bar, smem.dpsum.data() + write.index() * kBlockM,
+                                 kBlockM * sizeof(float));
+        ++write;
+      }
     }
     return;
   }
@@ -267,75 +267,76 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
 
   typename Pipeline::PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
-  for (int step = 0; step < steps; ++step) {
-    const int64_t h = step_head(step);
-    const int64_t m0 = int64_t(step_m_block(step)) * kBlockM;
-    const int stage = read.index();
-    const int buffer = step & 1;
+  int buffer = 0;
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    for (int m_block = m_block_min; m_block < m_block_max; ++m_block, buffer ^= 1) {
+      const int64_t m0 = int64_t(m_block) * kBlockM;
+      const int stage = read.index();
 
-    pipeline_q.consumer_wait(read);
-    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
-    wgmma<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-    pipeline_do.consumer_wait(read);
-    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
-    wgmma<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
+      pipeline_q.consumer_wait(read);
+      Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      wgmma<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+      pipeline_do.consumer_wait(read);
+      Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      wgmma<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
 
-    // P^T while dP^T is in flight. Query rows past q_len and rows without
-    // any visible key have lse = +inf: P = 0.
-    warpgroup_wait<1>();
-    Tensor s = rowcol(tSrS);
-    if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window_transposed(s, coord_st, m0, n0, p.window, p.kv_len);
-    }
-    const float* lse = smem.lse.data() + stage * kBlockM;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(s); ++ni) {
-      const float l = lse[get<1>(coord_st(0, ni))];
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
-    }
-    warpgroup_wait<0>();
-    Tensor dp = rowcol(tdPrdP);
-    const float* dpsum = smem.dpsum.data() + stage * kBlockM;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(dp); ++ni) {
-      const float d = dpsum[get<1>(coord_st(0, ni))];
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
-    }
-
-    // The 16-bit P^T and dS^T, laid out as wgmma A operands (keys x queries).
-    Tensor rP = convert_to<Element>(tSrS);
-    Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-    Tensor rdS = convert_to<Element>(tdPrdP);
-    Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
-    wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
-    copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
-    cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
-    wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
-    // Both halves of dS in shared memory; and the previous tile's dQ left
-    // the staging tile (its issuing lanes waited for the bulk reads).
-    if (dq_issuer) tma_store_wait<0>();
-    cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
-
-    Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-    wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
-    warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and this dS buffer are free
-    pipeline_q.consumer_release(read);
-    pipeline_do.consumer_release(read);
-    ++read;
-
-    copy(r2s_dq, r2s_dq_thr.retile_S(tdQrdQ), tdQsdQ);
-    cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
-    cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
-    if (dq_issuer) {
-      // Rows of this tile are consecutive in dq_accum (padded to whole tiles).
-      float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * ws.dims + wg * Tr::kDqCols;
-      CUTE_UNROLL
-      for (int r = lane; r < kBlockM; r += 32) {
-        bulk_reduce_add(dq + int64_t(r) * ws.dims, &sdQ(r, wg * Tr::kDqCols), Tr::kDqCols * sizeof(float));
+      // P^T while dP^T is in flight. Query rows past q_len and rows without
+      // any visible key have lse = +inf: P = 0.
+      warpgroup_wait<1>();
+      Tensor s = rowcol(tSrS);
+      if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window_transposed(s, coord_st, m0, n0, p.window, p.kv_len);
       }
-      tma_store_arrive();
+      const float* lse = smem.lse.data() + stage * kBlockM;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        const float l = lse[get<1>(coord_st(0, ni))];
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
+      }
+      warpgroup_wait<0>();
+      Tensor dp = rowcol(tdPrdP);
+      const float* dpsum = smem.dpsum.data() + stage * kBlockM;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(dp); ++ni) {
+        const float d = dpsum[get<1>(coord_st(0, ni))];
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
+      }
+
+      // The 16-bit P^T and dS^T, laid out as wgmma A operands (keys x queries).
+      Tensor rP = convert_to<Element>(tSrS);
+      Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+      Tensor rdS = convert_to<Element>(tdPrdP);
+      Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
+      wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+      copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
+      wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
+      // Both halves of dS in shared memory; and the previous tile's dQ left
+      // the staging tile (its issuing lanes waited for the bulk reads).
+      if (dq_issuer) tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+
+      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
+      warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and this dS buffer are free
+      pipeline_q.consumer_release(read);
+      pipeline_do.consumer_release(read);
+      ++read;
+
+      copy(r2s_dq, r2s_dq_thr.retile_S(tdQrdQ), tdQsdQ);
+      cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
+      cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
+      if (dq_issuer) {
+        // Rows of this tile are consecutive in dq_accum (padded to whole tiles).
+        float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * ws.dims + wg * Tr::kDqCols;
+        CUTE_UNROLL
+        for (int r = lane; r < kBlockM; r += 32) {
+          bulk_reduce_add(dq + int64_t(r) * ws.dims, &sdQ(r, wg * Tr::kDqCols), Tr::kDqCols * sizeof(float));
+        }
+        tma_store_arrive();
+      }
     }
   }
 
