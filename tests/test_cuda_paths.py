@@ -1,7 +1,7 @@
 """The CUDA kernel families side by side: each family this GPU runs (on an
 H100, the Hopper kernels and the portable sm80 ones) against the float64
-reference on the same inputs, and the routing of the calls the Hopper
-kernels do not cover to the sm80 kernels."""
+reference on the same inputs, forward and backward, and the routing of the
+calls the Hopper kernels do not cover to the sm80 kernels."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 import flash_ext
 from conftest import (
-    HAS_CUDA, TORCH_SDPA, assert_matches_reference, rand_bool, randn, reference_attention, to_bshd,
+    HAS_CUDA, TORCH_SDPA, assert_matches_reference, grad_list, rand_bool, randn, reference_attention, to_bshd,
     window_visible,
 )
 
@@ -97,6 +97,36 @@ def test_family_matches_reference(case, dtype, family, gen):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES or ["none"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_families_backward_match_reference(family, dtype, case, gen):
+    if family == "none":
+        pytest.skip("no CUDA kernel family here")
+    b, h, hk, L, S, d, causal, window = case
+    q = randn((b, L, h, d), dtype, "cuda", gen, requires_grad=True)
+    k = randn((b, S, hk, d), dtype, "cuda", gen, requires_grad=True)
+    v = randn((b, S, hk, d), dtype, "cuda", gen, requires_grad=True)
+    dout = randn((b, L, h, d), dtype, "cuda", gen)
+    flash_ext.set_cuda_path(family)
+    out = flash_ext.flash_attn_func(q, k, v, causal=causal, window_size=window)
+    ours = grad_list(out, (q, k, v), dout)
+    # The Hopper backward covers head dims up to 128; larger ones run on sm80.
+    assert flash_ext.last_cuda_kernel_family() == ("sm80" if family == "sm90" and d > 128 else family)
+    w = (window[0], 0) if causal else window
+    ref = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=w, bottom_right=True)
+    theirs = grad_list(to_bshd(ref), (q, k, v), dout.double())
+    vis = window_visible(L, S, w[0], w[1], True, device="cuda")
+    safe = vis.clone()
+    safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
+    keep = vis.any(-1).to(dtype)[None, :, None, None]  # ...and their output (so dq) at zero
+    torch_out = to_bshd(TORCH_SDPA(to_bshd(q), to_bshd(k), to_bshd(v), attn_mask=safe, enable_gqa=h != hk))
+    torch_grads = grad_list(torch_out * keep, (q, k, v), dout)
+    for name, g, r, t in zip("qkv", ours, theirs, torch_grads):
+        assert_matches_reference(g, r, dtype, t, what=f"d{name}")
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_routes_uncovered_calls_to_sm80(gen):
     q, k, v = (randn((2, 4, 300, 128), torch.bfloat16, "cuda", gen) for _ in range(3))
@@ -118,9 +148,12 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
     flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
     assert flash_ext.last_cuda_kernel_family() == "sm80"
-    # The backward runs on the sm80 kernels.
+    # The backward runs on the Hopper kernels, unless deterministic (unordered dq sums there).
     qg = q.detach().requires_grad_()
     flash_ext.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    qb = to_bshd(q).detach().requires_grad_()
+    flash_ext.flash_attn_func(qb, to_bshd(k), to_bshd(v), causal=True, deterministic=True).sum().backward()
     assert flash_ext.last_cuda_kernel_family() == "sm80"
 
 

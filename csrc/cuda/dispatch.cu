@@ -167,6 +167,36 @@ void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
     default: return sm90_fwd_dtype<256>(p, s);
   }
 }
+
+// Whether the Hopper backward serves a call the sm80 kernels accept: what
+// its forward serves, minus deterministic dq (its dq reductions are
+// unordered), dbias (comes only with an attn_mask anyway), head dims above
+// 128 (dK and dV of d = 256 do not fit its registers), an empty query
+// sequence (no TMA descriptor of it), and stride-0 dout.
+bool sm90_bwd_serves(const AttentionBwdParams& p) {
+  return sm90_fwd_serves(p) && !p.deterministic && p.dbias == nullptr && p.head_dim <= 128 && p.q_len > 0 &&
+         nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
+}
+
+// The dq accumulator is sm80's (without deterministic semaphores); softmax_d
+// holds D and lse padded to whole query tiles.
+BwdWorkspace sm90_workspace(const AttentionBwdParams& p) {
+  BwdWorkspace w = sm80_workspace(p);
+  if (sm90_bwd_serves(p)) w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p.batch, p.heads, p.q_len));
+  return w;
+}
+
+template <int kHeadDim>
+void sm90_bwd_dtype(const AttentionBwdParams& p, cudaStream_t s) {
+  p.dtype == ScalarKind::kBFloat16 ? sm90::run_bwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
+                                   : sm90::run_bwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+}
+
+void sm90_bwd(const AttentionBwdParams& p, cudaStream_t s) {
+  if (!sm90_bwd_serves(p)) return sm80_bwd(p, s);
+  last_family = "sm90";
+  sm90::head_dim_instance(p.head_dim) == 64 ? sm90_bwd_dtype<64>(p, s) : sm90_bwd_dtype<128>(p, s);
+}
 #endif
 
 // A kernel family: the devices it runs on and its entry points. Families are
@@ -182,11 +212,11 @@ struct Family {
 };
 
 // The Hopper family serves everything the sm80 one does: calls its kernels do
-// not cover go to the sm80 kernels (and its backward is sm80's for now).
+// not cover go to the sm80 kernels.
 constexpr Family kFamilies[] = {
 #if defined(FLASH_EXT_SM90A)
-    {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     sm90_fwd, sm80_bwd},
+    {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm90_workspace,
+     sm90_fwd, sm90_bwd},
 #endif
     {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
      sm80_fwd, sm80_bwd},

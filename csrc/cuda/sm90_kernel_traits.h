@@ -1,7 +1,8 @@
 // Tile configurations of the Hopper (sm_90a) kernel family: TMA loads into
 // 128-byte-swizzled shared memory, wgmma products with operands in shared
 // memory (P from registers), mbarrier pipelines between one producer warp
-// group and kNumMmaWG consumer warp groups of 64 query rows each.
+// group and kNumMmaWG consumer warp groups of 64 rows each (query rows
+// forward, key rows backward).
 #pragma once
 
 // wgmma tiles of any N multiple of 8 (e.g. 176 keys), before any CuTe header.
@@ -15,6 +16,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace flash_ext::cuda::sm90 {
 
@@ -75,6 +77,99 @@ struct FwdTraits {
     typename Pipeline::SharedStorage pipeline_v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+};
+
+// Backward: one block per key tile of kBlockN rows, consumer warp group w
+// owning key rows [64 w, 64 w + 64) (so the products with keys along M are
+// natural and need no transposition in registers), walking query tiles of
+// kBlockM rows through a kStages-deep pipeline of Q (+ lse) and dO (+ D).
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr int kNumMmaWG = kBlockN / 64;
+  static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
+  // Two groups: dK and dV of 64 keys x kHeadDim stay in registers (2 x 64
+  // floats per thread at d = 128), beside S^T and dP^T (2 x 32); d = 256
+  // would need twice that and runs on the sm80 kernel.
+  static_assert(kNumMmaWG == 2 && kBlockM == 64 && (kHeadDim == 64 || kHeadDim == 128));
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static constexpr int kDqCols = kHeadDim / kNumMmaWG;  // dQ columns per consumer group
+
+  using AtomLayoutKeys = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
+  // S^T = K Q^T and dP^T = V dO^T: M = keys, N = queries, K = head dim, all
+  // operands stored with the head dim contiguous (K-major).
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>(),
+      AtomLayoutKeys{}));
+  // dV += P^T dO and dK += dS^T Q: M = keys, N = head dim, K = queries. A is
+  // the S^T / dP^T accumulator converted in registers; B (dO, Q stored
+  // queries x dims) has N contiguous: MN-major.
+  using TiledMmadKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
+                           GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayoutKeys{}));
+  // dQ = dS K: M = queries, N = head dim split between the groups, K = keys.
+  // A = dS, stored queries-contiguous (MN-major) from the dS^T accumulators;
+  // B = K (keys x dims) has N contiguous: MN-major.
+  using TiledMmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kDqCols>, Int<kBlockN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, Int<kNumMmaWG>, _1>>{}));
+
+  // K's swizzle spans one group's dQ columns: read MN-major by dQ = dS K, a
+  // kDqCols-wide slice must hold whole swizzle rows (64-byte swizzle at d = 64).
+  using SmemAtomK = std::conditional_t<kDqCols * sizeof(Element) % 128 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+                                       GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemAtomQ = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // also stages dK, dV
+  using SmemLayoutKt = decltype(composition(SmemLayoutKV{},
+                                            make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Step<_2, _1>{})));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));  // also dO
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  // dS (queries x keys, queries contiguous), double-buffered so one barrier
+  // per query tile separates writing it from the other group's last read.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{}, Step<_2, _1, _3>{})));
+  // dQ of one query tile in float32, rows as in the dq accumulator, padded by
+  // 8 floats so the 64-bit stores of a half warp hit distinct banks.
+  static constexpr int kDqStride = kHeadDim + 8;
+  using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqStride>, _1>>;
+
+  using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;  // (seq, dim, head, batch)
+  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
+                                          GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
+                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));  // also dO
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{},
+                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  // A stage of Q carries the tile's lse (log2 units) and one of dO its D,
+  // kBlockM floats each, on the same barrier.
+  static constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element) + kBlockM * sizeof(float);
+  static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
+    cute::array_aligned<float, cosize_v<SmemLayoutdQ>, 128> dq;
+    cute::array_aligned<float, kBlockM * kStages, 128> lse;
+    cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
+    alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
+    typename Pipeline::SharedStorage pipeline_q;
+    typename Pipeline::SharedStorage pipeline_do;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024);
 };
 
 }  // namespace flash_ext::cuda::sm90

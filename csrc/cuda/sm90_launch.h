@@ -17,4 +17,13 @@ constexpr int head_dim_instance(int64_t head_dim) { return head_dim <= 64 ? 64 :
 template <int kHeadDim, ScalarKind kDtype>
 void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 
+// Backward at head dims 64 and 128 (instances); it wants a softmax_d
+// workspace of bwd_softmax_d_floats: D and lse per query row, padded like
+// the rows of dq_accum (sm80's dq_workspace, which also sizes dq_accum).
+template <int kHeadDim, ScalarKind kDtype>
+void run_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+constexpr int64_t bwd_softmax_d_floats(int64_t batch, int64_t heads, int64_t q_len) {
+  return 2 * batch * heads * ((q_len + 127) / 128 * 128);
+}
+
 }  // namespace flash_ext::cuda::sm90

@@ -1,0 +1,21 @@
+// Tile configuration of the Hopper backward per head dim (BwdTraits<head
+// dim, query tile, key tile, pipeline stages>): 128-key blocks, two consumer
+// warp groups of 64 keys each, 64-row query tiles double-buffered.
+#pragma once
+
+#include "sm90_bwd_kernel.cuh"
+#include "sm90_configs.cuh"
+
+namespace flash_ext::cuda::sm90 {
+
+template <int kHeadDim, class Element>
+using BwdConfig = BwdTraits<kHeadDim, 64, 128, 2, Element>;
+
+template <int kHeadDim, ScalarKind kDtype>
+void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdConfig<kHeadDim, ElementOf<kDtype>>;
+  static_assert(sm80::kDqRowPad == 128, "bwd_softmax_d_floats pads rows as dq_workspace does");
+  launch_attention_bwd<Tr>(p, stream);
+}
+
+}  // namespace flash_ext::cuda::sm90

@@ -1,0 +1,408 @@
+// Attention backward, Hopper family (sm_90a). Three launches, as sm80's:
+//   1. per query row, D = rowsum(dO * O) and lse in log2 units, both into
+//      float32 arrays padded to whole query tiles (bwd_preprocess_kernel), so
+//      the main kernel loads a tile of each with one bulk copy;
+//   2. one block per (key tile, batch * kv_head): warp group 0 is the
+//      producer (one thread: TMA of K and V once, then Q + lse and dO + D of
+//      every query tile of every query head of the GQA group through two
+//      kStages-deep pipelines); consumer group w owns keys [64 w, 64 w + 64)
+//      of the tile and computes, per query tile,
+//        S^T = K Q^T, dP^T = V dO^T                 (wgmma, operands in smem)
+//        P^T = exp2(S^T scale log2(e) - lse), dS^T = P^T (dP^T - D)
+//        dV += P^T dO, dK += dS^T Q                 (wgmma, A from registers)
+//      then writes dS^T to shared memory, and after a barrier of both groups
+//      computes half of the head dims of dQ = dS K, which it adds to the
+//      float32 dq accumulator with bulk reduce-adds (cp.reduce.async.bulk)
+//      from shared memory; dK, dV stay in registers until the end;
+//   3. dq = scale * dq_accum in the input dtype (sm80's convert_dq_kernel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention_bwd_kernel.cuh"
+#include "sm90_fwd_kernel.cuh"
+
+namespace flash_ext::cuda::sm90 {
+
+using sm80::DqWorkspace;
+
+template <class Tr>
+struct BwdArgs {
+  AttentionBwdParams p;
+  DqWorkspace ws;
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmaQ tma_do;
+  typename Tr::TmaKV tma_k;
+  typename Tr::TmaKV tma_v;
+};
+
+// Named barriers: both consumer groups (dS written; at the end, K and V
+// read for the last time), and one per group (its dQ staged).
+constexpr uint32_t kDsBarrier = 0;
+constexpr uint32_t kDqBarrier = 1;
+
+// Where the pre-pass leaves D and lse: (batch * heads, q_rows) each, q_rows
+// the dq accumulator's padded rows (a multiple of every kBlockM), D first.
+__host__ __device__ __forceinline__ float* dpsum_ptr(const AttentionBwdParams& p) { return p.softmax_d; }
+__host__ __device__ __forceinline__ float* lse_log2_ptr(const AttentionBwdParams& p, int64_t q_rows) {
+  return p.softmax_d + p.batch * p.heads * q_rows;
+}
+
+// One warp per (padded) query row, lanes holding 8 dims each. Rows past
+// q_len get D = 0 and lse = +inf, as rows without any visible key (lse =
+// -inf), so that P = exp2(s - lse) = 0 there.
+template <class Element>
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t q_rows) {
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = p.batch * p.heads * q_rows;
+  float* dpsum = dpsum_ptr(p);
+  float* lse_log2 = lse_log2_ptr(p, q_rows);
+  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
+       row += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t i = row % q_rows, bh = row / q_rows;
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    float acc = 0.f;
+    if (i < p.q_len && lane * 8 < p.v_head_dim) {
+      const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                         i * p.o_stride[2] + lane * 8;
+      const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
+                         i * p.do_stride[2] + lane * 8;
+      const uint4 ov = *reinterpret_cast<const uint4*>(o);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d);
+      const Element* oe = reinterpret_cast<const Element*>(&ov);
+      const Element* de = reinterpret_cast<const Element*>(&dv);
+      CUTE_UNROLL
+      for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
+    }
+    CUTE_UNROLL
+    for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (lane == 0) {
+      const float l = i < p.q_len ? p.lse[bh * p.q_len + i] : -INFINITY;
+      dpsum[row] = acc;
+      lse_log2[row] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
+    }
+  }
+}
+
+// Sets to -inf the entries of an S^T tile (rows = keys, columns = queries,
+// origin (n0, m0)) whose key lies outside the query's window or past kv_len:
+// mask_window with the roles of rows and columns exchanged.
+template <class S, class C>
+__device__ __forceinline__ void mask_window_transposed(S& s, const C& c, int64_t m0, int64_t n0,
+                                                       const VisibilityWindow& w, int64_t kv_len) {
+  CUTE_UNROLL
+  for (int ni = 0; ni < size<1>(s); ++ni) {
+    const int64_t diag = m0 + get<1>(c(0, ni)) + w.diagonal_offset - n0;
+    int64_t hi = kv_len - n0;
+    if (w.window_right >= 0 && diag + w.window_right + 1 < hi) hi = diag + w.window_right + 1;
+    const int64_t lo = w.window_left >= 0 ? diag - w.window_left : 0;
+    // Clamped so tile-local comparisons fit in int.
+    const int row_lo = static_cast<int>(lo < 0 ? 0 : lo > 1 << 20 ? 1 << 20 : lo);
+    const int row_hi = static_cast<int>(hi < 0 ? 0 : hi > 1 << 20 ? 1 << 20 : hi);
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(s); ++mi) {
+      const int row = get<0>(c(mi, 0));
+      if (row < row_lo || row >= row_hi) s(mi, ni) = -INFINITY;
+    }
+  }
+}
+
+// gmem[0, bytes) += smem[0, bytes) in float32, by the bulk-copy engine; the
+// issuing thread tracks completion with cp.async.bulk.commit_group / wait_group.
+__device__ __forceinline__ void bulk_reduce_add(float* gmem, const float* smem, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               :
+               : "l"(gmem), "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(bytes)
+               : "memory");
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Tr::Element;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
+  const AttentionBwdParams& p = args.p;
+  const DqWorkspace& ws = args.ws;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+
+  // Key tile 0 first: under a causal mask it sees the most query rows.
+  const int64_t n_blocks = ceil_div64(p.kv_len, kBlockN);
+  const int64_t n_block = int64_t(blockIdx.x) % n_blocks;
+  const int64_t bk = int64_t(blockIdx.x) / n_blocks;
+  const int64_t b = bk / p.kv_heads, hk = bk % p.kv_heads;
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t n0 = n_block * kBlockN;
+  const int key_rows = static_cast<int>(p.kv_len - n0 < kBlockN ? p.kv_len - n0 : kBlockN);
+  const KeyRange qrange = sm80::visible_query_range(p.window, n0, n0 + key_rows, p.q_len);
+  const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
+  const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
+
+  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + n0 * p.dk_stride[2];
+  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + n0 * p.dv_stride[2];
+  if (m_block_max <= m_block_min) {  // no query sees these keys: dK = dV = 0
+    for (int i = threadIdx.x; i < key_rows * p.head_dim; i += Tr::kNThreads) {
+      dk[(i / p.head_dim) * p.dk_stride[2] + i % p.head_dim] = Element(0.f);
+      dv[(i / p.head_dim) * p.dv_stride[2] + i % p.head_dim] = Element(0.f);
+    }
+    return;
+  }
+  // Both roles walk the query tiles of each head of the group in turn.
+  const int64_t h_begin = hk * group, h_end = h_begin + group;
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  using Pipeline = typename Tr::Pipeline;
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Tr::kQStageBytes;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Tr::kNumMmaWG * 128;
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
+  Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutKV{});
+
+  if (warp_group == 0) {
+    // ---- producer
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    const auto q_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
+    const auto kv_shape = make_shape(int32_t(p.kv_len), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(p.batch));
+    // (kBlockM, kHeadDim, query tile, head) views, partitioned once.
+    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}, _));
+    Tensor gdO = local_tile(args.tma_do.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                            make_coord(_, _0{}, _));
+    Tensor gK = local_tile(args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(n_block, _0{}));
+    Tensor gV = local_tile(args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(n_block, _0{}));
+    auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+    auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Tr::kKVBytes);
+    copy(args.tma_k.with(smem.kv_full), tKg, tKs);
+    copy(args.tma_v.with(smem.kv_full), tVg, tVs);
+
+    auto write = cutlass::make_producer_start_state<Pipeline>();
+    // Not unrolled: the producer lives in kProducerRegs registers.
+    CUTE_NO_UNROLL
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      // lse and D of query tile m_block of head h: kBlockM floats at offset m_block * kBlockM.
+      const int64_t row0 = (b * p.heads + h) * ws.q_rows;
+      const float* lse_log2 = lse_log2_ptr(p, ws.q_rows) + row0;
+      const float* dpsum = dpsum_ptr(p) + row0;
+      CUTE_NO_UNROLL
+      for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
+        pipeline_q.producer_acquire(write);
+        uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
+        copy(args.tma_q.with(*q_bar), tQg(_, m_block, h), tQs(_, write.index()));
+        SM90_BULK_COPY_G2S::copy(lse_log2 + m_block * kBlockM, q_bar, smem.lse.data() + write.index() * kBlockM,
+                                 kBlockM * sizeof(float));
+        pipeline_do.producer_acquire(write);
+        uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
+        copy(args.tma_do.with(*do_bar), tdOg(_, m_block, h), tdOs(_, write.index()));
+        SM90_BULK_COPY_G2S::copy(dpsum + m_block * kBlockM, do_bar, smem.dpsum.data() + write.index() * kBlockM,
+                                 kBlockM * sizeof(float));
+        ++write;
+      }
+    }
+    return;
+  }
+
+  // ---- consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int tid = threadIdx.x - 128;
+  const int wg = tid / 128;
+  typename Tr::TiledMmaSdP mma_sdp;
+  typename Tr::TiledMmadKV mma_dkv;
+  typename Tr::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto thr_dkv = mma_dkv.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+
+  Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Tr::SmemLayoutQt{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKt{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdSt{});
+  Tensor sdQ = make_tensor(make_smem_ptr(smem.dq.data()), typename Tr::SmemLayoutdQ{});
+
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // this group's 64 keys
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, stage)
+  Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_K, buffer)
+  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);     // this group's dQ columns
+
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // dS^T accumulator -> dS in shared memory; dQ accumulator -> its staging tile.
+  auto r2s_ds = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
+  auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
+  Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
+  auto r2s_dq = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<64>, float>{}, mma_dq);
+  auto r2s_dq_thr = r2s_dq.get_thread_slice(tid);
+  Tensor tdQsdQ = r2s_dq_thr.partition_D(sdQ);
+
+  // (key, query) of each S^T accumulator element.
+  Tensor coord_st = rowcol(thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{})));
+  const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
+  // Warp 0 of each group hands its dQ columns to the bulk-copy engine.
+  const bool dq_issuer = tid % 128 < 32;
+  const int lane = tid % 32;
+
+  typename Pipeline::PipelineState read;
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
+  int buffer = 0;
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    for (int m_block = m_block_min; m_block < m_block_max; ++m_block, buffer ^= 1) {
+      const int64_t m0 = int64_t(m_block) * kBlockM;
+      const int stage = read.index();
+
+      pipeline_q.consumer_wait(read);
+      Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      wgmma<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+      pipeline_do.consumer_wait(read);
+      Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      wgmma<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
+
+      // P^T while dP^T is in flight. Query rows past q_len and rows without
+      // any visible key have lse = +inf: P = 0.
+      warpgroup_wait<1>();
+      Tensor s = rowcol(tSrS);
+      if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window_transposed(s, coord_st, m0, n0, p.window, p.kv_len);
+      }
+      const float* lse = smem.lse.data() + stage * kBlockM;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        const float l = lse[get<1>(coord_st(0, ni))];
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
+      }
+      warpgroup_wait<0>();
+      Tensor dp = rowcol(tdPrdP);
+      const float* dpsum = smem.dpsum.data() + stage * kBlockM;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(dp); ++ni) {
+        const float d = dpsum[get<1>(coord_st(0, ni))];
+        CUTE_UNROLL
+        for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
+      }
+
+      // The 16-bit P^T and dS^T, laid out as wgmma A operands (keys x queries).
+      Tensor rP = convert_to<Element>(tSrS);
+      Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+      Tensor rdS = convert_to<Element>(tdPrdP);
+      Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
+      wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+      copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
+      wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
+      // Both halves of dS in shared memory; and the previous tile's dQ left
+      // the staging tile (its issuing lanes waited for the bulk reads).
+      if (dq_issuer) tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+
+      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+      wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
+      warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and this dS buffer are free
+      pipeline_q.consumer_release(read);
+      pipeline_do.consumer_release(read);
+      ++read;
+
+      copy(r2s_dq, r2s_dq_thr.retile_S(tdQrdQ), tdQsdQ);
+      cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
+      cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
+      if (dq_issuer) {
+        // Rows of this tile are consecutive in dq_accum (padded to whole tiles).
+        float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * ws.dims + wg * Tr::kDqCols;
+        CUTE_UNROLL
+        for (int r = lane; r < kBlockM; r += 32) {
+          bulk_reduce_add(dq + int64_t(r) * ws.dims, &sdQ(r, wg * Tr::kDqCols), Tr::kDqCols * sizeof(float));
+        }
+        tma_store_arrive();
+      }
+    }
+  }
+
+  // dK = scale * dS^T Q and dV leave through shared memory (K, V once both
+  // groups are past their last reads of them), then 16-byte row stores.
+  CUTE_UNROLL
+  for (int e = 0; e < size(acc_dk); ++e) acc_dk(e) *= static_cast<float>(p.scale);
+  cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+  auto r2s_kv = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_dkv);
+  auto r2s_kv_thr = r2s_kv.get_thread_slice(tid);
+  Tensor dk_elem = convert_to<Element>(acc_dk);
+  Tensor dv_elem = convert_to<Element>(acc_dv);
+  copy(r2s_kv, r2s_kv_thr.retile_S(dk_elem), r2s_kv_thr.partition_D(sK));
+  copy(r2s_kv, r2s_kv_thr.retile_S(dv_elem), r2s_kv_thr.partition_D(sV));
+  cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);  // this group's 64 rows staged
+  constexpr int kChunks = kHeadDim / 8;
+  const int row0 = wg * 64;
+  for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+    if (r < key_rows && c < p.head_dim) {
+      *reinterpret_cast<uint4*>(dk + r * p.dk_stride[2] + c) = *reinterpret_cast<const uint4*>(&sK(r, c));
+      *reinterpret_cast<uint4*>(dv + r * p.dv_stride[2] + c) = *reinterpret_cast<const uint4*>(&sV(r, c));
+    }
+  }
+  // The last dQ reductions complete before the block exits.
+  if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+template <class Tr>
+void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
+  using Element = typename Tr::Element;
+  const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
+  static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
+  const int64_t rows = p.batch * p.heads * ws.q_rows;
+  if (rows > 0) {
+    const int64_t blocks = (rows + 7) / 8;
+    bwd_preprocess_kernel<Element>
+        <<<dim3(static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16)), 256, 0, stream>>>(p, ws.q_rows);
+    sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
+  }
+  const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
+  if (blocks > 0) {  // before building TMA descriptors of empty tensors
+    using TileQ = Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>;
+    using TileKV = Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>;
+    const auto smem_q = take<0, 2>(typename Tr::SmemLayoutQ{});
+    BwdArgs<Tr> args{
+        p, ws,
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, p.q_len, p.head_dim, p.heads, p.batch, p.q_stride),
+                      smem_q, TileQ{}, _1{}),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, p.q_len, p.head_dim, p.heads, p.batch, p.do_stride),
+                      smem_q, TileQ{}, _1{}),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.k_stride),
+                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.v_stride),
+                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr>, blocks, Tr::kNThreads,
+              Tr::kSmemBytes, stream, args);
+  }
+  const int64_t chunks = p.batch * p.heads * p.q_len * (p.head_dim / 8);
+  if (chunks > 0) {
+    const int64_t cblocks = (chunks + 255) / 256;
+    sm80::convert_dq_kernel<Element>
+        <<<dim3(static_cast<unsigned>(cblocks < 65536 * 16 ? cblocks : 65536 * 16)), 256, 0, stream>>>(p, ws);
+    sm80::launch_checked("dq conversion kernel", cudaGetLastError());
+  }
+}
+
+}  // namespace flash_ext::cuda::sm90
