@@ -110,8 +110,20 @@ for family in families:
             err = (out.float() - F.scaled_dot_product_attention(q, k, v, is_causal=causal).float()).abs().max().item()
             print(f"smoke {family} ran {ran} d={d} causal={causal}: max abs diff vs SDPA {err:.2e}")
             assert ran == family and err < 0.05, "wrong kernel or wrong answer"
+            # backward: gradients against SDPA's, relative to their norm
+            q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+            grad = torch.randn_like(out)
+            ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), grad)
+            torch.cuda.synchronize()
+            ran = flash_ext.last_cuda_kernel_family()
+            theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), grad)
+            errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(ours, theirs)]
+            print(f"smoke {family} backward ran {ran} d={d} causal={causal}: dq/dk/dv relative error vs SDPA "
+                  + " ".join(f"{e:.1e}" for e in errs))
+            assert max(errs) < 0.03, "wrong gradients"
+            q, k, v = (t.detach() for t in (q, k, v))
 PYEOF
-note "smoke (exit $smoke_rc): $(grep -c '^smoke' "$OUT/smoke.log") calls ok"
+note "smoke (exit $smoke_rc): $(grep -c '^smoke' "$OUT/smoke.log") calls ok; backward ran: $(grep -o 'backward ran [a-z0-9]* d=[0-9]*' "$OUT/smoke.log" | sort -u | cut -d' ' -f3- | tr '\n' ' ')"
 if (( smoke_rc != 0 )); then
   tail -15 "$OUT/smoke.log" | tee -a "$SUMMARY"
   exit 1

@@ -57,11 +57,12 @@ SDPA_CASES = _sdpa_cases()
 # inputs PyTorch's own SDPA refuses as well (same condition); for the rest it
 # has no check, but flash_ext's documented contract refuses them.
 # (torch 2.14's CPU SDPA silently accepts key/value of different lengths, so
-# kv_seq_mismatch is not in this set.)
+# kv_seq_mismatch is not in this set; torch 2.11 accepts a mask with
+# is_causal=True, which 2.14 refuses, so mask_and_causal is not either.)
 TORCH_REFUSES = {"query_1d", "key_1d", "value_1d", "batch_mismatch", "kv_batch_mismatch",
                  "qk_dim_mismatch", "gqa_without_enable", "gqa_not_divisible", "mixed_dtype_k", "mixed_dtype_v",
                  "mixed_device", "int_query", "int_value", "mask_wrong_shape", "mask_wrong_shape_4d", "mask_int",
-                 "mask_and_causal", "kv_heads_mismatch"}
+                 "kv_heads_mismatch"}
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "default"])
