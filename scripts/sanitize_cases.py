@@ -2,10 +2,13 @@
 compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
 bool mask, float bias with its gradient, dropout, softcap and ALiBi, odd
 lengths, every head-dim instantiation), and decode (contiguous, paged, append,
-several splits, softcap and ALiBi).
+several splits, softcap and ALiBi). ``--family NAME`` runs only the prefill
+calls of one kernel family (a quick check of a new kernel).
 Exits non-zero if any result is non-finite, so the sanitizer run also checks
 that every output element was written."""
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -60,15 +63,28 @@ def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: in
     check(f"decode {dtype} d={dim} paged={paged} splits={num_splits} q_len={q_len} {sorted(kw)}", out, lse)
 
 
+def family_cases(family: str) -> None:
+    """The prefill calls every family serves: each head-dim instantiation and
+    dtype, GQA/MQA, causal both alignments, a sliding window."""
+    flash_ext.set_cuda_path(family)
+    for dtype in (torch.bfloat16, torch.float16):
+        for dim in (32, 64, 96, 128, 256):
+            prefill(dtype, dim, 77, 131, 4, 2)
+    prefill(torch.bfloat16, 128, 300, 700, 2, 1, is_causal=True)
+    flash_causal(torch.bfloat16, 64, 333, 200)
+    flash_causal(torch.float16, 128, 250, 250, window_size=(64, 16))
+
+
 def main() -> None:
-    # Every kernel family this GPU runs (the Hopper and the sm80 forward on an H100).
-    families = flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
-    for family in families:
-        flash_ext.set_cuda_path(family)
-        for dtype in (torch.bfloat16, torch.float16):
-            for dim in (32, 64, 96, 128, 256):
-                prefill(dtype, dim, 77, 131, 4, 2)
-        prefill(torch.bfloat16, 128, 300, 700, 2, 1, is_causal=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default=None, help="only the prefill calls of this kernel family")
+    args = parser.parse_args()
+    if args.family:
+        family_cases(args.family)
+        return
+    # Every kernel family this GPU runs (the Hopper and the sm80 kernels on an H100).
+    for family in flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0]):
+        family_cases(family)
     flash_ext.set_cuda_path(None)
     prefill(torch.bfloat16, 64, 129, 65, 4, 4, is_causal=True)
     prefill(torch.bfloat16, 64, 200, 200, 4, 1, dropout_p=0.2)
