@@ -329,10 +329,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
 
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
-      warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and this dS buffer are free
+      // Batches retire in order: with only dQ pending, dV and dK are done and
+      // Q, dO free, so the producer refills their stage while dQ runs.
+      warpgroup_wait<1>();
       pipeline_q.consumer_release(read);
       pipeline_do.consumer_release(read);
       ++read;
+      warpgroup_wait<0>();  // dQ done: this dS buffer is free
 
       static_assert(decltype(size(tdQrdQ))::value == Tr::kDqFrag);
       CUTE_UNROLL
