@@ -89,21 +89,28 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
   }
 }
 
+// +-2^21: past it a bound of a tile of fewer than 2^8 rows and columns
+// masks all of them or none, so clamped tile offsets keep the arithmetic in int.
+__device__ __forceinline__ int clamp_tile_offset(int64_t x) {
+  return static_cast<int>(x < -(int64_t(1) << 21) ? -(1 << 21) : x > (int64_t(1) << 21) ? 1 << 21 : x);
+}
+
 // Sets to -inf the entries of an S^T tile (rows = keys, columns = queries,
 // origin (n0, m0)) whose key lies outside the query's window or past kv_len:
-// mask_window with the roles of rows and columns exchanged.
+// mask_window with the roles of rows and columns exchanged. Column c keeps
+// rows [lo0 + c, min(hi0 + c, kv_hi)), offsets taken once per tile.
 template <class S, class C>
 __device__ __forceinline__ void mask_window_transposed(S& s, const C& c, int64_t m0, int64_t n0,
                                                        const VisibilityWindow& w, int64_t kv_len) {
+  const int64_t diag0 = m0 + w.diagonal_offset - n0;  // key row on column 0's diagonal
+  const int kv_hi = clamp_tile_offset(kv_len - n0);
+  const int hi0 = w.window_right >= 0 ? clamp_tile_offset(diag0 + w.window_right + 1) : 1 << 21;
+  const int lo0 = w.window_left >= 0 ? clamp_tile_offset(diag0 - w.window_left) : -(1 << 21);
   CUTE_UNROLL
   for (int ni = 0; ni < size<1>(s); ++ni) {
-    const int64_t diag = m0 + get<1>(c(0, ni)) + w.diagonal_offset - n0;
-    int64_t hi = kv_len - n0;
-    if (w.window_right >= 0 && diag + w.window_right + 1 < hi) hi = diag + w.window_right + 1;
-    const int64_t lo = w.window_left >= 0 ? diag - w.window_left : 0;
-    // Clamped so tile-local comparisons fit in int.
-    const int row_lo = static_cast<int>(lo < 0 ? 0 : lo > 1 << 20 ? 1 << 20 : lo);
-    const int row_hi = static_cast<int>(hi < 0 ? 0 : hi > 1 << 20 ? 1 << 20 : hi);
+    const int col = get<1>(c(0, ni));
+    const int row_lo = lo0 + col;
+    const int row_hi = hi0 + col < kv_hi ? hi0 + col : kv_hi;
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(s); ++mi) {
       const int row = get<0>(c(mi, 0));
