@@ -178,8 +178,9 @@ bool sm90_bwd_serves(const AttentionBwdParams& p) {
          nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
 }
 
-// The dq accumulator is sm80's (without deterministic semaphores); softmax_d
-// holds D and lse padded to whole query tiles.
+// The dq accumulator has sm80's size (without deterministic semaphores),
+// each query tile in the sm90 kernel's own order; softmax_d holds D and lse
+// padded to whole query tiles.
 BwdWorkspace sm90_workspace(const AttentionBwdParams& p) {
   BwdWorkspace w = sm80_workspace(p);
   if (sm90_bwd_serves(p)) w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p.batch, p.heads, p.q_len));

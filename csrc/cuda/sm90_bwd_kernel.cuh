@@ -11,10 +11,13 @@
 //        P^T = exp2(S^T scale log2(e) - lse), dS^T = P^T (dP^T - D)
 //        dV += P^T dO, dK += dS^T Q                 (wgmma, A from registers)
 //      then writes dS^T to shared memory, and after a barrier of both groups
-//      computes half of the head dims of dQ = dS K, which it adds to the
-//      float32 dq accumulator with bulk reduce-adds (cp.reduce.async.bulk)
-//      from shared memory; dK, dV stay in registers until the end;
-//   3. dq = scale * dq_accum in the input dtype (sm80's convert_dq_kernel).
+//      computes its half of dQ = dS K, which it adds to the float32 dq
+//      accumulator with one bulk reduce-add (cp.reduce.async.bulk) from
+//      shared memory; dK, dV stay in registers until the end;
+//   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel).
+// dq_accum has sm80's size, (batch * heads, q_rows, head dim), but each
+// query tile's kBlockM x kHeadDim floats are stored in dq_tile_offset's
+// order (the order of the consumer threads' accumulators), not row-major.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -86,21 +89,28 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
   }
 }
 
+// +-2^21: past it a bound of a tile of fewer than 2^8 rows and columns
+// masks all of them or none, so clamped tile offsets keep the arithmetic in int.
+__device__ __forceinline__ int clamp_tile_offset(int64_t x) {
+  return static_cast<int>(x < -(int64_t(1) << 21) ? -(1 << 21) : x > (int64_t(1) << 21) ? 1 << 21 : x);
+}
+
 // Sets to -inf the entries of an S^T tile (rows = keys, columns = queries,
 // origin (n0, m0)) whose key lies outside the query's window or past kv_len:
-// mask_window with the roles of rows and columns exchanged.
+// mask_window with the roles of rows and columns exchanged. Column c keeps
+// rows [lo0 + c, min(hi0 + c, kv_hi)), offsets taken once per tile.
 template <class S, class C>
 __device__ __forceinline__ void mask_window_transposed(S& s, const C& c, int64_t m0, int64_t n0,
                                                        const VisibilityWindow& w, int64_t kv_len) {
+  const int64_t diag0 = m0 + w.diagonal_offset - n0;  // key row on column 0's diagonal
+  const int kv_hi = clamp_tile_offset(kv_len - n0);
+  const int hi0 = w.window_right >= 0 ? clamp_tile_offset(diag0 + w.window_right + 1) : 1 << 21;
+  const int lo0 = w.window_left >= 0 ? clamp_tile_offset(diag0 - w.window_left) : -(1 << 21);
   CUTE_UNROLL
   for (int ni = 0; ni < size<1>(s); ++ni) {
-    const int64_t diag = m0 + get<1>(c(0, ni)) + w.diagonal_offset - n0;
-    int64_t hi = kv_len - n0;
-    if (w.window_right >= 0 && diag + w.window_right + 1 < hi) hi = diag + w.window_right + 1;
-    const int64_t lo = w.window_left >= 0 ? diag - w.window_left : 0;
-    // Clamped so tile-local comparisons fit in int.
-    const int row_lo = static_cast<int>(lo < 0 ? 0 : lo > 1 << 20 ? 1 << 20 : lo);
-    const int row_hi = static_cast<int>(hi < 0 ? 0 : hi > 1 << 20 ? 1 << 20 : hi);
+    const int col = get<1>(c(0, ni));
+    const int row_lo = lo0 + col;
+    const int row_hi = hi0 + col < kv_hi ? hi0 + col : kv_hi;
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(s); ++mi) {
       const int row = get<0>(c(mi, 0));
@@ -116,6 +126,16 @@ __device__ __forceinline__ void bulk_reduce_add(float* gmem, const float* smem, 
                :
                : "l"(gmem), "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(bytes)
                : "memory");
+}
+
+// Where float4 j of consumer thread tid's dQ accumulator (its elements
+// 4 j .. 4 j + 3, in the fragment's logical order) lies in a dQ tile: group
+// by group, and within a group j-major, so each group's half is one
+// contiguous run (one bulk reduce-add) and the 16-byte stores of a warp
+// cover 512 consecutive bytes (no bank conflicts).
+template <class Tr>
+__host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
+  return (tid / 128) * 128 * Tr::kDqFrag + j * 128 * 4 + (tid % 128) * 4;
 }
 
 template <class Tr>
@@ -234,7 +254,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKt{});
   Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdS{});
   Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdSt{});
-  Tensor sdQ = make_tensor(make_smem_ptr(smem.dq.data()), typename Tr::SmemLayoutdQ{});
 
   Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // this group's 64 keys
   Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, stage)
@@ -250,20 +269,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   clear(acc_dk);
   clear(acc_dv);
 
-  // dS^T accumulator -> dS in shared memory; dQ accumulator -> its staging tile.
+  // dS^T accumulator -> dS in shared memory.
   auto r2s_ds = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
   auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
   Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
-  auto r2s_dq = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<64>, float>{}, mma_dq);
-  auto r2s_dq_thr = r2s_dq.get_thread_slice(tid);
-  Tensor tdQsdQ = r2s_dq_thr.partition_D(sdQ);
 
   // (key, query) of each S^T accumulator element.
   Tensor coord_st = rowcol(thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{})));
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
-  // Warp 0 of each group hands its dQ columns to the bulk-copy engine.
-  const bool dq_issuer = tid % 128 < 32;
-  const int lane = tid % 32;
+  // Thread 0 of each group hands its half of dQ to the bulk-copy engine.
+  const bool dq_issuer = tid % 128 == 0;
+  float* const sdq_group = smem.dq.data() + dq_tile_offset<Tr>(tid - tid % 128, 0);
 
   typename Pipeline::PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
@@ -314,27 +330,33 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
       wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
       // Both halves of dS in shared memory; and the previous tile's dQ left
-      // the staging tile (its issuing lanes waited for the bulk reads).
+      // the staging tile (its issuing threads waited for the bulk reads).
       if (dq_issuer) tma_store_wait<0>();
       cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
 
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
-      warpgroup_wait<0>();  // dV, dK and dQ done: Q, dO and this dS buffer are free
+      // Batches retire in order: with only dQ pending, dV and dK are done and
+      // Q, dO free, so the producer refills their stage while dQ runs.
+      warpgroup_wait<1>();
       pipeline_q.consumer_release(read);
       pipeline_do.consumer_release(read);
       ++read;
+      warpgroup_wait<0>();  // dQ done: this dS buffer is free
 
-      copy(r2s_dq, r2s_dq_thr.retile_S(tdQrdQ), tdQsdQ);
+      static_assert(decltype(size(tdQrdQ))::value == Tr::kDqFrag);
+      CUTE_UNROLL
+      for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
+        *reinterpret_cast<float4*>(smem.dq.data() + dq_tile_offset<Tr>(tid, j)) =
+            make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
+      }
       cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
       cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
       if (dq_issuer) {
-        // Rows of this tile are consecutive in dq_accum (padded to whole tiles).
-        float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * ws.dims + wg * Tr::kDqCols;
-        CUTE_UNROLL
-        for (int r = lane; r < kBlockM; r += 32) {
-          bulk_reduce_add(dq + int64_t(r) * ws.dims, &sdQ(r, wg * Tr::kDqCols), Tr::kDqCols * sizeof(float));
-        }
+        // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
+        // tiles), so the tile is one run of kBlockM * kHeadDim floats.
+        float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * kHeadDim + (sdq_group - smem.dq.data());
+        bulk_reduce_add(dq, sdq_group, 128 * Tr::kDqFrag * sizeof(float));
         tma_store_arrive();
       }
     }
@@ -364,6 +386,39 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // The last dQ reductions complete before the block exits.
   if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
+}
+
+// dq = scale * dq_accum in the input dtype, one block per (batch * head,
+// query tile): thread tid reads what consumer thread tid added (16-byte
+// loads, coalesced) and finds each element's (row, column) as that thread's
+// dQ accumulator does.
+template <class Tr>
+__global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(const AttentionBwdParams p, int64_t q_rows) {
+  using Element = typename Tr::Element;
+  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim;
+  const int tid = threadIdx.x;
+  typename Tr::TiledMmadQ mma_dq;
+  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
+  const float scale = static_cast<float>(p.scale);
+  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
+  for (int64_t tile = blockIdx.x; tile < p.batch * p.heads * m_blocks; tile += gridDim.x) {
+    const int64_t bh = tile / m_blocks, m0 = (tile % m_blocks) * kBlockM;
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    const float* src = p.dq_accum + (bh * q_rows + m0) * kHeadDim;
+    Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+    CUTE_UNROLL
+    for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
+      const float4 v4 = *reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j));
+      const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+      CUTE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = m0 + get<0>(coord(4 * j + e));
+        const int col = get<1>(coord(4 * j + e));
+        if (row < p.q_len && col < p.head_dim) dst[row * p.dq_stride[2] + col] = static_cast<Element>(v[e] * scale);
+      }
+    }
+  }
 }
 
 template <class Tr>
@@ -396,12 +451,11 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr>, blocks, Tr::kNThreads,
               Tr::kSmemBytes, stream, args);
   }
-  const int64_t chunks = p.batch * p.heads * p.q_len * (p.head_dim / 8);
-  if (chunks > 0) {
-    const int64_t cblocks = (chunks + 255) / 256;
-    sm80::convert_dq_kernel<Element>
-        <<<dim3(static_cast<unsigned>(cblocks < 65536 * 16 ? cblocks : 65536 * 16)), 256, 0, stream>>>(p, ws);
-    sm80::launch_checked("dq conversion kernel", cudaGetLastError());
+  const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
+  if (tiles > 0) {
+    convert_dq_sm90_kernel<Tr><<<dim3(static_cast<unsigned>(tiles < 65536 * 16 ? tiles : 65536 * 16)),
+                                 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws.q_rows);
+    sm80::launch_checked("sm90 dq conversion kernel", cudaGetLastError());
   }
 }
 

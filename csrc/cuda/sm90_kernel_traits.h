@@ -90,12 +90,22 @@ struct BwdTraits {
   static constexpr int kNumMmaWG = kBlockN / 64;
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   // Two groups: dK and dV of 64 keys x kHeadDim stay in registers (2 x 64
-  // floats per thread at d = 128), beside S^T and dP^T (2 x 32); d = 256
-  // would need twice that and runs on the sm80 kernel.
-  static_assert(kNumMmaWG == 2 && kBlockM == 64 && (kHeadDim == 64 || kHeadDim == 128));
+  // floats per thread at d = 128), beside S^T and dP^T (2 x kBlockM / 2):
+  // 192 accumulator floats at d = 128 with 64-row query tiles, and at d = 64
+  // with 128-row ones. d = 256 would need more and runs on the sm80 kernel.
+  static_assert(kNumMmaWG == 2 && (kHeadDim == 64 || kHeadDim == 128));
+  static_assert(kBlockM == 64 || (kBlockM == 128 && kHeadDim == 64));
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  static constexpr int kDqCols = kHeadDim / kNumMmaWG;  // dQ columns per consumer group
+  // dQ = dS K is split between the groups along the queries when the tile
+  // has 64 rows per group (each product then 64 x kHeadDim, as wide as the
+  // others), else along the head dims.
+  static constexpr int kDqWgM = kBlockM / 64;
+  static constexpr int kDqWgN = kNumMmaWG / kDqWgM;
+  static constexpr int kDqCols = kHeadDim / kDqWgN;  // dQ columns per consumer group
+  // dQ accumulator floats per consumer thread.
+  static constexpr int kDqFrag = kBlockM * kHeadDim / (128 * kNumMmaWG);
+  static_assert(kDqFrag % 4 == 0);
 
   using AtomLayoutKeys = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
   // S^T = K Q^T and dP^T = V dO^T: M = keys, N = queries, K = head dim, all
@@ -110,16 +120,17 @@ struct BwdTraits {
       GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       AtomLayoutKeys{}));
-  // dQ = dS K: M = queries, N = head dim split between the groups, K = keys.
+  // dQ = dS K: M = queries, N = head dim, K = keys, split as kDqWgM x kDqWgN.
   // A = dS, stored queries-contiguous (MN-major) from the dS^T accumulators;
   // B = K (keys x dims) has N contiguous: MN-major.
   using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kDqCols>, Int<kBlockN>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM / kDqWgM>, Int<kDqCols>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
-      Layout<Shape<_1, Int<kNumMmaWG>, _1>>{}));
+      Layout<Shape<Int<kDqWgM>, Int<kDqWgN>, _1>>{}));
 
   // K's swizzle spans one group's dQ columns: read MN-major by dQ = dS K, a
-  // kDqCols-wide slice must hold whole swizzle rows (64-byte swizzle at d = 64).
+  // kDqCols-wide slice must hold whole swizzle rows (64-byte swizzle when
+  // the groups split d = 64).
   using SmemAtomK = std::conditional_t<kDqCols * sizeof(Element) % 128 == 0, GMMA::Layout_K_SW128_Atom<Element>,
                                        GMMA::Layout_K_SW64_Atom<Element>>;
   using SmemAtomQ = GMMA::Layout_K_SW128_Atom<Element>;
@@ -135,10 +146,6 @@ struct BwdTraits {
                                               Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
   using SmemLayoutdSt = decltype(composition(
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{}, Step<_2, _1, _3>{})));
-  // dQ of one query tile in float32, rows as in the dq accumulator, padded by
-  // 8 floats so the 64-bit stores of a half warp hit distinct banks.
-  static constexpr int kDqStride = kHeadDim + 8;
-  using SmemLayoutdQ = Layout<Shape<Int<kBlockM>, Int<kHeadDim>>, Stride<Int<kDqStride>, _1>>;
 
   using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;  // (seq, dim, head, batch)
   using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
@@ -161,7 +168,7 @@ struct BwdTraits {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
     cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
-    cute::array_aligned<float, cosize_v<SmemLayoutdQ>, 128> dq;
+    cute::array_aligned<float, kBlockM * kHeadDim, 128> dq;  // in dq_tile_offset's order
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
