@@ -185,6 +185,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
   // ---- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  // The sequence's key bounds, read again (varlen: the same cu_seqlens
+  // entries) rather than kept live across the split into producer and
+  // consumers: ptxas spilled those and reloaded them on every key tile.
+  const SequenceBounds kseq = sequence_bounds<kVarlen>(p, b);
   const int tid = threadIdx.x - 128;
   const Turns<Tr::kNumMmaWG> turns{tid / 128};
   typename Tr::TiledMmaS mma_s;
@@ -211,8 +215,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // masked to -inf, so their P is 0.
   auto mask_and_fold = [&](int n, auto first) {
     const int64_t n0 = int64_t(n) * kBlockN;
-    if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window(s, coord_s, m0, n0, seq.window, seq.kv_len);
+    if (n0 + kBlockN > kseq.kv_len || !tile_fully_visible(kseq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      mask_window(s, coord_s, m0, n0, kseq.window, kseq.kv_len);
     }
     softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
   };
