@@ -160,7 +160,8 @@ bool sm90_fwd_serves_varlen(const AttentionFwdParams& p) {
   return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && p.mask_kind == MaskKind::kNone &&
          p.dropout.p == 0.0 && p.softcap == 0.f && p.alibi_slopes == nullptr && p.total_q > 0 && p.total_k > 0 &&
          p.total_q < kMaxRows && p.total_k < kMaxRows && p.q_len < kMaxRows && p.kv_len < kMaxRows &&
-         nonzero_strides(p.q_stride, 1, p.heads, p.total_q) && nonzero_strides(p.k_stride, 1, p.kv_heads, p.total_k) &&
+         nonzero_strides(p.q_stride, 1, p.heads, p.total_q) &&
+         nonzero_strides(p.k_stride, 1, p.kv_heads, p.total_k) &&
          nonzero_strides(p.v_stride, 1, p.kv_heads, p.total_k);
 }
 

@@ -121,7 +121,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const int n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
 
   // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
-  Element* out = static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + seq.q_row0 * p.o_stride[2];
+  Element* out =
+      static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + seq.q_row0 * p.o_stride[2];
   float* lse_out = p.lse + h * seq.lse_head_stride + seq.lse_row0;
   // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
   // Uniform across the block, before any barrier exists.
@@ -156,15 +157,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // Varlen: one batch entry spanning the packed rows, this sequence's tiles
     // offset by its first row (as the descriptors in launch_attention_fwd).
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
-    const int64_t tma_b = kVarlen ? 0 : b;
-    const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(kVarlen ? 1 : p.batch));
-    const auto kv_shape =
-        make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(kVarlen ? 1 : p.batch));
-    Tensor mQ = domain_offset(make_coord(int32_t(seq.q_row0), _0{}), args.tma_q.get_tma_tensor(q_shape)(_, _, h, tma_b));
-    Tensor mK = domain_offset(make_coord(int32_t(seq.k_row0), _0{}), args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
-    Tensor mV = domain_offset(make_coord(int32_t(seq.k_row0), _0{}), args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+    const int64_t batch = kVarlen ? 1 : p.batch, tma_b = kVarlen ? 0 : b;
+    const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
+    const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
+    const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}), k_row0 = make_coord(int32_t(seq.k_row0), _0{});
+    Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, h, tma_b));
+    Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+    Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
     Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (kBlockN, kHeadDim, key tile)
+    // (kBlockN, kHeadDim, key tile)
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
     Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -185,10 +187,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
   // ---- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
-  // The sequence's key bounds, read again (varlen: the same cu_seqlens
-  // entries) rather than kept live across the split into producer and
-  // consumers: ptxas spilled those and reloaded them on every key tile.
+  // Key bounds: dense, p's fields, read where used; varlen, the sequence's,
+  // read again here (the same cu_seqlens entries) rather than kept live
+  // across the split into producer and consumers, where ptxas spilled them
+  // and reloaded them on every key tile.
   const SequenceBounds kseq = sequence_bounds<kVarlen>(p, b);
+  const VisibilityWindow& window = kVarlen ? kseq.window : p.window;
+  const int64_t& kv_len = kVarlen ? kseq.kv_len : p.kv_len;
   const int tid = threadIdx.x - 128;
   const Turns<Tr::kNumMmaWG> turns{tid / 128};
   typename Tr::TiledMmaS mma_s;
@@ -215,8 +220,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // masked to -inf, so their P is 0.
   auto mask_and_fold = [&](int n, auto first) {
     const int64_t n0 = int64_t(n) * kBlockN;
-    if (n0 + kBlockN > kseq.kv_len || !tile_fully_visible(kseq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window(s, coord_s, m0, n0, kseq.window, kseq.kv_len);
+    if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      mask_window(s, coord_s, m0, n0, window, kv_len);
     }
     softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
   };
@@ -332,8 +337,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, blocks, Tr::kNThreads,
-            Tr::kSmemBytes, stream, args);
+  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, blocks,
+            Tr::kNThreads, Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90
