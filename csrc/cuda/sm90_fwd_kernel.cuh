@@ -190,10 +190,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // Key bounds: dense, p's fields, read where used; varlen, the sequence's,
   // read again here (the same cu_seqlens entries) rather than kept live
   // across the split into producer and consumers, where ptxas spilled them
-  // and reloaded them on every key tile.
+  // and reloaded them on every key tile, and held as int32 (the dispatch
+  // bounds total_k by 2^31) to take half the registers.
   const SequenceBounds kseq = sequence_bounds<kVarlen>(p, b);
-  const VisibilityWindow& window = kVarlen ? kseq.window : p.window;
-  const int64_t& kv_len = kVarlen ? kseq.kv_len : p.kv_len;
+  const int32_t kv_len32 = int32_t(kseq.kv_len), diag32 = int32_t(kseq.window.diagonal_offset);
   const int tid = threadIdx.x - 128;
   const Turns<Tr::kNumMmaWG> turns{tid / 128};
   typename Tr::TiledMmaS mma_s;
@@ -220,6 +220,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // masked to -inf, so their P is 0.
   auto mask_and_fold = [&](int n, auto first) {
     const int64_t n0 = int64_t(n) * kBlockN;
+    const VisibilityWindow window =
+        kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+    const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
     if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
       mask_window(s, coord_s, m0, n0, window, kv_len);
     }
