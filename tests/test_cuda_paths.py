@@ -96,6 +96,65 @@ def test_family_matches_reference(case, dtype, family, gen):
     torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=2e-2, rtol=2e-2)
 
 
+# Packed batches (query lengths, key lengths, heads, kv heads, head dim,
+# causal, window): sequences of several tiles, one-token and empty ones, so
+# tiles reach into the next sequence's rows (masked keys, unstored queries).
+VARLEN_CASES = [
+    ([300, 0, 1, 129, 77], [300, 5, 0, 200, 500], 4, 2, 128, True, (-1, -1)),
+    ([500, 130, 1, 257], [500, 130, 1, 257], 4, 1, 64, False, (-1, -1)),
+    ([129, 64, 3, 200], [70, 300, 3, 0], 2, 2, 256, True, (-1, -1)),   # L > S: rows that see no key
+    ([700, 33, 250], [900, 40, 250], 2, 2, 96, False, (64, 32)),     # head dim through the next size up
+    ([1000, 333], [1000, 333], 3, 3, 128, True, (128, -1)),          # sliding window
+]
+
+
+def _varlen_id(c):
+    lq, lk, h, hk, d, causal, w = c
+    return f"n{len(lq)}-max{max(lq)}_{max(lk)}-h{h}kv{hk}-d{d}-c{int(causal)}-w{w[0]}_{w[1]}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES or ["none"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_id)
+def test_families_varlen_match_reference(case, dtype, family, gen):
+    if family == "none":
+        pytest.skip("no CUDA kernel family here")
+    lens_q, lens_k, h, hk, d, causal, window = case
+    q = randn((sum(lens_q), h, d), dtype, "cuda", gen)
+    k = randn((sum(lens_k), hk, d), dtype, "cuda", gen)
+    v = randn((sum(lens_k), hk, d), dtype, "cuda", gen)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+                  for n in (lens_q, lens_k))
+    flash_ext.set_cuda_path(family)
+    torch.full((4 * q.numel(),), float("nan"), device="cuda")  # freed: unwritten outputs would read NaN
+    out, lse = flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                window_size=window, return_lse=True)
+    assert flash_ext.last_cuda_kernel_family() == family
+    w = (window[0], 0) if causal else window
+    refs, ref_lses, torch_outs = [], [], []
+    q0 = k0 = 0
+    for lq, lk in zip(lens_q, lens_k):
+        qb, kb, vb = (t[r0:r0 + n].transpose(0, 1).unsqueeze(0) for t, r0, n in ((q, q0, lq), (k, k0, lk), (v, k0, lk)))
+        ref, ref_lse = reference_attention(qb, kb, vb, window=w, bottom_right=True, enable_gqa=True, return_lse=True)
+        refs.append(ref[0].transpose(0, 1))
+        ref_lses.append(ref_lse[0])
+        vis = window_visible(lq, lk, w[0], w[1], True, device="cuda")
+        torch_out = torch.zeros_like(qb)
+        if lq and lk:
+            safe = vis.clone()
+            safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
+            torch_out = TORCH_SDPA(qb, kb, vb, attn_mask=safe, enable_gqa=h != hk)
+            torch_out[:, :, ~vis.any(-1)] = 0
+        torch_outs.append(torch_out[0].transpose(0, 1))
+        q0, k0 = q0 + lq, k0 + lk
+    assert_matches_reference(out, torch.cat(refs), dtype, torch.cat(torch_outs))
+    ref_lse = torch.cat(ref_lses, dim=-1)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
+    torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES or ["none"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -143,10 +202,15 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     ref = reference_attention(q, k1, v1)
     assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k1, v1))
-    # Packed variable-length batches run on the sm80 kernels.
-    qv, kv, vv = (randn((300, 4, 128), torch.bfloat16, "cuda", gen) for _ in range(3))
+    # Packed variable-length batches: the Hopper forward, the sm80 backward;
+    # with dropout, the sm80 forward.
+    qv, kv, vv = (randn((300, 4, 128), torch.bfloat16, "cuda", gen, requires_grad=True) for _ in range(3))
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
-    flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
+    out = flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    out.sum().backward()
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
+    flash_ext.flash_attn_varlen_func(qv.detach(), kv.detach(), vv.detach(), cu, cu, 200, 200, dropout_p=0.1)
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     # The backward runs on the Hopper kernels, unless deterministic (unordered dq sums there).
     qg = q.detach().requires_grad_()

@@ -140,11 +140,11 @@ bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t
   return strides_all(stride, d0, d1, d2, [](int64_t s) { return s != 0; });
 }
 
-// Whether the Hopper forward serves a call the sm80 kernels accept; what it
-// does not cover yet (attn_mask, dropout, softcap, ALiBi, varlen, stride-0
+// Whether the Hopper forward serves a dense call the sm80 kernels accept;
+// what it does not cover yet (attn_mask, dropout, softcap, ALiBi, stride-0
 // broadcasts, which TMA cannot address, an empty key sequence) runs on the
 // sm80 kernels, also on a Hopper GPU.
-bool sm90_fwd_serves(const AttentionFwdParams& p) {
+bool sm90_fwd_serves_dense(const AttentionFwdParams& p) {
   return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f && p.cu_seqlens_q == nullptr &&
          p.alibi_slopes == nullptr && p.kv_len > 0 && p.q_len < (int64_t(1) << 31) &&
          p.kv_len < (int64_t(1) << 31) && nonzero_strides(p.q_stride, p.batch, p.heads, p.q_len) &&
@@ -152,29 +152,52 @@ bool sm90_fwd_serves(const AttentionFwdParams& p) {
          nonzero_strides(p.v_stride, p.batch, p.kv_heads, p.kv_len);
 }
 
-template <int kHeadDim>
+// Varlen batches the same way, their TMA descriptors spanning the packed
+// tensors (batch stride 0, one batch entry): nonempty (no descriptor of an
+// empty tensor) with int32 row coordinates and nonzero head and row strides.
+bool sm90_fwd_serves_varlen(const AttentionFwdParams& p) {
+  const int64_t kMaxRows = int64_t(1) << 31;
+  return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && p.mask_kind == MaskKind::kNone &&
+         p.dropout.p == 0.0 && p.softcap == 0.f && p.alibi_slopes == nullptr && p.total_q > 0 && p.total_k > 0 &&
+         p.total_q < kMaxRows && p.total_k < kMaxRows && p.q_len < kMaxRows && p.kv_len < kMaxRows &&
+         nonzero_strides(p.q_stride, 1, p.heads, p.total_q) &&
+         nonzero_strides(p.k_stride, 1, p.kv_heads, p.total_k) &&
+         nonzero_strides(p.v_stride, 1, p.kv_heads, p.total_k);
+}
+
+bool sm90_fwd_serves(const AttentionFwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? sm90_fwd_serves_varlen(p) : sm90_fwd_serves_dense(p);
+}
+
+template <int kHeadDim, bool kVarlen>
 void sm90_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {
-  p.dtype == ScalarKind::kBFloat16 ? sm90::run_fwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
-                                   : sm90::run_fwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+  p.dtype == ScalarKind::kBFloat16 ? sm90::run_fwd<kHeadDim, ScalarKind::kBFloat16, kVarlen>(p, s)
+                                   : sm90::run_fwd<kHeadDim, ScalarKind::kFloat16, kVarlen>(p, s);
+}
+
+template <bool kVarlen>
+void sm90_fwd_head_dim(const AttentionFwdParams& p, cudaStream_t s) {
+  switch (sm90::head_dim_instance(p.head_dim)) {
+    case 64: return sm90_fwd_dtype<64, kVarlen>(p, s);
+    case 128: return sm90_fwd_dtype<128, kVarlen>(p, s);
+    default: return sm90_fwd_dtype<256, kVarlen>(p, s);
+  }
 }
 
 void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
   if (!sm90_fwd_serves(p)) return sm80_fwd(p, s);
   last_family = "sm90";
-  switch (sm90::head_dim_instance(p.head_dim)) {
-    case 64: return sm90_fwd_dtype<64>(p, s);
-    case 128: return sm90_fwd_dtype<128>(p, s);
-    default: return sm90_fwd_dtype<256>(p, s);
-  }
+  p.cu_seqlens_q != nullptr ? sm90_fwd_head_dim<true>(p, s) : sm90_fwd_head_dim<false>(p, s);
 }
 
 // Whether the Hopper backward serves a call the sm80 kernels accept: what
-// its forward serves, minus deterministic dq (its dq reductions are
-// unordered), dbias (comes only with an attn_mask anyway), head dims above
-// 128 (dK and dV of d = 256 do not fit its registers), an empty query
-// sequence (no TMA descriptor of it), and stride-0 dout.
+// its forward serves of dense batches (varlen ones run on the sm80
+// backward), minus deterministic dq (its dq reductions are unordered), dbias
+// (comes only with an attn_mask anyway), head dims above 128 (dK and dV of
+// d = 256 do not fit its registers), an empty query sequence (no TMA
+// descriptor of it), and stride-0 dout.
 bool sm90_bwd_serves(const AttentionBwdParams& p) {
-  return sm90_fwd_serves(p) && !p.deterministic && p.dbias == nullptr && p.head_dim <= 128 && p.q_len > 0 &&
+  return sm90_fwd_serves_dense(p) && !p.deterministic && p.dbias == nullptr && p.head_dim <= 128 && p.q_len > 0 &&
          nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
 }
 

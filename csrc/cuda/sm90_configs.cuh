@@ -27,13 +27,14 @@ using FwdConfig = std::conditional_t<
     std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kWindowed ? 2 : 3, Element>,
                        FwdTraits<256, 128, 64, 2, Element>>>;
 
-template <int kHeadDim, ScalarKind kDtype>
+// Varlen batches take the dense batches' tiles (their sequences are as long).
+template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
   if (kHeadDim == 128 && windowed) {
-    launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>>(p, stream);
+    launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>, kVarlen>(p, stream);
   } else {
-    launch_attention_fwd<FwdConfig<kHeadDim, false, ElementOf<kDtype>>>(p, stream);
+    launch_attention_fwd<FwdConfig<kHeadDim, false, ElementOf<kDtype>>, kVarlen>(p, stream);
   }
 }
 

@@ -6,6 +6,12 @@
 // of tiles n-1 (P V) and n+1 (Q K^T), and across warp groups taking turns
 // issuing products (named barriers) so one group's softmax hides behind the
 // other's tensor-core work.
+//
+// Varlen (packed) batches, kVarlen: the TMA descriptors span the whole packed
+// (total, dim, heads) tensors, and a block's tiles start at its sequence's
+// first row (cu_seqlens). Tiles may reach into the next sequence's rows: its
+// keys are masked like the kv_len tail of a dense batch, and its query rows
+// are computed but never stored.
 #pragma once
 
 // wgmma tiles of any N multiple of 8 (e.g. 176 keys), before any CuTe header.
@@ -85,7 +91,9 @@ struct Turns {
   }
 };
 
-template <class Tr>
+// kVarlen: p has cu_seqlens (compiled apart so dense batches keep every
+// bound a params field, see sequence_bounds).
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
@@ -94,21 +102,31 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
-  // Heaviest (last, under a causal mask) query tiles first.
+  // Heaviest (last, under a causal mask) query tiles first. The grid covers
+  // the longest sequence; tiles past a varlen sequence's end exit here, every
+  // thread of the block alike, before any barrier exists.
   const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
   const int64_t m_block = m_blocks - 1 - int64_t(blockIdx.x) % m_blocks;
   const int64_t bh = int64_t(blockIdx.x) / m_blocks;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int64_t hk = h / (p.heads / p.kv_heads);
   const int64_t m0 = m_block * kBlockM;
-  const int rows = static_cast<int>(p.q_len - m0 < kBlockM ? p.q_len - m0 : kBlockM);
-  const KeyRange keys = visible_key_range(p.window, m0, m0 + rows, p.kv_len);
+  const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+  if constexpr (kVarlen) {
+    if (m0 >= seq.q_len) return;
+  }
+  const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
+  const KeyRange keys = visible_key_range(seq.window, m0, m0 + rows, seq.kv_len);
   const int n_block_min = static_cast<int>(keys.begin / kBlockN);
   const int n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
 
-  Element* out = static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1];
-  float* lse_out = p.lse + bh * p.q_len;
-  if (n_block_max <= n_block_min) {  // no visible key: out = 0, lse = -inf
+  // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
+  Element* out =
+      static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + seq.q_row0 * p.o_stride[2];
+  float* lse_out = p.lse + h * seq.lse_head_stride + seq.lse_row0;
+  // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
+  // Uniform across the block, before any barrier exists.
+  if (n_block_max <= n_block_min) {
     for (int i = threadIdx.x; i < rows * p.head_dim; i += Tr::kNThreads) {
       out[(m0 + i / p.head_dim) * p.o_stride[2] + i % p.head_dim] = Element(0.f);
     }
@@ -136,14 +154,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // ---- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
-    const auto q_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
-    const auto kv_shape = make_shape(int32_t(p.kv_len), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(p.batch));
-    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_shape)(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                           make_coord(m_block, _0{}));
-    Tensor gK = local_tile(args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(_, _0{}));  // (kBlockN, kHeadDim, key tile)
-    Tensor gV = local_tile(args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(_, _0{}));
+    // Varlen: one batch entry spanning the packed rows, this sequence's tiles
+    // offset by its first row (as the descriptors in launch_attention_fwd).
+    const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
+    const int64_t batch = kVarlen ? 1 : p.batch, tma_b = kVarlen ? 0 : b;
+    const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
+    const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
+    const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}), k_row0 = make_coord(int32_t(seq.k_row0), _0{});
+    Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, h, tma_b));
+    Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+    Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+    // (kBlockN, kHeadDim, key tile)
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -163,6 +187,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
   // ---- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  // Key bounds: dense, p's fields, read where used; varlen, the sequence's,
+  // read again here (the same cu_seqlens entries) rather than kept live
+  // across the split into producer and consumers, where ptxas spilled them
+  // and reloaded them on every key tile, and held as int32 (the dispatch
+  // bounds total_k by 2^31) to take half the registers.
+  const SequenceBounds kseq = sequence_bounds<kVarlen>(p, b);
+  const int32_t kv_len32 = int32_t(kseq.kv_len), diag32 = int32_t(kseq.window.diagonal_offset);
   const int tid = threadIdx.x - 128;
   const Turns<Tr::kNumMmaWG> turns{tid / 128};
   typename Tr::TiledMmaS mma_s;
@@ -185,10 +216,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
   sm80::OnlineSoftmax<kRows> softmax;
   float corr[kRows];
+  // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's) are
+  // masked to -inf, so their P is 0.
   auto mask_and_fold = [&](int n, auto first) {
     const int64_t n0 = int64_t(n) * kBlockN;
-    if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window(s, coord_s, m0, n0, p.window, p.kv_len);
+    const VisibilityWindow window =
+        kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+    const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
+    if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      mask_window(s, coord_s, m0, n0, window, kv_len);
     }
     softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
   };
@@ -284,23 +320,28 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
                                  tma_stride(stride[0], batch)));
 }
 
-template <class Tr>
+// kVarlen: the descriptors span the packed (total, dim, heads) tensors as one
+// batch entry (their batch strides are 0); the dispatch guarantees total_q,
+// total_k > 0.
+template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
   if (blocks == 0) return;  // before building TMA descriptors of empty tensors
+  const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
+  const int64_t batch = kVarlen ? 1 : p.batch;
   FwdArgs<Tr> args{p,
-                   make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, p.q_len, p.head_dim, p.heads, p.batch, p.q_stride),
+                   make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                                  typename Tr::SmemLayoutQ{}, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}, _1{}),
                    make_tma_copy(SM90_TMA_LOAD{},
-                                 gmem_tensor<Tr>(p.k, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.k_stride),
+                                 gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
                    make_tma_copy(SM90_TMA_LOAD{},
-                                 gmem_tensor<Tr>(p.v, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.v_stride),
+                                 gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr>, blocks, Tr::kNThreads,
-            Tr::kSmemBytes, stream, args);
+  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, blocks,
+            Tr::kNThreads, Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90

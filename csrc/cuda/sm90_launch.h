@@ -14,7 +14,8 @@ namespace flash_ext::cuda::sm90 {
 // extra dims on load and the epilogue never stores them.
 constexpr int head_dim_instance(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
 
-template <int kHeadDim, ScalarKind kDtype>
+// kVarlen: params has cu_seqlens (instantiated in sm90_fwd_varlen_*).
+template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 
 // Backward at head dims 64 and 128 (instances); it wants a softmax_d

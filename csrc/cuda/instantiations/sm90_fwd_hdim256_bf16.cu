@@ -2,5 +2,5 @@
 #include "../sm90_configs.cuh"
 
 namespace flash_ext::cuda::sm90 {
-template void run_fwd<256, ScalarKind::kBFloat16>(const AttentionFwdParams&, cudaStream_t);
+template void run_fwd<256, ScalarKind::kBFloat16, false>(const AttentionFwdParams&, cudaStream_t);
 }  // namespace flash_ext::cuda::sm90

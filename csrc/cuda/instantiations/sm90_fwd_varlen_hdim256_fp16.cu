@@ -1,0 +1,6 @@
+// Forward kernel of the Hopper family for varlen (packed) batches, head dim 256, fp16.
+#include "../sm90_configs.cuh"
+
+namespace flash_ext::cuda::sm90 {
+template void run_fwd<256, ScalarKind::kFloat16, true>(const AttentionFwdParams&, cudaStream_t);
+}  // namespace flash_ext::cuda::sm90
