@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+import common  # noqa: F401  (puts the repository on sys.path, like the other benches)
 import flash_ext
 
 HEADS, HEAD_DIM = 16, 128
