@@ -108,19 +108,16 @@ _CUDA_RUNS_ON = {"sm90": lambda major: major == 9, "sm80": lambda major: major >
 _forced_cuda_path = os.environ.get("FLASH_EXT_CUDA_PATH", "").replace("auto", "")
 
 
-def cuda_family_name(major: int) -> str | None:
-    """The family serving compute capability ``major``.x, by the C++
-    dispatch's rule: the forced one if any, else the first built that runs there."""
-    for name in str(_C.CUDA_FAMILIES).split(","):
-        if name and _CUDA_RUNS_ON[name](major) and _forced_cuda_path in ("", name):
-            return name
-    return None
-
-
 def cuda_families(major: int) -> list[str]:
     """Every built family that runs on compute capability ``major``.x, in
     dispatch order, whatever is forced (what tests and benchmarks iterate)."""
     return [name for name in str(_C.CUDA_FAMILIES).split(",") if name and _CUDA_RUNS_ON[name](major)]
+
+
+def cuda_family_name(major: int) -> str | None:
+    """The family serving compute capability ``major``.x, by the C++
+    dispatch's rule: the forced one if any, else the first built that runs there."""
+    return next((name for name in cuda_families(major) if _forced_cuda_path in ("", name)), None)
 
 
 def set_cuda_path(name: str | None) -> None:
@@ -129,9 +126,9 @@ def set_cuda_path(name: str | None) -> None:
     ``FLASH_EXT_CUDA_PATH`` environment variable, which the C++ dispatch reads
     on every call (a family that was not built raises there)."""
     global _forced_cuda_path
-    cuda_families = [name for name in FAMILIES if name != "cpu"]
-    if name is not None and name not in cuda_families:
-        raise ValueError(f"set_cuda_path: name must be one of {cuda_families} or None, got {name!r}")
+    known = [family for family in FAMILIES if family != "cpu"]
+    if name is not None and name not in known:
+        raise ValueError(f"set_cuda_path: name must be one of {known} or None, got {name!r}")
     if name is not None and name not in str(_C.CUDA_FAMILIES).split(","):
         raise ValueError(f"set_cuda_path: the {name} kernels were not built (built: {_C.CUDA_FAMILIES or 'none'})")
     _forced_cuda_path = name or ""

@@ -63,6 +63,17 @@ CASES = [
 ]
 
 
+def _torch_visible(q, k, v, vis, gqa):
+    """PyTorch's SDPA ((batch, heads, seq, dim) inputs) restricted to the
+    visible (query, key) pairs, with rows that see no key set to 0 as ours
+    (PyTorch would give NaN there); differentiable."""
+    seen = vis.any(-1)
+    safe = vis.clone()
+    safe[~seen] = True  # keeps PyTorch finite on rows that see no key
+    out = TORCH_SDPA(q, k, v, attn_mask=safe, enable_gqa=gqa)
+    return out * seen.to(out.dtype)[:, None]
+
+
 def _case_id(c):
     b, h, hk, L, S, d, causal, w = c
     return f"b{b}h{h}kv{hk}-L{L}S{S}-d{d}-c{int(causal)}-w{w[0]}_{w[1]}"
@@ -86,10 +97,7 @@ def test_family_matches_reference(case, dtype, family, gen):
     ref, ref_lse = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=w, bottom_right=True,
                                        return_lse=True)
     vis = window_visible(L, S, w[0], w[1], True, device="cuda")
-    safe = vis.clone()
-    safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
-    torch_out = to_bshd(TORCH_SDPA(to_bshd(q), to_bshd(k), to_bshd(v), attn_mask=safe, enable_gqa=h != hk))
-    torch_out[:, ~vis.any(-1)] = 0
+    torch_out = to_bshd(_torch_visible(to_bshd(q), to_bshd(k), to_bshd(v), vis, h != hk))
     assert_matches_reference(out, to_bshd(ref), dtype, torch_out)
     empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
@@ -140,12 +148,7 @@ def test_families_varlen_match_reference(case, dtype, family, gen):
         refs.append(ref[0].transpose(0, 1))
         ref_lses.append(ref_lse[0])
         vis = window_visible(lq, lk, w[0], w[1], True, device="cuda")
-        torch_out = torch.zeros_like(qb)
-        if lq and lk:
-            safe = vis.clone()
-            safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
-            torch_out = TORCH_SDPA(qb, kb, vb, attn_mask=safe, enable_gqa=h != hk)
-            torch_out[:, :, ~vis.any(-1)] = 0
+        torch_out = _torch_visible(qb, kb, vb, vis, h != hk) if lq and lk else torch.zeros_like(qb)
         torch_outs.append(torch_out[0].transpose(0, 1))
         q0, k0 = q0 + lq, k0 + lk
     assert_matches_reference(out, torch.cat(refs), dtype, torch.cat(torch_outs))
@@ -176,11 +179,8 @@ def test_families_backward_match_reference(family, dtype, case, gen):
     ref = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=w, bottom_right=True)
     theirs = grad_list(to_bshd(ref), (q, k, v), dout.double())
     vis = window_visible(L, S, w[0], w[1], True, device="cuda")
-    safe = vis.clone()
-    safe[~vis.any(-1)] = True  # keeps PyTorch finite on rows that see no key
-    keep = vis.any(-1).to(dtype)[None, :, None, None]  # ...and their output (so dq) at zero
-    torch_out = to_bshd(TORCH_SDPA(to_bshd(q), to_bshd(k), to_bshd(v), attn_mask=safe, enable_gqa=h != hk))
-    torch_grads = grad_list(torch_out * keep, (q, k, v), dout)
+    torch_out = to_bshd(_torch_visible(to_bshd(q), to_bshd(k), to_bshd(v), vis, h != hk))
+    torch_grads = grad_list(torch_out, (q, k, v), dout)
     for name, g, r, t in zip("qkv", ours, theirs, torch_grads):
         assert_matches_reference(g, r, dtype, t, what=f"d{name}")
 

@@ -55,7 +55,30 @@ __device__ __forceinline__ int64_t dq_accum_row0(bool varlen, const AttentionBwd
   return varlen ? h * w.q_rows + seq.q_row0 + b * kDqRowPad : (b * p.heads + h) * w.q_rows;
 }
 
-// One warp per row: lanes hold 8 consecutive dims each (up to 256).
+// D = rowsum(dO * O) of query row `row` of (b, h), by one warp (every lane
+// returns it): lanes hold 8 consecutive dims each (up to 256).
+template <class Element>
+__device__ __forceinline__ float row_dot_out_dout(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t row,
+                                                  int lane) {
+  float acc = 0.f;
+  if (lane * 8 < p.v_head_dim) {
+    const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                       row * p.o_stride[2] + lane * 8;
+    const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
+                       row * p.do_stride[2] + lane * 8;
+    const uint4 ov = *reinterpret_cast<const uint4*>(o);
+    const uint4 dv = *reinterpret_cast<const uint4*>(d);
+    const Element* oe = reinterpret_cast<const Element*>(&ov);
+    const Element* de = reinterpret_cast<const Element*>(&dv);
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
+  }
+  CUTE_UNROLL
+  for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  return acc;
+}
+
+// One warp per row.
 template <class Element>
 __global__ void __launch_bounds__(256) softmax_d_kernel(const AttentionBwdParams p) {
   const int lane = threadIdx.x % 32;
@@ -66,22 +89,7 @@ __global__ void __launch_bounds__(256) softmax_d_kernel(const AttentionBwdParams
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const SequenceBounds seq = sequence_bounds(p, b);
     if (i >= seq.q_len) continue;  // warp-uniform: past a varlen sequence's end
-    const int64_t r = seq.q_row0 + i;
-    float acc = 0.f;
-    if (lane * 8 < p.v_head_dim) {
-      const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
-                         r * p.o_stride[2] + lane * 8;
-      const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] +
-                         h * p.do_stride[1] + r * p.do_stride[2] + lane * 8;
-      const uint4 ov = *reinterpret_cast<const uint4*>(o);
-      const uint4 dv = *reinterpret_cast<const uint4*>(d);
-      const Element* oe = reinterpret_cast<const Element*>(&ov);
-      const Element* de = reinterpret_cast<const Element*>(&dv);
-      CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
-    }
-    CUTE_UNROLL
-    for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    const float acc = row_dot_out_dout<Element>(p, b, h, seq.q_row0 + i, lane);
     if (lane == 0) p.softmax_d[row] = acc;
   }
 }
@@ -506,7 +514,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * p.q_len;
   if (rows > 0) {
     const int64_t blocks = (rows + 7) / 8;
-    softmax_d_kernel<Element><<<dim3(static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16)), 256, 0, stream>>>(p);
+    softmax_d_kernel<Element><<<grid_stride_blocks(blocks), 256, 0, stream>>>(p);
     launch_checked("softmax_d kernel", cudaGetLastError());
   }
   const int64_t n_blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
@@ -515,7 +523,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t chunks = rows * (p.head_dim / 8);
   if (chunks > 0) {
     const int64_t blocks = (chunks + 255) / 256;
-    convert_dq_kernel<Element><<<dim3(static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16)), 256, 0, stream>>>(p, ws);
+    convert_dq_kernel<Element><<<grid_stride_blocks(blocks), 256, 0, stream>>>(p, ws);
     launch_checked("dq conversion kernel", cudaGetLastError());
   }
 }

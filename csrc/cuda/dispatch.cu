@@ -140,13 +140,17 @@ bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t
   return strides_all(stride, d0, d1, d2, [](int64_t s) { return s != 0; });
 }
 
+// Scores without a mask, dropout, softcap or ALiBi: all the Hopper kernels compute.
+bool sm90_plain_scores(const AttentionFwdParams& p) {
+  return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f && p.alibi_slopes == nullptr;
+}
+
 // Whether the Hopper forward serves a dense call the sm80 kernels accept;
 // what it does not cover yet (attn_mask, dropout, softcap, ALiBi, stride-0
 // broadcasts, which TMA cannot address, an empty key sequence) runs on the
 // sm80 kernels, also on a Hopper GPU.
 bool sm90_fwd_serves_dense(const AttentionFwdParams& p) {
-  return p.mask_kind == MaskKind::kNone && p.dropout.p == 0.0 && p.softcap == 0.f && p.cu_seqlens_q == nullptr &&
-         p.alibi_slopes == nullptr && p.kv_len > 0 && p.q_len < (int64_t(1) << 31) &&
+  return sm90_plain_scores(p) && p.cu_seqlens_q == nullptr && p.kv_len > 0 && p.q_len < (int64_t(1) << 31) &&
          p.kv_len < (int64_t(1) << 31) && nonzero_strides(p.q_stride, p.batch, p.heads, p.q_len) &&
          nonzero_strides(p.k_stride, p.batch, p.kv_heads, p.kv_len) &&
          nonzero_strides(p.v_stride, p.batch, p.kv_heads, p.kv_len);
@@ -157,9 +161,8 @@ bool sm90_fwd_serves_dense(const AttentionFwdParams& p) {
 // empty tensor) with int32 row coordinates and nonzero head and row strides.
 bool sm90_fwd_serves_varlen(const AttentionFwdParams& p) {
   const int64_t kMaxRows = int64_t(1) << 31;
-  return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && p.mask_kind == MaskKind::kNone &&
-         p.dropout.p == 0.0 && p.softcap == 0.f && p.alibi_slopes == nullptr && p.total_q > 0 && p.total_k > 0 &&
-         p.total_q < kMaxRows && p.total_k < kMaxRows && p.q_len < kMaxRows && p.kv_len < kMaxRows &&
+  return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && sm90_plain_scores(p) && p.total_q > 0 &&
+         p.total_k > 0 && p.total_q < kMaxRows && p.total_k < kMaxRows && p.q_len < kMaxRows && p.kv_len < kMaxRows &&
          nonzero_strides(p.q_stride, 1, p.heads, p.total_q) &&
          nonzero_strides(p.k_stride, 1, p.kv_heads, p.total_k) &&
          nonzero_strides(p.v_stride, 1, p.kv_heads, p.total_k);

@@ -10,6 +10,13 @@
 
 namespace flash_ext::cuda {
 
+// Blocks of a grid-stride kernel over `work_blocks` blocks' worth of work:
+// capped, as the kernels loop over whatever the grid does not cover.
+inline dim3 grid_stride_blocks(int64_t work_blocks) {
+  constexpr int64_t kMaxBlocks = 65536 * 16;
+  return dim3(static_cast<unsigned>(work_blocks < kMaxBlocks ? work_blocks : kMaxBlocks));
+}
+
 // `what` names the kernel in errors, e.g. "attention forward (sm90".
 template <class Kernel, class... Args>
 void launch_1d(const char* what, int head_dim, Kernel kernel, int64_t blocks, int threads, int smem,

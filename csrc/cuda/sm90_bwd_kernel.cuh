@@ -66,21 +66,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
        row += int64_t(gridDim.x) * blockDim.x / 32) {
     const int64_t i = row % q_rows, bh = row / q_rows;
     const int64_t b = bh / p.heads, h = bh % p.heads;
-    float acc = 0.f;
-    if (i < p.q_len && lane * 8 < p.v_head_dim) {
-      const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
-                         i * p.o_stride[2] + lane * 8;
-      const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
-                         i * p.do_stride[2] + lane * 8;
-      const uint4 ov = *reinterpret_cast<const uint4*>(o);
-      const uint4 dv = *reinterpret_cast<const uint4*>(d);
-      const Element* oe = reinterpret_cast<const Element*>(&ov);
-      const Element* de = reinterpret_cast<const Element*>(&dv);
-      CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
-    }
-    CUTE_UNROLL
-    for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    const float acc = i < p.q_len ? sm80::row_dot_out_dout<Element>(p, b, h, i, lane) : 0.f;  // i warp-uniform
     if (lane == 0) {
       const float l = i < p.q_len ? p.lse[bh * p.q_len + i] : -INFINITY;
       dpsum[row] = acc;
@@ -429,8 +415,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads * ws.q_rows;
   if (rows > 0) {
     const int64_t blocks = (rows + 7) / 8;
-    bwd_preprocess_kernel<Element>
-        <<<dim3(static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16)), 256, 0, stream>>>(p, ws.q_rows);
+    bwd_preprocess_kernel<Element><<<grid_stride_blocks(blocks), 256, 0, stream>>>(p, ws.q_rows);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
   const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
@@ -453,8 +438,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0) {
-    convert_dq_sm90_kernel<Tr><<<dim3(static_cast<unsigned>(tiles < 65536 * 16 ? tiles : 65536 * 16)),
-                                 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws.q_rows);
+    convert_dq_sm90_kernel<Tr><<<grid_stride_blocks(tiles), 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws.q_rows);
     sm80::launch_checked("sm90 dq conversion kernel", cudaGetLastError());
   }
 }

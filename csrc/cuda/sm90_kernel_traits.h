@@ -22,6 +22,12 @@ namespace flash_ext::cuda::sm90 {
 
 using namespace cute;
 
+// Global tensors as TMA sees them: (seq, dim, head, batch), dim contiguous.
+template <class Element>
+using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                                           Shape<int32_t, int32_t, int32_t, int32_t>{},
+                                           Stride<int64_t, _1, int64_t, int64_t>{}));
+
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
 struct FwdTraits {
   using Element = Element_;
@@ -54,11 +60,7 @@ struct FwdTraits {
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  // Global tensors as TMA sees them: (seq, dim, head, batch), dim contiguous.
-  using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
-  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                                          GmemStride{}));
+  using GmemTensor = TmaGmemTensor<Element>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
                                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
@@ -147,10 +149,7 @@ struct BwdTraits {
   using SmemLayoutdSt = decltype(composition(
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{}, Step<_2, _1, _3>{})));
 
-  using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;  // (seq, dim, head, batch)
-  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)), GmemShape{},
-                                          GmemStride{}));
+  using GmemTensor = TmaGmemTensor<Element>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
                                       Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));  // also dO
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{},
