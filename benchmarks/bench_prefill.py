@@ -9,7 +9,7 @@ both triton do_bench medians; gradients are reset outside the timed region.
 Each of our forward outputs is compared with an SDPA backend's (``rel_err``),
 so a fast wrong kernel shows. Rows per RESULTS_FORMAT.md ``prefill``.
 
-    python benchmarks/bench_prefill.py [--quick] [--dry-run] [--smoke] [--no-flex]
+    python benchmarks/bench_prefill.py [--quick] [--dry-run] [--smoke] [--no-flex] [--head-dims D..] [--seqlens N..]
 """
 from __future__ import annotations
 
@@ -162,9 +162,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on any device (checks the script, not the speed)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
+    parser.add_argument("--head-dims", type=int, nargs="+", metavar="D", help="only these head dims of the sweep")
+    parser.add_argument("--seqlens", type=int, nargs="+", metavar="N", help="only these sequence lengths of the sweep")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else common.default_device()
-    settings = sweep(args.quick, args.smoke)
+    settings = [(d, causal, n) for d, causal, n in sweep(args.quick, args.smoke)
+                if (not args.head_dims or d in args.head_dims) and (not args.seqlens or n in args.seqlens)]
+    if not settings:
+        raise SystemExit("bench_prefill.py: --head-dims/--seqlens leave no setting of the sweep")
     flex_on, flex_bwd = flex_settings(args.quick, args.smoke, settings)
     if args.no_flex:
         flex_on = []

@@ -68,7 +68,7 @@ FAMILIES = {
                    backward=_PREFILL | _SCORE_MODS | {"bias gradient", "deterministic backward"},
                    decode=_DECODE | _SCORE_MODS),
     # Hopper (sm_90a): TMA + wgmma forward (also of varlen batches) and
-    # backward (dense batches, head dims up to 128; not deterministic); the
+    # backward (dense batches; not deterministic); the
     # rest runs on the sm80 kernels (csrc/cuda/dispatch.cu, sm90_fwd_serves,
     # sm90_bwd_serves).
     "sm90": Family("sm90", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,

@@ -200,7 +200,7 @@ void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
 // d = 256 do not fit its registers), an empty query sequence (no TMA
 // descriptor of it), and stride-0 dout.
 bool sm90_bwd_serves(const AttentionBwdParams& p) {
-  return sm90_fwd_serves_dense(p) && !p.deterministic && p.dbias == nullptr && p.head_dim <= 128 && p.q_len > 0 &&
+  return sm90_fwd_serves_dense(p) && !p.deterministic && p.dbias == nullptr && p.q_len > 0 &&
          nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
 }
 
@@ -222,7 +222,11 @@ void sm90_bwd_dtype(const AttentionBwdParams& p, cudaStream_t s) {
 void sm90_bwd(const AttentionBwdParams& p, cudaStream_t s) {
   if (!sm90_bwd_serves(p)) return sm80_bwd(p, s);
   last_family = "sm90";
-  sm90::head_dim_instance(p.head_dim) == 64 ? sm90_bwd_dtype<64>(p, s) : sm90_bwd_dtype<128>(p, s);
+  switch (sm90::head_dim_instance(p.head_dim)) {
+    case 64: return sm90_bwd_dtype<64>(p, s);
+    case 128: return sm90_bwd_dtype<128>(p, s);
+    default: return sm90_bwd_dtype<256>(p, s);
+  }
 }
 #endif
 

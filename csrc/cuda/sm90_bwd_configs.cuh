@@ -1,9 +1,10 @@
 // Tile configuration of the Hopper backward per head dim (BwdTraits<head
-// dim, query tile, key tile, pipeline stages>): 128-key blocks, two consumer
-// warp groups of 64 keys each, query tiles double-buffered. d = 64 takes
-// 128-row query tiles: per tile the same register footprint as d = 128's
-// 64 rows, half the tiles (barriers, pipeline waits, dQ reductions) for the
-// same work, and S^T, dP^T products 128 wide instead of 64.
+// dim, query tile, key tile, pipeline stages>), query tiles double-buffered.
+// d <= 128: 128-key blocks, two consumer warp groups of 64 keys each; d = 64
+// takes 128-row query tiles: per tile the same register footprint as
+// d = 128's 64 rows, half the tiles (barriers, pipeline waits, dQ
+// reductions) for the same work, and S^T, dP^T products 128 wide instead of
+// 64. d = 256: 64-key blocks whose head dims the two groups split.
 #pragma once
 
 #include "sm90_bwd_kernel.cuh"
@@ -12,7 +13,7 @@
 namespace flash_ext::cuda::sm90 {
 
 template <int kHeadDim, class Element>
-using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, 128, 2, Element>;
+using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
 template <int kHeadDim, ScalarKind kDtype>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {

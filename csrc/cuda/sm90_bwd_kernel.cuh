@@ -13,7 +13,11 @@
 //      then writes dS^T to shared memory, and after a barrier of both groups
 //      computes its half of dQ = dS K, which it adds to the float32 dq
 //      accumulator with one bulk reduce-add (cp.reduce.async.bulk) from
-//      shared memory; dK, dV stay in registers until the end;
+//      shared memory; dK, dV stay in registers until the end. At d = 256
+//      (BwdTraits::kSplitDims) both groups share 64 keys: each computes S^T,
+//      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
+//      owns half of the head dims of dV, dK (A from shared memory) and dQ,
+//      which it adds with vector atomics from registers;
 //   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel).
 // dq_accum has sm80's size, (batch * heads, q_rows, head dim), but each
 // query tile's kBlockM x kHeadDim floats are stored in dq_tile_offset's
@@ -42,7 +46,8 @@ struct BwdArgs {
 };
 
 // Named barriers: both consumer groups (dS written; at the end, K and V
-// read for the last time), and one per group (its dQ staged).
+// read for the last time), and one per group (its dQ or, at the end, its
+// part of dK and dV staged).
 constexpr uint32_t kDsBarrier = 0;
 constexpr uint32_t kDqBarrier = 1;
 
@@ -241,21 +246,23 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdS{});
   Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Tr::SmemLayoutdSt{});
 
-  Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // this group's 64 keys
+  // This group's part of each product (see BwdTraits: its keys, or with
+  // kSplitDims its queries of S^T, dP^T and its head dims of dK, dV, dQ).
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);
   Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, stage)
   Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
   Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
   Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
   Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_K, buffer)
-  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);     // this group's dQ columns
+  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
 
   Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   clear(acc_dk);
   clear(acc_dv);
 
-  // dS^T accumulator -> dS in shared memory.
+  // S^T-shaped accumulators (dS^T; with kSplitDims also P^T) -> shared memory.
   auto r2s_ds = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
   auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
   Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
@@ -306,19 +313,34 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
       }
 
-      // The 16-bit P^T and dS^T, laid out as wgmma A operands (keys x queries).
+      // The 16-bit P^T and dS^T (keys x queries).
       Tensor rP = convert_to<Element>(tSrS);
-      Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
       Tensor rdS = convert_to<Element>(tdPrdP);
-      Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
-      wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
-      copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
-      cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
-      wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
-      // Both halves of dS in shared memory; and the previous tile's dQ left
-      // the staging tile (its issuing threads waited for the bulk reads).
-      if (dq_issuer) tma_store_wait<0>();
-      cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+      if constexpr (Tr::kSplitDims) {
+        // Both groups' queries of P^T and dS^T in shared memory, then dV and dK
+        // of this group's dims over all of the tile's queries.
+        Tensor sPt = make_tensor(make_smem_ptr(smem.p.data()), typename Tr::SmemLayoutdSt{});
+        copy(r2s_ds, r2s_ds_thr.retile_S(rP), r2s_ds_thr.partition_D(sPt)(_, _, _, buffer));
+        copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
+        cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+        Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);  // (MMA, MMA_M, MMA_K, buffer)
+        Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
+        wgmma<false>(mma_dkv, tdVrPt(_, _, _, buffer), tdVrdO(_, _, _, stage), acc_dv);
+        wgmma<false>(mma_dkv, tdKrdSt(_, _, _, buffer), tdKrQ(_, _, _, stage), acc_dk);
+      } else {
+        // P^T and dS^T as wgmma A operands straight from the accumulators.
+        Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+        Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
+        wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+        copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
+        wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
+        // Both halves of dS in shared memory; and the previous tile's dQ left
+        // the staging tile (its issuing threads waited for the bulk reads).
+        if (dq_issuer) tma_store_wait<0>();
+        cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
+      }
 
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
@@ -330,20 +352,29 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       ++read;
       warpgroup_wait<0>();  // dQ done: this dS buffer is free
 
+      // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
+      // tiles), so the tile is one run of kBlockM * kHeadDim floats.
+      float* dq_tile = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * kHeadDim;
       static_assert(decltype(size(tdQrdQ))::value == Tr::kDqFrag);
-      CUTE_UNROLL
-      for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-        *reinterpret_cast<float4*>(smem.dq.data() + dq_tile_offset<Tr>(tid, j)) =
-            make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
-      }
-      cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
-      cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
-      if (dq_issuer) {
-        // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
-        // tiles), so the tile is one run of kBlockM * kHeadDim floats.
-        float* dq = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * kHeadDim + (sdq_group - smem.dq.data());
-        bulk_reduce_add(dq, sdq_group, 128 * Tr::kDqFrag * sizeof(float));
-        tma_store_arrive();
+      if constexpr (Tr::kSplitDims) {
+        // Vector atomics from registers: 512 consecutive bytes per warp.
+        CUTE_UNROLL
+        for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
+          atomicAdd(reinterpret_cast<float4*>(dq_tile + dq_tile_offset<Tr>(tid, j)),
+                    make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3)));
+        }
+      } else {
+        CUTE_UNROLL
+        for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
+          *reinterpret_cast<float4*>(smem.dq.data() + dq_tile_offset<Tr>(tid, j)) =
+              make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
+        }
+        cutlass::arch::fence_view_async_shared();  // before the bulk-copy engine reads it
+        cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);
+        if (dq_issuer) {
+          bulk_reduce_add(dq_tile + (sdq_group - smem.dq.data()), sdq_group, 128 * Tr::kDqFrag * sizeof(float));
+          tma_store_arrive();
+        }
       }
     }
   }
@@ -359,18 +390,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   Tensor dv_elem = convert_to<Element>(acc_dv);
   copy(r2s_kv, r2s_kv_thr.retile_S(dk_elem), r2s_kv_thr.partition_D(sK));
   copy(r2s_kv, r2s_kv_thr.retile_S(dv_elem), r2s_kv_thr.partition_D(sV));
-  cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);  // this group's 64 rows staged
-  constexpr int kChunks = kHeadDim / 8;
-  const int row0 = wg * 64;
-  for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+  cutlass::arch::NamedBarrier::sync(128, kDqBarrier + wg);  // this group's part staged
+  // A group's part: its 64 key rows, or with kSplitDims its head dims.
+  constexpr int kRows = Tr::kSplitDims ? kBlockN : 64, kChunks = Tr::kdKVCols / 8;
+  const int row0 = Tr::kSplitDims ? 0 : wg * 64, col0 = Tr::kSplitDims ? wg * Tr::kdKVCols : 0;
+  for (int i = tid % 128; i < kRows * kChunks; i += 128) {
+    const int r = row0 + i / kChunks, c = col0 + (i % kChunks) * 8;
     if (r < key_rows && c < p.head_dim) {
       *reinterpret_cast<uint4*>(dk + r * p.dk_stride[2] + c) = *reinterpret_cast<const uint4*>(&sK(r, c));
       *reinterpret_cast<uint4*>(dv + r * p.dv_stride[2] + c) = *reinterpret_cast<const uint4*>(&sV(r, c));
     }
   }
   // The last dQ reductions complete before the block exits.
-  if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  if constexpr (!Tr::kSplitDims) {
+    if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
 #endif
 }
 

@@ -81,21 +81,31 @@ struct FwdTraits {
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
 
-// Backward: one block per key tile of kBlockN rows, consumer warp group w
-// owning key rows [64 w, 64 w + 64) (so the products with keys along M are
-// natural and need no transposition in registers), walking query tiles of
-// kBlockM rows through a kStages-deep pipeline of Q (+ lse) and dO (+ D).
+// Backward: one block per key tile of kBlockN rows and two consumer warp
+// groups, walking query tiles of kBlockM rows through a kStages-deep pipeline
+// of Q (+ lse) and dO (+ D). How the groups share the work depends on the
+// head dim (kSplitDims):
+//  - d <= 128: group w owns key rows [64 w, 64 w + 64) of a 128-key tile
+//    (products with keys along M need no transposition in registers); P^T
+//    and dS^T go from its S^T, dP^T accumulators straight into dV, dK (A
+//    from registers). dK and dV of 64 keys x d stay in registers (2 x 64
+//    floats per thread at d = 128), beside S^T and dP^T (2 x kBlockM / 2):
+//    192 accumulator floats at d = 128 with 64-row query tiles, and at d = 64
+//    with 128-row ones.
+//  - d = 256: that would be 256 floats of dK and dV alone, so both groups
+//    share one 64-key tile and each owns half of the head dims of dK, dV
+//    and dQ (64 + 64 + 64 floats). Each computes S^T, dP^T for half of the
+//    tile's queries and leaves P^T, dS^T in shared memory, where the other
+//    group's dV, dK products (A from shared memory) find them.
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr int kNumMmaWG = kBlockN / 64;
+  static constexpr int kNumMmaWG = 2;
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
-  // Two groups: dK and dV of 64 keys x kHeadDim stay in registers (2 x 64
-  // floats per thread at d = 128), beside S^T and dP^T (2 x kBlockM / 2):
-  // 192 accumulator floats at d = 128 with 64-row query tiles, and at d = 64
-  // with 128-row ones. d = 256 would need more and runs on the sm80 kernel.
-  static_assert(kNumMmaWG == 2 && (kHeadDim == 64 || kHeadDim == 128));
+  static constexpr bool kSplitDims = kHeadDim == 256;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
+  static_assert(kBlockN == (kSplitDims ? 64 : 128));
   static_assert(kBlockM == 64 || (kBlockM == 128 && kHeadDim == 64));
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
@@ -109,18 +119,29 @@ struct BwdTraits {
   static constexpr int kDqFrag = kBlockM * kHeadDim / (128 * kNumMmaWG);
   static_assert(kDqFrag % 4 == 0);
 
-  using AtomLayoutKeys = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
+  // How the groups tile the keys-along-M products: along M (keys) or, with
+  // kSplitDims, along N (queries of S^T, dP^T; head dims of dK, dV).
+  using AtomLayoutKeys = std::conditional_t<kSplitDims, Layout<Shape<_1, Int<kNumMmaWG>, _1>>,
+                                            Layout<Shape<Int<kNumMmaWG>, _1, _1>>>;
+  static constexpr int kSdPCols = kSplitDims ? kBlockM / kNumMmaWG : kBlockM;  // queries per group
+  static constexpr int kdKVCols = kSplitDims ? kHeadDim / kNumMmaWG : kHeadDim;  // dims per group
   // S^T = K Q^T and dP^T = V dO^T: M = keys, N = queries, K = head dim, all
   // operands stored with the head dim contiguous (K-major).
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>(),
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kSdPCols>, Int<kHeadDim>>>(),
       AtomLayoutKeys{}));
   // dV += P^T dO and dK += dS^T Q: M = keys, N = head dim, K = queries. A is
-  // the S^T / dP^T accumulator converted in registers; B (dO, Q stored
-  // queries x dims) has N contiguous: MN-major.
+  // the S^T / dP^T accumulator converted in registers, or with kSplitDims
+  // P^T / dS^T in shared memory (queries contiguous: K-major); B (dO, Q
+  // stored queries x dims) has N contiguous: MN-major.
   using TiledMmadKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
+      std::conditional_t<kSplitDims,
+                         decltype(GMMA::ss_op_selector<Element, Element, float,
+                                                       Shape<Int<kBlockN>, Int<kdKVCols>, Int<kBlockM>>,
+                                                       GMMA::Major::K, GMMA::Major::MN>()),
+                         decltype(GMMA::rs_op_selector<Element, Element, float,
+                                                       Shape<Int<kBlockN>, Int<kdKVCols>, Int<kBlockM>>,
+                                                       GMMA::Major::K, GMMA::Major::MN>())>{},
       AtomLayoutKeys{}));
   // dQ = dS K: M = queries, N = head dim, K = keys, split as kDqWgM x kDqWgN.
   // A = dS, stored queries-contiguous (MN-major) from the dS^T accumulators;
@@ -144,6 +165,7 @@ struct BwdTraits {
       SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
   // dS (queries x keys, queries contiguous), double-buffered so one barrier
   // per query tile separates writing it from the other group's last read.
+  // With kSplitDims P takes the same layout.
   using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                                               Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
   using SmemLayoutdSt = decltype(composition(
@@ -167,7 +189,10 @@ struct BwdTraits {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
     cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
-    cute::array_aligned<float, kBlockM * kHeadDim, 128> dq;  // in dq_tile_offset's order
+    // kSplitDims: P^T in dS's layout, and dQ added to global memory from
+    // registers (its staging tile would not fit beside the rest).
+    cute::array_aligned<Element, kSplitDims ? cosize_v<SmemLayoutdS> : 1, 1024> p;
+    cute::array_aligned<float, kSplitDims ? 1 : kBlockM * kHeadDim, 128> dq;  // in dq_tile_offset's order
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     alignas(16) uint64_t kv_full;  // mbarrier: K and V landed

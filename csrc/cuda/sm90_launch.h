@@ -18,7 +18,7 @@ constexpr int head_dim_instance(int64_t head_dim) { return head_dim <= 64 ? 64 :
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 
-// Backward at head dims 64 and 128 (instances); it wants a softmax_d
+// Backward at head dims 64, 128 and 256 (instances); it wants a softmax_d
 // workspace of bwd_softmax_d_floats: D and lse per query row, padded like
 // the rows of dq_accum (sm80's dq_workspace, which also sizes dq_accum).
 template <int kHeadDim, ScalarKind kDtype>
