@@ -1,17 +1,20 @@
-// Attention forward, Hopper family (sm_90a): one block per (query tile,
-// batch*head). Warp group 0 is the producer: one thread issues TMA loads of
-// Q and of the K/V tiles into a kStages-deep mbarrier pipeline. The other
-// warp groups (64 query rows each) compute S = Q K^T and O += P V with wgmma,
-// overlapping inside a warp group the softmax of tile n with the products
-// of tiles n-1 (P V) and n+1 (Q K^T), and across warp groups taking turns
-// issuing products (named barriers) so one group's softmax hides behind the
-// other's tensor-core work.
+// Attention forward, Hopper family (sm_90a), persistent: one block per SM,
+// each taking work tiles (query tile, head, batch) in a static round robin
+// (TileSchedule). Warp group 0 is the producer: one thread issues TMA loads of
+// Q and of the K/V tiles into a kStages-deep mbarrier pipeline whose state
+// runs on across tiles, so the next tile's loads start while the consumers
+// still work on this one's last key tiles and epilogue. The other warp groups
+// (64 query rows each) compute S = Q K^T and O += P V with wgmma, overlapping
+// inside a warp group the softmax of tile n with the products of tiles n-1
+// (P V) and n+1 (Q K^T), and across warp groups taking turns issuing products
+// (named barriers) so one group's softmax hides behind the other's
+// tensor-core work.
 //
 // Varlen (packed) batches, kVarlen: the TMA descriptors span the whole packed
-// (total, dim, heads) tensors, and a block's tiles start at its sequence's
-// first row (cu_seqlens). Tiles may reach into the next sequence's rows: its
-// keys are masked like the kv_len tail of a dense batch, and its query rows
-// are computed but never stored.
+// (total, dim, heads) tensors, and a tile starts at its sequence's first row
+// (cu_seqlens). Tiles may reach into the next sequence's rows: its keys are
+// masked like the kv_len tail of a dense batch, and its query rows are
+// computed but never stored.
 #pragma once
 
 // wgmma tiles of any N multiple of 8 (e.g. 176 keys), before any CuTe header.
@@ -42,9 +45,50 @@ using sm80::convert_to;
 using sm80::mask_window;
 using sm80::rowcol;
 
+// Work tiles in the order the blocks take them (tile = blockIdx.x, then
+// += gridDim.x): sections of `section` (batch, head) pairs whose K and V fit
+// in L2 together, so the blocks running at once share them; inside a section
+// the query tile varies slowest, heaviest (seeing the most keys) first, so
+// the round robin deals tiles longest first and the blocks finish together.
+struct TileSchedule {
+  int m_blocks, heads, batch_heads, section;
+  bool last_rows_heaviest;  // false only when a left window alone bounds the keys
+  __host__ __device__ int tiles() const { return m_blocks * batch_heads; }
+};
+
+// One work tile: query rows [m0, m0 + rows) of sequence b, head h, and the key
+// tiles [n_block_min, n_block_max) any of them sees. rows <= 0: a varlen tile
+// past its sequence's end.
+struct QueryTile {
+  int m_block, b, h;
+  int64_t m0;
+  int rows, n_block_min, n_block_max;
+  SequenceBounds seq;
+};
+
+template <int kBlockM, int kBlockN, bool kVarlen>
+__device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileSchedule& s, int tile) {
+  const int section0 = tile / (s.section * s.m_blocks) * s.section;
+  const int pairs = min(s.section, s.batch_heads - section0);
+  const int in_section = tile - section0 * s.m_blocks;
+  const int m = in_section / pairs, bh = section0 + in_section % pairs;
+  QueryTile t;
+  t.m_block = s.last_rows_heaviest ? s.m_blocks - 1 - m : m;
+  t.b = bh / s.heads;
+  t.h = bh % s.heads;
+  t.m0 = int64_t(t.m_block) * kBlockM;
+  t.seq = sequence_bounds<kVarlen>(p, t.b);
+  t.rows = static_cast<int>(t.seq.q_len - t.m0 < kBlockM ? t.seq.q_len - t.m0 : kBlockM);
+  const KeyRange keys = visible_key_range(t.seq.window, t.m0, t.m0 + t.rows, t.seq.kv_len);
+  t.n_block_min = static_cast<int>(keys.begin / kBlockN);
+  t.n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
+  return t;
+}
+
 template <class Tr>
 struct FwdArgs {
   AttentionFwdParams p;
+  TileSchedule schedule;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
@@ -75,19 +119,24 @@ __device__ __forceinline__ void wgmma(Mma& mma, const A& a, const B& b, C& c) {
 }
 
 // Consumer warp groups issue their products in turn (round robin), so the
-// tensor cores serve one group while the others run their softmax.
+// tensor cores serve one group while the others run their softmax. The turn
+// runs on across tiles: group 0 may start its next tile while the last group
+// still finishes this one.
 template <int kNumMmaWG>
 struct Turns {
   int wg;
+  // Group 0 goes first, as if the last group had passed it the turn.
   __device__ __forceinline__ void start() const {
     if (wg == kNumMmaWG - 1) cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier);
   }
   __device__ __forceinline__ void wait() const { cutlass::arch::NamedBarrier::sync(256, kTurnBarrier + wg); }
-  // The last group's last pass has nobody left to hand the turn to.
-  __device__ __forceinline__ void pass(bool last) const {
-    if (!(last && wg == kNumMmaWG - 1)) {
-      cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + (wg + 1) % kNumMmaWG);
-    }
+  __device__ __forceinline__ void pass() const {
+    cutlass::arch::NamedBarrier::arrive(256, kTurnBarrier + (wg + 1) % kNumMmaWG);
+  }
+  // Group 0 takes the turn passed after the block's last product (or start's,
+  // without any), so no barrier is left half arrived at exit.
+  __device__ __forceinline__ void finish() const {
+    if (wg == 0) wait();
   }
 };
 
@@ -98,41 +147,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
+  constexpr int kNumMmaWG = Tr::kNumMmaWG;
   const AttentionFwdParams& p = args.p;
+  const TileSchedule& schedule = args.schedule;
+  const int tiles = schedule.tiles();
   extern __shared__ __align__(1024) char smem_raw[];
-  auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
-
-  // Heaviest (last, under a causal mask) query tiles first. The grid covers
-  // the longest sequence; tiles past a varlen sequence's end exit here, every
-  // thread of the block alike, before any barrier exists.
-  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
-  const int64_t m_block = m_blocks - 1 - int64_t(blockIdx.x) % m_blocks;
-  const int64_t bh = int64_t(blockIdx.x) / m_blocks;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
-  const int64_t hk = h / (p.heads / p.kv_heads);
-  const int64_t m0 = m_block * kBlockM;
-  const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
-  if constexpr (kVarlen) {
-    if (m0 >= seq.q_len) return;
-  }
-  const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
-  const KeyRange keys = visible_key_range(seq.window, m0, m0 + rows, seq.kv_len);
-  const int n_block_min = static_cast<int>(keys.begin / kBlockN);
-  const int n_block_max = static_cast<int>(ceil_div64(keys.end, kBlockN));
-
-  // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
-  Element* out =
-      static_cast<Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + seq.q_row0 * p.o_stride[2];
-  float* lse_out = p.lse + h * seq.lse_head_stride + seq.lse_row0;
-  // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
-  // Uniform across the block, before any barrier exists.
-  if (n_block_max <= n_block_min) {
-    for (int i = threadIdx.x; i < rows * p.head_dim; i += Tr::kNThreads) {
-      out[(m0 + i / p.head_dim) * p.o_stride[2] + i % p.head_dim] = Element(0.f);
-    }
-    for (int r = threadIdx.x; r < rows; r += Tr::kNThreads) lse_out[m0 + r] = -INFINITY;
-    return;
-  }
+  auto& smem = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
   const int warp_group = cutlass::canonical_warp_group_idx();
   using Pipeline = typename Tr::Pipeline;
@@ -140,8 +160,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   pipe_params.transaction_bytes = Tr::kKVBytes;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = Tr::kNumMmaWG * 128;
-  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full, 1);
+  pipe_params.num_consumers = kNumMmaWG * 128;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kNumMmaWG; ++w) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[w], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.q_empty[w], 128);
+    }
+  }
   Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
@@ -154,53 +179,65 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // ---- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
-    // Varlen: one batch entry spanning the packed rows, this sequence's tiles
+    // Varlen: one batch entry spanning the packed rows, a sequence's tiles
     // offset by its first row (as the descriptors in launch_attention_fwd).
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
-    const int64_t batch = kVarlen ? 1 : p.batch, tma_b = kVarlen ? 0 : b;
+    const int64_t batch = kVarlen ? 1 : p.batch;
     const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
-    const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}), k_row0 = make_coord(int32_t(seq.k_row0), _0{});
-    Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, h, tma_b));
-    Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
-    Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
-    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-    // (kBlockN, kHeadDim, key tile)
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-    auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, Tr::kQBytes);
-    copy(args.tma_q.with(smem.q_full), tQg, tQs);
+    // (64, kHeadDim, consumer group)
+    Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    for (int n = n_block_max - 1; n >= n_block_min; --n) {
-      pipeline_k.producer_acquire(write);
-      copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKg(_, n), tKs(_, write.index()));
-      pipeline_v.producer_acquire(write);
-      copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write)), tVg(_, n), tVs(_, write.index()));
-      ++write;
+    uint32_t q_phase = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+      if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
+      const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
+      const auto q_row0 = make_coord(int32_t(t.seq.q_row0), _0{}), k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
+      Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, t.h, tma_b));
+      Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+      Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
+      // (64, kHeadDim, 64-row block) and (kBlockN, kHeadDim, key tile)
+      Tensor gQ = local_tile(mQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // Group w's rows, once it is done with its last tile's.
+      const auto load_q = [&](int w) {
+        cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[w], Tr::kQWarpGroupBytes);
+        copy(args.tma_q.with(smem.q_full[w]), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
+      };
+      // Group i's Q follows the i-th key tile's K, so no wait for a group's
+      // Q holds back the loads the groups before it need first.
+      const int key_tiles = t.n_block_max - t.n_block_min;
+      for (int i = 0; i < key_tiles; ++i) {
+        const int n = t.n_block_max - 1 - i;
+        pipeline_k.producer_acquire(write);
+        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKg(_, n), tKs(_, write.index()));
+        if (i < kNumMmaWG) load_q(i);
+        pipeline_v.producer_acquire(write);
+        copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write)), tVg(_, n), tVs(_, write.index()));
+        ++write;
+      }
+      for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);
+      q_phase ^= 1;
     }
     return;
   }
 
   // ---- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
-  // Key bounds: dense, p's fields, read where used; varlen, the sequence's,
-  // read again here (the same cu_seqlens entries) rather than kept live
-  // across the split into producer and consumers, where ptxas spilled them
-  // and reloaded them on every key tile, and held as int32 (the dispatch
-  // bounds total_k by 2^31) to take half the registers.
-  const SequenceBounds kseq = sequence_bounds<kVarlen>(p, b);
-  const int32_t kv_len32 = int32_t(kseq.kv_len), diag32 = int32_t(kseq.window.diagonal_offset);
   const int tid = threadIdx.x - 128;
-  const Turns<Tr::kNumMmaWG> turns{tid / 128};
+  const Turns<kNumMmaWG> turns{tid / 128};
   typename Tr::TiledMmaS mma_s;
   typename Tr::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor sO = make_tensor(make_smem_ptr(Tr::o_staging(smem)), typename Tr::SmemLayoutQ{});
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
@@ -212,97 +249,130 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   Tensor o = rowcol(tOrO);
   Tensor coord_s = rowcol(thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})));
   constexpr int kRows = decltype(size<0>(s))::value;
-
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
-  sm80::OnlineSoftmax<kRows> softmax;
-  float corr[kRows];
-  // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's) are
-  // masked to -inf, so their P is 0.
-  auto mask_and_fold = [&](int n, auto first) {
-    const int64_t n0 = int64_t(n) * kBlockN;
-    const VisibilityWindow window =
-        kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
-    const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
-    if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-      mask_window(s, coord_s, m0, n0, window, kv_len);
-    }
-    softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
-  };
   auto to_p = [&] {
     Tensor converted = convert_to<Element>(tSrS);
     CUTE_UNROLL
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
+  // This group is done with its Q rows (and, staged there, its O rows).
+  const auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[turns.wg]); };
 
   typename Pipeline::PipelineState read;
+  uint32_t q_phase = 0;
   turns.start();
-  cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full, 0);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+    if (kVarlen && t.rows <= 0) continue;
+    // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
+    Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
+                   (t.seq.q_row0 + t.m0) * p.o_stride[2];
+    float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
+    // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
+    if (t.n_block_max <= t.n_block_min) {
+      for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
+        out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+      }
+      for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
+      continue;
+    }
 
-  // First key tile: S only.
-  pipeline_k.consumer_wait(read);
-  turns.wait();
-  wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-  turns.pass(false);
-  warpgroup_wait<0>();
-  pipeline_k.consumer_release(read);
-  mask_and_fold(n_block_max - 1, cute::true_type{});
-  to_p();
-  clear(tOrO);
+    // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's)
+    // are masked to -inf, so their P is 0. Varlen bounds as int32 (the
+    // dispatch bounds total_k by 2^31), to take half the registers.
+    const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
+    const int64_t m0 = t.m0;
+    const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
+    sm80::OnlineSoftmax<kRows> softmax;
+    float corr[kRows];
+    auto mask_and_fold = [&](int n, auto first) {
+      const int64_t n0 = int64_t(n) * kBlockN;
+      const VisibilityWindow window =
+          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+      const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
+      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window(s, coord_s, m0, n0, window, kv_len);
+      }
+      softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
+    };
 
-  // Steady state: S of tile n in flight with P V of tile n+1.
-  for (int n = n_block_max - 2; n >= n_block_min; --n) {
-    const auto read_v = read;
-    ++read;
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
+    q_phase ^= 1;
+
+    // First key tile: S only.
     pipeline_k.consumer_wait(read);
     turns.wait();
     wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-    sm80::OnlineSoftmax<kRows>::rescale(o, corr);
-    pipeline_v.consumer_wait(read_v);
-    wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-    turns.pass(false);
-    warpgroup_wait<1>();
-    pipeline_k.consumer_release(read);
-    mask_and_fold(n, cute::false_type{});
+    turns.pass();
     warpgroup_wait<0>();
-    pipeline_v.consumer_release(read_v);
+    pipeline_k.consumer_release(read);
+    mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
-  }
+    clear(tOrO);
 
-  // Last P V.
-  sm80::OnlineSoftmax<kRows>::rescale(o, corr);
-  pipeline_v.consumer_wait(read);
-  turns.wait();
-  wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
-  turns.pass(true);
-  warpgroup_wait<0>();
-  pipeline_v.consumer_release(read);
+    // Steady state: S of tile n in flight with P V of tile n+1.
+    for (int n = n_block_max - 2; n >= n_block_min; --n) {
+      const auto read_v = read;
+      ++read;
+      pipeline_k.consumer_wait(read);
+      turns.wait();
+      wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+      pipeline_v.consumer_wait(read_v);
+      wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+      turns.pass();
+      warpgroup_wait<1>();
+      pipeline_k.consumer_release(read);
+      mask_and_fold(n, cute::false_type{});
+      warpgroup_wait<0>();
+      pipeline_v.consumer_release(read_v);
+      to_p();
+    }
+    if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
 
-  float lse[kRows];
-  softmax.finalize(o, static_cast<float>(p.scale), 1.f, lse);
-  if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int r = get<0>(coord_s(mi, 0));
-      if (r < rows) lse_out[m0 + r] = lse[mi];
+    // Last P V.
+    sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+    pipeline_v.consumer_wait(read);
+    turns.wait();
+    wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+    turns.pass();
+    warpgroup_wait<0>();
+    pipeline_v.consumer_release(read);
+    ++read;  // the next tile's first stage
+
+    float lse[kRows];
+    softmax.finalize(o, static_cast<float>(p.scale), 1.f, lse);
+    if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int r = get<0>(coord_s(mi, 0));
+        if (r < t.rows) lse_out[r] = lse[mi];
+      }
+    }
+
+    // O through shared memory (this group's 64 rows, which only this group
+    // touches), then 16-byte row-contiguous stores.
+    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+    auto r2s_thr = r2s.get_thread_slice(tid);
+    Tensor o_elem = convert_to<Element>(tOrO);
+    copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
+    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+    constexpr int kChunks = kHeadDim / 8;
+    const int row0 = turns.wg * 64;
+    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+      const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+      if (r < t.rows && c < p.head_dim) {
+        *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+      }
+    }
+    if constexpr (!Tr::kSeparateO) {
+      // O read out of the Q rows (generic proxy) before TMA (async proxy)
+      // overwrites them.
+      cutlass::arch::fence_view_async_shared();
+      release_q();
     }
   }
-
-  // O through shared memory (this group's 64 rows of the Q tile, which only
-  // this group read), then 16-byte row-contiguous stores.
-  Tensor sO = sQ;
-  auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-  auto r2s_thr = r2s.get_thread_slice(tid);
-  Tensor o_elem = convert_to<Element>(tOrO);
-  copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-  constexpr int kChunks = kHeadDim / 8;
-  const int row0 = turns.wg * 64;
-  for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-    if (r < rows && c < p.head_dim) {
-      *reinterpret_cast<uint4*>(out + (m0 + r) * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
-    }
-  }
+  turns.finish();
 #endif
 }
 
@@ -320,18 +390,38 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
                                  tma_stride(stride[0], batch)));
 }
 
+// Sections of (batch, head) pairs whose K and V take at most kL2Bytes (about
+// two thirds of an H100's L2), whole GQA groups each (consecutive heads share
+// their K and V).
+template <class Tr>
+TileSchedule tile_schedule(const AttentionFwdParams& p) {
+  constexpr int64_t kL2Bytes = int64_t(32) << 20;
+  const int64_t kv_len = p.kv_len > 0 ? p.kv_len : 1;  // varlen batches may have no key at all
+  const int64_t kv_head_bytes = 2 * kv_len * Tr::kHeadDim * int64_t(sizeof(typename Tr::Element));
+  const int64_t kv_heads_per_section = kv_head_bytes < kL2Bytes ? kL2Bytes / kv_head_bytes : 1;
+  const int64_t batch_heads = p.batch * p.heads;
+  const int64_t section = kv_heads_per_section * (p.heads / p.kv_heads);
+  const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
+  return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
+          static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),
+          !left_window_only};
+}
+
 // kVarlen: the descriptors span the packed (total, dim, heads) tensors as one
 // batch entry (their batch strides are 0); the dispatch guarantees total_q,
 // total_k > 0.
 template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  const int64_t blocks = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
-  if (blocks == 0) return;  // before building TMA descriptors of empty tensors
+  const int64_t tiles = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
+  if (tiles == 0) return;  // before building TMA descriptors of empty tensors
+  const int sms = multiprocessor_count();
+  // The tile loop counts in int: tile + gridDim.x must not overflow.
+  if (tiles > 0x7fffffff - sms) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
   const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
   const int64_t batch = kVarlen ? 1 : p.batch;
-  FwdArgs<Tr> args{p,
+  FwdArgs<Tr> args{p, tile_schedule<Tr>(p),
                    make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
-                                 typename Tr::SmemLayoutQ{}, Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}, _1{}),
+                                 typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    make_tma_copy(SM90_TMA_LOAD{},
                                  gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
@@ -340,8 +430,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, blocks,
-            Tr::kNThreads, Tr::kSmemBytes, stream, args);
+  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>,
+            tiles < sms ? tiles : sms, Tr::kNThreads, Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90

@@ -36,6 +36,10 @@ struct FwdTraits {
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 16 == 0);
   static_assert(kNumMmaWG == 2 || kNumMmaWG == 3);
+  // The producer loads group w's Q after the tile's w-th K tile, so the K
+  // tiles before the last group's must find free stages: a stage of this
+  // tile comes free only once every group, its Q loaded, has used it.
+  static_assert(kStages >= kNumMmaWG);
   // setmaxnreg: the producer needs few registers; the rest go to the math.
   // 128 * (producer + kNumMmaWG * consumer) must stay within 64K registers.
   static constexpr int kProducerRegs = kNumMmaWG == 2 ? 24 : 32;
@@ -55,30 +59,52 @@ struct FwdTraits {
       AtomLayout{}));
 
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;  // 8 rows x 64 elements, 128-byte swizzle
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // also stages O
+  // Each consumer group's 64 query rows are one contiguous block, loaded and
+  // released on their own barriers, so a group that finishes its tile first
+  // gets its next rows without waiting for the others.
+  using SmemLayoutQWarpGroup = decltype(tile_to_shape(SmemAtom{}, Shape<_64, Int<kHeadDim>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutQWarpGroup{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
   using GmemTensor = TmaGmemTensor<Element>;
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{},
-                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQWarpGroup{},
+                                      Shape<_64, Int<kHeadDim>>{}, _1{}));  // one consumer group's rows
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
-  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kQWarpGroupBytes = 64 * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
-    alignas(16) uint64_t q_full;  // mbarrier: Q landed
+    // mbarriers per consumer group: its Q rows landed; it is done with them.
+    alignas(16) uint64_t q_full[kNumMmaWG];
+    uint64_t q_empty[kNumMmaWG];
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
   };
-  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  // O is staged in shared memory for row-contiguous stores: in a buffer of
+  // its own where one fits (Q's next rows then load while a group stores
+  // O), else in the group's Q rows, which it releases only once O has left.
+  struct SharedStorageWithO : SharedStorage {
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> o;
+  };
+  static constexpr bool kSeparateO = sizeof(SharedStorageWithO) <= 227 * 1024;
+  using Smem = std::conditional_t<kSeparateO, SharedStorageWithO, SharedStorage>;
+  static constexpr int kSmemBytes = int(sizeof(Smem));
+  static_assert(kSmemBytes <= 227 * 1024);
+  CUTE_DEVICE static Element* o_staging(Smem& smem) {
+    if constexpr (kSeparateO) {
+      return smem.o.data();
+    } else {
+      return smem.q.data();
+    }
+  }
 };
 
 // Backward: one block per key tile of kBlockN rows and two consumer warp
