@@ -20,18 +20,32 @@ using ElementOf = std::conditional_t<kDtype == ScalarKind::kBFloat16, cutlass::b
 // d = 128 spilled in the main loop and ran 7-13 % slower than 128; a third
 // K/V stage gains ~3 % at d = 128 without a window but loses ~3 % under a
 // causal one (224 KB of shared memory, no room left to overlap anything);
-// 128-row query tiles at d = 64 lose 6-13 % against 192 without a window.
-template <int kHeadDim, bool kWindowed, class Element>
+// 128-row query tiles at d = 64 lose 6-13 % against 192 on long rows.
+// kNarrow: the configuration of windowed calls at d = 128, and of short or
+// windowed ones at d = 64 (d64_narrow_tiles).
+template <int kHeadDim, bool kNarrow, class Element>
 using FwdConfig = std::conditional_t<
-    kHeadDim == 64, FwdTraits<64, 192, 128, 3, Element>,
-    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kWindowed ? 2 : 3, Element>,
+    kHeadDim == 64, FwdTraits<64, kNarrow ? 128 : 192, 128, 3, Element>,
+    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element>,
                        FwdTraits<256, 128, 64, 2, Element>>>;
+
+// d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
+// faster, but short sequences and the diagonal of a causal mask or window
+// favour 128 rows: less of the last tile is past q_len, and the diagonal is
+// covered in finer steps (at N = 512 causal, 13.5 tile pairs of 128 x 128 for
+// 8 of visible work, against 10). Measured on the H100 (persistent kernel,
+// benchmarks/NOTES.md): 128 rows win up to N = 1024 without a mask (+1-3 %)
+// and up to 2048 with one (+17 % at 512, +2 % at 2048), 192 beyond.
+inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
+  return p.q_len <= (windowed ? 2048 : 1024);
+}
 
 // Varlen batches take the dense batches' tiles (their sequences are as long).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
-  if (kHeadDim == 128 && windowed) {
+  const bool narrow = kHeadDim == 128 ? windowed : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
+  if (narrow) {
     launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>, kVarlen>(p, stream);
   } else {
     launch_attention_fwd<FwdConfig<kHeadDim, false, ElementOf<kDtype>>, kVarlen>(p, stream);
