@@ -414,9 +414,6 @@ template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
   if (tiles == 0) return;  // before building TMA descriptors of empty tensors
-  const int sms = multiprocessor_count();
-  // The tile loop counts in int: tile + gridDim.x must not overflow.
-  if (tiles > 0x7fffffff - sms) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
   const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
   const int64_t batch = kVarlen ? 1 : p.batch;
   FwdArgs<Tr> args{p, tile_schedule<Tr>(p),
@@ -430,8 +427,19 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>,
-            tiles < sms ? tiles : sms, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+  // One block per SM, except at d = 256 under a causal mask or window: one
+  // block per tile there, which the hardware hands to SMs as they free up.
+  // Tiles then differ in weight, and the static round robin over L2 sections
+  // (a 2-head period against 132 blocks) loaded some blocks 1.4x the mean
+  // by simulation, measured 10-15 % slower than one block per tile (H100,
+  // benchmarks/NOTES.md); at d <= 128 the persistent grid still won.
+  const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
+  const int64_t sms = multiprocessor_count();
+  const int64_t grid = Tr::kHeadDim == 256 && windowed ? tiles : tiles < sms ? tiles : sms;
+  // The tile loop counts in int: tile + gridDim.x must not overflow.
+  if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
+  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, grid,
+            Tr::kNThreads, Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90
