@@ -1,8 +1,8 @@
 """A representative call of every CUDA kernel, small enough for
 compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
 bool mask, float bias with its gradient, dropout, softcap and ALiBi, odd
-lengths, every head-dim instantiation), and decode (contiguous, paged, append,
-several splits, softcap and ALiBi). ``--family NAME`` runs only the prefill
+lengths, every head-dim instantiation, varlen batches), and decode
+(contiguous, paged, append, several splits, softcap and ALiBi). ``--family NAME`` runs only the prefill
 calls of one kernel family (a quick check of a new kernel).
 Exits non-zero if any result is non-finite, so the sanitizer run also checks
 that every output element was written."""
@@ -63,6 +63,14 @@ def decode(dtype: torch.dtype, dim: int, paged: bool, num_splits: int, q_len: in
     check(f"decode {dtype} d={dim} paged={paged} splits={num_splits} q_len={q_len} {sorted(kw)}", out, lse)
 
 
+def varlen(dtype: torch.dtype, dim: int, lens: list[int], **kw) -> None:
+    cu = torch.tensor([0] + lens, device=DEV).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 4, dim, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
+    out = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), **kw)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    check(f"varlen {dtype} d={dim} lens={lens} {sorted(kw)}", out, *grads)
+
+
 def family_cases(family: str) -> None:
     """The prefill calls every family serves: each head-dim instantiation and
     dtype, GQA/MQA, causal both alignments, a sliding window."""
@@ -73,6 +81,7 @@ def family_cases(family: str) -> None:
     prefill(torch.bfloat16, 128, 300, 700, 2, 1, is_causal=True)
     flash_causal(torch.bfloat16, 64, 333, 200)
     flash_causal(torch.float16, 128, 250, 250, window_size=(64, 16))
+    varlen(torch.bfloat16, 128, [100, 0, 257, 3], causal=True)
 
 
 def main() -> None:

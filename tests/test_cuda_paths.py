@@ -62,6 +62,7 @@ CASES = [
     (1, 2, 2, 700, 900, 128, False, (64, 32)),    # two-sided window
     (1, 4, 2, 300, 517, 256, False, (-1, -1)),    # GQA 2 at d = 256
     (2, 2, 2, 400, 400, 192, True, (100, 0)),     # d = 192 on the d = 256 tiles, window
+    (3, 16, 8, 1100, 1100, 128, True, (-1, -1)),  # 432 query tiles: several per block of the persistent forward
 ]
 
 
