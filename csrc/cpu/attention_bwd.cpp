@@ -29,6 +29,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     // Sized for the longest sequence; a varlen sequence uses its first rows.
     std::vector<acc_t> dq_acc(group * p.q_len * d), row_dot(group * p.q_len), row_lse(group * p.q_len);
     std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);

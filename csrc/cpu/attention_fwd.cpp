@@ -20,6 +20,7 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     std::vector<acc_t> q_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * dv);
     std::vector<acc_t> scores(kBlockQ * kBlockK);
     OnlineSoftmax<acc_t> softmax;

@@ -54,6 +54,7 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
   std::vector<acc_t> partial_lse(splits * partial_rows);
 
   at::parallel_for(0, p.batch * p.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     std::vector<acc_t> q_buf(rows * d), k_buf(kBlockK * d), v_buf(kBlockK * dv), scores(rows * kBlockK);
     OnlineSoftmax<acc_t> softmax;
     for (int64_t item = begin; item < end; ++item) {

@@ -17,6 +17,10 @@
 #include "../common/params.h"
 #include "vec_math.h"
 
+// MKL's per-thread thread count (mkl_service.h), weak so that a torch built
+// without MKL leaves it null.
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+
 namespace flash_ext::cpu {
 
 // Rows of queries and keys per block: large enough that each block product
@@ -80,6 +84,24 @@ void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, scalar
     }
   }
 }
+
+// Keeps the calling thread's BLAS serial while alive; one per at::parallel_for
+// body that calls gemm. torch turns MKL's dynamic threading off
+// (pytorch#13757), so otherwise every block product inside a parallel region
+// forks a nested OpenMP team onto cores our own threads already fill, and
+// joins it with spin-waits and futex calls (~1500 per 1x12x1024 forward).
+class SerialBlas {
+ public:
+  SerialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int previous_;  // 0: the thread followed the global setting
+};
 
 template <typename acc_t>
 at::Tensor matrix_view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
