@@ -102,16 +102,21 @@ def _cuda_sources(archs: str) -> list[str]:
 # that copy self-consistent; with a shared libstdc++ (the usual case) the flag
 # changes nothing.
 LINK_FLAGS = ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+# at::parallel_for is an inline `#pragma omp parallel` in torch's headers
+# (torch's CPU build uses OpenMP): without -fopenmp it runs the whole range
+# on the calling thread. Linking with it names libgomp.so.1, the soname torch
+# has already loaded, so the process keeps one OpenMP runtime.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else ["-fopenmp-simd"]
 
 
 def build_extension():
     # The C++ standard comes from torch (its headers need C++20 from 2.13 on).
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", *OPENMP_FLAGS]
     sources = _sources("csrc/ops/*.cpp") + _sources("csrc/cpu/*.cpp") + ["csrc/python_module.cpp"]
     sources = [s for s in sources if not s.endswith("backend_cuda.cpp")]
     if not _want_cuda():
         return CppExtension("flash_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=LINK_FLAGS, py_limited_api=False)
+                            extra_link_args=LINK_FLAGS + OPENMP_FLAGS, py_limited_api=False)
     archs = os.environ.get("FLASH_EXT_CUDA_ARCHS", "8.0;9.0a")
     nvcc_flags = [
         "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
@@ -127,7 +132,7 @@ def build_extension():
         include_dirs=[str(ROOT / "csrc"), _cutlass_include(), *_pip_cuda_includes()],
         define_macros=[("FLASH_EXT_WITH_CUDA", None)] + ([("FLASH_EXT_SM90A", None)] if _builds_sm90a(archs) else []),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=LINK_FLAGS,
+        extra_link_args=LINK_FLAGS + OPENMP_FLAGS,
     )
 
 

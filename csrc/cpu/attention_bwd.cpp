@@ -5,8 +5,6 @@
 // One work item owns a (batch, kv head): its key blocks accumulate dK and dV
 // over every query head of the GQA group, and it owns those heads' dQ rows,
 // so no two threads write the same gradient element.
-#include <ATen/Parallel.h>
-
 #include "attention_cpu.h"
 #include "dropout.h"
 #include "tile.h"
@@ -28,7 +26,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
-  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(p.batch * p.kv_heads, [&](const auto& next_item) {
     // Sized for the longest sequence; a varlen sequence uses its first rows.
     std::vector<acc_t> dq_acc(group * p.q_len * d), row_dot(group * p.q_len), row_lse(group * p.q_len);
     std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);
@@ -36,7 +34,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
     std::vector<acc_t> dk_acc(kBlockKBwd * d), dv_acc(kBlockKBwd * dv);
     std::vector<acc_t> probs(kBlockQ * kBlockKBwd), dropped(kBlockQ * kBlockKBwd), dscores(kBlockQ * kBlockKBwd);
     std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockKBwd : 0);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; (item = next_item()) >= 0;) {
       const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
       const SequenceBounds seq = sequence_bounds(p, b);
       const int64_t L = seq.q_len, S = seq.kv_len;

@@ -1,7 +1,5 @@
 // Fused attention forward on the CPU: blocks of queries against blocks of keys
 // with an online softmax; the L x S score matrix never exists in full.
-#include <ATen/Parallel.h>
-
 #include "attention_cpu.h"
 #include "dropout.h"
 #include "tile.h"
@@ -19,12 +17,14 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
-  at::parallel_for(0, p.batch * p.heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
     std::vector<acc_t> q_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * dv);
     std::vector<acc_t> scores(kBlockQ * kBlockK);
     OnlineSoftmax<acc_t> softmax;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % q_blocks, bh = item / q_blocks;
+    for (int64_t item; (item = next_item()) >= 0;) {
+      // A head's query blocks last to first: under a causal mask the last see
+      // the most keys, so the items left for the end are the cheap ones.
+      const int64_t qb = q_blocks - 1 - item % q_blocks, bh = item / q_blocks;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
       const SequenceBounds seq = sequence_bounds(p, b);
       const int64_t row0 = qb * kBlockQ;

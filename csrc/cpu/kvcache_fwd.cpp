@@ -53,10 +53,10 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
   std::vector<acc_t> partial_out(splits * partial_rows * dv);
   std::vector<acc_t> partial_lse(splits * partial_rows);
 
-  at::parallel_for(0, p.batch * p.kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(p.batch * p.kv_heads * splits, [&](const auto& next_item) {
     std::vector<acc_t> q_buf(rows * d), k_buf(kBlockK * d), v_buf(kBlockK * dv), scores(rows * kBlockK);
     OnlineSoftmax<acc_t> softmax;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; (item = next_item()) >= 0;) {
       const int64_t split = item % splits, bk = item / splits;
       const int64_t b = bk / p.kv_heads, kvh = bk % p.kv_heads;
       const int64_t total = p.cache_seqlens[b] + p.new_len;

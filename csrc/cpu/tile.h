@@ -3,10 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -16,6 +18,10 @@
 #include "../common/mask.h"
 #include "../common/params.h"
 #include "vec_math.h"
+
+// MKL's per-thread thread count (mkl_service.h), weak so that a torch built
+// without MKL leaves it null.
+extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace flash_ext::cpu {
 
@@ -79,6 +85,42 @@ void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, scalar
       at::vec::convert(src + r * ld, dst + r * stride, cols);
     }
   }
+}
+
+// Keeps the calling thread's BLAS serial while alive. torch turns MKL's
+// dynamic threading off (pytorch#13757), so otherwise every block product
+// inside a parallel region forks a nested OpenMP team onto cores our own
+// threads already fill, and joins it with spin-waits and futex calls (~1500
+// per 1x12x1024 forward).
+class SerialBlas {
+ public:
+  SerialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int previous_;  // 0: the thread followed the global setting
+};
+
+// Work items 0..n-1 over at::parallel_for's threads, handed out one at a
+// time: body(next) runs once per thread (set up its buffers there) and calls
+// next() for each item, -1 once none are left. Unlike parallel_for's equal
+// contiguous chunks, a thread whose items were cheap, or that other load
+// delayed, leaves no one waiting at the end; only the last item can.
+template <typename Body>
+void parallel_items(int64_t n, const Body& body) {
+  std::atomic<int64_t> counter{0};
+  const auto next = [&counter, n]() {
+    const int64_t item = counter.fetch_add(1, std::memory_order_relaxed);
+    return item < n ? item : int64_t{-1};
+  };
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const SerialBlas serial_blas;
+    body(next);
+  });
 }
 
 template <typename acc_t>
