@@ -2,13 +2,17 @@
 
 GPT-2-like shapes (12 heads, head dim 64, causal), float32 and bfloat16,
 forward alone (no autograd) and forward+backward. Rows per RESULTS_FORMAT.md
-``cpu``; wall-clock medians with the process's thread count.
+``cpu``; wall-clock medians with the process's thread count. The
+implementations take turns, ROUNDS times per setting, and each row is the
+median over its rounds: a shared machine's speed drifts by up to 2x from one
+minute to the next, which back-to-back timing would credit to one side.
 
     python benchmarks/bench_cpu.py [--quick] [--dry-run] [--threads N]
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 from typing import Any, Callable
 
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 import common
 
 HEADS, HEAD_DIM = 12, 64
+ROUNDS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -69,16 +74,27 @@ def main() -> None:
     header = common.run_header("cpu", device, ceilings, args.quick)
     path = common.results_path("cpu", device, args.quick, args.out_dir)
     rows: list[dict[str, Any]] = []
-    rep_ms = 150 if args.quick else 400
+    rep_ms = 50 if args.quick else 150
     for dt, b, n in common.progress(settings, len(settings), "cpu"):
-        for name, impl in impls.items():
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in impls}
+        errors: dict[str, str] = {}
+        for _ in range(ROUNDS):
+            for name, impl in impls.items():
+                if name in errors:
+                    continue
+                try:
+                    if impl is None:
+                        raise RuntimeError("flash_ext could not be imported")
+                    times[name].append(measure(impl, DTYPES[dt], b, n, rep_ms))
+                except Exception as err:  # a refused setting is a row, not the end of the sweep
+                    errors[name] = common.error_text(err)
+        for name in impls:
             row: dict[str, Any] = dict(impl=name, dtype=dt, batch=b, heads=HEADS, n=n, d=HEAD_DIM, causal=True)
-            try:
-                if impl is None:
-                    raise RuntimeError("flash_ext could not be imported")
-                row["fwd_ms"], row["fwd_bwd_ms"] = measure(impl, DTYPES[dt], b, n, rep_ms)
-            except Exception as err:  # a refused setting is a row, not the end of the sweep
-                row["error"] = common.error_text(err)
+            if name in errors:
+                row["error"] = errors[name]
+            else:
+                row["fwd_ms"] = statistics.median(fwd for fwd, _ in times[name])
+                row["fwd_bwd_ms"] = statistics.median(fwd_bwd for _, fwd_bwd in times[name])
             rows.append(row)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))
