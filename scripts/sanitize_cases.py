@@ -2,8 +2,9 @@
 compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
 bool mask, float bias with its gradient, dropout, softcap and ALiBi, odd
 lengths, every head-dim instantiation, varlen batches), and decode
-(contiguous, paged, append, several splits, softcap and ALiBi). ``--family NAME`` runs only the prefill
-calls of one kernel family (a quick check of a new kernel).
+(contiguous, paged, append, several splits, softcap and ALiBi).
+``--family NAME`` runs only the prefill calls of one kernel family (a quick
+check of a new kernel).
 Exits non-zero if any result is non-finite, so the sanitizer run also checks
 that every output element was written."""
 from __future__ import annotations

@@ -15,6 +15,12 @@ FLASH_HOST_DEVICE bool key_visible(const VisibilityWindow& w, int64_t i, int64_t
          (w.window_right < 0 || j <= diag + w.window_right);
 }
 
+// Whether the window bounds the keys at all (causal included): then tiles
+// differ in how many keys they see.
+FLASH_HOST_DEVICE bool has_window(const VisibilityWindow& w) {
+  return w.window_left >= 0 || w.window_right >= 0;
+}
+
 // Half-open key range [begin, end) that any query row in [row_begin, row_end)
 // may see, clamped to [0, kv_len). Tiles outside it are skipped, not computed.
 struct KeyRange {

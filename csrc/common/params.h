@@ -87,6 +87,11 @@ struct AttentionFwdParams {
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;
   bool bottom_right = false;
+
+  // CUDA: multiprocessors of the device, set by the glue from PyTorch's
+  // cached device properties (the persistent Hopper forward launches one
+  // block per SM; 0 launches one per tile).
+  int num_sms = 0;
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

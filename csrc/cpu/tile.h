@@ -195,7 +195,7 @@ MaskTile<scalar_t> mask_tile(const AttentionFwdParams& p, int64_t b, int64_t h) 
 template <typename acc_t, typename QueryPos>
 void apply_window(const VisibilityWindow& w, acc_t* s, int64_t lds, int64_t rows, int64_t cols,
                   int64_t col0, QueryPos query_pos) {
-  if (w.window_left < 0 && w.window_right < 0) return;
+  if (!has_window(w)) return;
   for (int64_t r = 0; r < rows; ++r) {
     const KeyRange keys = visible_key_range(w, query_pos(r), query_pos(r) + 1, col0 + cols);
     const int64_t begin = std::clamp<int64_t>(keys.begin - col0, 0, cols);

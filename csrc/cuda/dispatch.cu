@@ -196,8 +196,7 @@ void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
 // Whether the Hopper backward serves a call the sm80 kernels accept: what
 // its forward serves of dense batches (varlen ones run on the sm80
 // backward), minus deterministic dq (its dq reductions are unordered), dbias
-// (comes only with an attn_mask anyway), head dims above 128 (dK and dV of
-// d = 256 do not fit its registers), an empty query sequence (no TMA
+// (comes only with an attn_mask anyway), an empty query sequence (no TMA
 // descriptor of it), and stride-0 dout.
 bool sm90_bwd_serves(const AttentionBwdParams& p) {
   return sm90_fwd_serves_dense(p) && !p.deterministic && p.dbias == nullptr && p.q_len > 0 &&

@@ -5,10 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 namespace flash_ext::cuda {
 
@@ -17,26 +15,6 @@ namespace flash_ext::cuda {
 inline dim3 grid_stride_blocks(int64_t work_blocks) {
   constexpr int64_t kMaxBlocks = 65536 * 16;
   return dim3(static_cast<unsigned>(work_blocks < kMaxBlocks ? work_blocks : kMaxBlocks));
-}
-
-// Multiprocessors of the current device, which a persistent kernel fills with
-// one block each: queried once per device.
-inline int multiprocessor_count() {
-  static std::mutex mutex;
-  static std::unordered_map<int, int> counts;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = counts.find(device);
-  if (err == cudaSuccess && it == counts.end()) {
-    int count = 0;
-    err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) it = counts.emplace(device, count).first;
-  }
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_ext: multiprocessor count: ") + cudaGetErrorString(err));
-  }
-  return it->second;
 }
 
 // `what` names the kernel in errors, e.g. "attention forward (sm90".

@@ -43,7 +43,7 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
 // Varlen batches take the dense batches' tiles (their sequences are as long).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
+  const bool windowed = has_window(p.window);
   const bool narrow = kHeadDim == 128 ? windowed : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
   if (narrow) {
     launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>, kVarlen>(p, stream);

@@ -427,15 +427,14 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  // One block per SM, except at d = 256 under a causal mask or window: one
-  // block per tile there, which the hardware hands to SMs as they free up.
-  // Tiles then differ in weight, and the static round robin over L2 sections
-  // (a 2-head period against 132 blocks) loaded some blocks 1.4x the mean
-  // by simulation, measured 10-15 % slower than one block per tile (H100,
-  // benchmarks/NOTES.md); at d <= 128 the persistent grid still won.
-  const bool windowed = p.window.window_left >= 0 || p.window.window_right >= 0;
-  const int64_t sms = multiprocessor_count();
-  const int64_t grid = Tr::kHeadDim == 256 && windowed ? tiles : tiles < sms ? tiles : sms;
+  // One block per SM (p.num_sms), except at d = 256 under a causal mask or
+  // window: one block per tile there, which the hardware hands to SMs as
+  // they free up. Tiles then differ in weight, and the static round robin
+  // over L2 sections (a 2-head period against 132 blocks) loaded some blocks
+  // 1.4x the mean by simulation, measured 10-15 % slower than one block per
+  // tile (H100, benchmarks/NOTES.md); at d <= 128 the persistent grid still won.
+  const bool one_per_tile = (Tr::kHeadDim == 256 && has_window(p.window)) || p.num_sms <= 0;
+  const int64_t grid = one_per_tile || tiles < p.num_sms ? tiles : p.num_sms;
   // The tile loop counts in int: tile + gridDim.x must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
   launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, grid,

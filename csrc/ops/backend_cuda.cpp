@@ -67,6 +67,7 @@ void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
 
 void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
   require_supported(q, params, flash_ext::cuda::fwd_unsupported_reason);
+  params.num_sms = at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   run_kernels("forward", [&] { flash_ext::cuda::run_attention_fwd(params, stream); });
 }
