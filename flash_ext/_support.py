@@ -67,15 +67,14 @@ FAMILIES = {
                    forward=_PREFILL | _SCORE_MODS,
                    backward=_PREFILL | _SCORE_MODS | {"bias gradient", "deterministic backward"},
                    decode=_DECODE | _SCORE_MODS),
-    # Hopper (sm_90a): TMA + wgmma forward (also of varlen batches) and
-    # backward (dense batches; not deterministic); the
-    # rest runs on the sm80 kernels (csrc/cuda/dispatch.cu, sm90_fwd_serves,
-    # sm90_bwd_serves).
+    # Hopper (sm_90a): TMA + wgmma forward and backward (not deterministic),
+    # dense and varlen batches; the rest runs on the sm80 kernels
+    # (csrc/cuda/dispatch.cu, sm90_fwd_serves, sm90_bwd_serves).
     "sm90": Family("sm90", CUDA_DTYPES, MAX_CUDA_HEAD_DIM, 8,
                    forward=frozenset({"causal", "sliding window", "GQA/MQA", "any strides (last dim contiguous)",
                                       "return_lse", "varlen (cu_seqlens)", "nested (jagged) tensors"}),
                    backward=frozenset({"causal", "sliding window", "GQA/MQA", "any strides (last dim contiguous)",
-                                       "return_lse"}),
+                                       "return_lse", "varlen (cu_seqlens)", "nested (jagged) tensors"}),
                    routes_to="sm80"),
 }
 

@@ -83,6 +83,8 @@ def family_cases(family: str) -> None:
     flash_causal(torch.bfloat16, 64, 333, 200)
     flash_causal(torch.float16, 128, 250, 250, window_size=(64, 16))
     varlen(torch.bfloat16, 128, [100, 0, 257, 3], causal=True)
+    varlen(torch.float16, 64, [200, 1, 130])
+    varlen(torch.bfloat16, 256, [70, 129], causal=True)
 
 
 def main() -> None:

@@ -164,6 +164,52 @@ def test_families_varlen_match_reference(case, dtype, family, gen):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES or ["none"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=_varlen_id)
+def test_families_varlen_backward_match_reference(case, dtype, family, gen):
+    """dq, dk, dv of packed batches: each sequence against its own float64
+    reference, including empty and one-token sequences (zero gradients where
+    nothing is visible) and tiles that reach into the next sequence."""
+    if family == "none":
+        pytest.skip("no CUDA kernel family here")
+    lens_q, lens_k, h, hk, d, causal, window = case
+    q = randn((sum(lens_q), h, d), dtype, "cuda", gen, requires_grad=True)
+    k = randn((sum(lens_k), hk, d), dtype, "cuda", gen, requires_grad=True)
+    v = randn((sum(lens_k), hk, d), dtype, "cuda", gen, requires_grad=True)
+    dout = randn((sum(lens_q), h, d), dtype, "cuda", gen)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+                  for n in (lens_q, lens_k))
+    flash_ext.set_cuda_path(family)
+    out = flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                           window_size=window)
+    torch.full((16 * q.numel(),), float("nan"), device="cuda")  # freed: unwritten gradients would read NaN
+    ours = grad_list(out, (q, k, v), dout)
+    assert flash_ext.last_cuda_kernel_family() == family
+    w = (window[0], 0) if causal else window
+    refs, torch_refs = ([[], [], []] for _ in range(2))
+    q0 = k0 = 0
+    for lq, lk in zip(lens_q, lens_k):
+        qb, kb, vb = (t[r0:r0 + n].detach().transpose(0, 1).unsqueeze(0).requires_grad_()
+                      for t, r0, n in ((q, q0, lq), (k, k0, lk), (v, k0, lk)))
+        dob = dout[q0:q0 + lq].transpose(0, 1).unsqueeze(0)
+        ref = reference_attention(qb, kb, vb, window=w, bottom_right=True, enable_gqa=True)
+        vis = window_visible(lq, lk, w[0], w[1], True, device="cuda")
+        if lq and lk:
+            theirs = grad_list(ref, (qb, kb, vb), dob.double())
+            torch_grads = grad_list(_torch_visible(qb, kb, vb, vis, h != hk), (qb, kb, vb), dob)
+        else:  # nothing visible: zero gradients
+            theirs = [torch.zeros_like(t, dtype=torch.float64) for t in (qb, kb, vb)]
+            torch_grads = [torch.zeros_like(t) for t in (qb, kb, vb)]
+        for i in range(3):
+            refs[i].append(theirs[i][0].transpose(0, 1))
+            torch_refs[i].append(torch_grads[i][0].transpose(0, 1))
+        q0, k0 = q0 + lq, k0 + lk
+    for name, g, r, t in zip("qkv", ours, refs, torch_refs):
+        assert_matches_reference(g, torch.cat(r), dtype, torch.cat(t), what=f"d{name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES or ["none"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_families_backward_match_reference(family, dtype, case, gen):
     if family == "none":
@@ -204,13 +250,15 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     ref = reference_attention(q, k1, v1)
     assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k1, v1))
-    # Packed variable-length batches: the Hopper forward, the sm80 backward;
-    # with dropout, the sm80 forward.
+    # Packed variable-length batches: the Hopper forward and backward, the
+    # sm80 backward when deterministic; with dropout, the sm80 forward.
     qv, kv, vv = (randn((300, 4, 128), torch.bfloat16, "cuda", gen, requires_grad=True) for _ in range(3))
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
     out = flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
     assert flash_ext.last_cuda_kernel_family() == "sm90"
     out.sum().backward()
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200, deterministic=True).sum().backward()
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     flash_ext.flash_attn_varlen_func(qv.detach(), kv.detach(), vv.detach(), cu, cu, 200, 200, dropout_p=0.1)
     assert flash_ext.last_cuda_kernel_family() == "sm80"

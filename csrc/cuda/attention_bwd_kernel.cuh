@@ -55,24 +55,30 @@ __device__ __forceinline__ int64_t dq_accum_row0(bool varlen, const AttentionBwd
   return varlen ? h * w.q_rows + seq.q_row0 + b * kDqRowPad : (b * p.heads + h) * w.q_rows;
 }
 
+// sum(dO * O) over dims [col, col + 8) of query row `row` of (b, h).
+template <class Element>
+__device__ __forceinline__ float out_dout_dot8(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t row,
+                                               int col) {
+  const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
+                     row * p.o_stride[2] + col;
+  const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
+                     row * p.do_stride[2] + col;
+  const uint4 ov = *reinterpret_cast<const uint4*>(o);
+  const uint4 dv = *reinterpret_cast<const uint4*>(d);
+  const Element* oe = reinterpret_cast<const Element*>(&ov);
+  const Element* de = reinterpret_cast<const Element*>(&dv);
+  float acc = 0.f;
+  CUTE_UNROLL
+  for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
+  return acc;
+}
+
 // D = rowsum(dO * O) of query row `row` of (b, h), by one warp (every lane
 // returns it): lanes hold 8 consecutive dims each (up to 256).
 template <class Element>
 __device__ __forceinline__ float row_dot_out_dout(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t row,
                                                   int lane) {
-  float acc = 0.f;
-  if (lane * 8 < p.v_head_dim) {
-    const Element* o = static_cast<const Element*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
-                       row * p.o_stride[2] + lane * 8;
-    const Element* d = static_cast<const Element*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
-                       row * p.do_stride[2] + lane * 8;
-    const uint4 ov = *reinterpret_cast<const uint4*>(o);
-    const uint4 dv = *reinterpret_cast<const uint4*>(d);
-    const Element* oe = reinterpret_cast<const Element*>(&ov);
-    const Element* de = reinterpret_cast<const Element*>(&dv);
-    CUTE_UNROLL
-    for (int e = 0; e < 8; ++e) acc = fmaf(static_cast<float>(oe[e]), static_cast<float>(de[e]), acc);
-  }
+  float acc = lane * 8 < p.v_head_dim ? out_dout_dot8<Element>(p, b, h, row, lane * 8) : 0.f;
   CUTE_UNROLL
   for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   return acc;

@@ -194,38 +194,45 @@ void sm90_fwd(const AttentionFwdParams& p, cudaStream_t s) {
 }
 
 // Whether the Hopper backward serves a call the sm80 kernels accept: what
-// its forward serves of dense batches (varlen ones run on the sm80
-// backward), minus deterministic dq (its dq reductions are unordered), dbias
-// (comes only with an attn_mask anyway), an empty query sequence (no TMA
-// descriptor of it), and stride-0 dout.
+// its forward serves, minus deterministic dq (its dq reductions are
+// unordered), dbias (comes only with an attn_mask anyway), an empty query
+// sequence (no TMA descriptor of it), and stride-0 dout.
 bool sm90_bwd_serves(const AttentionBwdParams& p) {
-  return sm90_fwd_serves_dense(p) && !p.deterministic && p.dbias == nullptr && p.q_len > 0 &&
-         nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
+  const bool layout = p.cu_seqlens_q != nullptr
+                          ? sm90_fwd_serves_varlen(p) && nonzero_strides(p.do_stride, 1, p.heads, p.total_q)
+                          : sm90_fwd_serves_dense(p) && p.q_len > 0 &&
+                                nonzero_strides(p.do_stride, p.batch, p.heads, p.q_len);
+  return layout && !p.deterministic && p.dbias == nullptr;
 }
 
 // The dq accumulator has sm80's size (without deterministic semaphores),
 // each query tile in the sm90 kernel's own order; softmax_d holds D and lse
-// padded to whole query tiles.
+// per query row (sm90_launch.h's softmax_head_rows).
 BwdWorkspace sm90_workspace(const AttentionBwdParams& p) {
   BwdWorkspace w = sm80_workspace(p);
-  if (sm90_bwd_serves(p)) w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p.batch, p.heads, p.q_len));
+  if (sm90_bwd_serves(p)) w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p));
   return w;
 }
 
-template <int kHeadDim>
+template <int kHeadDim, bool kVarlen>
 void sm90_bwd_dtype(const AttentionBwdParams& p, cudaStream_t s) {
-  p.dtype == ScalarKind::kBFloat16 ? sm90::run_bwd<kHeadDim, ScalarKind::kBFloat16>(p, s)
-                                   : sm90::run_bwd<kHeadDim, ScalarKind::kFloat16>(p, s);
+  p.dtype == ScalarKind::kBFloat16 ? sm90::run_bwd<kHeadDim, ScalarKind::kBFloat16, kVarlen>(p, s)
+                                   : sm90::run_bwd<kHeadDim, ScalarKind::kFloat16, kVarlen>(p, s);
+}
+
+template <bool kVarlen>
+void sm90_bwd_head_dim(const AttentionBwdParams& p, cudaStream_t s) {
+  switch (sm90::head_dim_instance(p.head_dim)) {
+    case 64: return sm90_bwd_dtype<64, kVarlen>(p, s);
+    case 128: return sm90_bwd_dtype<128, kVarlen>(p, s);
+    default: return sm90_bwd_dtype<256, kVarlen>(p, s);
+  }
 }
 
 void sm90_bwd(const AttentionBwdParams& p, cudaStream_t s) {
   if (!sm90_bwd_serves(p)) return sm80_bwd(p, s);
   last_family = "sm90";
-  switch (sm90::head_dim_instance(p.head_dim)) {
-    case 64: return sm90_bwd_dtype<64>(p, s);
-    case 128: return sm90_bwd_dtype<128>(p, s);
-    default: return sm90_bwd_dtype<256>(p, s);
-  }
+  p.cu_seqlens_q != nullptr ? sm90_bwd_head_dim<true>(p, s) : sm90_bwd_head_dim<false>(p, s);
 }
 #endif
 

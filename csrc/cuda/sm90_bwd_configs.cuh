@@ -15,11 +15,10 @@ namespace flash_ext::cuda::sm90 {
 template <int kHeadDim, class Element>
 using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
-template <int kHeadDim, ScalarKind kDtype>
+// Varlen batches take the dense batches' tiles (their sequences are as long).
+template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
-  using Tr = BwdConfig<kHeadDim, ElementOf<kDtype>>;
-  static_assert(sm80::kDqRowPad == 128, "bwd_softmax_d_floats pads rows as dq_workspace does");
-  launch_attention_bwd<Tr>(p, stream);
+  launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>>, kVarlen>(p, stream);
 }
 
 }  // namespace flash_ext::cuda::sm90

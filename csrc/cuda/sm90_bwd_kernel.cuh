@@ -19,9 +19,12 @@
 //      owns half of the head dims of dV, dK (A from shared memory) and dQ,
 //      which it adds with vector atomics from registers;
 //   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel).
-// dq_accum has sm80's size, (batch * heads, q_rows, head dim), but each
-// query tile's kBlockM x kHeadDim floats are stored in dq_tile_offset's
-// order (the order of the consumer threads' accumulators), not row-major.
+// dq_accum has sm80's size and row layout (dq_workspace, dense or varlen),
+// but each query tile's kBlockM x kHeadDim floats are stored in
+// dq_tile_offset's order (the order of the consumer threads'
+// accumulators), not row-major.
+// Varlen (packed) batches, kVarlen: as the forward's, the TMA descriptors
+// span the packed tensors and a tile starts at its sequence's first row.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,6 +33,7 @@
 
 #include "attention_bwd_kernel.cuh"
 #include "sm90_fwd_kernel.cuh"
+#include "sm90_launch.h"
 
 namespace flash_ext::cuda::sm90 {
 
@@ -39,6 +43,7 @@ template <class Tr>
 struct BwdArgs {
   AttentionBwdParams p;
   DqWorkspace ws;
+  int64_t softmax_head_rows;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -51,31 +56,45 @@ struct BwdArgs {
 constexpr uint32_t kDsBarrier = 0;
 constexpr uint32_t kDqBarrier = 1;
 
-// Where the pre-pass leaves D and lse: (batch * heads, q_rows) each, q_rows
-// the dq accumulator's padded rows (a multiple of every kBlockM), D first.
+// Where the pre-pass leaves D and lse: softmax_head_rows rows per head
+// (and batch, unless varlen) each, D first.
 __host__ __device__ __forceinline__ float* dpsum_ptr(const AttentionBwdParams& p) { return p.softmax_d; }
-__host__ __device__ __forceinline__ float* lse_log2_ptr(const AttentionBwdParams& p, int64_t q_rows) {
-  return p.softmax_d + p.batch * p.heads * q_rows;
+__host__ __device__ __forceinline__ float* lse_log2_ptr(const AttentionBwdParams& p, int64_t head_rows) {
+  return p.softmax_d + (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * head_rows;
 }
 
-// One warp per (padded) query row, lanes holding 8 dims each. Rows past
-// q_len get D = 0 and lse = +inf, as rows without any visible key (lse =
-// -inf), so that P = exp2(s - lse) = 0 there.
-template <class Element>
-__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t q_rows) {
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = p.batch * p.heads * q_rows;
+// D and lse of every query row of every (sequence, head), and of the rows
+// past a sequence's end up to its last whole 128-row tile: D = 0 and
+// lse = +inf there, as in rows without any visible key (lse = -inf), so
+// that P = exp2(s - lse) = 0. kHeadDim / 8 lanes per row, 8 dims each, so a
+// warp covers 256 / kHeadDim rows (a memory-bound pass: every lane loads).
+template <class Element, int kHeadDim, bool kVarlen>
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t head_rows) {
+  constexpr int kLanes = kHeadDim / 8, kRowsPerWarp = 32 / kLanes;
+  const int lane = threadIdx.x % 32, col = lane % kLanes * 8;
+  // (batch, head, row) with rows up to the longest sequence's, padded.
+  const int64_t padded = (p.q_len + 127) / 128 * 128;
+  const int64_t rows = p.batch * p.heads * padded;
   float* dpsum = dpsum_ptr(p);
-  float* lse_log2 = lse_log2_ptr(p, q_rows);
-  for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; row < rows;
-       row += int64_t(gridDim.x) * blockDim.x / 32) {
-    const int64_t i = row % q_rows, bh = row / q_rows;
+  float* lse_log2 = lse_log2_ptr(p, head_rows);
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  // The loop bound is warp-uniform: every lane takes part in the shuffles.
+  for (int64_t first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * kRowsPerWarp; first < rows;
+       first += warps * kRowsPerWarp) {
+    const int64_t row = first + lane / kLanes;
+    const int64_t i = row % padded, bh = row / padded;
     const int64_t b = bh / p.heads, h = bh % p.heads;
-    const float acc = i < p.q_len ? sm80::row_dot_out_dout<Element>(p, b, h, i, lane) : 0.f;  // i warp-uniform
-    if (lane == 0) {
-      const float l = i < p.q_len ? p.lse[bh * p.q_len + i] : -INFINITY;
-      dpsum[row] = acc;
-      lse_log2[row] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
+    const bool in_range = row < rows;  // else b may be past the batch
+    const SequenceBounds seq = sequence_bounds<kVarlen>(p, in_range ? b : 0);
+    const bool valid = in_range && i < seq.q_len;
+    float acc = valid && col < p.v_head_dim ? sm80::out_dout_dot8<Element>(p, b, h, seq.q_row0 + i, col) : 0.f;
+    CUTE_UNROLL
+    for (int s = kLanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (col == 0 && in_range && i < (seq.q_len + 127) / 128 * 128) {
+      const float l = valid ? p.lse[h * seq.lse_head_stride + seq.lse_row0 + i] : -INFINITY;
+      const int64_t out_row = softmax_row0<kVarlen>(p, head_rows, seq.q_row0, b, h) + i;
+      dpsum[out_row] = acc;
+      lse_log2[out_row] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
     }
   }
 }
@@ -129,7 +148,11 @@ __host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
   return (tid / 128) * 128 * Tr::kDqFrag + j * 128 * 4 + (tid % 128) * 4;
 }
 
-template <class Tr>
+// kVarlen: p has cu_seqlens; the TMA descriptors span the packed tensors
+// (see launch_attention_bwd) and tiles start at their sequence's first row.
+// Tiles may reach into the next sequence's rows: its keys are masked as
+// the kv_len tail of a dense batch, its queries have lse = +inf (P = 0).
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
@@ -140,19 +163,25 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
   // Key tile 0 first: under a causal mask it sees the most query rows.
+  // Varlen: p.kv_len is the longest sequence's; tiles past this one's end exit.
   const int64_t n_blocks = ceil_div64(p.kv_len, kBlockN);
   const int64_t n_block = int64_t(blockIdx.x) % n_blocks;
   const int64_t bk = int64_t(blockIdx.x) / n_blocks;
   const int64_t b = bk / p.kv_heads, hk = bk % p.kv_heads;
   const int64_t group = p.heads / p.kv_heads;
   const int64_t n0 = n_block * kBlockN;
-  const int key_rows = static_cast<int>(p.kv_len - n0 < kBlockN ? p.kv_len - n0 : kBlockN);
-  const KeyRange qrange = sm80::visible_query_range(p.window, n0, n0 + key_rows, p.q_len);
+  const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+  if (kVarlen && n0 >= seq.kv_len) return;
+  const int key_rows = static_cast<int>(seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN);
+  const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
   const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
   const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
 
-  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + n0 * p.dk_stride[2];
-  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + n0 * p.dv_stride[2];
+  // Rows n0 + r of this sequence; dk_stride[0] is 0 for varlen.
+  Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] +
+                (seq.k_row0 + n0) * p.dk_stride[2];
+  Element* dv = static_cast<Element*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] +
+                (seq.k_row0 + n0) * p.dv_stride[2];
   if (m_block_max <= m_block_min) {  // no query sees these keys: dK = dV = 0
     for (int i = threadIdx.x; i < key_rows * p.head_dim; i += Tr::kNThreads) {
       dk[(i / p.head_dim) * p.dk_stride[2] + i % p.head_dim] = Element(0.f);
@@ -184,17 +213,23 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     // ---- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
-    const auto q_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
-    const auto kv_shape = make_shape(int32_t(p.kv_len), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(p.batch));
+    // Varlen: one batch entry spanning the packed rows, this sequence's
+    // tiles offset by its first row (as the descriptors in launch_attention_bwd).
+    const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
+    const int64_t batch = kVarlen ? 1 : p.batch, tma_b = kVarlen ? 0 : b;
+    const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
+    const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
+    const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}, _0{});
+    const auto k_row0 = make_coord(int32_t(seq.k_row0), _0{});
     // (kBlockM, kHeadDim, query tile, head) views, partitioned once.
-    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                           make_coord(_, _0{}, _));
-    Tensor gdO = local_tile(args.tma_do.get_tma_tensor(q_shape)(_, _, _, b), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                            make_coord(_, _0{}, _));
-    Tensor gK = local_tile(args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(n_block, _0{}));
-    Tensor gV = local_tile(args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, b), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(n_block, _0{}));
+    Tensor gQ = local_tile(domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, _, tma_b)),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+    Tensor gdO = local_tile(domain_offset(q_row0, args.tma_do.get_tma_tensor(q_shape)(_, _, _, tma_b)),
+                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+    Tensor gK = local_tile(domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -208,8 +243,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     CUTE_NO_UNROLL
     for (int64_t h = h_begin; h < h_end; ++h) {
       // lse and D of query tile m_block of head h: kBlockM floats at offset m_block * kBlockM.
-      const int64_t row0 = (b * p.heads + h) * ws.q_rows;
-      const float* lse_log2 = lse_log2_ptr(p, ws.q_rows) + row0;
+      const int64_t row0 = softmax_row0<kVarlen>(p, args.softmax_head_rows, seq.q_row0, b, h);
+      const float* lse_log2 = lse_log2_ptr(p, args.softmax_head_rows) + row0;
       const float* dpsum = dpsum_ptr(p) + row0;
       CUTE_NO_UNROLL
       for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
@@ -293,8 +328,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       // any visible key have lse = +inf: P = 0.
       warpgroup_wait<1>();
       Tensor s = rowcol(tSrS);
-      if (n0 + kBlockN > p.kv_len || !tile_fully_visible(p.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-        mask_window_transposed(s, coord_st, m0, n0, p.window, p.kv_len);
+      if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window_transposed(s, coord_st, m0, n0, seq.window, seq.kv_len);
       }
       const float* lse = smem.lse.data() + stage * kBlockM;
       CUTE_UNROLL
@@ -354,7 +389,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
 
       // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
       // tiles), so the tile is one run of kBlockM * kHeadDim floats.
-      float* dq_tile = p.dq_accum + ((b * p.heads + h) * ws.q_rows + m0) * kHeadDim;
+      float* dq_tile = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
       static_assert(decltype(size(tdQrdQ))::value == Tr::kDqFrag);
       if constexpr (Tr::kSplitDims) {
         // Vector atomics from registers: 512 consecutive bytes per warp.
@@ -409,13 +444,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
 }
 
 // dq = scale * dq_accum in the input dtype, one block per (batch * head,
-// query tile): thread tid reads what consumer thread tid added (16-byte
-// loads, coalesced) and finds each element's (row, column) as that thread's
-// dQ accumulator does.
-template <class Tr>
-__global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(const AttentionBwdParams p, int64_t q_rows) {
+// query tile) at a time: thread tid reads what consumer thread tid added
+// (16-byte loads, coalesced), finds each element's (row, column) as that
+// thread's dQ accumulator does and stages the converted tile in shared
+// memory, from where whole rows leave in 16-byte stores.
+template <class Tr, bool kVarlen>
+__global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(const AttentionBwdParams p,
+                                                                              const DqWorkspace ws) {
   using Element = typename Tr::Element;
-  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim;
+  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim, kThreads = 128 * Tr::kNumMmaWG;
+  // 16 bytes of padding per row: the 8 rows x 4 column pairs of a warp's
+  // staging stores fall into 32 different banks.
+  constexpr int kPitch = kHeadDim + 8, kChunks = kHeadDim / 8;
+  __shared__ __align__(16) Element staged[kBlockM * kPitch];
   const int tid = threadIdx.x;
   typename Tr::TiledMmadQ mma_dq;
   Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
@@ -425,31 +466,46 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   for (int64_t tile = blockIdx.x; tile < p.batch * p.heads * m_blocks; tile += gridDim.x) {
     const int64_t bh = tile / m_blocks, m0 = (tile % m_blocks) * kBlockM;
     const int64_t b = bh / p.heads, h = bh % p.heads;
-    const float* src = p.dq_accum + (bh * q_rows + m0) * kHeadDim;
-    Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1];
+    const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+    if (m0 >= seq.q_len) continue;  // block-uniform: a varlen tile past its sequence's end
+    const float* src = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
     CUTE_UNROLL
     for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
       const float4 v4 = *reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j));
       const float v[4] = {v4.x, v4.y, v4.z, v4.w};
       CUTE_UNROLL
       for (int e = 0; e < 4; ++e) {
-        const int64_t row = m0 + get<0>(coord(4 * j + e));
-        const int col = get<1>(coord(4 * j + e));
-        if (row < p.q_len && col < p.head_dim) dst[row * p.dq_stride[2] + col] = static_cast<Element>(v[e] * scale);
+        staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
       }
     }
+    __syncthreads();
+    const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
+    Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
+                   (seq.q_row0 + m0) * p.dq_stride[2];
+    for (int i = tid; i < rows * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks * 8;
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint4*>(dst + r * p.dq_stride[2] + c) = *reinterpret_cast<const uint4*>(&staged[r * kPitch + c]);
+      }
+    }
+    __syncthreads();  // staged read out before the next tile overwrites it
   }
 }
 
-template <class Tr>
+// kVarlen: the Q, dO, K and V descriptors span the packed (total, dim,
+// heads) tensors as one batch entry (their batch strides are 0); the
+// dispatch guarantees total_q, total_k > 0.
+template <class Tr, bool kVarlen>
 void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Element = typename Tr::Element;
   const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
   static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
-  const int64_t rows = p.batch * p.heads * ws.q_rows;
+  const int64_t head_rows = softmax_head_rows(p);
+  const int64_t rows = p.batch * p.heads * ((p.q_len + 127) / 128 * 128);
   if (rows > 0) {
-    const int64_t blocks = (rows + 7) / 8;
-    bwd_preprocess_kernel<Element><<<grid_stride_blocks(blocks), 256, 0, stream>>>(p, ws.q_rows);
+    const int64_t rows_per_block = 8 * (256 / Tr::kHeadDim);  // 8 warps
+    bwd_preprocess_kernel<Element, Tr::kHeadDim, kVarlen>
+        <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
   const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
@@ -457,22 +513,24 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     using TileQ = Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>;
     using TileKV = Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>;
     const auto smem_q = take<0, 2>(typename Tr::SmemLayoutQ{});
+    const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
+    const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
-        p, ws,
-        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, p.q_len, p.head_dim, p.heads, p.batch, p.q_stride),
+        p, ws, head_rows,
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                       smem_q, TileQ{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, p.q_len, p.head_dim, p.heads, p.batch, p.do_stride),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),
                       smem_q, TileQ{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.k_stride),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, p.kv_len, p.head_dim, p.kv_heads, p.batch, p.v_stride),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
-    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr>, blocks, Tr::kNThreads,
-              Tr::kSmemBytes, stream, args);
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
+              Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0) {
-    convert_dq_sm90_kernel<Tr><<<grid_stride_blocks(tiles), 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws.q_rows);
+    convert_dq_sm90_kernel<Tr, kVarlen><<<grid_stride_blocks(tiles), 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws);
     sm80::launch_checked("sm90 dq conversion kernel", cudaGetLastError());
   }
 }

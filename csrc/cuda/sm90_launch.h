@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/macros.h"
 #include "common/params.h"
 
 namespace flash_ext::cuda::sm90 {
@@ -18,13 +19,37 @@ constexpr int head_dim_instance(int64_t head_dim) { return head_dim <= 64 ? 64 :
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 
-// Backward at head dims 64, 128 and 256 (instances); it wants a softmax_d
-// workspace of bwd_softmax_d_floats: D and lse per query row, padded like
-// the rows of dq_accum (sm80's dq_workspace, which also sizes dq_accum).
-template <int kHeadDim, ScalarKind kDtype>
+// Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
+// (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
+// bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows
+// laid out by softmax_head_rows and softmax_row0.
+template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& params, cudaStream_t stream);
-constexpr int64_t bwd_softmax_d_floats(int64_t batch, int64_t heads, int64_t q_len) {
-  return 2 * batch * heads * ((q_len + 127) / 128 * 128);
+
+// Rows of padding per varlen sequence: a query tile (up to 128 rows) that
+// starts inside the sequence stays inside its rows, and each sequence's
+// first row is rounded up to a multiple of 4 floats for the 16-byte aligned
+// bulk copies of the tiles' D and lse.
+constexpr int64_t kVarlenSoftmaxPad = 132;
+
+// Rows per head of each of D and lse: dense, the query length padded to
+// whole 128-row tiles, per (batch, head); varlen, every sequence of the
+// head with its padding.
+FLASH_HOST_DEVICE int64_t softmax_head_rows(const AttentionBwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? (p.total_q + kVarlenSoftmaxPad * p.batch + 3) / 4 * 4
+                                   : (p.q_len + 127) / 128 * 128;
+}
+
+// Row of query 0 of (batch b, head h); q_row0 is the sequence's first
+// packed row (kVarlen: p has cu_seqlens).
+template <bool kVarlen>
+FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0, int64_t b,
+                                       int64_t h) {
+  return kVarlen ? h * head_rows + (q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4 : (b * p.heads + h) * head_rows;
+}
+
+inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
+  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
 }
 
 }  // namespace flash_ext::cuda::sm90

@@ -2,5 +2,5 @@
 #include "../sm90_bwd_configs.cuh"
 
 namespace flash_ext::cuda::sm90 {
-template void run_bwd<64, ScalarKind::kBFloat16>(const AttentionBwdParams&, cudaStream_t);
+template void run_bwd<64, ScalarKind::kBFloat16, false>(const AttentionBwdParams&, cudaStream_t);
 }  // namespace flash_ext::cuda::sm90

@@ -1,0 +1,6 @@
+// Backward kernel of the Hopper family for varlen (packed) batches, head dim 256, bf16.
+#include "../sm90_bwd_configs.cuh"
+
+namespace flash_ext::cuda::sm90 {
+template void run_bwd<256, ScalarKind::kBFloat16, true>(const AttentionBwdParams&, cudaStream_t);
+}  // namespace flash_ext::cuda::sm90
