@@ -1,79 +1,99 @@
 """Variable-length batches against equal-length ones (issue #8's target:
 varlen within 5 % of a padding-free batched call of the same shape).
 
-For each (batch, seq): flash_attn_func on (batch, seq, heads, dim) and
-flash_attn_varlen_func on the same tokens packed as (batch * seq, heads,
-dim) with equal lengths, forward and forward+backward, bf16, causal and not;
-prints median milliseconds and varlen / batched. Also a ragged batch with
-the same token count, for reference.
+For each (batch, seq): ``flash_attn_func`` on (batch, seq, heads, dim) and
+``flash_attn_varlen_func`` on the same tokens packed as (batch * seq, heads,
+dim) with equal lengths, forward and forward+backward, bf16, d = 128, 16
+heads, causal and not; the ratio varlen / batched; and, for reference, a
+ragged batch of the same token count (lengths seq/2 .. 3 seq/2). Timed as
+the other benchmarks (triton do_bench medians, L2 flushed between runs), so
+the host's per-call overhead hides behind the GPU work as in a training step.
 
-    python benchmarks/bench_varlen.py [--quick]
+    python benchmarks/bench_varlen.py [--quick] [--out-dir DIR]
 """
 from __future__ import annotations
 
-import argparse
+from typing import Any, Callable
 
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path, like the other benches)
-import flash_ext
+import common
 
 HEADS, HEAD_DIM = 16, 128
 
 
-def median_ms(fn, reps: int = 30) -> float:
-    """Median CUDA time of fn() over reps runs, after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def timings(call, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    """(forward, forward+backward) milliseconds."""
+def timings(flash_ext: Any, call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
+            device: torch.device) -> dict[str, Any]:
+    """Forward and forward+backward milliseconds of call(*inputs), and the
+    kernel family each pass ran on."""
     with torch.no_grad():
-        fwd = median_ms(lambda: call(*inputs))
-    out = call(*inputs)
-    grad = torch.randn_like(out)
+        fwd_ms = common.time_ms(lambda: call(*inputs), device)
+    fwd_family = flash_ext.last_cuda_kernel_family()
+    grad = torch.randn_like(call(*inputs))
+    fwd_bwd_ms = common.time_ms(lambda: call(*inputs).backward(grad), device, grad_to_none=inputs)
+    return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "fwd_family": fwd_family,
+            "bwd_family": flash_ext.last_cuda_kernel_family()}
 
-    def step():
-        torch.autograd.grad(call(*inputs), inputs, grad)
 
-    return fwd, median_ms(step)
+def cu_seqlens(lens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).to(device)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = common.base_parser(__doc__)
     args = parser.parse_args()
+    device = torch.device(args.device) if args.device else common.default_device()
     settings = [(8, 1024), (2, 4096)] if args.quick else [(32, 512), (8, 1024), (4, 2048), (2, 4096), (1, 8192)]
-    print("batch seq causal | batched fwd / fwd+bwd ms | varlen fwd / fwd+bwd ms | ratio fwd / fwd+bwd "
-          "| ragged fwd / fwd+bwd ms")
-    for (batch, seq), causal in ((s, c) for s in settings for c in (False, True)):
-        q, k, v = (torch.randn(batch, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+    sweep = [(s, c) for s in settings for c in (False, True)]
+    if args.dry_run:
+        print("\n".join(f"batch {b} seq {n} causal {int(c)}" for (b, n), c in sweep))
+        return
+    if device.type != "cuda":
+        raise SystemExit("bench_varlen.py measures CUDA kernels")
+    flash_ext = common.strict_flash_ext()
+    torch.manual_seed(0)
+    header = common.run_header("varlen", device, {}, args.quick)
+    path = common.results_path("varlen", device, args.quick, args.out_dir)
+    rows: list[dict[str, Any]] = []
+    for (batch, seq), causal in common.progress(sweep, desc="varlen"):
+        q, k, v = (torch.randn(batch, seq, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
-        batched = timings(lambda q, k, v: flash_ext.flash_attn_func(q, k, v, causal=causal), (q, k, v))
         packed = tuple(t.detach().reshape(batch * seq, HEADS, HEAD_DIM).requires_grad_() for t in (q, k, v))
-        cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
-        varlen = timings(lambda q, k, v: flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, seq, seq, causal=causal),
-                         packed)
-        # ragged: lengths seq/2 .. 3seq/2 (same total), longest sets the grid
+        cu = cu_seqlens(torch.full((batch,), seq), device)
         lens = torch.linspace(seq // 2, 3 * seq // 2, batch).round().long() if batch > 1 else torch.tensor([seq])
         lens[-1] += batch * seq - lens.sum()
-        cu_r = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).cuda()
-        max_r = int(lens.max())
-        ragged = timings(lambda q, k, v: flash_ext.flash_attn_varlen_func(q, k, v, cu_r, cu_r, max_r, max_r,
-                                                                          causal=causal), packed)
-        print(f"{batch:5d} {seq:5d} {causal!s:6} | {batched[0]:7.3f} / {batched[1]:7.3f} | "
-              f"{varlen[0]:7.3f} / {varlen[1]:7.3f} | {varlen[0] / batched[0]:.3f} / {varlen[1] / batched[1]:.3f} "
-              f"| {ragged[0]:7.3f} / {ragged[1]:7.3f}")
+        cu_ragged, max_ragged = cu_seqlens(lens, device), int(lens.max())
+        calls: dict[str, tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {
+            "batched": (lambda q, k, v: flash_ext.flash_attn_func(q, k, v, causal=causal), (q, k, v)),
+            "varlen": (lambda q, k, v: flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, seq, seq, causal=causal),
+                       packed),
+            "ragged": (lambda q, k, v: flash_ext.flash_attn_varlen_func(q, k, v, cu_ragged, cu_ragged, max_ragged,
+                                                                        max_ragged, causal=causal), packed),
+        }
+        base = {"impl": "flash_ext", "dtype": "bfloat16", "d": HEAD_DIM, "heads": HEADS, "batch": batch, "n": seq,
+                "causal": int(causal)}
+        setting_rows = []
+        for layout, (call, inputs) in calls.items():
+            row = {**base, "layout": layout}
+            try:
+                row.update(timings(flash_ext, call, inputs, device))
+            except Exception as err:
+                row["error"] = common.error_text(err)
+            setting_rows.append(row)
+        batched = setting_rows[0]
+        for row in setting_rows[1:]:
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                if key in row and key in batched:
+                    row[f"{key.removesuffix('_ms')}_vs_batched"] = row[key] / batched[key]
+        rows += setting_rows
+        common.write_results(path, header, rows)
+    print("batch    seq causal layout  | fwd ms | fwd+bwd ms | fwd x batched | fwd+bwd x batched | families")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['n']:6d} {r['causal']:6d} {r['layout']:7} | {r.get('fwd_ms', float('nan')):6.3f} | "
+              f"{r.get('fwd_bwd_ms', float('nan')):10.3f} | {r.get('fwd_vs_batched', 1.0):13.3f} | "
+              f"{r.get('fwd_bwd_vs_batched', 1.0):17.3f} | {r.get('fwd_family', '')}/{r.get('bwd_family', '')}"
+              + (f" | {r['error']}" if "error" in r else ""))
+    print(f"wrote {common.shown(path)} and .md")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def main() -> None:
     parser = common.base_parser(__doc__)
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else common.default_device()
+    if args.dry_run:
+        print("\n".join(f"{name}: causal {int(c)} window {w}" for name, (c, w) in SETTINGS.items()))
+        return
     if device.type != "cuda":
         raise SystemExit("bench_window.py measures CUDA kernels")
     flash_ext = common.strict_flash_ext()

@@ -1,6 +1,6 @@
 """Every benchmark that applies to this machine, then the plots.
 
-CUDA: prefill, decode, memory. CPU only: cpu, memory. Each runs in its own
+CUDA: prefill, decode, memory, varlen, window. CPU only: cpu, memory. Each runs in its own
 process (a crash or a leaked allocation stays there); the run goes on past a
 failed one and exits non-zero at the end. ``--quick`` and ``--dry-run`` pass
 through.
@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def benches(cuda: bool) -> list[str]:
-    return ["prefill", "decode", "memory"] if cuda else ["cpu", "memory"]
+    return ["prefill", "decode", "memory", "varlen", "window"] if cuda else ["cpu", "memory"]
 
 
 def main() -> None:
