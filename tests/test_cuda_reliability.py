@@ -74,6 +74,35 @@ def test_cuda_graph_capture_and_replay_prefill():
         assert torch.equal(static_out, flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+def test_cuda_persistent_forward_graph_replays_and_streams():
+    """More tiles than SMs at each head dim, so the Hopper forward's blocks
+    take most tiles from its per-call counter: every graph replay and every
+    stream's call must count from 0 (bitwise the result of a serial call)."""
+    shapes = [(2, 16, 1024, 64), (2, 16, 1152, 128), (2, 8, 1280, 256)]
+    inputs = [_qkv(shape, shape, seed=i) for i, shape in enumerate(shapes)]
+    serial = [flash_ext.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in inputs]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [flash_ext.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in inputs]
+    for _ in range(3):
+        for out in captured:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for want, got in zip(serial, captured):
+            assert torch.equal(want, got)
+    streams = [torch.cuda.Stream() for _ in inputs]
+    concurrent = []
+    for qkv, stream in zip(inputs, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            concurrent.append(flash_ext.scaled_dot_product_attention(*qkv, is_causal=True))
+    torch.cuda.synchronize()
+    for want, got in zip(serial, concurrent):
+        assert torch.equal(want, got)
+
+
 def test_cuda_graph_decode_loop_with_varying_lengths():
     batch, heads, kv_heads, dim, max_len = 4, 8, 2, 128, 1024
     k_cache = torch.randn(batch, max_len, kv_heads, dim, device=DEV, dtype=torch.bfloat16)

@@ -24,6 +24,9 @@ struct BwdWorkspace {
   size_t softmax_d_floats;  // float32 elements for D = rowsum(dO * O)
 };
 BwdWorkspace bwd_workspace(const AttentionBwdParams& params);
+// Whether the forward wants params.tile_counter (an int32 the glue zeroes on
+// the stream before the call).
+bool fwd_needs_tile_counter(const AttentionFwdParams& params);
 
 void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);

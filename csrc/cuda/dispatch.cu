@@ -172,6 +172,9 @@ bool sm90_fwd_serves(const AttentionFwdParams& p) {
   return p.cu_seqlens_q != nullptr ? sm90_fwd_serves_varlen(p) : sm90_fwd_serves_dense(p);
 }
 
+// The persistent Hopper forward deals its tiles through the counter.
+bool sm90_fwd_tile_counter(const AttentionFwdParams& p) { return sm90_fwd_serves(p); }
+
 template <int kHeadDim, bool kVarlen>
 void sm90_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {
   p.dtype == ScalarKind::kBFloat16 ? sm90::run_fwd<kHeadDim, ScalarKind::kBFloat16, kVarlen>(p, s)
@@ -244,6 +247,7 @@ struct Family {
   const char* (*fwd_reason)(const AttentionFwdParams&, int, int);
   const char* (*bwd_reason)(const AttentionBwdParams&, int, int);
   BwdWorkspace (*workspace)(const AttentionBwdParams&);
+  bool (*fwd_tile_counter)(const AttentionFwdParams&);
   void (*fwd)(const AttentionFwdParams&, cudaStream_t);
   void (*bwd)(const AttentionBwdParams&, cudaStream_t);
 };
@@ -253,10 +257,10 @@ struct Family {
 constexpr Family kFamilies[] = {
 #if defined(FLASH_EXT_SM90A)
     {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm90_workspace,
-     sm90_fwd, sm90_bwd},
+     sm90_fwd_tile_counter, sm90_fwd, sm90_bwd},
 #endif
     {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     sm80_fwd, sm80_bwd},
+     [](const AttentionFwdParams&) { return false; }, sm80_fwd, sm80_bwd},
 };
 
 constexpr const char* kBuiltFamilies =
@@ -336,6 +340,10 @@ const char* bwd_unsupported_reason(const AttentionBwdParams& params, int device_
 
 BwdWorkspace bwd_workspace(const AttentionBwdParams& params) {
   return family_for_current_device().workspace(params);
+}
+
+bool fwd_needs_tile_counter(const AttentionFwdParams& params) {
+  return family_for_current_device().fwd_tile_counter(params);
 }
 
 void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {

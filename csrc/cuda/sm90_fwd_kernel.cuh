@@ -1,14 +1,17 @@
 // Attention forward, Hopper family (sm_90a), persistent: one block per SM,
-// each taking work tiles (query tile, head, batch) in a static round robin
-// (TileSchedule). Warp group 0 is the producer: one thread issues TMA loads of
-// Q and of the K/V tiles into a kStages-deep mbarrier pipeline whose state
-// runs on across tiles, so the next tile's loads start while the consumers
-// still work on this one's last key tiles and epilogue. The other warp groups
-// (64 query rows each) compute S = Q K^T and O += P V with wgmma, overlapping
-// inside a warp group the softmax of tile n with the products of tiles n-1
-// (P V) and n+1 (Q K^T), and across warp groups taking turns issuing products
-// (named barriers) so one group's softmax hides behind the other's
-// tensor-core work.
+// each taking work tiles (query tile, head, batch) in TileSchedule's order
+// from a global counter as it frees up (block b's first tile is tile b), so
+// tiles of unequal weight (a causal mask or window) still leave the blocks
+// finishing together. Warp group 0 is the producer: one thread takes the
+// tiles, passes their indices to the consumer groups through a ring in shared
+// memory (TileRing), and issues TMA loads of Q and of the K/V tiles into a
+// kStages-deep mbarrier pipeline whose state runs on across tiles, so the
+// next tile's loads start while the consumers still work on this one's last
+// key tiles and epilogue. The other warp groups (64 query rows each) compute
+// S = Q K^T and O += P V with wgmma, overlapping inside a warp group the
+// softmax of tile n with the products of tiles n-1 (P V) and n+1 (Q K^T),
+// and across warp groups taking turns issuing products (named barriers) so
+// one group's softmax hides behind the other's tensor-core work.
 //
 // Varlen (packed) batches, kVarlen: the TMA descriptors span the whole packed
 // (total, dim, heads) tensors, and a tile starts at its sequence's first row
@@ -45,11 +48,12 @@ using sm80::convert_to;
 using sm80::mask_window;
 using sm80::rowcol;
 
-// Work tiles in the order the blocks take them (tile = blockIdx.x, then
-// += gridDim.x): sections of `section` (batch, head) pairs whose K and V fit
-// in L2 together, so the blocks running at once share them; inside a section
-// the query tile varies slowest, heaviest (seeing the most keys) first, so
-// the round robin deals tiles longest first and the blocks finish together.
+// Work tiles in the order the blocks take them (the first gridDim.x one
+// each, the rest through the tile counter): sections of `section` (batch,
+// head) pairs whose K and V fit in L2 together, so the blocks running at
+// once share them; inside a section the query tile varies slowest, heaviest
+// (seeing the most keys) first, so the tiles are dealt longest first and the
+// light ones fill in at the end.
 struct TileSchedule {
   int m_blocks, heads, batch_heads, section;
   bool last_rows_heaviest;  // false only when a left window alone bounds the keys
@@ -93,6 +97,48 @@ struct FwdArgs {
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
 };
+
+// Tile indices from the producer thread to every consumer thread: a ring of
+// kSlots indices in shared memory, each slot with a "full" mbarrier (count 1:
+// the producer wrote it) and an "empty" one (count: every consumer thread has
+// read it). Both sides walk the slots in order, the parity flipping each lap
+// as in the K/V pipelines; the mbarriers' arrive (release) and wait (acquire)
+// order the index's store before its loads, and the loads before the next
+// store to the slot.
+template <int kSlots>
+struct TileRing {
+  uint32_t passed = 0;  // tiles pushed or popped so far: slot and parity
+
+  template <class Smem>
+  __device__ __forceinline__ void push(Smem& smem, int tile) {
+    cutlass::arch::ClusterBarrier::wait(&smem.tile_empty[slot()], phase() ^ 1);
+    smem.tile_index[slot()] = tile;
+    cutlass::arch::ClusterBarrier::arrive(&smem.tile_full[slot()]);
+    ++passed;
+  }
+  template <class Smem>
+  __device__ __forceinline__ int pop(Smem& smem) {
+    cutlass::arch::ClusterBarrier::wait(&smem.tile_full[slot()], phase());
+    const int tile = smem.tile_index[slot()];
+    cutlass::arch::ClusterBarrier::arrive(&smem.tile_empty[slot()]);
+    ++passed;
+    return __shfl_sync(0xffffffff, tile, 0);  // warp-uniform for the compiler, as in next_tile
+  }
+  __device__ __forceinline__ uint32_t slot() const { return passed % kSlots; }
+  __device__ __forceinline__ uint32_t phase() const { return passed / kSlots % 2; }
+};
+
+// The producer's next tile: a block's first is its own (blockIdx.x), the
+// rest go to whichever block asks first, in the schedule's order; a grid of
+// one block per tile (which may come without a counter) takes no more. The
+// shuffle from lane 0, the producer's one thread, to itself tells the
+// compiler the index is warp-uniform, as blockIdx.x is: the tile's values
+// then stay in uniform registers, where TMA wants its coordinates, not in
+// the producer's 24-32 vector registers (which spilled).
+__device__ __forceinline__ int next_tile(int* counter, int tiles) {
+  const int grid = static_cast<int>(gridDim.x);
+  return __shfl_sync(1u, grid < tiles ? grid + atomicAdd(counter, 1) : tiles, 0);
+}
 
 // Named barriers (ids past CUTLASS's reserved ones): one per consumer warp
 // group for taking turns, one per group for its epilogue.
@@ -166,6 +212,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[w], 1);
       cutlass::arch::ClusterBarrier::init(&smem.q_empty[w], 128);
     }
+    for (int slot = 0; slot < Tr::kTileSlots; ++slot) {
+      cutlass::arch::ClusterBarrier::init(&smem.tile_full[slot], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.tile_empty[slot], kNumMmaWG * 128);
+    }
   }
   Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
@@ -174,6 +224,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutKV{});
+  // Every consumer thread sees the tiles the producer announces, in its order,
+  // ending with one >= tiles; each side skips the same ones.
+  TileRing<Tr::kTileSlots> tile_ring;
 
   if (warp_group == 0) {
     // ---- producer
@@ -189,7 +242,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tiles)) {
+      tile_ring.push(smem, tile);
+      if (tile >= tiles) break;
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
       if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
@@ -231,7 +286,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // ---- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int tid = threadIdx.x - 128;
-  const Turns<kNumMmaWG> turns{tid / 128};
+  const Turns<kNumMmaWG> turns{warp_group - 1};  // known warp-uniform (canonical_warp_group_idx)
   typename Tr::TiledMmaS mma_s;
   typename Tr::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
@@ -261,7 +316,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   typename Pipeline::PipelineState read;
   uint32_t q_phase = 0;
   turns.start();
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  for (;;) {
+    const int tile = tile_ring.pop(smem);
+    if (tile >= tiles) break;
     const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
     if (kVarlen && t.rows <= 0) continue;
     // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
@@ -427,15 +484,16 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  // One block per SM (p.num_sms), except at d = 256 under a causal mask or
-  // window: one block per tile there, which the hardware hands to SMs as
-  // they free up. Tiles then differ in weight, and the static round robin
-  // over L2 sections (a 2-head period against 132 blocks) loaded some blocks
-  // 1.4x the mean by simulation, measured 10-15 % slower than one block per
-  // tile (H100, benchmarks/NOTES.md); at d <= 128 the persistent grid still won.
-  const bool one_per_tile = (Tr::kHeadDim == 256 && has_window(p.window)) || p.num_sms <= 0;
-  const int64_t grid = one_per_tile || tiles < p.num_sms ? tiles : p.num_sms;
-  // The tile loop counts in int: tile + gridDim.x must not overflow.
+  // One block per SM (p.num_sms; 0: one per tile), the tiles past the
+  // grid's first dealt through p.tile_counter as blocks free up: under a
+  // causal mask or window the tiles differ in weight, and the static round
+  // robin this replaced loaded some blocks 1.16x (d = 128) to 1.4x (d = 256)
+  // the mean by simulation, a greedy deal 1.00-1.02x (benchmarks/NOTES.md).
+  const int64_t grid = p.num_sms <= 0 || tiles < p.num_sms ? tiles : p.num_sms;
+  if (grid < tiles && p.tile_counter == nullptr) {
+    throw std::runtime_error("flash_ext attention forward (sm90): tile_counter workspace missing");
+  }
+  // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
   launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, grid,
             Tr::kNThreads, Tr::kSmemBytes, stream, args);

@@ -77,6 +77,11 @@ struct FwdTraits {
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   static constexpr uint32_t kQWarpGroupBytes = 64 * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
+  // Slots of the tile index ring. Before announcing a tile the producer has
+  // loaded every group's Q of the tile before, which waited for each group
+  // to be done with its previous Q, i.e. to have read the index before that:
+  // two slots hold it back only after tiles it loads nothing for.
+  static constexpr int kTileSlots = 2;
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
@@ -85,6 +90,11 @@ struct FwdTraits {
     // mbarriers per consumer group: its Q rows landed; it is done with them.
     alignas(16) uint64_t q_full[kNumMmaWG];
     uint64_t q_empty[kNumMmaWG];
+    // The producer's tile indices for the consumer groups, a ring with an
+    // mbarrier per slot for "written" and "read by every consumer thread".
+    uint64_t tile_full[kTileSlots];
+    uint64_t tile_empty[kTileSlots];
+    int tile_index[kTileSlots];
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
   };

@@ -68,6 +68,13 @@ void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
 void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
   require_supported(q, params, flash_ext::cuda::fwd_unsupported_reason);
   params.num_sms = at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
+  // Zeroed on the current stream for this call alone (also a node of a
+  // captured graph, so each replay starts from 0).
+  at::Tensor tile_counter;
+  if (flash_ext::cuda::fwd_needs_tile_counter(params)) {
+    tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
+    params.tile_counter = tile_counter.data_ptr<int>();
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   run_kernels("forward", [&] { flash_ext::cuda::run_attention_fwd(params, stream); });
 }
