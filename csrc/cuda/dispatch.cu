@@ -172,8 +172,10 @@ bool sm90_fwd_serves(const AttentionFwdParams& p) {
   return p.cu_seqlens_q != nullptr ? sm90_fwd_serves_varlen(p) : sm90_fwd_serves_dense(p);
 }
 
-// The persistent Hopper forward deals its tiles through the counter.
-bool sm90_fwd_tile_counter(const AttentionFwdParams& p) { return sm90_fwd_serves(p); }
+// The persistent Hopper forward deals unequal tiles through the counter.
+bool sm90_fwd_tile_counter(const AttentionFwdParams& p) {
+  return sm90_fwd_serves(p) && sm90::fwd_deals_tiles_dynamically(p);
+}
 
 template <int kHeadDim, bool kVarlen>
 void sm90_fwd_dtype(const AttentionFwdParams& p, cudaStream_t s) {

@@ -1,8 +1,8 @@
 // Attention forward, Hopper family (sm_90a), persistent: one block per SM,
-// each taking work tiles (query tile, head, batch) in TileSchedule's order
-// from a global counter as it frees up (block b's first tile is tile b), so
-// tiles of unequal weight (a causal mask or window) still leave the blocks
-// finishing together. Warp group 0 is the producer: one thread takes the
+// each taking work tiles (query tile, head, batch) in TileSchedule's order:
+// tiles of unequal weight (a causal mask or window, varlen) from a global
+// counter as it frees up (block b's first tile is tile b), so the blocks
+// still finish together; equal ones in a round robin. Warp group 0 is the producer: one thread takes the
 // tiles, passes their indices to the consumer groups through a ring in shared
 // memory (TileRing), and issues TMA loads of Q and of the K/V tiles into a
 // kStages-deep mbarrier pipeline whose state runs on across tiles, so the
@@ -37,6 +37,7 @@
 #include "launch.h"
 #include "score_mod.cuh"
 #include "sm90_kernel_traits.h"
+#include "sm90_launch.h"
 #include "softmax.cuh"
 #include "tile_utils.cuh"
 
@@ -128,15 +129,17 @@ struct TileRing {
   __device__ __forceinline__ uint32_t phase() const { return passed / kSlots % 2; }
 };
 
-// The producer's next tile: a block's first is its own (blockIdx.x), the
-// rest go to whichever block asks first, in the schedule's order; a grid of
-// one block per tile (which may come without a counter) takes no more. The
+// The producer's next tile after `tile`: a block's first is its own
+// (blockIdx.x); with a counter the rest go to whichever block asks first, in
+// the schedule's order, else every gridDim.x-th (a round robin); a grid of
+// one block per tile takes no more. The
 // shuffle from lane 0, the producer's one thread, to itself tells the
 // compiler the index is warp-uniform, as blockIdx.x is: the tile's values
 // then stay in uniform registers, where TMA wants its coordinates, not in
 // the producer's 24-32 vector registers (which spilled).
-__device__ __forceinline__ int next_tile(int* counter, int tiles) {
+__device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
   const int grid = static_cast<int>(gridDim.x);
+  if (counter == nullptr) return tile + grid;
   return __shfl_sync(1u, grid < tiles ? grid + atomicAdd(counter, 1) : tiles, 0);
 }
 
@@ -242,7 +245,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;
-    for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tiles)) {
+    for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile, tiles)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
@@ -484,13 +487,16 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
-  // One block per SM (p.num_sms; 0: one per tile), the tiles past the
-  // grid's first dealt through p.tile_counter as blocks free up: under a
-  // causal mask or window the tiles differ in weight, and the static round
-  // robin this replaced loaded some blocks 1.16x (d = 128) to 1.4x (d = 256)
-  // the mean by simulation, a greedy deal 1.00-1.02x (benchmarks/NOTES.md).
-  const int64_t grid = p.num_sms <= 0 || tiles < p.num_sms ? tiles : p.num_sms;
-  if (grid < tiles && p.tile_counter == nullptr) {
+  // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
+  // weight past the grid's first are dealt through p.tile_counter as blocks
+  // free up (fwd_deals_tiles_dynamically): under a causal mask the static
+  // round robin loaded some blocks 1.16x (d = 128) to 1.4x (d = 256) the mean
+  // by simulation, a greedy deal 1.00-1.02x. At d = 256 with a window up to
+  // N = 1024, one block per tile: 0.155 ms against the persistent grid's
+  // 0.206 at N = 512 causal (H100, benchmarks/NOTES.md).
+  const bool one_per_tile = p.num_sms <= 0 || (Tr::kHeadDim == 256 && has_window(p.window) && p.q_len <= 1024);
+  const int64_t grid = one_per_tile || tiles < p.num_sms ? tiles : p.num_sms;
+  if (grid < tiles && fwd_deals_tiles_dynamically(p) && p.tile_counter == nullptr) {
     throw std::runtime_error("flash_ext attention forward (sm90): tile_counter workspace missing");
   }
   // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
