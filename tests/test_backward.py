@@ -91,6 +91,27 @@ def test_sdpa_float_mask_gradient_float32_gqa_with_inf(gen):
         assert_matches_reference(g, r, torch.float32, what=name, fixed_tol=GRAD_TOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (1, 8, 1, 64), (1, 1, 128, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_sdpa_broadcast_mask_gradient_low_precision(shape, dtype, device, gen):
+    # The mask's gradient sums thousands of per-element gradients over the
+    # broadcast dimensions: rounded once, not once per element.
+    skip_unless_served(device, dtype, 64)
+    q = randn((4, 8, 128, 64), dtype, device, gen=gen, requires_grad=True)
+    k = randn((4, 8, 64, 64), dtype, device, gen=gen, requires_grad=True)
+    v = randn((4, 8, 64, 64), dtype, device, gen=gen, requires_grad=True)
+    bias = randn(shape, dtype, device, gen=gen, requires_grad=True)
+    dout = randn((4, 8, 128, 64), dtype, device, gen=gen)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    (ours,) = grad_list(out, (bias,), dout)
+    (torch_grad,) = grad_list(TORCH_SDPA(q, k, v, attn_mask=bias), (bias,), dout)
+    bias64 = bias.detach().double().requires_grad_(True)  # a float64 leaf keeps the reference unrounded
+    (ref,) = grad_list(reference_attention(q, k, v, attn_mask=bias64), (bias64,), dout.double())
+    assert ours.dtype == dtype and ours.shape == bias.shape
+    assert_matches_reference(ours, ref, dtype, torch_out=torch_grad, what="dmask")
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_sdpa_mask_gradients_without_mask_grad(kind, gen):
     q = randn((2, 2, 17, 8), gen=gen, requires_grad=True)

@@ -113,6 +113,9 @@ struct AttentionBwdParams : AttentionFwdParams {
   // these strides (the glue reduces over broadcast dimensions afterwards).
   void* dbias = nullptr;
   int64_t dbias_stride[4] = {0, 0, 0, 0};
+  // dbias is float32 rather than the inputs' dtype: a broadcast mask's
+  // gradient is summed before its one rounding.
+  bool dbias_float = false;
 
   // Scratch owned by the glue: float32 (batch, heads, q_len) for
   // D = rowsum(dO * O), and float32 dq accumulators where a backend needs them.

@@ -141,12 +141,17 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               softmax_grad_row(ds, probs.data() + r * kBlockKBwd, cols, row_dot[g * L + row0 + r]);
             }
             if (p.dbias != nullptr) {
-              auto* dbias = static_cast<scalar_t*>(p.dbias) + b * p.dbias_stride[0] +
-                            h * p.dbias_stride[1] + row0 * p.dbias_stride[2] + col0 * p.dbias_stride[3];
+              const int64_t base = b * p.dbias_stride[0] + h * p.dbias_stride[1] +
+                                   row0 * p.dbias_stride[2] + col0 * p.dbias_stride[3];
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < cols; ++c) {
-                  dbias[r * p.dbias_stride[2] + c * p.dbias_stride[3]] =
-                      static_cast<scalar_t>(dscores[r * kBlockKBwd + c]);
+                  const int64_t at = base + r * p.dbias_stride[2] + c * p.dbias_stride[3];
+                  const acc_t value = dscores[r * kBlockKBwd + c];
+                  if (p.dbias_float) {
+                    static_cast<float*>(p.dbias)[at] = static_cast<float>(value);
+                  } else {
+                    static_cast<scalar_t*>(p.dbias)[at] = static_cast<scalar_t>(value);
+                  }
                 }
               }
             }

@@ -75,6 +75,17 @@ __device__ __forceinline__ float out_dout_dot8(const AttentionBwdParams& p, int6
 
 // D = rowsum(dO * O) of query row `row` of (b, h), by one warp (every lane
 // returns it): lanes hold 8 consecutive dims each (up to 256).
+// One element of dbias at `offset` (elements): float32 or the inputs' dtype,
+// as the glue allocated it.
+template <class Element>
+__device__ __forceinline__ void store_dbias(const AttentionBwdParams& p, int64_t offset, float value) {
+  if (p.dbias_float) {
+    static_cast<float*>(p.dbias)[offset] = value;
+  } else {
+    static_cast<Element*>(p.dbias)[offset] = static_cast<Element>(value);
+  }
+}
+
 template <class Element>
 __device__ __forceinline__ float row_dot_out_dout(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t row,
                                                   int lane) {
@@ -185,11 +196,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     const int64_t hi = m_count > 0 ? (int64_t(m_block_max) * kBlockM < seq.q_len ? int64_t(m_block_max) * kBlockM : seq.q_len) : lo;
     const int64_t skipped = seq.q_len - (hi - lo);
     for (int64_t g = 0; g < group; ++g) {
-      Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + (hk * group + g) * p.dbias_stride[1];
+      const int64_t db = b * p.dbias_stride[0] + (hk * group + g) * p.dbias_stride[1];
       for (int64_t e = tid; e < skipped * key_rows; e += kNThreads) {
         int64_t i = e / key_rows;
         i = i < lo ? i : i + (hi - lo);
-        db[i * p.dbias_stride[2] + (n0 + e % key_rows) * p.dbias_stride[3]] = Element(0.f);
+        store_dbias<Element>(p, db + i * p.dbias_stride[2] + (n0 + e % key_rows) * p.dbias_stride[3], 0.f);
       }
     }
   }
@@ -396,7 +407,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         }
       }
       if (kHasMask && p.dbias != nullptr) {  // dbias is the gradient of an additive attn_mask
-        Element* db = static_cast<Element*>(p.dbias) + b * p.dbias_stride[0] + h * p.dbias_stride[1];
+        const int64_t db = b * p.dbias_stride[0] + h * p.dbias_stride[1];
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
           const int64_t i = m0 + get<0>(coord_s(mi, 0));
@@ -404,7 +415,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
           CUTE_UNROLL
           for (int ni = 0; ni < size<1>(s); ++ni) {
             const int64_t j = n0 + get<1>(coord_s(0, ni));
-            if (j < seq.kv_len) db[i * p.dbias_stride[2] + j * p.dbias_stride[3]] = static_cast<Element>(dp(mi, ni));
+            if (j < seq.kv_len) store_dbias<Element>(p, db + i * p.dbias_stride[2] + j * p.dbias_stride[3], dp(mi, ni));
           }
         }
       }

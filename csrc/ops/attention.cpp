@@ -130,11 +130,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::OptionalDeviceGuard guard(q.device());
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  at::Tensor dbias_full = bias_grad ? at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
-                                    : at::Tensor();
+  // A mask broadcast over some dimensions gets its gradient summed over them:
+  // for fp16/bf16 inputs the kernels then write float32 so that the sum is
+  // rounded once.
+  const std::vector<int64_t> dbias_shape = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  const bool dbias_reduced = bias_grad && at::isReducedFloatingType(q.scalar_type()) &&
+                             attn_mask->sizes() != at::IntArrayRef(dbias_shape);
+  at::Tensor dbias_full =
+      bias_grad ? at::empty(dbias_shape, q.options().dtype(dbias_reduced ? at::kFloat : q.scalar_type()))
+                : at::Tensor();
   const auto bias_grad_result = [&]() {
     if (!bias_grad) return at::empty({0}, q.options());
-    return dbias_full.sum_to_size(attn_mask->sizes());
+    return dbias_full.sum_to_size(attn_mask->sizes()).to(q.scalar_type());
   };
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
     dq.zero_();
@@ -152,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   set_bwd_tensors(params, out_r, dout_r, lse, dq, dk, dv);
   if (bias_grad) {
     params.dbias = dbias_full.data_ptr();
+    params.dbias_float = dbias_reduced;
     for (int i = 0; i < 4; ++i) params.dbias_stride[i] = dbias_full.stride(i);
   }
   params.deterministic = deterministic;
