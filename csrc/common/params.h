@@ -168,6 +168,10 @@ struct KVCacheParams {
   // lse_partial (num_splits, batch, heads, q_len).
   float* out_partial = nullptr;
   float* lse_partial = nullptr;
+  // One zeroed int per (sequence, kv head, row block) when num_splits > 1:
+  // the split blocks count themselves in, the last one merges the partials
+  // and resets the count to 0. Null: a separate combine kernel merges them.
+  int* split_counters = nullptr;
 };
 
 }  // namespace flash_ext

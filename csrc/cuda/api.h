@@ -34,6 +34,9 @@ void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream);
 
 // Number of split-KV partitions for num_splits = 0 (chosen from the SM count).
 int choose_num_splits(const KVCacheParams& params, int num_sms);
+// How many int32 params.split_counters holds: one per (sequence, kv head,
+// row block), the groups whose splits are merged together.
+int64_t kvcache_split_groups(const KVCacheParams& params);
 
 // The family whose attention kernel was launched last (forward or backward,
 // any thread: backward runs on autograd's device thread).

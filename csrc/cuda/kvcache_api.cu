@@ -6,8 +6,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -76,6 +78,35 @@ bool strides_ok(const int64_t (&stride)[3], bool step0, bool step1, bool step2) 
 
 }  // namespace
 
+Tuning tuning_from_environment() {
+  static const Tuning tuning = [] {
+    Tuning t;
+    const char* spec = std::getenv("FLASH_EXT_DECODE_TUNING");
+    if (spec == nullptr) return t;
+    std::istringstream items(spec);
+    std::string item;
+    while (std::getline(items, item, ',')) {
+      const size_t eq = item.find('=');
+      const std::string key = item.substr(0, eq);
+      const int value = eq == std::string::npos ? 1 : std::atoi(item.c_str() + eq + 1);
+      if (key == "stages") {
+        t.stages = value;
+      } else if (key == "pdl") {
+        t.pdl = value != 0;
+      } else if (key == "fused_combine") {
+        t.fused_combine = value != 0;
+      } else if (key == "evict_first") {
+        t.evict_first = value != 0;
+      } else {
+        throw std::runtime_error("flash_ext kvcache: FLASH_EXT_DECODE_TUNING has an unknown key '" + key +
+                                 "' (known: stages, pdl, fused_combine, evict_first)");
+      }
+    }
+    return t;
+  }();
+  return tuning;
+}
+
 void check_cuda(cudaError_t err, const char* what) {
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -108,14 +139,17 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   const int head_dim_inst = head_dim_instance(p.head_dim);
   args.stages = choose_stages(head_dim_inst, layout, tuning.stages,
                               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  args.evict_first = tuning.evict_first;
+  if (!tuning.fused_combine) args.p.split_counters = nullptr;
+  const bool separate_combine = p.num_splits > 1 && args.p.split_counters == nullptr;
   const bool pdl = tuning.pdl && major >= 9;
 
   if (p.dtype == ScalarKind::kBFloat16) {
     launch_attention_dim<__nv_bfloat16>(args, head_dim_inst, pdl, stream);
-    if (p.num_splits > 1) launch_combine<__nv_bfloat16>(p, pdl, stream);
+    if (separate_combine) launch_combine<__nv_bfloat16>(p, pdl, stream);
   } else {
     launch_attention_dim<__half>(args, head_dim_inst, pdl, stream);
-    if (p.num_splits > 1) launch_combine<__half>(p, pdl, stream);
+    if (separate_combine) launch_combine<__half>(p, pdl, stream);
   }
 }
 
@@ -163,9 +197,7 @@ const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major,
 }
 
 int choose_num_splits(const KVCacheParams& p, int num_sms) {
-  const int64_t rows = p.heads / p.kv_heads * p.q_len;
-  const int64_t per_block = kvcache::block_rows(kvcache::warp_layout(rows));
-  const int64_t blocks = p.batch * p.kv_heads * ((rows + per_block - 1) / per_block);
+  const int64_t blocks = kvcache_split_groups(p);
   // Longest sequence the cache can hold (a paged cache's table is assumed
   // to be as wide as its row stride).
   const int64_t capacity = (p.block_table != nullptr ? p.block_table_stride : 1) * p.page_size;
@@ -190,8 +222,14 @@ int choose_num_splits(const KVCacheParams& p, int num_sms) {
   return best;
 }
 
+int64_t kvcache_split_groups(const KVCacheParams& p) {
+  const int64_t rows = p.heads / p.kv_heads * p.q_len;
+  const int64_t per_block = kvcache::block_rows(kvcache::warp_layout(rows));
+  return p.batch * p.kv_heads * ((rows + per_block - 1) / per_block);
+}
+
 void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream) {
-  kvcache::run(params, kvcache::Tuning{}, stream);
+  kvcache::run(params, kvcache::tuning_from_environment(), stream);
 }
 
 }  // namespace flash_ext::cuda

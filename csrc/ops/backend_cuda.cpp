@@ -4,8 +4,13 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+#include <map>
 #include <mutex>
+#include <utility>
 #include <stdexcept>
 
 #include "../cuda/api.h"
@@ -30,6 +35,37 @@ void require_supported(const at::Tensor& q, const Params& params, ReasonFn reaso
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
   const char* reason = reason_fn(params, prop->major, prop->minor);
   TORCH_CHECK(reason == nullptr, "flash_ext: the CUDA kernels cannot serve this call: ", reason);
+}
+
+// Counters of the fused split-KV combine (KVCacheParams::split_counters):
+// zero before a call and left zero by its last splits. Eager calls reuse one
+// buffer per (device, stream), since calls on one stream run in order; a CUDA
+// graph under capture gets its own, zeroed by a node of the graph, because
+// the shared buffer would be zeroed only when the graph first replays.
+// Buffers live for the process (kept out of static destructors, which run
+// after the CUDA runtime may be gone).
+int* split_counters(const at::Tensor& q, int64_t count, cudaStream_t stream, at::Tensor& captured) {
+  if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
+    captured = at::zeros({count}, q.options().dtype(at::kInt));
+    return captured.data_ptr<int>();
+  }
+  struct Buffer {
+    int* counters = nullptr;
+    int64_t count = 0;
+  };
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, Buffer> buffers;
+  const std::lock_guard<std::mutex> lock(mutex);
+  Buffer& buffer = buffers[{q.get_device(), stream}];
+  if (buffer.count < count) {
+    // Freed in stream order: earlier calls on this stream are done with it.
+    if (buffer.counters != nullptr) c10::cuda::CUDACachingAllocator::raw_delete(buffer.counters);
+    buffer.count = std::max<int64_t>(count, 2 * buffer.count);
+    const size_t bytes = static_cast<size_t>(buffer.count) * sizeof(int);
+    buffer.counters = static_cast<int*>(c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(bytes, stream));
+    C10_CUDA_CHECK(cudaMemsetAsync(buffer.counters, 0, bytes, stream));
+  }
+  return buffer.counters;
 }
 
 }  // namespace
@@ -97,15 +133,17 @@ void run_kvcache(const at::Tensor& q, KVCacheParams& params, int64_t /*max_keys*
         params, at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount);
   }
   require_supported(q, params, flash_ext::cuda::kvcache_unsupported_reason);
-  at::Tensor out_partial, lse_partial;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor out_partial, lse_partial, captured_counters;
   if (params.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
     out_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len, params.v_head_dim}, f32);
     lse_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len}, f32);
     params.out_partial = out_partial.data_ptr<float>();
     params.lse_partial = lse_partial.data_ptr<float>();
+    params.split_counters =
+        split_counters(q, flash_ext::cuda::kvcache_split_groups(params), stream, captured_counters);
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   run_kernels("KV-cache decode", [&] { flash_ext::cuda::run_kvcache_fwd(params, stream); });
 }
 

@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "../softcap.cuh"
+#include "kvcache_combine.cuh"
 #include "kvcache_device.cuh"
 #include "kvcache_launch.cuh"
 
@@ -105,6 +106,25 @@ __global__ void __launch_bounds__(kThreads)
   unsigned char* s_q = smem;
   unsigned char* s_kv = smem + Cfg::kQBytes;
 
+  // Fused combine: once its partials are out, a block counts itself in; the
+  // group's last split merges every split's partials for its rows.
+  __shared__ int is_last_split;
+  const auto combine_if_last = [&]() {
+    if (num_splits == 1 || p.split_counters == nullptr) return;
+    __threadfence();  // this block's partials reach L2 before it is counted
+    __syncthreads();
+    if (tid == 0) {
+      int* counter = p.split_counters + blockIdx.x;
+      const bool last = atomicAdd(counter, 1) == num_splits - 1;
+      if (last) *counter = 0;  // ready for the next call (and CUDA-graph replay)
+      is_last_split = last;
+    }
+    __syncthreads();
+    if (!is_last_split) return;
+    __threadfence();  // the other splits' partials, counted before us, are visible
+    for (int r = warp; r < rows_here; r += kThreads / 32) combine_row<T>(p, out_row(r), lane);
+  };
+
   grid_dependency_wait();  // q, cache and lengths may come from the previous kernel
 
   // Q first: it does not depend on the length, so its latency overlaps the
@@ -141,6 +161,7 @@ __global__ void __launch_bounds__(kThreads)
     float* lse = num_splits == 1 ? p.lse : p.lse_partial + split * rows_total;
     for (int r = tid; r < rows_here; r += kThreads) lse[out_row(r)] = kNegInf;
     cp_async_wait<0>();  // no copy into shared memory outlives the block
+    combine_if_last();
     return;
   }
 
@@ -151,6 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* v_new = new_len > 0 ? static_cast<const T*>(p.v_new) + b * p.v_new_stride[0] + kvh * p.v_new_stride[1]
                                : nullptr;
   const int ld_row = tid / Cfg::kThreadsPerRow, ld_chunk = tid % Cfg::kThreadsPerRow;
+  const uint64_t kv_policy = l2_evict_first_policy();
 
   // Element offsets of cache row `key` in K and V (paged: via the block table).
   const auto cache_offsets = [&](int key, int64_t& k_off, int64_t& v_off) {
@@ -186,8 +208,13 @@ __global__ void __launch_bounds__(kThreads)
         const int c = ld_chunk + cc * Cfg::kThreadsPerRow;
         const bool valid = key < total && c * 8 < head_dim;
         const int off = swizzle(r, c, kRowBytes);
-        cp_async_16(s_k + off, k_src + c * 8, valid);
-        cp_async_16(s_v + off, v_src + c * 8, valid);
+        if (args.evict_first) {
+          cp_async_16(s_k + off, k_src + c * 8, valid, kv_policy);
+          cp_async_16(s_v + off, v_src + c * 8, valid, kv_policy);
+        } else {
+          cp_async_16(s_k + off, k_src + c * 8, valid);
+          cp_async_16(s_v + off, v_src + c * 8, valid);
+        }
       }
     }
   };
@@ -442,6 +469,7 @@ __global__ void __launch_bounds__(kThreads)
       *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
     }
   }
+  combine_if_last();
 }
 
 template <typename T, int kHeadDim, int kWarpsM, int kWarpsN>
