@@ -33,13 +33,15 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
                                         double dropout_p = 0.0, bool is_causal = false,
                                         std::optional<double> scale = std::nullopt);
 
-// Decoding against a KV cache (FlashAttention's layout), see schema.cpp.
+// Decoding against a KV cache (FlashAttention's layout), see schema.cpp. The
+// window is around each new token's own position (-1 = unbounded).
 std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new = std::nullopt,
     const std::optional<at::Tensor>& v_new = std::nullopt,
     const std::optional<at::Tensor>& block_table = std::nullopt,
     std::optional<double> scale = std::nullopt, bool causal = true, int64_t num_splits = 0,
-    double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+    double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt,
+    int64_t window_left = -1, int64_t window_right = -1);
 
 }  // namespace flash_ext

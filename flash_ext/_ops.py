@@ -77,7 +77,7 @@ def _attention_varlen_bwd_fake(grad_out, q, k, v, out, lse, rng_state, cu_seqlen
 
 @torch.library.register_fake("flash_ext::kvcache_attention")
 def _kvcache_attention_fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale,
-                            causal, num_splits, softcap=0.0, alibi_slopes=None):
+                            causal, num_splits, softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1):
     _check_devices("flash_ext.flash_attn_with_kvcache", q, k_cache=k_cache, v_cache=v_cache, k=k_new, v=v_new,
                    cache_seqlens=cache_seqlens, block_table=block_table, alibi_slopes=alibi_slopes)
     b, n, h, _ = q.shape

@@ -55,7 +55,7 @@ _PREFILL = frozenset({"causal", "sliding window", "bool mask", "float mask (bias
                       "nested (jagged) tensors"})
 _SCORE_MODS = frozenset({"softcap", "ALiBi"})
 _CPU_EXTRAS = frozenset({"value dim != query dim", "scale <= 0"})
-_DECODE = frozenset({"causal", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
+_DECODE = frozenset({"causal", "sliding window", "GQA/MQA", "paged KV cache", "KV append", "return_lse",
                      "any strides (last dim contiguous)"})
 
 FAMILIES = {

@@ -260,8 +260,8 @@ def flash_attn_func(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
     softmax_scale: float | None = None, causal: bool = False,
     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool = False, return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    deterministic: bool = False, return_attn_probs: bool = False, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """FlashAttention's interface on ``(batch, seq, heads, dim)`` tensors.
 
     ``causal`` aligns to the bottom right (query i of L sees keys
@@ -272,7 +272,8 @@ def flash_attn_func(
     ``(batch, heads)`` float32 subtract ``slope * |i + S - L - j|`` (ALiBi).
     Returns the output ``(batch, seq, heads, dim_v)``, and the log-sum-exp
     ``(batch, heads, seq)`` (float32; float64 for float64 inputs) when
-    ``return_lse``.
+    ``return_lse``; ``return_attn_probs`` gives FlashAttention's
+    ``(out, lse, None)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -291,8 +292,7 @@ def flash_attn_func(
     q, k, v = (t if _layout_served(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, float(dropout_p),
                              scale, left, right, True, bool(deterministic), float(softcap), alibi_slopes)
-    out = out.transpose(1, 2)
-    return (out, lse) if return_lse else out
+    return _results(out.transpose(1, 2), lse, return_lse, return_attn_probs)
 
 
 def _window(fn: str, window_size: tuple[int, int], causal: bool) -> tuple[int, int]:
@@ -431,7 +431,8 @@ def flash_attn_with_kvcache(
     v: torch.Tensor | None = None, cache_seqlens: torch.Tensor | int | None = None,
     softmax_scale: float | None = None, causal: bool = True, num_splits: int = 0,
     return_lse: bool = False, block_table: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    return_softmax_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decoding against a KV cache, FlashAttention's interface.
 
@@ -442,10 +443,14 @@ def flash_attn_with_kvcache(
     ``(batch, new_len, kv_heads, dim)`` are given they are first written into
     the cache at ``cache_seqlens`` (in place) and attended too; the caller
     advances ``cache_seqlens``. With ``causal``, new query t sees the keys up
-    to its own position. The cache is split across ``num_splits`` partitions
+    to its own position ``cache_seqlens[b] + new_len - q_len + t``;
+    ``window_size=(left, right)`` limits it to that many keys before/after
+    that position (-1 = unbounded; sliding-window models such as Mistral),
+    and only the tiles inside some token's window are read. The cache is split across ``num_splits`` partitions
     (0 = chosen from the device) whose partial results merge through their
     log-sum-exp. Returns the output ``(batch, q_len, heads, dim)`` and, with
-    ``return_lse``, the log-sum-exp ``(batch, heads, q_len)``. ``softcap`` and
+    ``return_lse`` (or FlashAttention's name ``return_softmax_lse``), the
+    log-sum-exp ``(batch, heads, q_len)``. ``softcap`` and
     ``alibi_slopes`` as in :func:`flash_attn_func` (ALiBi distance from each
     new query's own position).
 
@@ -468,9 +473,10 @@ def flash_attn_with_kvcache(
         raise TypeError(f"flash_attn_with_kvcache: cache_seqlens must be an int32 tensor or an int, "
                         f"got {type(cache_seqlens).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    left, right = _window("flash_attn_with_kvcache", window_size, causal)
     reason = _support.decode_unsupported_reason(q, v_cache, softcap=softcap, alibi=alibi_slopes is not None)
     if reason is not None:
         raise RuntimeError(f"flash_attn_with_kvcache: {reason}")
     out, lse = ops.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, bool(causal),
-                                     int(num_splits), float(softcap), alibi_slopes)
-    return (out, lse) if return_lse else out
+                                     int(num_splits), float(softcap), alibi_slopes, left, right)
+    return (out, lse) if return_lse or return_softmax_lse else out

@@ -34,9 +34,11 @@ def _expected_cache(cache, new, lens):
     return exp
 
 
-def _decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None):
+def _decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None, window=(-1, -1)):
     """Per sequence: the first lens[b] + new_len rows of the (appended) cache;
-    causal: new query t sees keys j <= total - q_len + t (bottom right)."""
+    new query t sees keys j in [pos - left, pos + right], pos = total - q_len + t
+    (bottom right); causal makes right 0."""
+    window = (window[0], 0) if causal else window
     outs, lses = [], []
     q_len = q.shape[1]
     for b, n in enumerate(lens):
@@ -44,7 +46,7 @@ def _decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None):
         qb = q[b:b + 1].transpose(1, 2)
         kb = k_full[b:b + 1, :total].transpose(1, 2)
         vb = v_full[b:b + 1, :total].transpose(1, 2)
-        o, lse = reference_attention(qb, kb, vb, scale=scale, window=(-1, 0) if causal else (-1, -1),
+        o, lse = reference_attention(qb, kb, vb, scale=scale, window=window,
                                      bottom_right=True, enable_gqa=True, return_lse=True)
         outs.append(o.transpose(1, 2))
         lses.append(lse)
@@ -52,15 +54,16 @@ def _decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None):
     return torch.cat(outs), torch.cat(lses)
 
 
-def _torch_decode(q, k_full, v_full, lens, new_len, causal):
+def _torch_decode(q, k_full, v_full, lens, new_len, causal, window=(-1, -1)):
     """PyTorch's SDPA on the same low-precision inputs (rows with no key -> 0)."""
+    window = (window[0], 0) if causal else window
     outs = []
     for b, n in enumerate(lens):
         total = n + new_len
         qb = q[b:b + 1].transpose(1, 2)
         kb = k_full[b:b + 1, :total].transpose(1, 2)
         vb = v_full[b:b + 1, :total].transpose(1, 2)
-        vis = window_visible(q.shape[1], total, -1, 0 if causal else -1, True, device=q.device)
+        vis = window_visible(q.shape[1], total, window[0], window[1], True, device=q.device)
         empty = ~vis.any(-1)
         vis[empty] = True
         if total == 0:
@@ -195,6 +198,66 @@ def test_kvcache_noncontiguous_q_and_cache(gen):
 
 
 # --------------------------------------------------------------------------- paged
+
+
+WINDOW_CASES = [
+    # (window_size, causal, q_len, new_len, lens, num_splits)
+    ((16, -1), True, 1, 1, [0, 15, 700, 1000], 0),      # Mistral-style decode: the last 17 keys
+    ((100, 0), False, 4, 4, [3, 200, 640, 1020], 3),    # several new tokens, each its own window edge
+    ((0, 0), False, 2, 0, [1, 64, 129, 1000], 1),       # each token sees itself only
+    ((5, 3), False, 3, 2, [0, 70, 300, 999], 7),        # right window reaching past the last key
+    ((10, -1), True, 1, 40, [0, 100, 500, 960], 0),     # appended keys outside every window: still stored
+    ((300, -1), False, 2, 0, [50, 290, 301, 1024], 2),  # left window wider than some sequences
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"w{c[0][0]}_{c[0][1]}-c{int(c[1])}-q{c[2]}new{c[3]}-s{c[5]}")
+def test_kvcache_sliding_window(case, dtype, device, gen):
+    window, causal, q_len, new_len, lens, num_splits = case
+    skip_unless_served(device, dtype, 64)
+    batch, heads, kv_heads, dim, max_len = len(lens), 8, 2, 64, 1024 + 40
+    k_cache, v_cache = _make_cache(batch, max_len, kv_heads, dim, dim, lens, dtype, device, gen)
+    q = randn((batch, q_len, heads, dim), dtype, device, gen)
+    k_new = v_new = None
+    if new_len:
+        k_new = randn((batch, new_len, kv_heads, dim), dtype, device, gen)
+        v_new = randn((batch, new_len, kv_heads, dim), dtype, device, gen)
+    k_exp, v_exp = _expected_cache(k_cache, k_new, lens), _expected_cache(v_cache, v_new, lens)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out, lse = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                                 causal=causal, window_size=window, num_splits=num_splits,
+                                                 return_softmax_lse=True)
+    torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
+    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, new_len, causal, window=window)
+    torch_out = (_torch_decode(q, k_exp, v_exp, lens, new_len, causal, window=window)
+                 if dtype in LOW_PRECISION else None)
+    assert_matches_reference(out, ref, dtype, torch_out)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
+    lse_tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=lse_tol, rtol=lse_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_sliding_window_paged(device, gen):
+    skip_unless_served(device, torch.bfloat16, 64)
+    dtype, page_size, pages_per_seq, lens = torch.bfloat16, 64, 6, [10, 200, 383]
+    batch, max_len = len(lens), page_size * pages_per_seq
+    k_cache, v_cache = _make_cache(batch, max_len, 2, 64, 64, lens, dtype, device, gen)
+    block_table = torch.randperm(batch * pages_per_seq, generator=gen).view(batch, pages_per_seq).to(torch.int32)
+    k_paged = _to_paged(k_cache, page_size, block_table, batch * pages_per_seq)
+    v_paged = _to_paged(v_cache, page_size, block_table, batch * pages_per_seq)
+    q = randn((batch, 1, 4, 64), dtype, device, gen)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out_c = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, window_size=(70, 0))
+    out_p = flash_ext.flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
+                                              block_table=block_table.to(device), window_size=(70, 0))
+    torch.testing.assert_close(out_p, out_c, atol=0, rtol=0)
+    ref, _ = _decode_reference(q, k_cache, v_cache, lens, 0, True, window=(70, 0))
+    assert_matches_reference(out_p, ref, dtype, _torch_decode(q, k_cache, v_cache, lens, 0, True, window=(70, 0)))
 
 
 def _to_paged(cache, page_size, block_table, num_pages, poison=math.nan):

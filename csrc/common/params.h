@@ -156,7 +156,10 @@ struct KVCacheParams {
   int64_t page_size = 0;   // rows per page (max_len for a contiguous cache)
 
   double scale = 1.0;  // float64 inputs need it unrounded; kernels may narrow it
-  bool causal = true;      // new tokens attend causally among themselves
+  // Keys each new token t sees: [pos - window_left, pos + window_right] around
+  // its own position pos = total - q_len + t, -1 = unbounded on that side
+  // (window_right = 0: causal among the new tokens).
+  int64_t window_left = -1, window_right = 0;
   float softcap = 0.f;     // as in AttentionFwdParams
   // ALiBi slopes (batch, heads) float32; distance |total - q_len + t - j|.
   const float* alibi_slopes = nullptr;

@@ -60,9 +60,12 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
       const int64_t split = item % splits, bk = item / splits;
       const int64_t b = bk / p.kv_heads, kvh = bk % p.kv_heads;
       const int64_t total = p.cache_seqlens[b] + p.new_len;
-      const int64_t chunk = ceil_div(total, splits);
-      const int64_t key_begin = std::min(total, split * chunk);
-      const int64_t key_end = std::min(total, key_begin + chunk);
+      const VisibilityWindow window{p.window_left, p.window_right, total - p.q_len};
+      // Keys some new token may see, dealt evenly over the splits.
+      const KeyRange keys = visible_key_range(window, 0, p.q_len, total);
+      const int64_t chunk = ceil_div(keys.end - keys.begin, splits);
+      const int64_t key_begin = std::min(keys.end, keys.begin + split * chunk);
+      const int64_t key_end = std::min(keys.end, key_begin + chunk);
 
       // Row r of the packed tile is query token r % q_len of head r / q_len.
       for (int64_t r = 0; r < rows; ++r) {
@@ -70,7 +73,6 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
         const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + t * p.q_stride[2];
         load_row(q, d, q_buf.data() + r * d);
       }
-      const VisibilityWindow window{-1, p.causal ? 0 : -1, total - p.q_len};
       const auto query_pos = [&](int64_t r) { return r % p.q_len; };
       // Row r belongs to head kvh * group + r / q_len: ALiBi slopes differ per row.
       const auto row_mods = [&](int64_t r) {

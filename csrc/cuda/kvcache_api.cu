@@ -200,7 +200,12 @@ int choose_num_splits(const KVCacheParams& p, int num_sms) {
   const int64_t blocks = kvcache_split_groups(p);
   // Longest sequence the cache can hold (a paged cache's table is assumed
   // to be as wide as its row stride).
-  const int64_t capacity = (p.block_table != nullptr ? p.block_table_stride : 1) * p.page_size;
+  int64_t capacity = (p.block_table != nullptr ? p.block_table_stride : 1) * p.page_size;
+  // A left window bounds the keys any call reads (plus the appended ones and
+  // a tile of misalignment).
+  if (p.window_left >= 0) {
+    capacity = std::min(capacity, p.window_left + p.q_len + p.new_len + kvcache::kBlockN);
+  }
   const int64_t tiles = std::max<int64_t>(1, (capacity + kvcache::kBlockN - 1) / kvcache::kBlockN);
   const int64_t slots = std::max<int64_t>(1, int64_t{num_sms} * kvcache::blocks_per_sm(p.head_dim));
   // Modelled time, in tiles: waves of blocks times the tiles of one split

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
     std::optional<double> scale, bool causal, int64_t num_splits, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("flash_ext::kvcache_attention", "")
@@ -55,9 +55,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const at::Tensor&, const std::optional<at::Tensor>&, double, bool, int64_t, double,
-              const std::optional<at::Tensor>&)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
-                 default_scale(q, scale), causal, num_splits, softcap, alibi_slopes);
+                 default_scale(q, scale), causal, num_splits, softcap, alibi_slopes, window_left,
+                 window_right);
 }
 
 }  // namespace flash_ext

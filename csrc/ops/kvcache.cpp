@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
-    bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be 4-D (batch, q_len, heads, dim), got ", q.dim(), "-D");
   check_floating(kOp, "q", q);
   check_same("q", q, q);
@@ -72,6 +73,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
                     ") must be a multiple of the cache's kv heads (", kv_heads, ")");
   TORCH_CHECK_VALUE(std::isfinite(scale), kOp, ": softmax_scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp,
+                    ": window_size must be (left, right) with each >= 0, or -1 for unbounded, got (",
+                    window_left, ", ", window_right, ")");
   check_softcap_alibi(kOp, softcap, alibi_slopes, batch, heads, q.device());
 
   check_int32_on("cache_seqlens", cache_seqlens, q, 1);
@@ -154,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
   }
   p.page_size = page_size;
   p.scale = scale;
-  p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = causal ? 0 : window_right;
   p.num_splits = num_splits;
   p.softcap = static_cast<float>(softcap);
   std::tie(p.alibi_slopes, p.alibi_batch_stride) = alibi_pointer(alibi_slopes);

@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
-    bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes);
+    bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right);
 
 at::Tensor dropout_keep_mask(const at::Tensor& rng_state, int64_t batch, int64_t heads,
                              int64_t q_len, int64_t kv_len, double dropout_p);

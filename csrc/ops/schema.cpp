@@ -55,11 +55,14 @@ TORCH_LIBRARY(flash_ext, m) {
   // heads, dim); caches (batch, max_len, kv_heads, dim), or paged
   // (num_pages, page_size, kv_heads, dim) with block_table (batch, max_pages).
   // k_new/v_new (batch, new_len, kv_heads, dim) are written into the caches
-  // at cache_seqlens first. num_splits = 0 picks the split-KV count.
+  // at cache_seqlens first. num_splits = 0 picks the split-KV count. The
+  // window (-1 = unbounded) is around each new token's position; causal
+  // makes its right side 0.
   m.def(
       "kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, "
       "Tensor? v_new, Tensor cache_seqlens, Tensor? block_table, float scale, bool causal, "
-      "int num_splits, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+      "int num_splits, float softcap=0., Tensor? alibi_slopes=None, int window_left=-1, "
+      "int window_right=-1) -> (Tensor out, Tensor lse)");
   // The boolean keep-mask that dropout with this rng_state applied to a
   // (batch, heads, q_len, kv_len) score matrix: for tests and debugging.
   m.def(

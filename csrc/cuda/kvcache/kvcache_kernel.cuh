@@ -140,14 +140,18 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // This split's tiles: the sequence's tiles dealt evenly over the splits, on
-  // the device, so the grid depends only on shapes (CUDA graphs).
+  // This split's tiles: the tiles some new token may see, dealt evenly over
+  // the splits on the device, so the grid depends only on shapes (CUDA
+  // graphs). A left window starts them at the first token's edge, but never
+  // past the appended keys, which the blocks that load them also store.
   const int seqlen = p.cache_seqlens[b];
   const int total = seqlen + new_len;
-  const int n_tiles = (total + kBlockN - 1) / kBlockN;
-  const int per_split = (n_tiles + num_splits - 1) / num_splits;
-  const int t_begin = split * per_split;
-  const int t_end = min(n_tiles, t_begin + per_split);
+  const int window_left = static_cast<int>(p.window_left), window_right = static_cast<int>(p.window_right);
+  const int first_tile = window_left < 0 ? 0 : max(0, min(total - q_len - window_left, seqlen)) / kBlockN;
+  const int end_tile = (total + kBlockN - 1) / kBlockN;
+  const int per_split = (end_tile - first_tile + num_splits - 1) / num_splits;
+  const int t_begin = first_tile + split * per_split;
+  const int t_end = min(end_tile, t_begin + per_split);
 
   if (t_begin >= t_end) {
     // No keys here. Alone, that means an empty sequence: out = 0, lse = -inf.
@@ -268,10 +272,18 @@ __global__ void __launch_bounds__(kThreads)
   const int ra = wm * 16 + (lane >> 2), rb = ra + 8;
   // A row's own position among the keys (bottom-right alignment).
   const auto row_pos = [&](int r) { return total - q_len + (row0 + r) % q_len; };
-  // Last visible key of a row: its own position when causal, else all keys.
-  const auto last_key = [&](int r) { return p.causal ? row_pos(r) : total - 1; };
+  // A row's visible keys: [pos - window_left, pos + window_right] within
+  // [0, total) (window_right = 0: causal).
+  const auto last_key = [&](int r) {
+    return window_right < 0 ? total - 1 : min(total - 1, row_pos(r) + window_right);
+  };
+  const auto first_key = [&](int r) { return window_left < 0 ? 0 : row_pos(r) - window_left; };
   const int last_a = last_key(ra), last_b = last_key(rb);
-  const int first_masked = (p.causal ? total - q_len : total - 1) + 1;  // over every row
+  const int first_a = first_key(ra), first_b = first_key(rb);
+  // Over every row: keys from here on may be past some row's last key, keys
+  // before the other bound before some row's first.
+  const int right_masked_from = (window_right < 0 ? total - 1 : min(total - 1, total - q_len + window_right)) + 1;
+  const int left_masked_below = window_left < 0 ? 0 : total - 1 - window_left;
   const float scale_log2 = args.scale_log2;
   const bool mods = args.tanh_in != 0.f || p.alibi_slopes != nullptr;
   // ALiBi slope of a row over the scale (scores are unscaled); padding rows get 0.
@@ -339,14 +351,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     // Online softmax in base 2; masking only on the sequence's last tiles.
-    const bool need_mask = (tile + 1) * kBlockN > first_masked;
+    const bool need_mask = (tile + 1) * kBlockN > right_masked_from || tile * kBlockN < left_masked_below;
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < Cfg::kWarpKeys / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float v = s[nt][e] * scale_log2;
-        if (need_mask && key0 + nt * 8 + (e & 1) > (e < 2 ? last_a : last_b)) v = kNegInf;
+        const int key = key0 + nt * 8 + (e & 1);
+        if (need_mask && (key > (e < 2 ? last_a : last_b) || key < (e < 2 ? first_a : first_b))) v = kNegInf;
         s[nt][e] = v;
         mx[e >> 1] = fmaxf(mx[e >> 1], v);
       }
