@@ -98,6 +98,10 @@ def test_opcheck_kvcache_attention(paged, append, gen):
         table = None
     torch.library.opcheck(ops.kvcache_attention.default,
                           (q, k_cache, v_cache, k_new, v_new, lens, table, 0.25, True, 2))
+    # with softcap, ALiBi and a sliding window
+    slopes = torch.rand(b, h, generator=gen)
+    torch.library.opcheck(ops.kvcache_attention.default,
+                          (q, k_cache, v_cache, k_new, v_new, lens, table, 0.25, False, 2, 5.0, slopes, 7, 2))
 
 
 def test_opcheck_dropout_keep_mask():
