@@ -113,7 +113,8 @@ def _as_4d(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
         return t.unsqueeze(1) if len(batch_shape) == 0 else t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+    # math.prod, not -1: a zero-size batch dimension leaves -1 ambiguous.
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) if t.dim() > 4 else t
 
 
 def scaled_dot_product_attention(

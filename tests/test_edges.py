@@ -202,6 +202,19 @@ def test_empty_and_length_one(shape, dtype, gen):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
+@pytest.mark.parametrize("batch", [(0, 3), (2, 0), (0,)], ids=str)
+def test_zero_size_leading_dimensions(batch, gen):
+    # 5-D (and 4-D) inputs with an empty leading dimension: an empty output of
+    # the right shape, and empty gradients.
+    q = randn((*batch, 2, 5, 8), gen=gen, requires_grad=True)
+    k = randn((*batch, 2, 7, 8), gen=gen, requires_grad=True)
+    v = randn((*batch, 2, 7, 4), gen=gen, requires_grad=True)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == (*batch, 2, 5, 4)
+    grads = grad_list(out, (q, k, v), torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
 def test_kvcache_batch_zero_and_empty_cache(gen):
     q = randn((0, 1, 2, 8), gen=gen)
     out = flash_ext.flash_attn_with_kvcache(q, randn((0, 5, 2, 8), gen=gen), randn((0, 5, 2, 8), gen=gen),
