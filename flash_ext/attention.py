@@ -107,6 +107,20 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                                f"does not broadcast to (..., L, S) = {tuple(target)}")
 
 
+def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """PyTorch's autocast rule for SDPA (``lower_precision_fp``): inside an
+    enabled ``torch.autocast`` region of the inputs' device type, every
+    floating-point tensor argument, the float mask included, is cast to the
+    region's dtype."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+            for t in tensors]
+
+
 def _as_4d(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
     """(*batch, H, N, D) with any number of leading dims as (B, H, N, D)."""
     if t.dim() == 2:
@@ -136,11 +150,16 @@ def scaled_dot_product_attention(
     variable-length kernels without padding and return a nested tensor, as
     PyTorch's SDPA does; ``is_causal`` aligns each sequence top-left.
 
+    Inside ``torch.autocast``, floating-point inputs are cast to the autocast
+    dtype first, as PyTorch's SDPA does.
+
     Differences: a query row whose keys are all masked out gives 0 (and zero
     gradients) where PyTorch's math backend gives NaN. Inputs our kernels do
     not serve go to PyTorch's SDPA with a one-time warning, or raise under
     :func:`flash_ext.set_strict`.
     """
+    if all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        query, key, value, attn_mask = _autocast((query, key, value, attn_mask))
     if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
         return _nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -176,6 +176,30 @@ def test_sdpa_float_mask_of_other_float_dtype(gen):
     assert_matches_reference(out, reference_attention(q, k, v, attn_mask=mask.double()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_sdpa_under_autocast(dtype, device, gen):
+    """Inside torch.autocast the float inputs (mask included) are cast to the
+    autocast dtype, as PyTorch's SDPA does: same output dtype, values within
+    low-precision error of the float64 reference, float32 gradients."""
+    skip_unless_served(device, dtype, 32)
+    q = randn((2, 4, 33, 32), torch.float32, device, gen=gen, requires_grad=True)
+    k = randn((2, 4, 40, 32), torch.float32, device, gen=gen, requires_grad=True)
+    v = randn((2, 4, 40, 32), torch.float32, device, gen=gen, requires_grad=True)
+    bias = randn((33, 40), torch.float32, device, gen=gen)
+    with torch.autocast(device, dtype=dtype):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        theirs = TORCH_SDPA(q, k, v, attn_mask=bias)
+    assert out.dtype == theirs.dtype == dtype
+    low = [t.detach().to(dtype) for t in (q, k, v, bias)]
+    assert_matches_reference(out, reference_attention(*low[:3], attn_mask=low[3]), dtype, theirs)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    # outside the region nothing is cast (float32 runs on the CPU kernels)
+    if device == "cpu":
+        assert flash_ext.scaled_dot_product_attention(q, k, v).dtype == torch.float32
+
+
 # --------------------------------------------------------------------------- strides and ranks
 
 
