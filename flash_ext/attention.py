@@ -114,7 +114,7 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     region's dtype."""
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
