@@ -121,12 +121,13 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
             for t in tensors]
 
 
-def _as_4d(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
-    """(*batch, H, N, D) with any number of leading dims as (B, H, N, D)."""
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(*batch, H, N, D) with any number of leading dims as (B, H, N, D); a
+    3-D (H, N, D) is one batch entry, so that GQA groups its leading dim."""
     if t.dim() == 2:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
-        return t.unsqueeze(1) if len(batch_shape) == 0 else t.unsqueeze(0)
+        return t.unsqueeze(0)
     # math.prod, not -1: a zero-size batch dimension leaves -1 ambiguous.
     return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) if t.dim() > 4 else t
 
@@ -180,8 +181,7 @@ def scaled_dot_product_attention(
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
 
-    batch_shape = tuple(query.shape[:-3])
-    q4, k4, v4 = (_as_4d(t, batch_shape) for t in (query, key, value))
+    q4, k4, v4 = (_as_4d(t) for t in (query, key, value))
     q4, k4, v4 = (t if _layout_served(t) else t.contiguous() for t in (q4, k4, v4))
     mask4 = None
     if attn_mask is not None:
@@ -271,8 +271,6 @@ def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Inputs outside the (B, H, N, D) model our kernels use."""
     if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
         return "query and key/value batch dimensions differ (broadcast batch)"
-    if query.dim() <= 3 and query.shape[:-2] != key.shape[:-2]:
-        return "query and key/value leading dimensions differ"
     return None
 
 

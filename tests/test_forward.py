@@ -263,6 +263,13 @@ def test_sdpa_3d_2d_5d_inputs(dtype, gen):
         assert out.shape == (4, 13, 8)
         assert_matches_reference(out, reference_attention(q, k, v, **kw), dtype, what=f"3-D {list(kw)}")
         torch.testing.assert_close(out, TORCH_SDPA(q, k, v, **kw), atol=1e-5, rtol=1e-5)
+    # 3-D with GQA: the leading dim is the heads dim that enable_gqa groups
+    # (served by our kernels: strict mode would raise on a fallback)
+    kg, vg = k[:2], v[:2]
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask[:, :, :]}):
+        out = flash_ext.scaled_dot_product_attention(q, kg, vg, enable_gqa=True, **kw)
+        assert_matches_reference(out, reference_attention(q, kg, vg, enable_gqa=True, **kw), dtype,
+                                 what=f"3-D GQA {list(kw)}")
     # 2-D (L, E)
     q2, k2, v2 = q[0], k[0], v[0]
     out = flash_ext.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
