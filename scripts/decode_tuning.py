@@ -1,0 +1,84 @@
+"""Split-KV decoding under FLASH_EXT_DECODE_TUNING variants, one process each
+(the variable is read once per process): bf16, d=128, 32 query heads on 8 KV
+heads, TABLE.md's decode setting. Times each row with triton's do_bench (L2
+flushed, as the anchors) eagerly and as a replayed CUDA graph.
+
+    python scripts/decode_tuning.py [--variant NAME=SPEC ...]
+
+SPEC as FLASH_EXT_DECODE_TUNING (csrc/cuda/kvcache/kvcache_launch.cuh), e.g.
+"fused_combine=0,evict_first=0". Prints a table: eager µs, graph µs and
+eager GB/s (K and V bytes read once) per row and variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROWS = [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024), (64, 8192)]
+DEFAULT_VARIANTS = {"default": "", "separate_combine": "fused_combine=0", "no_evict_first": "evict_first=0",
+                    "neither": "fused_combine=0,evict_first=0"}
+
+
+def measure() -> dict[str, list[float]]:
+    import torch
+    from triton.testing import do_bench
+
+    import flash_ext
+    results = {}
+    for batch, kv_len in ROWS:
+        q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, kv_len, 8, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
+
+        def step() -> torch.Tensor:
+            return flash_ext.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens)
+
+        step()
+        eager_us = do_bench(step, warmup=25, rep=100, return_mode="median") * 1e3
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph_us = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+        gbps = 2 * batch * kv_len * 8 * 128 * 2 / eager_us / 1e3
+        results[f"{batch}x{kv_len}"] = [round(eager_us, 2), round(graph_us, 2), round(gbps)]
+        del q, k, v
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure()))
+        return
+    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, spec in variants.items():
+        env = dict(os.environ, FLASH_EXT_DECODE_TUNING=spec)
+        run = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"{name}: failed\n{run.stderr[-2000:]}")
+            continue
+        table[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    if not table:
+        sys.exit(1)
+    print(f"{'batch x kv_len':>15} | " + " | ".join(f"{name:>24}" for name in table))
+    for row in next(iter(table.values())):
+        cells = (f"{t[row][0]:7.1f} {t[row][1]:6.1f} {t[row][2]:5d} GB/s" for t in table.values())
+        print(f"{row:>15} | " + " | ".join(cells))
+    print("(per variant: eager µs, CUDA-graph µs, eager GB/s)")
+
+
+if __name__ == "__main__":
+    main()
