@@ -131,10 +131,12 @@ __device__ __forceinline__ void mask_window_transposed(S& s, const C& c, int64_t
 
 // gmem[0, bytes) += smem[0, bytes) in float32, by the bulk-copy engine; the
 // issuing thread tracks completion with cp.async.bulk.commit_group / wait_group.
+// The lines stay in L2 evict-last: every key tile's block adds to them.
 __device__ __forceinline__ void bulk_reduce_add(float* gmem, const float* smem, int bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n"
                :
-               : "l"(gmem), "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(bytes)
+               : "l"(gmem), "r"(cute::cast_smem_ptr_to_uint(smem)), "r"(bytes),
+                 "l"(static_cast<uint64_t>(l2_reused()))
                : "memory");
 }
 
@@ -235,8 +237,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Tr::kKVBytes);
-    copy(args.tma_k.with(smem.kv_full), tKg, tKs);
-    copy(args.tma_v.with(smem.kv_full), tVg, tVs);
+    // K and V: read once, by this block; Q and dO: by every key tile's block.
+    copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
+    copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -250,12 +253,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
         pipeline_q.producer_acquire(write);
         uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
-        copy(args.tma_q.with(*q_bar), tQg(_, m_block, h), tQs(_, write.index()));
+        copy(args.tma_q.with(*q_bar, 0, l2_reused()), tQg(_, m_block, h), tQs(_, write.index()));
         SM90_BULK_COPY_G2S::copy(lse_log2 + m_block * kBlockM, q_bar, smem.lse.data() + write.index() * kBlockM,
                                  kBlockM * sizeof(float));
         pipeline_do.producer_acquire(write);
         uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
-        copy(args.tma_do.with(*do_bar), tdOg(_, m_block, h), tdOs(_, write.index()));
+        copy(args.tma_do.with(*do_bar, 0, l2_reused()), tdOg(_, m_block, h), tdOs(_, write.index()));
         SM90_BULK_COPY_G2S::copy(dpsum + m_block * kBlockM, do_bar, smem.dpsum.data() + write.index() * kBlockM,
                                  kBlockM * sizeof(float));
         ++write;

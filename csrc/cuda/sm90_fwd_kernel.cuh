@@ -143,6 +143,12 @@ __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
   return __shfl_sync(1u, grid < tiles ? grid + atomicAdd(counter, 1) : tiles, 0);
 }
 
+// L2 eviction priorities of TMA loads: evict-first for what a block reads
+// once (it should not push out what others still need), evict-last for
+// what many blocks read in turn.
+__device__ __forceinline__ TMA::CacheHintSm90 l2_read_once() { return TMA::CacheHintSm90::EVICT_FIRST; }
+__device__ __forceinline__ TMA::CacheHintSm90 l2_reused() { return TMA::CacheHintSm90::EVICT_LAST; }
+
 // Named barriers (ids past CUTLASS's reserved ones): one per consumer warp
 // group for taking turns, one per group for its epilogue.
 constexpr uint32_t kTurnBarrier = 0;
@@ -266,18 +272,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       const auto load_q = [&](int w) {
         cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[w], Tr::kQWarpGroupBytes);
-        copy(args.tma_q.with(smem.q_full[w]), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
+        copy(args.tma_q.with(smem.q_full[w], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
       };
+      // L2 priorities: a query tile is read once, K and V by every query tile
+      // of their head.
       // Group i's Q follows the i-th key tile's K, so no wait for a group's
       // Q holds back the loads the groups before it need first.
       const int key_tiles = t.n_block_max - t.n_block_min;
       for (int i = 0; i < key_tiles; ++i) {
         const int n = t.n_block_max - 1 - i;
         pipeline_k.producer_acquire(write);
-        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKg(_, n), tKs(_, write.index()));
+        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write), 0, l2_reused()), tKg(_, n),
+             tKs(_, write.index()));
         if (i < kNumMmaWG) load_q(i);
         pipeline_v.producer_acquire(write);
-        copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write)), tVg(_, n), tVs(_, write.index()));
+        copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write), 0, l2_reused()), tVg(_, n),
+             tVs(_, write.index()));
         ++write;
       }
       for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);
