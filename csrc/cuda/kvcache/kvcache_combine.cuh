@@ -22,14 +22,18 @@ __device__ __forceinline__ void combine_row(const KVCacheParams& p, int64_t row,
   const int splits = static_cast<int>(p.num_splits);
   const float* lse_part = p.lse_partial + row;
 
-  // Lane j holds split j (+32k) of the row.
-  float max_lse = kNegInf;
-  for (int s = lane; s < splits; s += 32) max_lse = fmaxf(max_lse, __ldcg(lse_part + s * rows_total));
+  // Lane j holds split j (+32k) of the row. The first 32 splits' lse stay in
+  // a register (one L2 round trip in the common case); later ones are
+  // re-read where needed.
+  const float lse_first = lane < splits ? __ldcg(lse_part + lane * rows_total) : kNegInf;
+  float max_lse = lse_first;
+  for (int s = lane + 32; s < splits; s += 32) max_lse = fmaxf(max_lse, __ldcg(lse_part + s * rows_total));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, off));
   float sum = 0.f;
   if (max_lse != kNegInf) {
-    for (int s = lane; s < splits; s += 32) sum += expf(__ldcg(lse_part + s * rows_total) - max_lse);
+    sum = expf(lse_first - max_lse);
+    for (int s = lane + 32; s < splits; s += 32) sum += expf(__ldcg(lse_part + s * rows_total) - max_lse);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -43,7 +47,9 @@ __device__ __forceinline__ void combine_row(const KVCacheParams& p, int64_t row,
   for (int c = lane * 4; c < dim; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < splits; s0 += 32) {
-      const float lse_s = s0 + lane < splits ? __ldcg(lse_part + (s0 + lane) * rows_total) : kNegInf;
+      const float lse_s = s0 == 0                ? lse_first
+                          : s0 + lane < splits ? __ldcg(lse_part + (s0 + lane) * rows_total)
+                                               : kNegInf;
       const float weight = lse_s == kNegInf ? 0.f : expf(lse_s - lse);
       const int count = min(32, splits - s0);
       // Loads are unconditional so that several are in flight; an empty
