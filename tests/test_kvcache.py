@@ -242,6 +242,20 @@ def test_kvcache_sliding_window(case, dtype, device, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_window_wider_than_the_cache_is_unbounded(device, gen):
+    # Windows past 32 bits (or past every key) attend to everything.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    k_cache, v_cache = _make_cache(2, 300, 2, 64, 64, [7, 290], dtype, device, gen)
+    q = randn((2, 3, 4, 64), dtype, device, gen)
+    lens = torch.tensor([7, 290], dtype=torch.int32, device=device)
+    full = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=False)
+    for window in ((2**32 + 3, -1), (-1, 2**33 + 1), (2**40, 2**40), (300, 2)):
+        out = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=False,
+                                                window_size=window)
+        assert torch.equal(out, full), window
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_sliding_window_paged(device, gen):
     skip_unless_served(device, torch.bfloat16, 64)
     dtype, page_size, pages_per_seq, lens = torch.bfloat16, 64, 6, [10, 200, 383]

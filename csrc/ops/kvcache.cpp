@@ -158,8 +158,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
   }
   p.page_size = page_size;
   p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = causal ? 0 : window_right;
+  // Windows wider than any sequence can be are unbounded (and then fit the
+  // kernels' 32-bit key positions): left past every key, right past the
+  // last new token.
+  p.window_left = window_left >= capacity + new_len ? -1 : window_left;
+  p.window_right = causal ? 0 : window_right >= q_len ? -1 : window_right;
   p.num_splits = num_splits;
   p.softcap = static_cast<float>(softcap);
   std::tie(p.alibi_slopes, p.alibi_batch_stride) = alibi_pointer(alibi_slopes);
