@@ -22,6 +22,9 @@ const char* kvcache_unsupported_reason(const KVCacheParams& params, int device_m
 struct BwdWorkspace {
   size_t dq_accum_floats;   // float32 elements for dq accumulation
   size_t softmax_d_floats;  // float32 elements for D = rowsum(dO * O)
+  // The kernels zero the dq_accum rows they use themselves: the glue may
+  // leave it uninitialized. Otherwise it must be zeroed on the stream.
+  bool dq_accum_zeroed_by_kernels = false;
 };
 BwdWorkspace bwd_workspace(const AttentionBwdParams& params);
 // Whether the forward wants params.tile_counter (an int32 the glue zeroes on

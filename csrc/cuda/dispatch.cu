@@ -215,7 +215,10 @@ bool sm90_bwd_serves(const AttentionBwdParams& p) {
 // per query row (sm90_launch.h's softmax_head_rows).
 BwdWorkspace sm90_workspace(const AttentionBwdParams& p) {
   BwdWorkspace w = sm80_workspace(p);
-  if (sm90_bwd_serves(p)) w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p));
+  if (sm90_bwd_serves(p)) {
+    w.softmax_d_floats = static_cast<size_t>(sm90::bwd_softmax_d_floats(p));
+    w.dq_accum_zeroed_by_kernels = true;  // by the pre-pass (sm90_bwd_kernel.cuh)
+  }
   return w;
 }
 

@@ -66,10 +66,14 @@ __host__ __device__ __forceinline__ float* lse_log2_ptr(const AttentionBwdParams
 // D and lse of every query row of every (sequence, head), and of the rows
 // past a sequence's end up to its last whole 128-row tile: D = 0 and
 // lse = +inf there, as in rows without any visible key (lse = -inf), so
-// that P = exp2(s - lse) = 0. kHeadDim / 8 lanes per row, 8 dims each, so a
-// warp covers 256 / kHeadDim rows (a memory-bound pass: every lane loads).
+// that P = exp2(s - lse) = 0. The same rows of dq_accum are zeroed for the
+// main kernel's reduce-adds: whole query tiles, only those some key tile
+// adds to (a varlen batch's padding between sequences is left alone, and
+// there is no separate memset). kHeadDim / 8 lanes per row, 8 dims each, so
+// a warp covers 256 / kHeadDim rows (a memory-bound pass: every lane loads).
 template <class Element, int kHeadDim, bool kVarlen>
-__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t head_rows) {
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t head_rows,
+                                                             const DqWorkspace ws) {
   constexpr int kLanes = kHeadDim / 8, kRowsPerWarp = 32 / kLanes;
   const int lane = threadIdx.x % 32, col = lane % kLanes * 8;
   // (batch, head, row) with rows up to the longest sequence's, padded.
@@ -90,7 +94,15 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
     float acc = valid && col < p.v_head_dim ? sm80::out_dout_dot8<Element>(p, b, h, seq.q_row0 + i, col) : 0.f;
     CUTE_UNROLL
     for (int s = kLanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-    if (col == 0 && in_range && i < (seq.q_len + 127) / 128 * 128) {
+    const bool in_tiles = in_range && i < (seq.q_len + 127) / 128 * 128;
+    if (in_tiles) {
+      // Row i's kHeadDim floats: the rows of a tile together cover its run,
+      // whatever order dq_tile_offset keeps inside it.
+      float* dq = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + i) * kHeadDim + col;
+      reinterpret_cast<float4*>(dq)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      reinterpret_cast<float4*>(dq)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (col == 0 && in_tiles) {
       const float l = valid ? p.lse[h * seq.lse_head_stride + seq.lse_row0 + i] : -INFINITY;
       const int64_t out_row = softmax_row0<kVarlen>(p, head_rows, seq.q_row0, b, h) + i;
       dpsum[out_row] = acc;
@@ -508,7 +520,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   if (rows > 0) {
     const int64_t rows_per_block = 8 * (256 / Tr::kHeadDim);  // 8 warps
     bwd_preprocess_kernel<Element, Tr::kHeadDim, kVarlen>
-        <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows);
+        <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows, ws);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
   const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;

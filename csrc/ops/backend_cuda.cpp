@@ -119,7 +119,9 @@ void run_attention_bwd(const at::Tensor& q, AttentionBwdParams& params) {
   require_supported(q, params, flash_ext::cuda::bwd_unsupported_reason);
   const flash_ext::cuda::BwdWorkspace sizes = flash_ext::cuda::bwd_workspace(params);
   const auto f32 = q.options().dtype(at::kFloat);
-  const at::Tensor dq_accum = at::zeros({static_cast<int64_t>(sizes.dq_accum_floats)}, f32);
+  const int64_t dq_accum_floats = static_cast<int64_t>(sizes.dq_accum_floats);
+  const at::Tensor dq_accum =
+      sizes.dq_accum_zeroed_by_kernels ? at::empty({dq_accum_floats}, f32) : at::zeros({dq_accum_floats}, f32);
   const at::Tensor softmax_d = at::empty({static_cast<int64_t>(sizes.softmax_d_floats)}, f32);
   params.dq_accum = dq_accum.data_ptr<float>();
   params.softmax_d = softmax_d.data_ptr<float>();
