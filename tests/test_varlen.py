@@ -148,6 +148,27 @@ def test_varlen_equal_lengths_equals_batched(device, causal, gen):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("max_seqlen_extra", [0, 1])
+def test_varlen_equal_lengths_many_tiles_cuda(max_seqlen_extra, gen):
+    # More query tiles than SMs: equal lengths (packed totals = batch x the
+    # longest) take the Hopper forward's static round robin, a max_seqlen
+    # above the lengths the dynamic deal; both equal the batched call.
+    b, s, h, d = 8, 1000, 16, 128
+    q, k, v = (randn((b, s, h, d), torch.bfloat16, "cuda", gen) for _ in range(3))
+    batched, lse_b = flash_ext.flash_attn_func(q, k, v, return_lse=True)
+    cu = cu_seqlens([s] * b, "cuda")
+    packed, lse_p = flash_ext.flash_attn_varlen_func(*(t.reshape(b * s, h, d) for t in (q, k, v)), cu, cu,
+                                                     s + max_seqlen_extra, s + max_seqlen_extra, return_lse=True)
+    torch.testing.assert_close(packed, batched.reshape(b * s, h, d), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse_p, lse_b.transpose(0, 1).reshape(h, b * s), atol=1e-6, rtol=1e-6)
+    # and the first sequence against float64
+    q1, k1, v1 = (t[:1].transpose(1, 2) for t in (q, k, v))
+    assert_matches_reference(packed[:s], reference_attention(q1, k1, v1)[0].transpose(0, 1), torch.bfloat16,
+                             TORCH_SDPA(q1, k1, v1)[0].transpose(0, 1))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_dropout_replays(device, gen):
     dtype = torch.float64 if device == "cpu" else torch.bfloat16

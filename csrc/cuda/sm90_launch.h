@@ -22,11 +22,16 @@ void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 
 // Whether the persistent forward deals its tiles through params.tile_counter
 // (as blocks free up) rather than in a static round robin: when they differ
-// in weight, under a causal mask or window or in a varlen batch. Equal tiles
-// keep the round robin, which needs no counter to zero nor atomics, and
-// measured 5-8 % faster than the dynamic deal at N = 512 (benchmarks/NOTES.md).
+// in weight, under a causal mask or window or in a varlen batch of unequal
+// lengths. Equal tiles keep the round robin, which needs no counter to zero
+// nor atomics, and measured 5-8 % faster than the dynamic deal at N = 512
+// (benchmarks/NOTES.md). A varlen batch whose packed totals are the batch
+// times the longest lengths has all its sequences equally long (seen on the
+// host, without reading cu_seqlens).
 inline bool fwd_deals_tiles_dynamically(const AttentionFwdParams& p) {
-  return has_window(p.window) || p.cu_seqlens_q != nullptr;
+  const bool unequal_lengths =
+      p.cu_seqlens_q != nullptr && (p.total_q != p.batch * p.q_len || p.total_k != p.batch * p.kv_len);
+  return has_window(p.window) || unequal_lengths;
 }
 
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
