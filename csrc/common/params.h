@@ -92,10 +92,11 @@ struct AttentionFwdParams {
   // cached device properties (the persistent Hopper forward launches one
   // block per SM; 0 launches one per tile).
   int num_sms = 0;
-  // CUDA: one int32 the glue zeroes on the stream before each call that
-  // wants it (fwd_needs_tile_counter): the persistent Hopper forward's blocks
-  // take their tiles after the first from it. Per call, so graph replays and
-  // launches on other streams each count from 0.
+  // CUDA: one int32, zero before each call that wants it
+  // (fwd_needs_tile_counter) and left zero by it: the persistent Hopper
+  // forward's blocks take their tiles after the first from it. The glue keeps
+  // one per stream (calls on a stream run in order), and a graph under
+  // capture its own.
   int* tile_counter = nullptr;
 };
 

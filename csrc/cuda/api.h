@@ -27,8 +27,8 @@ struct BwdWorkspace {
   bool dq_accum_zeroed_by_kernels = false;
 };
 BwdWorkspace bwd_workspace(const AttentionBwdParams& params);
-// Whether the forward wants params.tile_counter (an int32 the glue zeroes on
-// the stream before the call).
+// Whether the forward wants params.tile_counter (an int32, zero before the
+// call, which the call leaves zero).
 bool fwd_needs_tile_counter(const AttentionFwdParams& params);
 
 void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);

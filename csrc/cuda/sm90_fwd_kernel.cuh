@@ -137,10 +137,20 @@ struct TileRing {
 // compiler the index is warp-uniform, as blockIdx.x is: the tile's values
 // then stay in uniform registers, where TMA wants its coordinates, not in
 // the producer's 24-32 vector registers (which spilled).
+// The counter is left at 0 for the next call: every block takes the tiles
+// past the first gridDim.x and then one index past the end, so `tiles`
+// increments in all, and the block taking the last one resets it (no block
+// touches it after that).
 __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
   const int grid = static_cast<int>(gridDim.x);
   if (counter == nullptr) return tile + grid;
-  return __shfl_sync(1u, grid < tiles ? grid + atomicAdd(counter, 1) : tiles, 0);
+  int next = tiles;
+  if (grid < tiles) {
+    const int taken = atomicAdd(counter, 1);
+    if (taken == tiles - 1) atomicExch(counter, 0);
+    next = grid + taken;
+  }
+  return __shfl_sync(1u, next, 0);
 }
 
 // L2 eviction priorities of TMA loads: evict-first for what a block reads

@@ -37,14 +37,14 @@ void require_supported(const at::Tensor& q, const Params& params, ReasonFn reaso
   TORCH_CHECK(reason == nullptr, "flash_ext: the CUDA kernels cannot serve this call: ", reason);
 }
 
-// Counters of the fused split-KV combine (KVCacheParams::split_counters):
-// zero before a call and left zero by its last splits. Eager calls reuse one
-// buffer per (device, stream), since calls on one stream run in order; a CUDA
-// graph under capture gets its own, zeroed by a node of the graph, because
-// the shared buffer would be zeroed only when the graph first replays.
-// Buffers live for the process (kept out of static destructors, which run
-// after the CUDA runtime may be gone).
-int* split_counters(const at::Tensor& q, int64_t count, cudaStream_t stream, at::Tensor& captured) {
+// int32 counters that kernels find zero and leave zero (the split-KV merge's,
+// the persistent forward's tile counter). Eager calls reuse one buffer per
+// (device, stream), since calls on one stream run in order; a CUDA graph under
+// capture gets its own, zeroed by a node of the graph, because the shared
+// buffer would be zeroed only when the graph first replays. Buffers live for
+// the process (kept out of static destructors, which run after the CUDA
+// runtime may be gone).
+int* zero_counters(const at::Tensor& q, int64_t count, cudaStream_t stream, at::Tensor& captured) {
   if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
     captured = at::zeros({count}, q.options().dtype(at::kInt));
     return captured.data_ptr<int>();
@@ -104,14 +104,11 @@ void replay_dropout(const at::Tensor& rng_state, DropoutParams& dropout) {
 void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
   require_supported(q, params, flash_ext::cuda::fwd_unsupported_reason);
   params.num_sms = at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
-  // Zeroed on the current stream for this call alone (also a node of a
-  // captured graph, so each replay starts from 0).
-  at::Tensor tile_counter;
-  if (flash_ext::cuda::fwd_needs_tile_counter(params)) {
-    tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
-    params.tile_counter = tile_counter.data_ptr<int>();
-  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor captured_counter;
+  if (flash_ext::cuda::fwd_needs_tile_counter(params)) {
+    params.tile_counter = zero_counters(q, 1, stream, captured_counter);
+  }
   run_kernels("forward", [&] { flash_ext::cuda::run_attention_fwd(params, stream); });
 }
 
@@ -144,7 +141,7 @@ void run_kvcache(const at::Tensor& q, KVCacheParams& params, int64_t /*max_keys*
     params.out_partial = out_partial.data_ptr<float>();
     params.lse_partial = lse_partial.data_ptr<float>();
     params.split_counters =
-        split_counters(q, flash_ext::cuda::kvcache_split_groups(params), stream, captured_counters);
+        zero_counters(q, flash_ext::cuda::kvcache_split_groups(params), stream, captured_counters);
   }
   run_kernels("KV-cache decode", [&] { flash_ext::cuda::run_kvcache_fwd(params, stream); });
 }
