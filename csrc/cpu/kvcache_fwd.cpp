@@ -83,13 +83,24 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
       softmax.reset(rows, dv);
       for (int64_t col0 = key_begin; col0 < key_end; col0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, key_end - col0);
-        for (int64_t c = 0; c < cols; ++c) {
-          const scalar_t* krow = cache_row<scalar_t>(p, p.k_cache, p.k_cache_stride, b, kvh, col0 + c);
-          const scalar_t* vrow = cache_row<scalar_t>(p, p.v_cache, p.v_cache_stride, b, kvh, col0 + c);
-          load_row(krow, d, k_buf.data() + c * d);
-          load_row(vrow, dv, v_buf.data() + c * dv);
-        }
-        gemm<acc_t>(false, true, rows, cols, d, scale, {q_buf.data(), d}, {k_buf.data(), d}, acc_t(0),
+        // Rows of a tile inside one page (or a contiguous cache) are evenly
+        // strided: read in place (float32/float64) or converted once; a tile
+        // across pages is gathered row by row. Tiles are the same either way,
+        // so a paged cache gives the contiguous cache's results bit for bit.
+        const bool strided = p.block_table == nullptr || col0 / p.page_size == (col0 + cols - 1) / p.page_size;
+        const auto tile = [&](void* cache, const int64_t* stride, int64_t width, acc_t* buffer) {
+          if (strided) {
+            return stage_rows<acc_t>(cache_row<scalar_t>(p, cache, stride, b, kvh, col0), stride[2], cols, width,
+                                     buffer);
+          }
+          for (int64_t c = 0; c < cols; ++c) {
+            load_row(cache_row<scalar_t>(p, cache, stride, b, kvh, col0 + c), width, buffer + c * width);
+          }
+          return Matrix<const acc_t>{buffer, width};
+        };
+        const Matrix<const acc_t> k_tile = tile(p.k_cache, p.k_cache_stride, d, k_buf.data());
+        const Matrix<const acc_t> v_tile = tile(p.v_cache, p.v_cache_stride, dv, v_buf.data());
+        gemm<acc_t>(false, true, rows, cols, d, scale, {q_buf.data(), d}, k_tile, acc_t(0),
                     {scores.data(), kBlockK});
         if (p.softcap != 0.f || p.alibi_slopes != nullptr) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -98,8 +109,8 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
           }
         }
         apply_window(window, scores.data(), kBlockK, rows, cols, col0, query_pos);
-        softmax.update(scores.data(), kBlockK, cols, {v_buf.data(), dv},
-                       [](int64_t, int64_t) { return false; }, acc_t(1), false);
+        softmax.update(scores.data(), kBlockK, cols, v_tile, [](int64_t, int64_t) { return false; }, acc_t(1),
+                       false);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = kvh * group + r / p.q_len, t = r % p.q_len;

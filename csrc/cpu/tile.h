@@ -137,6 +137,16 @@ template <typename acc_t>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha,
           Matrix<const acc_t> a, Matrix<const acc_t> b, acc_t beta, Matrix<acc_t> c) {
   if (m == 0 || n == 0) return;
+  // Below this many multiply-adds a BLAS call costs more than the product.
+  constexpr int64_t kSmallGemm = 32 * 1024;
+  if (m * n * k <= kSmallGemm && !(trans_a && trans_b)) {
+    if (trans_b) {
+      small_gemm_nt(m, n, k, alpha, a.ptr, a.ld, b.ptr, b.ld, beta, c.ptr, c.ld);
+    } else {
+      small_gemm_xn(trans_a, m, n, k, alpha, a.ptr, a.ld, b.ptr, b.ld, beta, c.ptr, c.ld);
+    }
+    return;
+  }
   at::Tensor out = matrix_view<acc_t>(c.ptr, m, n, c.ld, false);
   if (k == 0) {
     out.mul_(beta);

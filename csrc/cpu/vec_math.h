@@ -27,4 +27,19 @@ void softmax_grad_row(double* ds, const double* p, int64_t n, double dot);
 void scale_row(float* x, int64_t n, float factor);
 void scale_row(double* x, int64_t n, double factor);
 
+// Small products without a BLAS call (whose fixed cost, a few µs, is most
+// of a decode step's tiles): C (m x n, row stride ldc) = alpha * op(A) *
+// op(B) + beta * C, beta = 0 ignoring C's contents.
+// small_gemm_nt: A (m x k) times B^T, B stored (n x k): dots of contiguous rows.
+void small_gemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+                   int64_t ldb, float beta, float* c, int64_t ldc);
+void small_gemm_nt(int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                   const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+// small_gemm_xn: op(A) times B, B stored (k x n); A stored (m x k), or (k x m)
+// when trans_a: rows of C built from contiguous rows of B.
+void small_gemm_xn(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void small_gemm_xn(bool trans_a, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                   const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
 }  // namespace flash_ext::cpu
