@@ -53,12 +53,14 @@ KEYS: dict[str, list[str]] = {
     "decode": ["batch", "kv_len"],
     "memory": ["n"],
     "cpu": ["dtype", "batch", "n"],
+    "generate": ["decoding", "batch", "new"],
 }
 METRICS: dict[str, list[tuple[str, bool]]] = {
     "prefill": [("fwd_tflops", True), ("bwd_tflops", True)],
     "decode": [("us", False)],
     "memory": [("peak_extra_MiB", False)],
     "cpu": [("fwd_ms", False), ("fwd_bwd_ms", False)],
+    "generate": [("tokens_per_s", True)],
 }
 
 

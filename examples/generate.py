@@ -15,8 +15,10 @@ the bundled corpus first (so the text looks like text); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,8 @@ MODES: dict[str, dict[str, object]] = {
     "cache, torch SDPA": dict(use_cache=True, cache_impl="torch"),
     "cache, flash_ext": dict(use_cache=True, cache_impl="flash_ext"),
 }
+# The `impl` of each mode in the results file.
+IMPLS = {"no cache": "no_cache_sdpa", "cache, torch SDPA": "cache_sdpa", "cache, flash_ext": "flash_ext"}
 
 
 def quick_train(model: GPT, data: torch.Tensor, steps: int, device: torch.device) -> float:
@@ -46,13 +50,17 @@ def quick_train(model: GPT, data: torch.Tensor, steps: int, device: torch.device
     return loss.item()
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
-    """fn's result and its wall time in seconds."""
-    common.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    common.synchronize(device)
-    return out, time.perf_counter() - start
+def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int = 5) -> tuple[torch.Tensor, float]:
+    """fn's result and the median of its wall times in seconds over `repeats`
+    runs (a shared machine's speed drifts from one run to the next)."""
+    seconds = []
+    for _ in range(repeats):
+        common.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        common.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return out, statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--train-steps", type=int, default=0, help="train this many steps first")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder: writes <out>/<device>/generate[_quick].json and .md "
+                             "(quick: the tiny model)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else common.default_device()
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exact = dtype == torch.float32  # in bf16/fp16, differently rounded paths may break near-ties differently
     same = True
+    rows: list[dict[str, object]] = []
     for label, temperature in (("greedy", 0.0), (f"sampled (T={args.temperature}, top-k {args.top_k})",
                                                  args.temperature)):
         outs: dict[str, torch.Tensor] = {}
@@ -98,13 +110,24 @@ def main(argv: list[str] | None = None) -> int:
             run()  # warm-up
             outs[mode], seconds = timed(run, device)
             print(f"{label:>34} | {mode:<18} {args.batch * args.new / seconds:10,.0f} tokens/s")
+            rows.append(dict(impl=IMPLS[mode], model=f"gpt2-{args.size}", dtype=str(dtype).removeprefix("torch."),
+                             decoding="greedy" if temperature == 0.0 else "sampled", batch=args.batch,
+                             prompt=prompt.size(1), new=args.new, tokens_per_s=args.batch * args.new / seconds))
         ref = outs["no cache"]
         for mode, out in outs.items():
             if mode != "no cache":
                 print(f"{label:>34} | {mode:<18} tokens {agreement(ref, out, prompt.size(1))}")
+            rows[-len(outs) + list(outs).index(mode)]["tokens"] = agreement(ref, out, prompt.size(1))
         if temperature == 0.0 and exact:
             same &= all(torch.equal(ref, o) for o in outs.values())
         print(f"{'':>34} | {text(ref[0])!r}")
+    if args.out is not None:
+        quick = args.size == "tiny"
+        path = args.out / common.device_slug(device) / f"generate{'_quick' if quick else ''}.json"
+        header = common.run_header("generate", device, {}, quick)
+        header.update(seed=args.seed, temperature=args.temperature, top_k=args.top_k, greedy_identical=same)
+        common.write_results(path, header, rows)
+        print(f"wrote {common.shown(path)}")
     return 0 if same else 1
 
 
