@@ -279,6 +279,14 @@ struct OnlineSoftmax {
   template <typename Drop>
   void update(acc_t* s, int64_t lds, int64_t cols, Matrix<const acc_t> v, Drop drop,
               acc_t keep_scale, bool has_dropout) {
+    to_probabilities(s, lds, cols, drop, keep_scale, has_dropout);
+    gemm<acc_t>(false, false, rows, dv, cols, acc_t(1), {s, lds}, v, acc_t(1), {out.data(), dv});
+  }
+
+  // update's first half: s becomes the tile's (dropped, scaled) P and the
+  // running output is rescaled; the caller then adds P·V to `out`.
+  template <typename Drop>
+  void to_probabilities(acc_t* s, int64_t lds, int64_t cols, Drop drop, acc_t keep_scale, bool has_dropout) {
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* srow = s + r * lds;
       // NaN propagates (std::max would drop it): the row becomes NaN as in
@@ -298,7 +306,6 @@ struct OnlineSoftmax {
         for (int64_t c = 0; c < cols; ++c) srow[c] = drop(r, c) ? acc_t(0) : srow[c] * keep_scale;
       }
     }
-    gemm<acc_t>(false, false, rows, dv, cols, acc_t(1), {s, lds}, v, acc_t(1), {out.data(), dv});
   }
 
   // Normalized output row r (written into the state) and its log-sum-exp;

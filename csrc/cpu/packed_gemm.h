@@ -1,0 +1,129 @@
+// bfloat16/float16 tile products on the CPU's matrix units (AMX on Intel
+// since Sapphire Rapids) through ATen's exported brgemm: 16-bit operands,
+// float32 accumulators, as PyTorch's own CPU SDPA runs them. The right-hand
+// operands, K^T and V, are packed once per (sequence, kv head) into the VNNI
+// layout oneDNN wants, which it takes as K x 64 row-major blocks: 64-key
+// blocks of K^T (d x 64) and 64 x 64 blocks of V (keys x value dims).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/ScalarType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../common/mask.h"
+#include "../common/params.h"
+
+namespace flash_ext::cpu {
+
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+constexpr bool kHavePackedGemm = true;
+#else
+constexpr bool kHavePackedGemm = false;
+#endif
+
+constexpr int64_t kPackedKeys = 64;  // keys (and value dims) per packed block
+
+// Whether this CPU multiplies scalar_t on its matrix units and the head dims
+// split into whole 64-wide blocks.
+template <typename scalar_t>
+bool packed_gemm_usable(int64_t head_dim, int64_t v_head_dim) {
+  if constexpr (!kHavePackedGemm ||
+                !(std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>)) {
+    return false;
+  } else {
+    return head_dim % kPackedKeys == 0 && v_head_dim % kPackedKeys == 0 &&
+           at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value);
+  }
+}
+
+// c (m x 64, row stride ldc) (+= when add) a (m x k, row stride lda) times a
+// packed k x 64 block. k is even.
+template <typename scalar_t>
+void packed_product(int64_t m, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* packed, float* c,
+                    int64_t ldc, bool add) {
+  if constexpr (kHavePackedGemm) {
+    at::native::cpublas::brgemm(m, kPackedKeys, k, lda, kPackedKeys, ldc, add, a, packed, c);
+  }
+}
+
+// Gives the matrix units back; their tile configuration is per thread.
+inline void packed_gemm_release() {
+  if constexpr (kHavePackedGemm) at::native::cpublas::brgemm_release();
+}
+
+// K^T and V of every (sequence, kv head) of a forward call, packed. Keys past
+// a sequence's end are zero.
+template <typename scalar_t>
+class PackedKV {
+ public:
+  explicit PackedKV(const AttentionFwdParams& p)
+      : blocks_((p.kv_len + kPackedKeys - 1) / kPackedKeys),
+        d_(p.head_dim),
+        dv_(p.v_head_dim),
+        k_(p.batch * p.kv_heads * blocks_ * d_ * kPackedKeys),
+        v_(p.batch * p.kv_heads * blocks_ * dv_ * kPackedKeys) {
+    if constexpr (kHavePackedGemm) pack_all(p);
+  }
+
+  // Keys [64 block, 64 block + 64) of (sequence, kv head) bk: K^T as d x 64,
+  // V's value dims [64 chunk, 64 chunk + 64) as 64 x 64.
+  const scalar_t* k_block(int64_t bk, int64_t block) const { return k_.data() + k_offset(bk, block); }
+  const scalar_t* v_block(int64_t bk, int64_t block, int64_t chunk) const {
+    return v_.data() + v_offset(bk, block, chunk);
+  }
+
+ private:
+  int64_t k_offset(int64_t bk, int64_t block) const { return (bk * blocks_ + block) * d_ * kPackedKeys; }
+  int64_t v_offset(int64_t bk, int64_t block, int64_t chunk) const {
+    return ((bk * blocks_ + block) * dv_ + chunk * kPackedKeys) * kPackedKeys;
+  }
+
+  void pack_all(const AttentionFwdParams& p) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    at::parallel_for(0, p.batch * p.kv_heads * blocks_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> staged(std::max(d_, kPackedKeys) * kPackedKeys);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t block = item % blocks_, bk = item / blocks_;
+        const int64_t b = bk / p.kv_heads, kvh = bk % p.kv_heads;
+        const SequenceBounds seq = sequence_bounds(p, b);
+        const int64_t key0 = block * kPackedKeys;
+        const int64_t keys = std::clamp<int64_t>(seq.kv_len - key0, 0, kPackedKeys);
+        const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] +
+                        (seq.k_row0 + key0) * p.k_stride[2];
+        const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] +
+                        (seq.k_row0 + key0) * p.v_stride[2];
+        // K^T: dim i of key j at (i, j).
+        for (int64_t i = 0; i < d_; ++i) {
+          scalar_t* row = staged.data() + i * kPackedKeys;
+          for (int64_t j = 0; j < keys; ++j) row[j] = k[j * p.k_stride[2] + i];
+          std::fill(row + keys, row + kPackedKeys, scalar_t(0));
+        }
+        at::native::cpublas::pack(d_, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged.data(),
+                                  k_.data() + k_offset(bk, block));
+        // V, 64 value dims at a time: key j, dim c0 + c at (j, c).
+        for (int64_t c0 = 0; c0 < dv_; c0 += kPackedKeys) {
+          for (int64_t j = 0; j < kPackedKeys; ++j) {
+            scalar_t* row = staged.data() + j * kPackedKeys;
+            if (j < keys) {
+              std::copy_n(v + j * p.v_stride[2] + c0, kPackedKeys, row);
+            } else {
+              std::fill(row, row + kPackedKeys, scalar_t(0));
+            }
+          }
+          at::native::cpublas::pack(kPackedKeys, kPackedKeys, kPackedKeys, kPackedKeys, type, type,
+                                    staged.data(), v_.data() + v_offset(bk, block, c0 / kPackedKeys));
+        }
+      }
+    });
+  }
+
+  int64_t blocks_, d_, dv_;
+  std::vector<scalar_t> k_, v_;
+};
+
+}  // namespace flash_ext::cpu
