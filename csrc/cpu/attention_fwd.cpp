@@ -145,7 +145,7 @@ void attention_fwd_packed(const AttentionFwdParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           const acc_t* src = scores.data() + r * kBlockK;
           scalar_t* dst = probs.data() + r * width;
-          for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+          at::vec::convert(src, dst, cols);
           std::fill(dst + cols, dst + width, scalar_t(0));
         }
         for (int64_t c0 = 0; c0 < dv; c0 += kPackedKeys) {
