@@ -145,7 +145,11 @@ void attention_fwd_packed(const AttentionFwdParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           const acc_t* src = scores.data() + r * kBlockK;
           scalar_t* dst = probs.data() + r * width;
-          at::vec::convert(src, dst, cols);
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            float_to_bfloat16(src, reinterpret_cast<uint16_t*>(dst), cols);
+          } else {
+            at::vec::convert(src, dst, cols);
+          }
           std::fill(dst + cols, dst + width, scalar_t(0));
         }
         for (int64_t c0 = 0; c0 < dv; c0 += kPackedKeys) {

@@ -169,6 +169,32 @@ FLASH_INLINE float horizontal_sum(F8 v) {
   return s;
 }
 
+// Rounds a row to bfloat16 bits, F float lanes at a time (U: uint32 lanes,
+// H: uint16 lanes of the same count).
+template <typename F, typename U, typename H>
+FLASH_INLINE void to_bfloat16_v(const float* src, uint16_t* dst, int64_t n) {
+  constexpr int64_t kW = lanes_of<F>;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const F x = load_v<F>(src + i);
+    const U bits = reinterpret_cast<U>(x);
+    const U rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const U result = x != x ? U{} + 0x7fc0u : rounded;
+    const H half = __builtin_convertvector(result, H);
+    std::memcpy(dst + i, &half, sizeof(half));
+  }
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof(bits));
+    dst[i] = src[i] != src[i] ? uint16_t{0x7fc0} : static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+
 }  // namespace
 
 FLASH_CPU_CLONES float row_max_avx2(const float* x, int64_t n) { return row_max_v<F8>(x, n); }
@@ -206,7 +232,23 @@ float row_max(const float* x, int64_t n) { return has_avx512() ? row_max_avx512(
 float exp_shifted_sum(float* x, int64_t n, float shift) {
   return has_avx512() ? exp_shifted_sum_avx512(x, n, shift) : exp_shifted_sum_avx2(x, n, shift);
 }
+
+__attribute__((target("arch=x86-64-v4"))) void float_to_bfloat16_avx512(const float* src, uint16_t* dst,
+                                                                        int64_t n) {
+  to_bfloat16_v<F16, U16, H16>(src, dst, n);
+}
+#endif
+
+FLASH_CPU_CLONES void float_to_bfloat16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  to_bfloat16_v<F8, U8, H8>(src, dst, n);
+}
+
+#if FLASH_X86_GCC
+void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n) {
+  has_avx512() ? float_to_bfloat16_avx512(src, dst, n) : float_to_bfloat16_avx2(src, dst, n);
+}
 #else
+void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n) { float_to_bfloat16_avx2(src, dst, n); }
 float row_max(const float* x, int64_t n) { return row_max_avx2(x, n); }
 float exp_shifted_sum(float* x, int64_t n, float shift) { return exp_shifted_sum_avx2(x, n, shift); }
 #endif

@@ -27,6 +27,10 @@ void softmax_grad_row(double* ds, const double* p, int64_t n, double dot);
 void scale_row(float* x, int64_t n, float factor);
 void scale_row(double* x, int64_t n, double factor);
 
+// dst[i] = src[i] rounded to bfloat16 (nearest even; NaN -> 0x7fc0, as
+// c10::BFloat16), stored as its 16 bits.
+void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n);
+
 // Small products without a BLAS call (whose fixed cost, a few µs, is most
 // of a decode step's tiles): C (m x n, row stride ldc) = alpha * op(A) *
 // op(B) + beta * C, beta = 0 ignoring C's contents.
