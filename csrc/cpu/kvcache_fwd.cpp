@@ -48,10 +48,11 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
   const int64_t group = p.heads / p.kv_heads, rows = group * p.q_len;
   const int64_t d = p.head_dim, dv = p.v_head_dim, splits = p.num_splits;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  // Partial results, [split][batch][head][token] rows of dv values.
+  // Partial results, [split][batch][head][token] rows of dv values; one
+  // split writes the output directly.
   const int64_t partial_rows = p.batch * p.heads * p.q_len;
-  std::vector<acc_t> partial_out(splits * partial_rows * dv);
-  std::vector<acc_t> partial_lse(splits * partial_rows);
+  std::vector<acc_t> partial_out(splits > 1 ? splits * partial_rows * dv : 0);
+  std::vector<acc_t> partial_lse(splits > 1 ? splits * partial_rows : 0);
 
   parallel_items(p.batch * p.kv_heads * splits, [&](const auto& next_item) {
     std::vector<acc_t> q_buf(rows * d), k_buf(kBlockK * d), v_buf(kBlockK * dv), scores(rows * kBlockK);
@@ -114,12 +115,20 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = kvh * group + r / p.q_len, t = r % p.q_len;
-        const int64_t index = split * partial_rows + (b * p.heads + h) * p.q_len + t;
-        partial_lse[index] = softmax.finalize_row(r);
-        std::copy_n(softmax.out.data() + r * dv, dv, partial_out.data() + index * dv);
+        const int64_t row = (b * p.heads + h) * p.q_len + t;
+        const acc_t lse = softmax.finalize_row(r);
+        if (splits == 1) {
+          auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + t * p.o_stride[2];
+          store_rows(softmax.out.data() + r * dv, dv, 1, dv, out, 0);
+          p.lse[row] = static_cast<float>(lse);
+        } else {
+          partial_lse[split * partial_rows + row] = lse;
+          std::copy_n(softmax.out.data() + r * dv, dv, partial_out.data() + (split * partial_rows + row) * dv);
+        }
       }
     }
   });
+  if (splits == 1) return;
 
   // Merge the splits: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) out_s.
   at::parallel_for(0, partial_rows, 64, [&](int64_t begin, int64_t end) {
