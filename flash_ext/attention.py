@@ -464,13 +464,14 @@ def flash_attn_with_kvcache(
     to its own position ``cache_seqlens[b] + new_len - q_len + t``;
     ``window_size=(left, right)`` limits it to that many keys before/after
     that position (-1 = unbounded; sliding-window models such as Mistral),
-    and only the tiles inside some token's window are read. The cache is split across ``num_splits`` partitions
-    (0 = chosen from the device) whose partial results merge through their
-    log-sum-exp. Returns the output ``(batch, q_len, heads, dim)`` and, with
-    ``return_lse`` (or FlashAttention's name ``return_softmax_lse``), the
-    log-sum-exp ``(batch, heads, q_len)``. ``softcap`` and
-    ``alibi_slopes`` as in :func:`flash_attn_func` (ALiBi distance from each
-    new query's own position).
+    and only the tiles inside some token's window are read. The cache is
+    split across ``num_splits`` partitions (0 = chosen from the device) whose
+    partial results merge through their log-sum-exp. Returns the output
+    ``(batch, q_len, heads, dim)`` and, with ``return_lse`` (or
+    FlashAttention's name ``return_softmax_lse``), the log-sum-exp
+    ``(batch, heads, q_len)``. ``softcap`` and ``alibi_slopes`` as in
+    :func:`flash_attn_func` (ALiBi distance from each new query's own
+    position).
 
     On CUDA, lengths and page ids are not read back to the host (that would
     synchronize): out-of-range values there are the caller's error.
