@@ -8,18 +8,21 @@
 namespace flash_ext::cpu {
 namespace {
 
-template <typename scalar_t>
-void attention_fwd_typed(const AttentionFwdParams& p) {
+// The loop both forward paths share: query blocks as work items, key tiles
+// from the end of the visible range backwards (so under a causal mask only
+// the last one crosses the diagonal), score mods, masks, dropout and the
+// online softmax. `make_products()` gives each worker its Products, which lay
+// out the tiles and compute a tile's scaled scores S and its P·V.
+template <typename scalar_t, typename MakeProducts>
+void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = p.heads / p.kv_heads;
   const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
-  const int64_t d = p.head_dim, dv = p.v_head_dim;
-  const acc_t scale = static_cast<acc_t>(p.scale);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
-    std::vector<acc_t> q_buf(kBlockQ * d), k_buf(kBlockK * d), v_buf(kBlockK * dv);
+    auto products = make_products();
     std::vector<acc_t> scores(kBlockQ * kBlockK);
     OnlineSoftmax<acc_t> softmax;
     for (int64_t item; (item = next_item()) >= 0;) {
@@ -31,32 +34,18 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
       const int64_t row0 = qb * kBlockQ;
       if (row0 >= seq.q_len) continue;  // past this sequence's end (varlen)
       const int64_t rows = std::min(kBlockQ, seq.q_len - row0);
-
-      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
-                      seq.q_row0 * p.q_stride[2];
-      const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] +
-                      seq.k_row0 * p.k_stride[2];
-      const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] +
-                      seq.k_row0 * p.v_stride[2];
-      const Matrix<const acc_t> q_tile =
-          stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
+      products.start(b, h, kvh, seq, row0, rows);
       const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
       const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
                            seq.window.diagonal_offset);
       const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
 
-      softmax.reset(rows, dv);
+      softmax.reset(rows, p.v_head_dim);
       const KeyRange keys = visible_key_range(seq.window, row0, row0 + rows, seq.kv_len);
-      // Tiles are laid from the end of the visible range backwards, so under a
-      // causal mask only the last one crosses the diagonal.
-      for (int64_t col_end = keys.end; col_end > keys.begin; col_end -= kBlockK) {
-        const int64_t col0 = std::max(keys.begin, col_end - kBlockK), cols = col_end - col0;
-        const Matrix<const acc_t> k_tile =
-            stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
-        const Matrix<const acc_t> v_tile =
-            stage_rows<acc_t>(v + col0 * p.v_stride[2], p.v_stride[2], cols, dv, v_buf.data());
-        gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
-                    {scores.data(), kBlockK});
+      for (int64_t col_end = keys.end, col0; col_end > keys.begin; col_end = col0) {
+        col0 = products.tile_begin(keys.begin, col_end);
+        const int64_t cols = col_end - col0;
+        products.scores(col0, cols, scores.data(), kBlockK);
         if (mods.active()) {
           mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
         }
@@ -65,112 +54,129 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
           apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
                        [row0](int64_t r) { return row0 + r; });
         }
-        softmax.update(
-            scores.data(), kBlockK, cols, v_tile,
-            [&](int64_t r, int64_t c) { return dropout.dropped(row0 + r, col0 + c); }, keep_scale,
-            has_dropout);
-      }
-
-      auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
-                  seq.q_row0 * p.o_stride[2];
-      const int64_t lse0 = h * seq.lse_head_stride + seq.lse_row0 + row0;
-      for (int64_t r = 0; r < rows; ++r) store_lse(p, lse0 + r, softmax.finalize_row(r));
-      store_rows(softmax.out.data(), dv, rows, dv, out + row0 * p.o_stride[2], p.o_stride[2]);
-    }
-  });
-}
-
-// bfloat16/float16 where the CPU multiplies them natively (packed_gemm.h):
-// K^T and V packed once, then each query block's tiles of up to four 64-key
-// blocks multiply on them, the scores and the running output in float32, P
-// rounded to the input type for P·V (as PyTorch's CPU SDPA does). Same
-// visibility, masks, score mods, dropout and online softmax as the float path.
-template <typename scalar_t>
-void attention_fwd_packed(const AttentionFwdParams& p) {
-  using acc_t = float;
-  constexpr int64_t kTileBlocks = kBlockK / kPackedKeys;
-  const PackedKV<scalar_t> packed(p);
-  const int64_t group = p.heads / p.kv_heads;
-  const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
-  const int64_t d = p.head_dim, dv = p.v_head_dim;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  const bool has_dropout = p.dropout.p > 0.0;
-  const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
-
-  parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
-    std::vector<acc_t> scores(kBlockQ * kBlockK);
-    std::vector<scalar_t> probs(kBlockQ * kBlockK);
-    OnlineSoftmax<acc_t> softmax;
-    for (int64_t item; (item = next_item()) >= 0;) {
-      const int64_t qb = q_blocks - 1 - item % q_blocks, bh = item / q_blocks;
-      const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group, bk = b * p.kv_heads + kvh;
-      const SequenceBounds seq = sequence_bounds(p, b);
-      const int64_t row0 = qb * kBlockQ;
-      if (row0 >= seq.q_len) continue;
-      const int64_t rows = std::min(kBlockQ, seq.q_len - row0);
-      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
-                      (seq.q_row0 + row0) * p.q_stride[2];
-      const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
-      const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h, seq.window.diagonal_offset);
-      const DropoutMask dropout(p.dropout, static_cast<uint64_t>(bh));
-
-      softmax.reset(rows, dv);
-      const KeyRange keys = visible_key_range(seq.window, row0, row0 + rows, seq.kv_len);
-      const int64_t first_block = keys.begin / kPackedKeys;
-      // Tiles of whole 64-key blocks from the end backwards (under a causal
-      // mask only the last one crosses the diagonal); a tile's columns run
-      // from its first block's first key, those outside keys masked.
-      for (int64_t end_block = ceil_div(keys.end, kPackedKeys); end_block > first_block;) {
-        const int64_t begin_block = std::max(first_block, end_block - kTileBlocks);
-        const int64_t col0 = begin_block * kPackedKeys, cols = std::min(end_block * kPackedKeys, keys.end) - col0;
-        const int64_t blocks = end_block - begin_block;
-        for (int64_t j = 0; j < blocks; ++j) {
-          packed_product(rows, d, q, p.q_stride[2], packed.k_block(bk, begin_block + j),
-                         scores.data() + j * kPackedKeys, kBlockK, false);
-        }
-        for (int64_t r = 0; r < rows; ++r) scale_row(scores.data() + r * kBlockK, cols, scale);
-        if (mods.active()) {
-          mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
-        }
-        mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
-        if (col0 < keys.begin || !tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
-          apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
-                       [row0](int64_t r) { return row0 + r; });
-        }
         softmax.to_probabilities(
             scores.data(), kBlockK, cols,
-            [&](int64_t r, int64_t c) { return dropout.dropped(row0 + r, col0 + c); }, keep_scale, has_dropout);
-        // P in the input type over the tile's whole blocks (0 past cols).
-        const int64_t width = blocks * kPackedKeys;
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* src = scores.data() + r * kBlockK;
-          scalar_t* dst = probs.data() + r * width;
-          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            float_to_bfloat16(src, reinterpret_cast<uint16_t*>(dst), cols);
-          } else {
-            at::vec::convert(src, dst, cols);
-          }
-          std::fill(dst + cols, dst + width, scalar_t(0));
-        }
-        for (int64_t c0 = 0; c0 < dv; c0 += kPackedKeys) {
-          for (int64_t j = 0; j < blocks; ++j) {
-            packed_product(rows, kPackedKeys, probs.data() + j * kPackedKeys, width,
-                           packed.v_block(bk, begin_block + j, c0 / kPackedKeys), softmax.out.data() + c0, dv,
-                           true);
-          }
-        }
-        end_block = begin_block;
+            [&](int64_t r, int64_t c) { return dropout.dropped(row0 + r, col0 + c); }, keep_scale,
+            has_dropout);
+        products.add_values(col0, cols, scores.data(), kBlockK, softmax.out.data());
       }
 
       auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
                   seq.q_row0 * p.o_stride[2];
       const int64_t lse0 = h * seq.lse_head_stride + seq.lse_row0 + row0;
       for (int64_t r = 0; r < rows; ++r) store_lse(p, lse0 + r, softmax.finalize_row(r));
-      store_rows(softmax.out.data(), dv, rows, dv, out + row0 * p.o_stride[2], p.o_stride[2]);
+      store_rows(softmax.out.data(), p.v_head_dim, rows, p.v_head_dim, out + row0 * p.o_stride[2],
+                 p.o_stride[2]);
     }
-    packed_gemm_release();
   });
 }
+
+// Tile products in acc_t through BLAS (or small loops): Q, K and V read in
+// place when they are float32/float64, else converted tile by tile.
+template <typename scalar_t>
+class StagedProducts {
+ public:
+  using acc_t = acc_type_t<scalar_t>;
+
+  explicit StagedProducts(const AttentionFwdParams& p)
+      : p_(p), q_buf_(kBlockQ * p.head_dim), k_buf_(kBlockK * p.head_dim), v_buf_(kBlockK * p.v_head_dim) {}
+
+  void start(int64_t b, int64_t h, int64_t kvh, const SequenceBounds& seq, int64_t row0, int64_t rows) {
+    const auto* q = static_cast<const scalar_t*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1] +
+                    (seq.q_row0 + row0) * p_.q_stride[2];
+    q_tile_ = stage_rows<acc_t>(q, p_.q_stride[2], rows, p_.head_dim, q_buf_.data());
+    rows_ = rows;
+    k_ = static_cast<const scalar_t*>(p_.k) + b * p_.k_stride[0] + kvh * p_.k_stride[1] +
+         seq.k_row0 * p_.k_stride[2];
+    v_ = static_cast<const scalar_t*>(p_.v) + b * p_.v_stride[0] + kvh * p_.v_stride[1] +
+         seq.k_row0 * p_.v_stride[2];
+  }
+
+  int64_t tile_begin(int64_t begin, int64_t end) const { return std::max(begin, end - kBlockK); }
+
+  void scores(int64_t col0, int64_t cols, acc_t* s, int64_t lds) {
+    const Matrix<const acc_t> k_tile =
+        stage_rows<acc_t>(k_ + col0 * p_.k_stride[2], p_.k_stride[2], cols, p_.head_dim, k_buf_.data());
+    gemm<acc_t>(false, true, rows_, cols, p_.head_dim, static_cast<acc_t>(p_.scale), q_tile_, k_tile, acc_t(0),
+                {s, lds});
+  }
+
+  void add_values(int64_t col0, int64_t cols, const acc_t* probs, int64_t ldp, acc_t* out) {
+    const Matrix<const acc_t> v_tile =
+        stage_rows<acc_t>(v_ + col0 * p_.v_stride[2], p_.v_stride[2], cols, p_.v_head_dim, v_buf_.data());
+    gemm<acc_t>(false, false, rows_, p_.v_head_dim, cols, acc_t(1), {probs, ldp}, v_tile, acc_t(1),
+                {out, p_.v_head_dim});
+  }
+
+ private:
+  const AttentionFwdParams& p_;
+  std::vector<acc_t> q_buf_, k_buf_, v_buf_;
+  Matrix<const acc_t> q_tile_{nullptr, 0};
+  int64_t rows_ = 0;
+  const scalar_t* k_ = nullptr;
+  const scalar_t* v_ = nullptr;
+};
+
+// bfloat16/float16 products on the CPU's matrix units (packed_gemm.h): tiles
+// of up to four whole 64-key blocks of the K^T and V packed once per call,
+// Q read in place, P rounded to the input type for P·V (as PyTorch's CPU
+// SDPA does); scores and the running output stay float32.
+template <typename scalar_t>
+class PackedProducts {
+ public:
+  PackedProducts(const AttentionFwdParams& p, const PackedKV<scalar_t>& packed)
+      : p_(p), packed_(packed), probs_(kBlockQ * kBlockK) {}
+  PackedProducts(const PackedProducts&) = delete;
+  ~PackedProducts() { packed_gemm_release(); }
+
+  void start(int64_t b, int64_t h, int64_t kvh, const SequenceBounds& seq, int64_t row0, int64_t rows) {
+    q_ = static_cast<const scalar_t*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1] +
+         (seq.q_row0 + row0) * p_.q_stride[2];
+    rows_ = rows;
+    bk_ = b * p_.kv_heads + kvh;
+  }
+
+  // Whole blocks: a tile may start before `begin` (those keys are masked).
+  int64_t tile_begin(int64_t begin, int64_t end) const {
+    const int64_t end_block = ceil_div(end, kPackedKeys);
+    return std::max(begin / kPackedKeys, end_block - kBlockK / kPackedKeys) * kPackedKeys;
+  }
+
+  void scores(int64_t col0, int64_t cols, float* s, int64_t lds) {
+    for (int64_t j = 0; j * kPackedKeys < cols; ++j) {
+      packed_product(rows_, p_.head_dim, q_, p_.q_stride[2], packed_.k_block(bk_, col0 / kPackedKeys + j),
+                     s + j * kPackedKeys, lds, false);
+    }
+    for (int64_t r = 0; r < rows_; ++r) scale_row(s + r * lds, cols, static_cast<float>(p_.scale));
+  }
+
+  void add_values(int64_t col0, int64_t cols, const float* probs, int64_t ldp, float* out) {
+    const int64_t blocks = ceil_div(cols, kPackedKeys), width = blocks * kPackedKeys;
+    for (int64_t r = 0; r < rows_; ++r) {  // 0 past cols, over the tile's whole blocks
+      scalar_t* dst = probs_.data() + r * width;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        float_to_bfloat16(probs + r * ldp, reinterpret_cast<uint16_t*>(dst), cols);
+      } else {
+        at::vec::convert(probs + r * ldp, dst, cols);
+      }
+      std::fill(dst + cols, dst + width, scalar_t(0));
+    }
+    for (int64_t c0 = 0; c0 < p_.v_head_dim; c0 += kPackedKeys) {
+      for (int64_t j = 0; j < blocks; ++j) {
+        packed_product(rows_, kPackedKeys, probs_.data() + j * kPackedKeys, width,
+                       packed_.v_block(bk_, col0 / kPackedKeys + j, c0 / kPackedKeys), out + c0, p_.v_head_dim,
+                       true);
+      }
+    }
+  }
+
+ private:
+  const AttentionFwdParams& p_;
+  const PackedKV<scalar_t>& packed_;
+  std::vector<scalar_t> probs_;
+  const scalar_t* q_ = nullptr;
+  int64_t rows_ = 0, bk_ = 0;
+};
 
 }  // namespace
 
@@ -180,11 +186,12 @@ void attention_fwd(const AttentionFwdParams& params) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
       // Packing K and V pays off once several query blocks reuse them.
       if (params.q_len > kBlockQ && packed_gemm_usable<scalar_t>(params.head_dim, params.v_head_dim)) {
-        attention_fwd_packed<scalar_t>(params);
+        const PackedKV<scalar_t> packed(params);
+        forward_blocks<scalar_t>(params, [&] { return PackedProducts<scalar_t>(params, packed); });
         return;
       }
     }
-    attention_fwd_typed<scalar_t>(params);
+    forward_blocks<scalar_t>(params, [&] { return StagedProducts<scalar_t>(params); });
   });
 }
 
