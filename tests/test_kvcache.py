@@ -93,12 +93,11 @@ def _case_id(c):
     return f"b{c[0]}h{c[1]}kv{c[2]}-q{c[3]}new{c[4]}-max{c[5]}-d{c[6]}v{c[7]}-c{int(c[9])}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
-def test_kvcache_against_reference(case, dtype, device, gen):
-    batch, heads, kv_heads, q_len, new_len, max_len, dim, v_dim, lens, causal = case
-    skip_unless_served(device, dtype, dim, v_dim)
+def _check_decode(batch, heads, kv_heads, q_len, new_len, max_len, dim, v_dim, lens, dtype, device, gen,
+                  causal=True, window=(-1, -1), lse_name="return_lse", **call_kwargs):
+    """One flash_attn_with_kvcache call on a NaN-poisoned cache with fresh
+    inputs: the cache contents exact afterwards, the output and lse against
+    the float64 reference."""
     k_cache, v_cache = _make_cache(batch, max_len, kv_heads, dim, v_dim, lens, dtype, device, gen)
     q = randn((batch, q_len, heads, dim), dtype, device, gen)
     k_new = v_new = None
@@ -108,20 +107,32 @@ def test_kvcache_against_reference(case, dtype, device, gen):
     k_exp, v_exp = _expected_cache(k_cache, k_new, lens), _expected_cache(v_cache, v_new, lens)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     out, lse = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
-                                                 causal=causal, return_lse=True)
+                                                 causal=causal, window_size=window, **{lse_name: True},
+                                                 **call_kwargs)
     # the cache: new rows written at cache_seqlens, everything else untouched (NaN poison too)
     torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
     assert torch.equal(seqlens.cpu(), torch.tensor(lens, dtype=torch.int32)), "cache_seqlens must not change"
     assert out.shape == (batch, q_len, heads, v_dim) and out.dtype == dtype
     assert lse.shape == (batch, heads, q_len) and lse.dtype == torch.float32
-    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, new_len, causal)
-    torch_out = _torch_decode(q, k_exp, v_exp, lens, new_len, causal) if dtype in LOW_PRECISION else None
+    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, new_len, causal, window=window)
+    torch_out = (_torch_decode(q, k_exp, v_exp, lens, new_len, causal, window=window)
+                 if dtype in LOW_PRECISION else None)
     assert_matches_reference(out, ref, dtype, torch_out)
     empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
     lse_tol = 1e-5 if dtype in (torch.float64, torch.float32) else 2e-2
     torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=lse_tol, rtol=lse_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
+def test_kvcache_against_reference(case, dtype, device, gen):
+    batch, heads, kv_heads, q_len, new_len, max_len, dim, v_dim, lens, causal = case
+    skip_unless_served(device, dtype, dim, v_dim)
+    _check_decode(batch, heads, kv_heads, q_len, new_len, max_len, dim, v_dim, lens, dtype, device, gen,
+                  causal=causal)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,28 +228,9 @@ WINDOW_CASES = [
 def test_kvcache_sliding_window(case, dtype, device, gen):
     window, causal, q_len, new_len, lens, num_splits = case
     skip_unless_served(device, dtype, 64)
-    batch, heads, kv_heads, dim, max_len = len(lens), 8, 2, 64, 1024 + 40
-    k_cache, v_cache = _make_cache(batch, max_len, kv_heads, dim, dim, lens, dtype, device, gen)
-    q = randn((batch, q_len, heads, dim), dtype, device, gen)
-    k_new = v_new = None
-    if new_len:
-        k_new = randn((batch, new_len, kv_heads, dim), dtype, device, gen)
-        v_new = randn((batch, new_len, kv_heads, dim), dtype, device, gen)
-    k_exp, v_exp = _expected_cache(k_cache, k_new, lens), _expected_cache(v_cache, v_new, lens)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
-    out, lse = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
-                                                 causal=causal, window_size=window, num_splits=num_splits,
-                                                 return_softmax_lse=True)
-    torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
-    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, new_len, causal, window=window)
-    torch_out = (_torch_decode(q, k_exp, v_exp, lens, new_len, causal, window=window)
-                 if dtype in LOW_PRECISION else None)
-    assert_matches_reference(out, ref, dtype, torch_out)
-    empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu())
-    lse_tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=lse_tol, rtol=lse_tol)
+    # FlashAttention's name for return_lse, on the way
+    _check_decode(len(lens), 8, 2, q_len, new_len, 1024 + 40, 64, 64, lens, dtype, device, gen, causal=causal,
+                  window=window, lse_name="return_softmax_lse", num_splits=num_splits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
