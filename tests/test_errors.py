@@ -243,6 +243,8 @@ KV_CASES = {
     "v_cache_expanded": (lambda d: {"v_cache": d["v_cache"][:1].expand(2, 16, 2, 8)}, r"v_cache"),
     "scale_nan": (lambda d: {"softmax_scale": math.nan}, r"scale"),
     "num_splits_negative": (lambda d: {"num_splits": -1}, r"num_splits"),
+    "window_value": (lambda d: {"window_size": (-2, 0)}, r"window"),
+    "window_len": (lambda d: {"window_size": (4,)}, r"window_size"),
     "no_seqlens_with_append": (lambda d: {"cache_seqlens": None}, r"cache_seqlens"),
 }
 

@@ -129,6 +129,10 @@ void check_scalars(const char* op, double dropout_p, double scale, int64_t windo
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
                     dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_window(op, window_left, window_right);
+}
+
+void check_window(const char* op, int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
                     ": window sizes must be >= 0, or -1 for unbounded, got (", window_left, ", ",
                     window_right, ")");

@@ -34,6 +34,8 @@ void check_attn_mask(const char* op, const at::Tensor& mask, const at::Tensor& q
 
 void check_scalars(const char* op, double dropout_p, double scale, int64_t window_left,
                    int64_t window_right);
+// window_size: each side >= 0, or -1 for unbounded.
+void check_window(const char* op, int64_t window_left, int64_t window_right);
 
 // softcap >= 0 and finite; alibi_slopes float32 (heads,) or (batch, heads)
 // on the query's device.

@@ -73,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
                     ") must be a multiple of the cache's kv heads (", kv_heads, ")");
   TORCH_CHECK_VALUE(std::isfinite(scale), kOp, ": softmax_scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(num_splits >= 0, kOp, ": num_splits must be >= 0 (0 = automatic), got ", num_splits);
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp,
-                    ": window_size must be (left, right) with each >= 0, or -1 for unbounded, got (",
-                    window_left, ", ", window_right, ")");
+  check_window(kOp, window_left, window_right);
   check_softcap_alibi(kOp, softcap, alibi_slopes, batch, heads, q.device());
 
   check_int32_on("cache_seqlens", cache_seqlens, q, 1);
@@ -159,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention(
   p.page_size = page_size;
   p.scale = scale;
   // Windows wider than any sequence can be are unbounded (and then fit the
-  // kernels' 32-bit key positions): left past every key, right past the
-  // last new token.
-  p.window_left = window_left >= capacity + new_len ? -1 : window_left;
+  // kernels' 32-bit key positions): left past every key of the cache, right
+  // past the last new token.
+  p.window_left = window_left >= capacity ? -1 : window_left;
   p.window_right = causal ? 0 : window_right >= q_len ? -1 : window_right;
   p.num_splits = num_splits;
   p.softcap = static_cast<float>(softcap);

@@ -15,8 +15,8 @@ constexpr int kBlockN = 64;
 constexpr int kThreads = 128;  // four warps
 constexpr int kMaxStages = 6;
 
-// Knobs that run_kvcache_fwd leaves at their defaults; the standalone
-// harness varies them to tune.
+// Knobs with defaults that FLASH_EXT_DECODE_TUNING overrides, so that
+// scripts/decode_tuning.py can time the choices side by side.
 struct Tuning {
   int stages = 0;             // cp.async pipeline depth, 2..kMaxStages; 0 = by head dim
   bool pdl = true;            // programmatic dependent launch where the device has it
