@@ -73,8 +73,6 @@ __device__ __forceinline__ float out_dout_dot8(const AttentionBwdParams& p, int6
   return acc;
 }
 
-// D = rowsum(dO * O) of query row `row` of (b, h), by one warp (every lane
-// returns it): lanes hold 8 consecutive dims each (up to 256).
 // One element of dbias at `offset` (elements): float32 or the inputs' dtype,
 // as the glue allocated it.
 template <class Element>
@@ -86,6 +84,8 @@ __device__ __forceinline__ void store_dbias(const AttentionBwdParams& p, int64_t
   }
 }
 
+// D = rowsum(dO * O) of query row `row` of (b, h), by one warp (every lane
+// returns it): lanes hold 8 consecutive dims each (up to 256).
 template <class Element>
 __device__ __forceinline__ float row_dot_out_dout(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t row,
                                                   int lane) {
