@@ -284,8 +284,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[w], Tr::kQWarpGroupBytes);
         copy(args.tma_q.with(smem.q_full[w], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
       };
-      // L2 priorities: a query tile is read once, K and V by every query tile
-      // of their head.
       // Group i's Q follows the i-th key tile's K, so no wait for a group's
       // Q holds back the loads the groups before it need first.
       const int key_tiles = t.n_block_max - t.n_block_min;

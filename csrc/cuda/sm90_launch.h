@@ -23,8 +23,8 @@ void run_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 // Whether the persistent forward deals its tiles through params.tile_counter
 // (as blocks free up) rather than in a static round robin: when they differ
 // in weight, under a causal mask or window or in a varlen batch of unequal
-// lengths. Equal tiles keep the round robin, which needs no counter to zero
-// nor atomics, and measured 5-8 % faster than the dynamic deal at N = 512
+// lengths. Equal tiles keep the round robin, which needs no counter nor
+// atomics, and measured 5-8 % faster than the dynamic deal at N = 512
 // (benchmarks/NOTES.md). A varlen batch whose packed totals are the batch
 // times the longest lengths has all its sequences equally long (seen on the
 // host, without reading cu_seqlens).

@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <utility>
 #include <stdexcept>
+#include <utility>
 
 #include "../cuda/api.h"
 #include "backend.h"

@@ -24,12 +24,16 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
                : "memory");
 }
 
-// An L2 policy that marks lines evict-first: K/V are read once per step, so
-// they should neither push out what others keep in L2 nor force write-backs
-// of dirty lines to make room for themselves.
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+// An L2 policy for the K/V loads: evict-first (K/V are read once per step,
+// so they should neither push out what others keep in L2 nor force
+// write-backs of dirty lines to make room for themselves), or the normal one.
+__device__ __forceinline__ uint64_t l2_kv_policy(bool evict_first) {
   uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  if (evict_first) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
   return policy;
 }
 
