@@ -187,6 +187,26 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
+def decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None, window=(-1, -1)):
+    """float64 decoding of q (batch, q_len, heads, dim) against a cache
+    (batch, max_len, kv_heads, dim), per sequence its first lens[b] + new_len
+    rows (appended included), GQA; returns the output and the lse;
+    new query t sees keys j in [pos - left, pos + right], pos = total - q_len + t
+    (bottom right); causal makes right 0."""
+    window = (window[0], 0) if causal else window
+    outs, lses = [], []
+    for b, n in enumerate(lens):
+        total = n + new_len
+        qb = q[b:b + 1].transpose(1, 2)
+        kb = k_full[b:b + 1, :total].transpose(1, 2)
+        vb = v_full[b:b + 1, :total].transpose(1, 2)
+        o, lse = reference_attention(qb, kb, vb, scale=scale, window=window,
+                                     bottom_right=True, enable_gqa=True, return_lse=True)
+        outs.append(o.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def to_bshd(t: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) <-> (B, N, H, D)."""
     return t.transpose(1, 2)

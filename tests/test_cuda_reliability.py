@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flash_ext
-from conftest import HAS_CUDA, reference_attention
+from conftest import HAS_CUDA, decode_reference, reference_attention
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 DEV = "cuda"
@@ -131,20 +131,6 @@ def _decode_case(batch, lens, seed, heads=32, kv_heads=8, dim=128, max_len=4096)
     return q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
-def _decode_reference(q, k_cache, v_cache, lens):
-    """float64 attention of each sequence's one query against its first lens[b] keys (GQA)."""
-    outs = []
-    for b, n in enumerate(lens.tolist()):
-        qb = q[b, 0].double()                                    # (heads, dim)
-        kb, vb = k_cache[b, :n].double(), v_cache[b, :n].double()  # (n, kv_heads, dim)
-        group = qb.shape[0] // kb.shape[1]
-        kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
-        s = torch.einsum("hd,nhd->hn", qb, kb) / math.sqrt(qb.shape[-1])
-        p = torch.softmax(s, -1) if n > 0 else s
-        outs.append(torch.einsum("hn,nhd->hd", p, vb) if n > 0 else torch.zeros_like(qb))
-    return torch.stack(outs)[:, None]
-
-
 def test_cuda_decode_split_merge_across_streams_and_shapes():
     # The split blocks count themselves in per-stream counters that the last
     # split resets: successive calls with other split counts and batch sizes
@@ -152,7 +138,7 @@ def test_cuda_decode_split_merge_across_streams_and_shapes():
     # merge correctly.
     cases = [(1, [3000], 0, 32), (3, [0, 4000, 70], 1, 7), (8, [4096] * 8, 2, 0), (2, [1, 2048], 3, 128)]
     inputs = [_decode_case(batch, lens, seed) for batch, lens, seed, _ in cases]
-    refs = [_decode_reference(q, k, v, lens) for q, k, v, lens in inputs]
+    refs = [decode_reference(q, k, v, lens.tolist(), 0, True)[0] for q, k, v, lens in inputs]
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     for rounds in range(3):
         outs = []

@@ -12,7 +12,7 @@ import torch
 
 import flash_ext
 from conftest import (
-    DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, randn, reference_attention,
+    DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, decode_reference, randn,
     skip_unless_served, window_visible,
 )
 
@@ -32,26 +32,6 @@ def _expected_cache(cache, new, lens):
         for b, n in enumerate(lens):
             exp[b, n:n + new.shape[1]] = new[b]
     return exp
-
-
-def _decode_reference(q, k_full, v_full, lens, new_len, causal, scale=None, window=(-1, -1)):
-    """Per sequence: the first lens[b] + new_len rows of the (appended) cache;
-    new query t sees keys j in [pos - left, pos + right], pos = total - q_len + t
-    (bottom right); causal makes right 0."""
-    window = (window[0], 0) if causal else window
-    outs, lses = [], []
-    q_len = q.shape[1]
-    for b, n in enumerate(lens):
-        total = n + new_len
-        qb = q[b:b + 1].transpose(1, 2)
-        kb = k_full[b:b + 1, :total].transpose(1, 2)
-        vb = v_full[b:b + 1, :total].transpose(1, 2)
-        o, lse = reference_attention(qb, kb, vb, scale=scale, window=window,
-                                     bottom_right=True, enable_gqa=True, return_lse=True)
-        outs.append(o.transpose(1, 2))
-        lses.append(lse)
-    del q_len
-    return torch.cat(outs), torch.cat(lses)
 
 
 def _torch_decode(q, k_full, v_full, lens, new_len, causal, window=(-1, -1)):
@@ -115,7 +95,7 @@ def _check_decode(batch, heads, kv_heads, q_len, new_len, max_len, dim, v_dim, l
     assert torch.equal(seqlens.cpu(), torch.tensor(lens, dtype=torch.int32)), "cache_seqlens must not change"
     assert out.shape == (batch, q_len, heads, v_dim) and out.dtype == dtype
     assert lse.shape == (batch, heads, q_len) and lse.dtype == torch.float32
-    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, new_len, causal, window=window)
+    ref, ref_lse = decode_reference(q, k_exp, v_exp, lens, new_len, causal, window=window)
     torch_out = (_torch_decode(q, k_exp, v_exp, lens, new_len, causal, window=window)
                  if dtype in LOW_PRECISION else None)
     assert_matches_reference(out, ref, dtype, torch_out)
@@ -154,7 +134,7 @@ def test_kvcache_num_splits_and_gqa(num_splits, ratio, device, gen):
                                                  num_splits=num_splits, return_lse=True, softmax_scale=0.2)
     torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
-    ref, ref_lse = _decode_reference(q, k_exp, v_exp, lens, 1, True, scale=0.2)
+    ref, ref_lse = decode_reference(q, k_exp, v_exp, lens, 1, True, scale=0.2)
     torch_out = _torch_decode(q, k_exp, v_exp, lens, 1, True) if dtype in LOW_PRECISION else None
     assert_matches_reference(out, ref, dtype, torch_out)
     empty = torch.isinf(ref_lse)
@@ -170,7 +150,7 @@ def test_kvcache_splits_agree_exactly_enough(gen):
     seqlens = torch.tensor(lens, dtype=torch.int32)
     outs = [flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=s)
             for s in (1, 2, 3, 7, 0, 64)]
-    ref, _ = _decode_reference(q, k_cache, v_cache, lens, 0, True)
+    ref, _ = decode_reference(q, k_cache, v_cache, lens, 0, True)
     for s, o in zip((1, 2, 3, 7, 0, 64), outs):
         torch.testing.assert_close(o, ref, atol=1e-12, rtol=1e-12, msg=lambda m: f"num_splits={s}: {m}")
 
@@ -179,10 +159,10 @@ def test_kvcache_int_seqlens_and_default_seqlens(gen):
     k_cache, v_cache = _make_cache(2, 30, 2, 16, 16, [30, 30], torch.float64, "cpu", gen)
     q = randn((2, 1, 2, 16), gen=gen)
     full = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache)  # cache_seqlens None = whole cache
-    ref, _ = _decode_reference(q, k_cache, v_cache, [30, 30], 0, True)
+    ref, _ = decode_reference(q, k_cache, v_cache, [30, 30], 0, True)
     torch.testing.assert_close(full, ref, atol=1e-12, rtol=1e-12)
     part = flash_ext.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=11)
-    ref, _ = _decode_reference(q, k_cache, v_cache, [11, 11], 0, True)
+    ref, _ = decode_reference(q, k_cache, v_cache, [11, 11], 0, True)
     torch.testing.assert_close(part, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -204,7 +184,7 @@ def test_kvcache_noncontiguous_q_and_cache(gen):
     torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0)
     torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0)
     assert torch.equal(big_k[:, :, 0], untouched_k)
-    ref, _ = _decode_reference(q, k_exp, v_exp, lens, 2, True)
+    ref, _ = decode_reference(q, k_exp, v_exp, lens, 2, True)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
@@ -262,7 +242,7 @@ def test_kvcache_sliding_window_paged(device, gen):
     out_p = flash_ext.flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
                                               block_table=block_table.to(device), window_size=(70, 0))
     torch.testing.assert_close(out_p, out_c, atol=0, rtol=0)
-    ref, _ = _decode_reference(q, k_cache, v_cache, lens, 0, True, window=(70, 0))
+    ref, _ = decode_reference(q, k_cache, v_cache, lens, 0, True, window=(70, 0))
     assert_matches_reference(out_p, ref, dtype, _torch_decode(q, k_cache, v_cache, lens, 0, True, window=(70, 0)))
 
 
@@ -320,7 +300,7 @@ def test_kvcache_paged_equals_contiguous(append, page_size, dtype, device, gen):
     spare_after = k_paged[[p for p in range(num_pages) if p not in set(perm.tolist())]]
     torch.testing.assert_close(spare_after, spare_before, atol=0, rtol=0, equal_nan=True)
     # and both equal the reference
-    ref, _ = _decode_reference(q, k_cache, v_cache, lens, new_len, True)
+    ref, _ = decode_reference(q, k_cache, v_cache, lens, new_len, True)
     torch_out = _torch_decode(q, k_cache, v_cache, lens, new_len, True) if dtype in LOW_PRECISION else None
     assert_matches_reference(out_p, ref, dtype, torch_out)
 
@@ -340,7 +320,7 @@ def test_kvcache_paged_num_splits(num_splits, gen):
                                             cache_seqlens=torch.tensor(lens, dtype=torch.int32),
                                             block_table=block_table, num_splits=num_splits)
     k_exp, v_exp = _expected_cache(k_cache, k_new, lens), _expected_cache(v_cache, v_new, lens)
-    ref, _ = _decode_reference(q, k_exp, v_exp, lens, 1, True)
+    ref, _ = decode_reference(q, k_exp, v_exp, lens, 1, True)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
