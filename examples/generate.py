@@ -15,11 +15,8 @@ the bundled corpus first (so the text looks like text); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 
@@ -48,19 +45,6 @@ def quick_train(model: GPT, data: torch.Tensor, steps: int, device: torch.device
         opt.step()
         opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int = 5) -> tuple[torch.Tensor, float]:
-    """fn's result and the median of its wall times in seconds over `repeats`
-    runs (a shared machine's speed drifts from one run to the next)."""
-    seconds = []
-    for _ in range(repeats):
-        common.synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        common.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return out, statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = torch.Generator(device).manual_seed(args.seed)
                 return generate(model, prompt, args.new, temperature=temperature, top_k=args.top_k,
                                 generator=g, **kwargs)
-            run()  # warm-up
-            outs[mode], seconds = timed(run, device)
+            outs[mode] = run()  # also the warm-up
+            seconds = common.time_ms(run, device) / 1e3
             print(f"{label:>34} | {mode:<18} {args.batch * args.new / seconds:10,.0f} tokens/s")
             rows.append(dict(impl=IMPLS[mode], model=f"gpt2-{args.size}", dtype=str(dtype).removeprefix("torch."),
                              decoding="greedy" if temperature == 0.0 else "sampled", batch=args.batch,
