@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(kThreads)
   // A row's own position among the keys (bottom-right alignment).
   const auto row_pos = [&](int r) { return total - q_len + (row0 + r) % q_len; };
   // A row's visible keys: [pos - window_left, pos + window_right] within
-  // [0, total) (window_right = 0: causal).
+  // [0, total) (window_right = 0: causal). common/mask.h's visible_key_range
+  // in 32 bits: through it (64-bit) the d = 64 and d = 256 kernels spilled.
   const auto last_key = [&](int r) {
     return window_right < 0 ? total - 1 : min(total - 1, row_pos(r) + window_right);
   };
