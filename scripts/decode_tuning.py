@@ -6,7 +6,7 @@ flushed, as the anchors) eagerly and as a replayed CUDA graph.
     python scripts/decode_tuning.py [--variant NAME=SPEC ...]
 
 SPEC as FLASH_EXT_DECODE_TUNING (csrc/cuda/kvcache/kvcache_launch.cuh), e.g.
-"fused_combine=0,evict_first=0". Prints a table: eager µs, graph µs and
+"fused_combine=0,stages=2". Prints a table: eager µs, graph µs and
 eager GB/s (K and V bytes read once) per row and variant.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 ROWS = [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024), (64, 8192)]
-DEFAULT_VARIANTS = {"default": "", "separate_combine": "fused_combine=0", "no_evict_first": "evict_first=0",
-                    "neither": "fused_combine=0,evict_first=0"}
+DEFAULT_VARIANTS = {"default": "", "separate_combine": "fused_combine=0", "no_pdl": "pdl=0",
+                    "stages2": "stages=2", "stages4": "stages=4"}
 
 
 def measure() -> dict[str, list[float]]:

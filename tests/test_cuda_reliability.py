@@ -154,7 +154,7 @@ def test_cuda_decode_split_merge_across_streams_and_shapes():
 def test_cuda_decode_tuning_variants_agree(tmp_path):
     # The fused merge (last split) and the separate combine kernel run the
     # same merge code in the same order: bitwise equal outputs. So must every
-    # pipeline depth, with or without L2 evict-first hints and PDL.
+    # pipeline depth, with or without PDL.
     import os
     import subprocess
     import sys
@@ -169,7 +169,7 @@ outs = [flash_ext.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, causal=Tr
         for s in (0, 1, 9)]
 torch.save([t.cpu() for pair in outs for t in pair], r"{tmp_path}/" + __import__("sys").argv[1] + ".pt")
 """
-    variants = {"default": "", "separate": "fused_combine=0,evict_first=0,pdl=0,stages=2"}
+    variants = {"default": "", "separate": "fused_combine=0,pdl=0,stages=2"}
     for name, tuning in variants.items():
         env = dict(os.environ, FLASH_EXT_DECODE_TUNING=tuning)
         subprocess.run([sys.executable, "-c", script, name], check=True, env=env, timeout=300)

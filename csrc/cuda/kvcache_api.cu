@@ -95,11 +95,9 @@ Tuning tuning_from_environment() {
         t.pdl = value != 0;
       } else if (key == "fused_combine") {
         t.fused_combine = value != 0;
-      } else if (key == "evict_first") {
-        t.evict_first = value != 0;
       } else {
         throw std::runtime_error("flash_ext kvcache: FLASH_EXT_DECODE_TUNING has an unknown key '" + key +
-                                 "' (known: stages, pdl, fused_combine, evict_first)");
+                                 "' (known: stages, pdl, fused_combine)");
       }
     }
     return t;
@@ -139,7 +137,6 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   const int head_dim_inst = head_dim_instance(p.head_dim);
   args.stages = choose_stages(head_dim_inst, layout, tuning.stages,
                               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-  args.evict_first = tuning.evict_first;
   if (!tuning.fused_combine) args.p.split_counters = nullptr;
   const bool separate_combine = p.num_splits > 1 && args.p.split_counters == nullptr;
   const bool pdl = tuning.pdl && major >= 9;

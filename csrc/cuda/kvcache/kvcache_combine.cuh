@@ -44,7 +44,11 @@ __device__ __forceinline__ void combine_row(const KVCacheParams& p, int64_t row,
   T* out = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] + t * p.o_stride[2];
   const int dim = static_cast<int>(p.v_head_dim);
   const int64_t split_stride = rows_total * dim;
-  for (int c = lane * 4; c < dim; c += 128) {
+  // Every lane runs every step (the weights move by warp shuffles); lanes
+  // past the last column (d < 128) load and store nothing.
+  for (int c0 = 0; c0 < dim; c0 += 128) {
+    const int c = c0 + lane * 4;
+    const bool has_columns = c < dim;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s0 = 0; s0 < splits; s0 += 32) {
       const float lse_s = s0 == 0                ? lse_first
@@ -52,13 +56,13 @@ __device__ __forceinline__ void combine_row(const KVCacheParams& p, int64_t row,
                                                : kNegInf;
       const float weight = lse_s == kNegInf ? 0.f : expf(lse_s - lse);
       const int count = min(32, splits - s0);
-      // Loads are unconditional so that several are in flight; an empty
+      // Loads do not wait on the weight, so several are in flight; an empty
       // split's unwritten partial (weight 0) is dropped by a select, never
       // multiplied.
       const float* part = p.out_partial + (s0 * rows_total + row) * dim + c;
 #pragma unroll 8
       for (int j = 0; j < count; ++j, part += split_stride) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(part));
+        const float4 v = has_columns ? __ldcg(reinterpret_cast<const float4*>(part)) : make_float4(0.f, 0.f, 0.f, 0.f);
         const float w = __shfl_sync(0xffffffffu, weight, j);
         if (w != 0.f) {
           acc.x += w * v.x;
@@ -68,8 +72,9 @@ __device__ __forceinline__ void combine_row(const KVCacheParams& p, int64_t row,
         }
       }
     }
-    *reinterpret_cast<uint2*>(out + c) =
-        make_uint2(Element<T>::pack(acc.x, acc.y), Element<T>::pack(acc.z, acc.w));
+    if (has_columns) {
+      *reinterpret_cast<uint2*>(out + c) = make_uint2(Element<T>::pack(acc.x, acc.y), Element<T>::pack(acc.z, acc.w));
+    }
   }
   if (lane == 0) p.lse[row] = lse;
 }

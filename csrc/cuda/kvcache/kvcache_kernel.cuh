@@ -176,7 +176,6 @@ __global__ void __launch_bounds__(kThreads)
   const T* v_new = new_len > 0 ? static_cast<const T*>(p.v_new) + b * p.v_new_stride[0] + kvh * p.v_new_stride[1]
                                : nullptr;
   const int ld_row = tid / Cfg::kThreadsPerRow, ld_chunk = tid % Cfg::kThreadsPerRow;
-  const uint64_t kv_policy = l2_kv_policy(args.evict_first);
 
   // Element offsets of cache row `key` in K and V (paged: via the block table).
   const auto cache_offsets = [&](int key, int64_t& k_off, int64_t& v_off) {
@@ -212,8 +211,8 @@ __global__ void __launch_bounds__(kThreads)
         const int c = ld_chunk + cc * Cfg::kThreadsPerRow;
         const bool valid = key < total && c * 8 < head_dim;
         const int off = swizzle(r, c, kRowBytes);
-        cp_async_16(s_k + off, k_src + c * 8, valid, kv_policy);
-        cp_async_16(s_v + off, v_src + c * 8, valid, kv_policy);
+        cp_async_16(s_k + off, k_src + c * 8, valid);
+        cp_async_16(s_v + off, v_src + c * 8, valid);
       }
     }
   };

@@ -21,7 +21,6 @@ struct Tuning {
   int stages = 0;             // cp.async pipeline depth, 2..kMaxStages; 0 = by head dim
   bool pdl = true;            // programmatic dependent launch where the device has it
   bool fused_combine = true;  // the last split merges (needs p.split_counters)
-  bool evict_first = true;    // K/V loads marked L2 evict-first
 };
 
 // Integer division by a run-time constant through a multiply-high
@@ -59,7 +58,6 @@ struct KernelArgs {
   int rows = 1;       // group * q_len packed query rows per (sequence, kv head)
   int m_blocks = 1;   // thread blocks along the packed rows
   int stages = 2;
-  bool evict_first = true;
   float scale_log2 = 1.f;  // softmax scale * log2(e): scores live in base 2
   // Soft-capping and ALiBi on unscaled scores s = q.k (as score_mod.cuh):
   // s -> tanh_out * tanh_exp2(s * tanh_in), tanh_in = 0 when off; ALiBi
@@ -80,7 +78,7 @@ template <typename T>
 void launch_combine(const KVCacheParams& p, bool pdl, cudaStream_t stream);
 
 // The defaults, overridden for benchmarks by FLASH_EXT_DECODE_TUNING, e.g.
-// "stages=3,pdl=0,fused_combine=0,evict_first=0" (read once per process).
+// "stages=3,pdl=0,fused_combine=0" (read once per process).
 Tuning tuning_from_environment();
 
 // run_kvcache_fwd with explicit tuning.
