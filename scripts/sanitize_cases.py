@@ -3,8 +3,8 @@ compute-sanitizer: forward and backward (plain, causal both alignments, GQA,
 bool mask, float bias with its gradient, dropout, softcap and ALiBi, odd
 lengths, every head-dim instantiation, varlen batches), and decode
 (contiguous, paged, append, several splits, softcap and ALiBi).
-``--family NAME`` runs only the prefill calls of one kernel family (a quick
-check of a new kernel).
+``--family NAME`` runs only the prefill calls of one kernel family, and
+``--decode`` only the decode calls (quick checks of a changed kernel).
 Exits non-zero if any result is non-finite, so the sanitizer run also checks
 that every output element was written."""
 from __future__ import annotations
@@ -90,9 +90,13 @@ def family_cases(family: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default=None, help="only the prefill calls of this kernel family")
+    parser.add_argument("--decode", action="store_true", help="only the decode calls")
     args = parser.parse_args()
     if args.family:
         family_cases(args.family)
+        return
+    if args.decode:
+        decode_cases()
         return
     # Every kernel family this GPU runs (the Hopper and the sm80 kernels on an H100).
     for family in flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0]):
@@ -107,10 +111,18 @@ def main() -> None:
     slopes = torch.rand(4, device=DEV)
     flash_causal(torch.bfloat16, 128, 100, 300, softcap=5.0, alibi_slopes=slopes)
     flash_causal(torch.float16, 64, 77, 77, softcap=5.0, dropout_p=0.1)
+    decode_cases()
+
+
+def decode_cases() -> None:
+    """Contiguous and paged caches, one and several splits (merged by the
+    last split), every head dim, appends, windows, softcap and ALiBi."""
     for paged in (False, True):
         for splits in (1, 3):
             decode(torch.bfloat16, 128, paged, splits, 1)
     decode(torch.float16, 64, False, 0, 4)
+    decode(torch.float16, 64, True, 5, 1)
+    decode(torch.bfloat16, 128, False, 4, 3, window_size=(40, 0))
     decode(torch.bfloat16, 256, True, 2, 2)
     decode(torch.bfloat16, 128, True, 3, 2, softcap=5.0, alibi_slopes=torch.rand(8, device=DEV))
 
