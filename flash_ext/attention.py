@@ -107,6 +107,14 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                                f"does not broadcast to (..., L, S) = {tuple(target)}")
 
 
+# Device types that have an autocast state, found once at import:
+# torch.amp.is_autocast_available is not traceable by every torch.compile
+# (2.11's Dynamo refuses it), and is_autocast_enabled raises for the others.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(d))
+
+
 def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """PyTorch's autocast rule for SDPA (``lower_precision_fp``): inside an
     enabled ``torch.autocast`` region of the inputs' device type, every
@@ -114,7 +122,7 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     region's dtype."""
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
