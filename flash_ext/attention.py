@@ -140,6 +140,20 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) if t.dim() > 4 else t
 
 
+def _mask_as_4d(mask: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+    """The mask as the op takes it: 4-D, (batch, heads, L, S) or 1 in each
+    dimension it broadcasts over. Not expanded: the op then sums the mask's
+    gradient over those dimensions in float32 and rounds once, where autograd's
+    sum for an expand would add terms each rounded to fp16/bf16."""
+    mask = mask.reshape((1,) * (len(full) - mask.dim()) + tuple(mask.shape))
+    if len(full) <= 4:
+        return mask.reshape((1,) * (4 - len(full)) + tuple(mask.shape))
+    # More than one batch dim: they merge into one, broadcast only if all are.
+    if all(n == 1 for n in mask.shape[:-3]):
+        return mask.reshape(1, *mask.shape[-3:])
+    return mask.expand(*full[:-3], *mask.shape[-3:]).reshape(math.prod(full[:-3]), *mask.shape[-3:])
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -195,9 +209,7 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, query.dtype):
             attn_mask = attn_mask.to(query.dtype)
-        full = (*query.shape[:-1], key.shape[-2])
-        mask4 = attn_mask.expand(full).reshape(q4.shape[0], q4.shape[1], q4.shape[2], k4.shape[2]) \
-            if len(full) != 4 else attn_mask.expand(full)
+        mask4 = _mask_as_4d(attn_mask, (*query.shape[:-1], key.shape[-2]))
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
                            False, False)

@@ -110,6 +110,18 @@ def test_sdpa_broadcast_mask_gradient_low_precision(shape, dtype, device, gen):
     (ref,) = grad_list(reference_attention(q, k, v, attn_mask=bias64), (bias64,), dout.double())
     assert ours.dtype == dtype and ours.shape == bias.shape
     assert_matches_reference(ours, ref, dtype, torch_out=torch_grad, what="dmask")
+    # Rounded once: within one unit of the float64 sum of the same per-element
+    # gradients dS = P * (dP - D), with D = rowsum(dO * O) from the stored
+    # output as the backward takes it (plus float32's error over the sum).
+    # Per-element rounding before the sum is off by up to sqrt(terms) units.
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    probs = torch.softmax(q64 @ k64.transpose(-1, -2) / math.sqrt(64) + bias.detach().double(), dim=-1)
+    row_dot = (dout.double() * out.detach().double()).sum(-1, keepdim=True)
+    ds = probs * (dout.double() @ v64.transpose(-1, -2) - row_dot)
+    expected = ds.sum_to_size(bias.shape)
+    tol = torch.finfo(dtype).eps * expected.abs() + 1e-5 * ds.abs().sum_to_size(bias.shape)
+    excess = ((ours.double() - expected).abs() - tol).max().item()
+    assert excess <= 0, f"dmask {shape} {dtype}: off by more than one rounding (excess {excess:.3e})"
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
