@@ -362,3 +362,52 @@ def test_flash_attn_func_value_dim_and_strides(gen):
     ref = to_bshd(reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=(-1, 0), bottom_right=True))
     assert out.shape == (b, n, h, 20)
     assert_matches_reference(out, ref)
+
+
+# bf16 forwards with more than one 128-row query block take the CPU's
+# matrix-unit path where the CPU has one (packed K/V; P rounded to bf16 in
+# one pass when nothing needs the scaled scores first), else the staged one.
+# The cases' call arguments: the one-pass softmax serves all but the float
+# mask and the negative scale.
+PACKED_CASES = {
+    "full": dict(),
+    "causal": dict(is_causal=True),
+    "bool-mask": dict(mask="bool"),
+    "float-mask": dict(mask="float"),
+    "scale-negative": dict(scale=-0.3),
+    "scale-large": dict(scale=4.0),
+}
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=str)
+def test_cpu_bf16_long_queries(case, dim, gen):
+    kwargs = dict(PACKED_CASES[case])
+    b, h, hk, L, S = 2, 4, 2, 300, 333
+    q = randn((b, h, L, dim), torch.bfloat16, "cpu", gen)
+    k = randn((b, hk, S, dim), torch.bfloat16, "cpu", gen)
+    v = randn((b, hk, S, dim), torch.bfloat16, "cpu", gen)
+    mask = kwargs.pop("mask", None)
+    if mask == "bool":
+        mask = rand_bool((b, 1, L, S), gen)
+        mask[0, :, 5] = False  # a row that sees no key: 0, not NaN
+    elif mask == "float":
+        mask = randn((1, h, 1, S), torch.bfloat16, "cpu", gen)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+    ref = reference_attention(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs)
+    torch_out = torch.nan_to_num(TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True, **kwargs), nan=0.0)
+    assert_matches_reference(out, ref, torch.bfloat16, torch_out)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        assert (out[0, :, 5] == 0).all()
+
+
+def test_cpu_bf16_long_queries_propagate_nan(gen):
+    # A NaN in one key reaches every row that sees it, as in the reference.
+    q = randn((1, 2, 300, 64), torch.bfloat16, "cpu", gen)
+    k = randn((1, 2, 300, 64), torch.bfloat16, "cpu", gen)
+    v = randn((1, 2, 300, 64), torch.bfloat16, "cpu", gen)
+    k[0, 1, 200, 3] = float("nan")
+    out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = reference_attention(q, k, v, is_causal=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out[0, 1, 200:].isnan().all() and not out[0, 1, :200].isnan().any() and not out[0, 0].isnan().any()

@@ -12,14 +12,20 @@ namespace {
 // from the end of the visible range backwards (so under a causal mask only
 // the last one crosses the diagonal), score mods, masks, dropout and the
 // online softmax. `make_products()` gives each worker its Products, which lay
-// out the tiles and compute a tile's scaled scores S and its P·V.
+// out the tiles and compute a tile's scaled scores S and its P·V. Products
+// with kRoundsProbabilities take P rounded to bfloat16 instead, which the
+// softmax then writes in one pass over unscaled scores, where nothing needs
+// the scaled ones first (no score mods, additive mask or dropout).
 template <typename scalar_t, typename MakeProducts>
 void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   using acc_t = acc_type_t<scalar_t>;
+  using Products = decltype(make_products());
   const int64_t group = p.heads / p.kv_heads;
   const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
+  const bool one_pass = Products::kRoundsProbabilities && !has_dropout && p.softcap == 0.0 &&
+                        p.alibi_slopes == nullptr && p.mask_kind != MaskKind::kAdditive && p.scale > 0.0;
 
   parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
     auto products = make_products();
@@ -45,6 +51,20 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
       for (int64_t col_end = keys.end, col0; col_end > keys.begin; col_end = col0) {
         col0 = products.tile_begin(keys.begin, col_end);
         const int64_t cols = col_end - col0;
+        if constexpr (Products::kRoundsProbabilities) {
+          if (one_pass) {  // -inf of a bool mask or the window is -inf scaled too
+            products.unscaled_scores(col0, cols, scores.data(), kBlockK);
+            mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
+            if (!tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
+              apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
+                           [row0](int64_t r) { return row0 + r; });
+            }
+            softmax.to_bfloat16_probabilities(scores.data(), kBlockK, cols, static_cast<float>(p.scale),
+                                              products.rounded_probabilities(), products.width(cols));
+            products.add_rounded_values(col0, cols, softmax.out.data());
+            continue;
+          }
+        }
         products.scores(col0, cols, scores.data(), kBlockK);
         if (mods.active()) {
           mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
@@ -77,6 +97,7 @@ template <typename scalar_t>
 class StagedProducts {
  public:
   using acc_t = acc_type_t<scalar_t>;
+  static constexpr bool kRoundsProbabilities = false;
 
   explicit StagedProducts(const AttentionFwdParams& p)
       : p_(p), q_buf_(kBlockQ * p.head_dim), k_buf_(kBlockK * p.head_dim), v_buf_(kBlockK * p.v_head_dim) {}
@@ -124,6 +145,8 @@ class StagedProducts {
 template <typename scalar_t>
 class PackedProducts {
  public:
+  static constexpr bool kRoundsProbabilities = std::is_same_v<scalar_t, c10::BFloat16>;
+
   PackedProducts(const AttentionFwdParams& p, const PackedKV<scalar_t>& packed)
       : p_(p), packed_(packed), probs_(kBlockQ * kBlockK) {}
   PackedProducts(const PackedProducts&) = delete;
@@ -142,28 +165,46 @@ class PackedProducts {
     return std::max(begin / kPackedKeys, end_block - kBlockK / kPackedKeys) * kPackedKeys;
   }
 
-  void scores(int64_t col0, int64_t cols, float* s, int64_t lds) {
+  void unscaled_scores(int64_t col0, int64_t cols, float* s, int64_t lds) {
     for (int64_t j = 0; j * kPackedKeys < cols; ++j) {
       packed_product(rows_, p_.head_dim, q_, p_.q_stride[2], packed_.k_block(bk_, col0 / kPackedKeys + j),
                      s + j * kPackedKeys, lds, false);
     }
+  }
+
+  void scores(int64_t col0, int64_t cols, float* s, int64_t lds) {
+    unscaled_scores(col0, cols, s, lds);
     for (int64_t r = 0; r < rows_; ++r) scale_row(s + r * lds, cols, static_cast<float>(p_.scale));
   }
 
+  // Row stride of the rounded P of a tile of `cols` keys: whole blocks.
+  int64_t width(int64_t cols) const { return ceil_div(cols, kPackedKeys) * kPackedKeys; }
+
+  // Where the softmax writes P rounded (bits), `cols` per row of width(cols).
+  uint16_t* rounded_probabilities() { return reinterpret_cast<uint16_t*>(probs_.data()); }
+
   void add_values(int64_t col0, int64_t cols, const float* probs, int64_t ldp, float* out) {
-    const int64_t blocks = ceil_div(cols, kPackedKeys), width = blocks * kPackedKeys;
-    for (int64_t r = 0; r < rows_; ++r) {  // 0 past cols, over the tile's whole blocks
-      scalar_t* dst = probs_.data() + r * width;
+    for (int64_t r = 0; r < rows_; ++r) {
+      scalar_t* dst = probs_.data() + r * width(cols);
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         float_to_bfloat16(probs + r * ldp, reinterpret_cast<uint16_t*>(dst), cols);
       } else {
         at::vec::convert(probs + r * ldp, dst, cols);
       }
-      std::fill(dst + cols, dst + width, scalar_t(0));
+    }
+    add_rounded_values(col0, cols, out);
+  }
+
+  // out += P V with P rounded in probs_ (`cols` per row of width(cols)).
+  void add_rounded_values(int64_t col0, int64_t cols, float* out) {
+    const int64_t blocks = ceil_div(cols, kPackedKeys), ldp = width(cols);
+    for (int64_t r = 0; r < rows_; ++r) {  // 0 past cols, over the tile's whole blocks
+      scalar_t* dst = probs_.data() + r * ldp;
+      std::fill(dst + cols, dst + ldp, scalar_t(0));
     }
     for (int64_t c0 = 0; c0 < p_.v_head_dim; c0 += kPackedKeys) {
       for (int64_t j = 0; j < blocks; ++j) {
-        packed_product(rows_, kPackedKeys, probs_.data() + j * kPackedKeys, width,
+        packed_product(rows_, kPackedKeys, probs_.data() + j * kPackedKeys, ldp,
                        packed_.v_block(bk_, col0 / kPackedKeys + j, c0 / kPackedKeys), out + c0, p_.v_head_dim,
                        true);
       }
