@@ -242,14 +242,10 @@ FLASH_CPU_CLONES float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
 }
 
 #if FLASH_X86_GCC
-// The same loops sixteen lanes wide where the CPU has AVX-512: twice the
-// exponentials per instruction (measured 1.8x on this session's Xeon).
+// The loops sixteen lanes wide where the CPU has AVX-512: twice the
+// exponentials per instruction (measured 1.8x on session 6's Xeon).
 __attribute__((target("arch=x86-64-v4"))) float row_max_avx512(const float* x, int64_t n) {
   return row_max_v<F16>(x, n);
-}
-
-__attribute__((target("arch=x86-64-v4"))) float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
-  return exp_shifted_sum_v<F16, I16>(x, n, shift);
 }
 
 bool has_avx512() {
@@ -260,10 +256,6 @@ bool has_avx512() {
 }
 
 float row_max(const float* x, int64_t n) { return has_avx512() ? row_max_avx512(x, n) : row_max_avx2(x, n); }
-
-float exp_shifted_sum(float* x, int64_t n, float shift) {
-  return has_avx512() ? exp_shifted_sum_avx512(x, n, shift) : exp_shifted_sum_avx2(x, n, shift);
-}
 
 __attribute__((target("arch=x86-64-v4"))) void float_to_bfloat16_avx512(const float* src, uint16_t* dst,
                                                                         int64_t n) {
@@ -276,46 +268,74 @@ __attribute__((target("arch=x86-64-v4"))) float exp_scaled_to_bfloat16_avx512(co
   return exp_scaled_to_bfloat16_v<F16, I16, IntegerRounding16>(x, n, scale, shift, y);
 }
 
-// exp_scaled_to_bfloat16 where the CPU has AVX512-BF16, which also rounds
-// (vcvtneps2bf16: nearest even, NaN stays a NaN, values below float's normal
-// range become 0, which probabilities can afford and outputs would not).
-// The exponential is a cheaper one than exp_v, as exact as P needs before
-// it is rounded to 8 bits: 2^t with t = x * scale * log2(e) - shift *
-// log2(e) from one FMA, t = n + f (|f| <= 1/2), 2^f by its degree-6 Taylor
-// polynomial (relative error <= 1.7e-7) and 2^n by vscalefps; results
-// below float's normal range are 0 (denormals would cost the sum a
-// microcode assist each: masked keys made the loop 2x slower), NaN stays.
-// Session 7's profile of the bf16 forward: the integer rounding cost 27 %
-// and exp_v 30 %.
-__attribute__((target("arch=x86-64-v4,avx512bf16"))) float exp_scaled_to_bfloat16_avx512_bf16(
-    const float* x, int64_t n, float scale, float shift, uint16_t* y) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
-  const __m512 sc = _mm512_set1_ps(scale * kLog2e), sh = _mm512_set1_ps(shift * kLog2e);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(128.0f), normal = _mm512_set1_ps(-126.0f);
-  // ln2^k / k!, the Taylor coefficients of 2^f.
-  const __m512 c1 = _mm512_set1_ps(kLn2), c2 = _mm512_set1_ps(kLn2 * kLn2 / 2),
-               c3 = _mm512_set1_ps(kLn2 * kLn2 * kLn2 / 6), c4 = _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 / 24),
-               c5 = _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 * kLn2 / 120),
-               c6 = _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 * kLn2 * kLn2 / 720), one = _mm512_set1_ps(1.0f);
+// 2^t for 16 lanes, a cheaper exponential than exp_v: t = n + f (|f| <=
+// 1/2), 2^f by its degree-6 Taylor polynomial (relative error <= 1.7e-7,
+// about exp_v's 1 ulp) and 2^n by vscalefps. Results below float's normal
+// range are 0: denormals cost each later addition a microcode assist
+// (masked keys made a softmax loop 2x slower). 2^-inf = 0, 2^inf = inf,
+// NaN stays NaN.
+__attribute__((target("arch=x86-64-v4"))) FLASH_INLINE __m512 exp2_avx512(__m512 t) {
+  constexpr float kLn2 = 0.693147180559945309f;
+  // max/min return their second operand when one is NaN: NaN goes through.
+  t = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), t));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, whole);
+  // Horner over ln2^k / k!, k = 6 .. 0.
+  __m512 p = _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 * kLn2 * kLn2 / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 * kLn2 / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2 * kLn2 * kLn2 * kLn2 / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2 * kLn2 * kLn2 / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2 * kLn2 / 2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLn2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(normal, p, whole);
+}
+
+// The lanes of a 16-wide step at i of an n-long row.
+FLASH_INLINE __mmask16 step_lanes(int64_t i, int64_t n) {
+  return n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// exp_shifted_sum on AVX-512 through exp2_avx512: (x - shift) first, so the
+// large shared shift adds no error of its own.
+__attribute__((target("arch=x86-64-v4"))) float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift), log2e = _mm512_set1_ps(kLog2e);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = step_lanes(i, n);
     const __m512 in = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lanes, x + i);
-    // max/min return their second operand when one is NaN: NaN goes through.
-    const __m512 t = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_fmsub_ps(in, sc, sh)));
-    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, whole);
-    __m512 p = _mm512_fmadd_ps(c6, f, c5);
-    p = _mm512_fmadd_ps(p, f, c4);
-    p = _mm512_fmadd_ps(p, f, c3);
-    p = _mm512_fmadd_ps(p, f, c2);
-    p = _mm512_fmadd_ps(p, f, c1);
-    p = _mm512_fmadd_ps(p, f, one);
-    const __m512 e = _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, normal, _CMP_NLT_UQ), p, whole);
+    const __m512 e = exp2_avx512(_mm512_mul_ps(_mm512_sub_ps(in, sh), log2e));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_mask_storeu_ps(x + i, lanes, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// exp_scaled_to_bfloat16 where the CPU has AVX512-BF16, which also rounds
+// (vcvtneps2bf16: nearest even, NaN stays a NaN, and exp2_avx512 leaves no
+// denormals for it to flush). The exponent from one FMA, x * scale *
+// log2(e) - shift * log2(e): the rounding of shift * log2(e) scales a whole
+// row alike, which the normalization cancels. Session 7's profile of the
+// bf16 forward: the integer rounding cost 27 % and exp_v 30 %.
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) float exp_scaled_to_bfloat16_avx512_bf16(
+    const float* x, int64_t n, float scale, float shift, uint16_t* y) {
+  const __m512 sc = _mm512_set1_ps(scale * kLog2e), sh = _mm512_set1_ps(shift * kLog2e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = step_lanes(i, n);
+    const __m512 in = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lanes, x + i);
+    const __m512 e = exp2_avx512(_mm512_fmsub_ps(in, sc, sh));
     sum = _mm512_add_ps(sum, e);
     _mm256_mask_storeu_epi16(y + i, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+float exp_shifted_sum(float* x, int64_t n, float shift) {
+  return has_avx512() ? exp_shifted_sum_avx512(x, n, shift) : exp_shifted_sum_avx2(x, n, shift);
 }
 
 bool has_avx512_bf16() {
