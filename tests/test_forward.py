@@ -411,3 +411,38 @@ def test_cpu_bf16_long_queries_propagate_nan(gen):
     ref = reference_attention(q, k, v, is_causal=True)
     assert torch.equal(out.isnan(), ref.isnan())
     assert out[0, 1, 200:].isnan().all() and not out[0, 1, :200].isnan().any() and not out[0, 0].isnan().any()
+
+
+def test_cpu_avx2_loops(tmp_path, gen):
+    # The softmax loops of CPUs without AVX-512, reached on any x86 CPU by
+    # running under ATEN_CPU_CAPABILITY=avx2 (which our loops follow, as
+    # ATen's kernels do): a float32 forward with gradients and a bf16 forward
+    # long enough for the one-pass bf16 softmax.
+    import os
+    import subprocess
+    import sys
+    q32, k32, v32 = (randn((2, 4, 150, 48), torch.float32, "cpu", gen) for _ in range(3))
+    dout = randn((2, 4, 150, 48), torch.float32, "cpu", gen)
+    q16, k16, v16 = (randn((1, 4, 300, 64), torch.bfloat16, "cpu", gen) for _ in range(3))
+    torch.save([q32, k32, v32, dout, q16, k16, v16], tmp_path / "inputs.pt")
+    script = f"""
+import torch, flash_ext
+assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"), torch.backends.cpu.get_cpu_capability()
+q32, k32, v32, dout, q16, k16, v16 = torch.load(r"{tmp_path / 'inputs.pt'}")
+for t in (q32, k32, v32):
+    t.requires_grad_()
+out32 = flash_ext.scaled_dot_product_attention(q32, k32, v32, is_causal=True)
+grads = torch.autograd.grad(out32, (q32, k32, v32), dout)
+out16 = flash_ext.scaled_dot_product_attention(q16, k16, v16, is_causal=True)
+torch.save([out32.detach(), *grads, out16], r"{tmp_path / 'outputs.pt'}")
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    out32, dq, dk, dv, out16 = torch.load(tmp_path / "outputs.pt")
+    leaves = [t.requires_grad_() for t in (q32, k32, v32)]
+    ref = reference_attention(*leaves, is_causal=True)
+    assert_matches_reference(out32, ref, torch.float32)
+    for got, want in zip((dq, dk, dv), torch.autograd.grad(ref, leaves, dout.double())):
+        assert_matches_reference(got, want, torch.float32)
+    torch_out = TORCH_SDPA(q16, k16, v16, is_causal=True)  # this process: PyTorch's own kernels
+    assert_matches_reference(out16, reference_attention(q16, k16, v16, is_causal=True), torch.bfloat16, torch_out)

@@ -107,8 +107,9 @@ class PackedKV {
         // along K's rows and the strided writes stay in the small staging
         // buffer (the other order was 10 % of a bf16 forward).
         for (int64_t j = 0; j < kPackedKeys; ++j) {
-          const scalar_t* key = k + j * p.k_stride[2];
-          for (int64_t i = 0; i < d_; ++i) staged[i * kPackedKeys + j] = j < keys ? key[i] : scalar_t(0);
+          for (int64_t i = 0; i < d_; ++i) {
+            staged[i * kPackedKeys + j] = j < keys ? k[j * p.k_stride[2] + i] : scalar_t(0);
+          }
         }
         at::native::cpublas::pack(d_, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged.data(),
                                   k_.data_ptr<scalar_t>() + k_offset(bk, block));
