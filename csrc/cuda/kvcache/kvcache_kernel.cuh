@@ -70,7 +70,7 @@ struct SwizzledRow {
 };
 
 template <typename T, int kHeadDim, int kWarpsM, int kWarpsN>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(const __grid_constant__ KernelArgs args) {
   using Cfg = Tile<kHeadDim, kWarpsM, kWarpsN>;
   constexpr int kRowBytes = Cfg::kRowBytes;
@@ -190,18 +190,42 @@ __global__ void __launch_bounds__(kThreads)
     v_off = slot * p.v_cache_stride[0] + row * p.v_cache_stride[2];
   };
 
-  const auto load_tile = [&](int tile, unsigned char* stage) {
+  // Where a tile's cache rows start: its sequence's slot (the batch index, or
+  // with pages that hold whole tiles the tile's page from the block table)
+  // and the tile's first row in it. The main loop reads the block table one
+  // tile ahead, so no cp.async waits on that lookup. Smaller pages are looked
+  // up per row.
+  const bool whole_tile_pages = p.block_table != nullptr && args.page_div.divisor % kBlockN == 0;
+  const auto tile_slot = [&](int tile) -> int {
+    if (!whole_tile_pages) return b;
+    // Past the sequence's cached keys there is no page to read.
+    const int page = static_cast<int>(args.page_div.div(static_cast<uint32_t>(tile * kBlockN)));
+    return tile * kBlockN < seqlen ? p.block_table[b * p.block_table_stride + page] : 0;
+  };
+
+  const auto load_tile = [&](int tile, int slot, unsigned char* stage) {
     const uint32_t s_k = smem_addr(stage), s_v = s_k + Cfg::kTileBytes;
+    const int tile_key0 = tile * kBlockN;
+    const int tile_row0 =
+        whole_tile_pages ? tile_key0 - static_cast<int>(args.page_div.div(tile_key0) * args.page_div.divisor)
+                         : tile_key0;
+    const T* k_tile = k_cache + slot * p.k_cache_stride[0] + tile_row0 * p.k_cache_stride[2];
+    const T* v_tile = v_cache + slot * p.v_cache_stride[0] + tile_row0 * p.v_cache_stride[2];
 #pragma unroll
     for (int pass = 0; pass < Cfg::kPasses; ++pass) {
-      const int r = pass * Cfg::kRowsPerPass + ld_row, key = tile * kBlockN + r;
+      const int r = pass * Cfg::kRowsPerPass + ld_row, key = tile_key0 + r;
       const T* k_src = k_cache;
       const T* v_src = v_cache;
       if (key < seqlen) {
-        int64_t k_off, v_off;
-        cache_offsets(key, k_off, v_off);
-        k_src += k_off;
-        v_src += v_off;
+        if (p.block_table == nullptr || whole_tile_pages) {
+          k_src = k_tile + r * p.k_cache_stride[2];
+          v_src = v_tile + r * p.v_cache_stride[2];
+        } else {
+          int64_t k_off, v_off;
+          cache_offsets(key, k_off, v_off);
+          k_src += k_off;
+          v_src += v_off;
+        }
       } else if (key < total) {  // appended now: not in the cache yet
         k_src = k_new + (key - seqlen) * p.k_new_stride[2];
         v_src = v_new + (key - seqlen) * p.v_new_stride[2];
@@ -243,9 +267,10 @@ __global__ void __launch_bounds__(kThreads)
   // Pipeline prologue: Q joins the first group.
   const int stages = args.stages;
   for (int i = 0; i < stages - 1; ++i) {
-    if (t_begin + i < t_end) load_tile(t_begin + i, s_kv + i * Cfg::kStageBytes);
+    if (t_begin + i < t_end) load_tile(t_begin + i, tile_slot(t_begin + i), s_kv + i * Cfg::kStageBytes);
     cp_async_commit();
   }
+  int next_slot = t_begin + stages - 1 < t_end ? tile_slot(t_begin + stages - 1) : 0;
 
   // ---- per-warp state -----------------------------------------------------
   // ldmatrix row addresses: lane l feeds row l % 8 of 8x8 matrix l / 8.
@@ -303,8 +328,9 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned char* cur = s_kv + stage * Cfg::kStageBytes;
     if (mb == 0 && new_len > 0 && (tile + 1) * kBlockN > seqlen) store_appended(tile, cur);
     const int next_stage = stage == 0 ? stages - 1 : stage - 1;
-    if (tile + stages - 1 < t_end) load_tile(tile + stages - 1, s_kv + next_stage * Cfg::kStageBytes);
+    if (tile + stages - 1 < t_end) load_tile(tile + stages - 1, next_slot, s_kv + next_stage * Cfg::kStageBytes);
     cp_async_commit();
+    if (tile + stages < t_end) next_slot = tile_slot(tile + stages);
 
     // S = Q K^T over this warp's keys.
     const uint32_t k_base = smem_addr(cur), v_base = k_base + Cfg::kTileBytes;
