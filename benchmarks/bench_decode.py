@@ -1,15 +1,20 @@
-"""Decoding: one query token against a long KV cache, flash_ext against PyTorch
-SDPA's flash and cuDNN backends (and FlashInfer when installed), TABLE.md's
-setting.
+"""Decoding: one query token against a long KV cache, flash_ext against every
+PyTorch SDPA backend (flash, cuDNN, efficient, math), FlexAttention (and
+FlashInfer when installed), TABLE.md's setting.
 
 bf16, d=128, 32 query heads sharing 8 KV heads (GQA), q_len 1. Ours reads a
 (batch, kv_len, 8, 128) cache, contiguous or paged (pages of 64 and 256
 tokens, shuffled over the cache's storage as a serving system's free list
-leaves them); SDPA reads (batch, 8, kv_len, 128) with ``enable_gqa=True``.
+leaves them); SDPA and FlexAttention (``flex``, compiled with
+``dynamic=False``, no block mask) read (batch, 8, kv_len, 128) with
+``enable_gqa=True``. A backend that refuses GQA (efficient did in TABLE.md)
+or runs out of memory (math expands K and V to 32 heads) is an error row.
+Flex compiles each shape, so it runs at batch 1 and 16 with kv_len 8192 and
+32768 only (``--quick``: the two at 8192; ``--smoke``: every setting).
 Effective GB/s = bytes of K and V read once / median time (triton do_bench,
 as the anchors). Rows per RESULTS_FORMAT.md ``decode``.
 
-    python benchmarks/bench_decode.py [--quick] [--dry-run] [--smoke]
+    python benchmarks/bench_decode.py [--quick] [--dry-run] [--smoke] [--no-flex]
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZES = (64, 256)
 # One layout of the cache at a time is on the device; settings above this skip.
 MAX_KV_BYTES = 40e9
-SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+FLEX_BATCHES, FLEX_KV_LENS = (1, 16), (8192, 32768)
 
 Setting = tuple[int, int]  # (batch, kv_len)
 
@@ -42,6 +49,13 @@ def sweep(quick: bool, smoke: bool) -> list[Setting]:
         return [(1, 8192), (1, 131072), (16, 8192), (64, 32768)]
     lengths = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
     return [(b, n) for b, n in itertools.product((1, 16, 64), lengths) if kv_bytes(b, n) <= MAX_KV_BYTES]
+
+
+def flex_settings(settings: list[Setting], smoke: bool) -> list[Setting]:
+    """Where FlexAttention runs: each shape costs a compile."""
+    if smoke:
+        return settings
+    return [(b, n) for b, n in settings if b in FLEX_BATCHES and n in FLEX_KV_LENS]
 
 
 def flashinfer_decode() -> Callable[..., Callable[[], torch.Tensor]] | None:
@@ -83,7 +97,8 @@ def timed_row(base: dict[str, Any], fn: Callable[[], Any], device: torch.device,
     return row
 
 
-def run_setting(setting: Setting, flash_ext: Any, flashinfer: Any, device: torch.device) -> list[dict[str, Any]]:
+def run_setting(setting: Setting, flash_ext: Any, flashinfer: Any, flex: Callable[..., torch.Tensor] | None,
+                with_flex: bool, device: torch.device) -> list[dict[str, Any]]:
     batch, kv_len = setting
     nbytes = kv_bytes(batch, kv_len)
     base = dict(dtype="bfloat16", d=HEAD_DIM, batch=batch, kv_len=kv_len, q_heads=Q_HEADS, kv_heads=KV_HEADS,
@@ -130,7 +145,9 @@ def run_setting(setting: Setting, flash_ext: Any, flashinfer: Any, device: torch
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q_sdpa, k, v, enable_gqa=True)
         rows.append(timed_row({**base, "impl": name}, sdpa, device, nbytes))
-    del k, v
+    if with_flex:
+        rows.append(timed_row({**base, "impl": "flex"}, lambda: flex(q_sdpa, k, v, enable_gqa=True), device, nbytes)
+                    if flex else {**base, "impl": "flex", "error": "FlexAttention unavailable"})
     return rows
 
 
@@ -163,15 +180,18 @@ def main() -> None:
     parser = common.base_parser(__doc__)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on any device (checks the script, not the speed)")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else common.default_device()
     settings = sweep(args.quick, args.smoke)
+    flex_on = [] if args.no_flex else flex_settings(settings, args.smoke)
     flashinfer = flashinfer_decode()
     if args.dry_run:
         others = ", ".join([*SDPA_BACKENDS, *(["flashinfer"] if flashinfer else [])])
-        for batch, kv_len in settings:
+        for setting in settings:
+            batch, kv_len = setting
             print(f"decode batch={batch} kv_len={kv_len} ({kv_bytes(batch, kv_len) / 1e9:.2f} GB of K+V): "
-                  f"flash_ext contiguous + paged {PAGE_SIZES}, {others}")
+                  f"flash_ext contiguous + paged {PAGE_SIZES}, {others}{', flex' if setting in flex_on else ''}")
         return
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("bench_decode.py measures CUDA kernels; on a CPU run it with --smoke only")
@@ -180,6 +200,12 @@ def main() -> None:
     warning = check_ours(flash_ext, device)
     if warning:
         common.log(warning)
+    flex = None
+    if flex_on:
+        try:
+            flex = common.compiled_flex_attention()
+        except Exception as err:  # FlexAttention missing from this torch: its rows say so
+            common.log(f"FlexAttention unavailable: {common.error_text(err)}")
     ceilings = common.measure_ceilings(device)
     common.log(f"ceilings {ceilings}")
     header = common.run_header("decode", device, ceilings, args.quick)
@@ -190,9 +216,9 @@ def main() -> None:
     # The first setting once untimed: a process's first timed calls ran slow
     # on the host (session 7, H200: 1 x 1k read 22.9 us, the paged rows right
     # after it 13.2 us, and 13.4 us as a CUDA graph).
-    run_setting(settings[0], flash_ext, flashinfer, device)
+    run_setting(settings[0], flash_ext, flashinfer, flex, settings[0] in flex_on, device)
     for setting in common.progress(settings, len(settings), "decode"):
-        rows += run_setting(setting, flash_ext, flashinfer, device)
+        rows += run_setting(setting, flash_ext, flashinfer, flex, setting in flex_on, device)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))
     print(f"wrote {common.shown(path)} and .md")

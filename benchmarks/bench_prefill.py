@@ -7,7 +7,10 @@ backward 2.5x). As measure_anchors.py: forward timed with inputs that require
 grad (a training forward), backward = median(forward+backward) - median(forward),
 both triton do_bench medians; gradients are reset outside the timed region.
 Each of our forward outputs is compared with an SDPA backend's (``rel_err``),
-so a fast wrong kernel shows. Rows per RESULTS_FORMAT.md ``prefill``.
+so a fast wrong kernel shows. The math backend (``sdpa_math``), the quadratic-
+memory reference, holds batch·heads·n² float32 scores (and more of their size
+for the softmax and backward): where those would pass 8 GB its row is an
+error saying it was skipped. Rows per RESULTS_FORMAT.md ``prefill``.
 
     python benchmarks/bench_prefill.py [--quick] [--dry-run] [--smoke] [--no-flex] [--head-dims D..] [--seqlens N..]
 """
@@ -23,8 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import common
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
 HIDDEN, TOKENS = 2048, 16384
+# The math backend upcasts bf16 and materialises the scores: above this it skips.
+MATH_MAX_SCORE_BYTES = 8e9
 
 Setting = tuple[int, bool, int]  # (d, causal, n)
 
@@ -46,6 +51,14 @@ def flops_fwd(batch: int, heads: int, n: int, d: int, causal: bool) -> float:
     return 4 * batch * heads * n * n * d / (2 if causal else 1)
 
 
+def math_skip(batch: int, heads: int, n: int) -> str | None:
+    """Why the math backend skips a setting (its float32 scores too large), or None."""
+    nbytes = batch * heads * n * n * 4
+    if nbytes <= MATH_MAX_SCORE_BYTES:
+        return None
+    return f"skipped: {nbytes / 1e9:.1f} GB of float32 scores, over {MATH_MAX_SCORE_BYTES / 1e9:g} GB"
+
+
 def flex_settings(quick: bool, smoke: bool, settings: list[Setting]) -> tuple[list[Setting], bool]:
     """Which settings FlexAttention runs, and whether its backward is timed:
     each shape costs a compile, so the quick check times one (TABLE.md's)."""
@@ -58,15 +71,9 @@ class Flex:
     """FlexAttention compiled once, a causal block mask per sequence length."""
 
     def __init__(self, device: torch.device) -> None:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        # One static compile per shape, as the anchors' single-shape compile
-        # (no dynamic-shape kernel); the default limit of 8 would send later
-        # shapes to eager.
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 256)
+        from torch.nn.attention.flex_attention import create_block_mask
         self.device = device
-        self.fn = torch.compile(flex_attention, dynamic=False)
+        self.fn = common.compiled_flex_attention()
         self.create_block_mask = create_block_mask
 
     def __call__(self, n: int, causal: bool) -> Callable[..., torch.Tensor]:
@@ -90,8 +97,8 @@ def hopper_kernels(flash_ext: Any) -> bool:
     return "sm90" in flash_ext._support.cuda_families(torch.cuda.get_device_capability()[0])
 
 
-def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int,
-                    with_flex: bool) -> dict[str, Callable[..., torch.Tensor] | str]:
+def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int, with_flex: bool,
+                    math_skipped: str | None) -> dict[str, Callable[..., torch.Tensor] | str]:
     """name -> forward(q, k, v), or the reason it cannot run."""
     impls: dict[str, Callable[..., torch.Tensor] | str] = {}
     impls[common.OURS] = ((lambda q, k, v: flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -103,7 +110,7 @@ def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int,
         def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend = backend) -> torch.Tensor:
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        impls[name] = sdpa
+        impls[name] = math_skipped if name == "sdpa_math" and math_skipped else sdpa
     if with_flex:
         impls["flex"] = flex(n, causal) if flex else "FlexAttention unavailable"
     return impls
@@ -122,11 +129,12 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
     ours_out: torch.Tensor | None = None
     for name, fwd in impls.items():
         row: dict[str, Any] = dict(impl=name, dtype="bfloat16", d=d, causal=causal, n=n, batch=batch, heads=heads)
+        if isinstance(fwd, str):  # refused before running: the reason is the row's error
+            rows.append({**row, "error": fwd})
+            continue
         if name == OURS_SM80:
             set_cuda_path("sm80")
         try:
-            if isinstance(fwd, str):
-                raise RuntimeError(fwd)
             out = fwd(q, k, v).detach()
             if name == common.OURS:
                 ours_out = out
@@ -176,9 +184,11 @@ def main() -> None:
     if args.dry_run:
         for d, causal, n in settings:
             batch, heads = shape(d, n, args.smoke)
+            skipped = math_skip(batch, heads, n)
+            sdpa = [f"{name} ({skipped})" if name == "sdpa_math" and skipped else name for name in SDPA_BACKENDS]
             extra = (", flex" + (" fwd+bwd" if flex_bwd else " fwd")) if (d, causal, n) in flex_on else ""
             print(f"prefill d={d} causal={int(causal)} n={n} batch={batch} heads={heads}: "
-                  f"flash_ext, {', '.join(SDPA_BACKENDS)}{extra}")
+                  f"flash_ext, {', '.join(sdpa)}{extra}")
         return
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("bench_prefill.py measures CUDA kernels; on a CPU run bench_cpu.py (or --smoke here)")
@@ -197,7 +207,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for setting in common.progress(settings, len(settings), "prefill"):
         d, causal, n = setting
-        impls = implementations(flash_ext, flex, causal, n, setting in flex_on)
+        impls = implementations(flash_ext, flex, causal, n, setting in flex_on,
+                                math_skip(*shape(d, n, args.smoke), n))
         rows += run_setting(setting, impls, device, args.smoke, flex_bwd)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))

@@ -377,6 +377,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """FlexAttention under torch.compile, one static compile per shape as the
+    anchors' single-shape compile (no dynamic-shape kernel)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    # The default recompile limit of 8 would send later shapes to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def strict_flash_ext() -> Any:
     """flash_ext in strict mode, so an unsupported input raises (and becomes an
     error row) rather than timing PyTorch's SDPA as ours. None when the module
