@@ -17,9 +17,9 @@ import os
 import subprocess
 import sys
 
-ROWS = [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024), (64, 8192)]
-DEFAULT_VARIANTS = {"default": "", "separate_combine": "fused_combine=0", "no_pdl": "pdl=0",
-                    "stages2": "stages=2", "stages4": "stages=4"}
+ROWS = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024)]
+DEFAULT_VARIANTS = {"default": "", "no_cluster": "cluster_merge=0",
+                    "separate_combine": "fused_combine=0,cluster_merge=0"}
 
 
 def measure() -> dict[str, list[float]]:

@@ -36,7 +36,10 @@ void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream);
 
 // Number of split-KV partitions for num_splits = 0 (chosen from the SM count).
-int choose_num_splits(const KVCacheParams& params, int num_sms);
+int choose_num_splits(const KVCacheParams& params, int num_sms, int device_major);
+// Whether params.num_splits splits merge inside a thread-block cluster, which
+// needs neither out_partial/lse_partial nor split_counters.
+bool kvcache_merges_in_cluster(const KVCacheParams& params, int device_major);
 // How many int32 params.split_counters holds: one per (sequence, kv head,
 // row block), the groups whose splits are merged together.
 int64_t kvcache_split_groups(const KVCacheParams& params);

@@ -95,14 +95,20 @@ Tuning tuning_from_environment() {
         t.pdl = value != 0;
       } else if (key == "fused_combine") {
         t.fused_combine = value != 0;
+      } else if (key == "cluster_merge") {
+        t.cluster_merge = value != 0;
       } else {
         throw std::runtime_error("flash_ext kvcache: FLASH_EXT_DECODE_TUNING has an unknown key '" + key +
-                                 "' (known: stages, pdl, fused_combine)");
+                                 "' (known: stages, pdl, fused_combine, cluster_merge)");
       }
     }
     return t;
   }();
   return tuning;
+}
+
+bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning) {
+  return tuning.cluster_merge && device_major == 9 && num_splits >= 2 && num_splits <= kMaxClusterSplits;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -118,11 +124,12 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   if (const char* why = kvcache_unsupported_reason(p, major, minor)) {
     throw std::runtime_error(std::string("flash_ext kvcache: ") + why);
   }
-  if (p.num_splits > 1 && (p.out_partial == nullptr || p.lse_partial == nullptr)) {
-    throw std::runtime_error("flash_ext kvcache: num_splits > 1 needs out_partial and lse_partial");
-  }
   KernelArgs args;
   args.p = p;
+  args.cluster_merge = merges_in_cluster(p.num_splits, major, tuning);
+  if (p.num_splits > 1 && !args.cluster_merge && (p.out_partial == nullptr || p.lse_partial == nullptr)) {
+    throw std::runtime_error("flash_ext kvcache: num_splits > 1 needs out_partial and lse_partial");
+  }
   if (p.block_table != nullptr) args.page_div = FastDivmod(static_cast<uint32_t>(p.page_size));
   args.group = static_cast<int>(p.heads / p.kv_heads);
   args.rows = static_cast<int>(args.group * p.q_len);
@@ -137,8 +144,8 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   const int head_dim_inst = head_dim_instance(p.head_dim);
   args.stages = choose_stages(head_dim_inst, layout, tuning.stages,
                               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-  if (!tuning.fused_combine) args.p.split_counters = nullptr;
-  const bool separate_combine = p.num_splits > 1 && args.p.split_counters == nullptr;
+  if (!tuning.fused_combine || args.cluster_merge) args.p.split_counters = nullptr;
+  const bool separate_combine = p.num_splits > 1 && !args.cluster_merge && args.p.split_counters == nullptr;
   const bool pdl = tuning.pdl && major >= 9;
 
   if (p.dtype == ScalarKind::kBFloat16) {
@@ -193,7 +200,11 @@ const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major,
   return nullptr;
 }
 
-int choose_num_splits(const KVCacheParams& p, int num_sms) {
+bool kvcache_merges_in_cluster(const KVCacheParams& p, int device_major) {
+  return kvcache::merges_in_cluster(p.num_splits, device_major, kvcache::tuning_from_environment());
+}
+
+int choose_num_splits(const KVCacheParams& p, int num_sms, int device_major) {
   const int64_t blocks = kvcache_split_groups(p);
   // Longest sequence the cache can hold (a paged cache's table is assumed
   // to be as wide as its row stride).
@@ -206,16 +217,19 @@ int choose_num_splits(const KVCacheParams& p, int num_sms) {
   const int64_t tiles = std::max<int64_t>(1, (capacity + kvcache::kBlockN - 1) / kvcache::kBlockN);
   const int64_t slots = std::max<int64_t>(1, int64_t{num_sms} * kvcache::blocks_per_sm(p.head_dim));
   // Modelled time, in tiles: waves of blocks times the tiles of one split
-  // plus a block's fixed cost (pipeline fill, epilogue, its share of the
-  // combine), about two tiles. Split counts that would leave a split empty
-  // are skipped; ties go to fewer splits.
-  constexpr int64_t kBlockOverheadTiles = 2;
+  // plus a block's fixed cost: about a tile for the pipeline fill and the
+  // epilogue, and one more for a merge through global memory (partials, a
+  // counter, the last block's reads); a merge inside a cluster costs little.
+  // Split counts that would leave a split empty are skipped; ties go to
+  // fewer splits.
+  const kvcache::Tuning& tuning = kvcache::tuning_from_environment();
   int best = 1;
   int64_t best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t s = 1; s <= std::min<int64_t>(tiles, 128); ++s) {
     const int64_t per_split = (tiles + s - 1) / s;
     if ((tiles + per_split - 1) / per_split != s) continue;
-    const int64_t cost = (blocks * s + slots - 1) / slots * (per_split + kBlockOverheadTiles);
+    const bool global_merge = s > 1 && !kvcache::merges_in_cluster(s, device_major, tuning);
+    const int64_t cost = (blocks * s + slots - 1) / slots * (per_split + 1 + (global_merge ? 1 : 0));
     if (cost < best_cost) {
       best_cost = cost;
       best = static_cast<int>(s);

@@ -127,14 +127,14 @@ void run_attention_bwd(const at::Tensor& q, AttentionBwdParams& params) {
 }
 
 void run_kvcache(const at::Tensor& q, KVCacheParams& params, int64_t /*max_keys*/) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
   if (params.num_splits == 0) {
-    params.num_splits = flash_ext::cuda::choose_num_splits(
-        params, at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount);
+    params.num_splits = flash_ext::cuda::choose_num_splits(params, prop->multiProcessorCount, prop->major);
   }
   require_supported(q, params, flash_ext::cuda::kvcache_unsupported_reason);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor out_partial, lse_partial, captured_counters;
-  if (params.num_splits > 1) {
+  if (params.num_splits > 1 && !flash_ext::cuda::kvcache_merges_in_cluster(params, prop->major)) {
     const auto f32 = q.options().dtype(at::kFloat);
     out_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len, params.v_head_dim}, f32);
     lse_partial = at::empty({params.num_splits, params.batch, params.heads, params.q_len}, f32);

@@ -10,6 +10,7 @@
 // are one kernel.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -125,6 +126,55 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int r = warp; r < rows_here; r += kThreads / 32) combine_row<T>(p, out_row(r), lane);
   };
 
+  // Cluster merge: every split leaves its normalized rows (float, s_o's first
+  // slab) and their lse (s_lse) in its own shared memory; after a cluster
+  // barrier the group's blocks merge them together, each taking every
+  // num_splits-th (row, 8-column chunk), reading the peers' shared memory.
+  __shared__ float s_lse[Cfg::kBlockM];
+  float* s_o = reinterpret_cast<float*>(s_kv) + 2 * kWarpsN * Cfg::kBlockM;  // epilogue: [kWarpsN][kBlockM][kOStride]
+  const auto cluster_merge = [&]() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every split's rows are in its shared memory
+    const int chunks = head_dim / 8;
+    for (int i = tid * num_splits + split; i < rows_here * chunks; i += kThreads * num_splits) {
+      const int r = i / chunks, c = i % chunks;
+      float lse_s[kMaxClusterSplits];
+      float max_lse = kNegInf;
+#pragma unroll
+      for (int sp = 0; sp < kMaxClusterSplits; ++sp) {
+        lse_s[sp] = sp < num_splits ? cluster.map_shared_rank(s_lse, sp)[r] : kNegInf;
+        max_lse = fmaxf(max_lse, lse_s[sp]);
+      }
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float sum = 0.f;
+      if (max_lse != kNegInf) {
+#pragma unroll
+        for (int sp = 0; sp < kMaxClusterSplits; ++sp) {
+          // A split without visible keys wrote no rows: skipped, never multiplied.
+          if (lse_s[sp] == kNegInf) continue;
+          const float w = expf(lse_s[sp] - max_lse);
+          const float* src = cluster.map_shared_rank(s_o, sp) + r * Cfg::kOStride + c * 8;
+          const float4 lo = *reinterpret_cast<const float4*>(src);
+          const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+          sum += w;
+          acc[0] += w * lo.x; acc[1] += w * lo.y; acc[2] += w * lo.z; acc[3] += w * lo.w;
+          acc[4] += w * hi.x; acc[5] += w * hi.y; acc[6] += w * hi.z; acc[7] += w * hi.w;
+        }
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      *reinterpret_cast<uint4*>(out_ptr(r) + c * 8) =
+          make_uint4(Element<T>::pack(acc[0] * inv, acc[1] * inv), Element<T>::pack(acc[2] * inv, acc[3] * inv),
+                     Element<T>::pack(acc[4] * inv, acc[5] * inv), Element<T>::pack(acc[6] * inv, acc[7] * inv));
+      if (c == 0) p.lse[out_row(r)] = max_lse == kNegInf ? kNegInf : max_lse + logf(sum);
+    }
+    cluster.sync();  // no block leaves while a peer may still read its shared memory
+#else
+    __trap();  // the host launches clusters on sm_90 only
+#endif
+  };
+
   grid_dependency_wait();  // q, cache and lengths may come from the previous kernel
 
   // Q first: it does not depend on the length, so its latency overlaps the
@@ -162,9 +212,14 @@ __global__ void __launch_bounds__(kThreads, 2)
         *reinterpret_cast<uint4*>(out_ptr(i / chunks) + (i % chunks) * 8) = make_uint4(0, 0, 0, 0);
       }
     }
+    cp_async_wait<0>();  // no copy into shared memory outlives the block
+    if (args.cluster_merge) {
+      for (int r = tid; r < rows_here; r += kThreads) s_lse[r] = kNegInf;
+      cluster_merge();
+      return;
+    }
     float* lse = num_splits == 1 ? p.lse : p.lse_partial + split * rows_total;
     for (int r = tid; r < rows_here; r += kThreads) lse[out_row(r)] = kNegInf;
-    cp_async_wait<0>();  // no copy into shared memory outlives the block
     combine_if_last();
     return;
   }
@@ -434,7 +489,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages: reuse them
   float* s_stats = reinterpret_cast<float*>(s_kv);  // [kWarpsN][kBlockM][max, sum]
-  float* s_o = s_stats + 2 * kWarpsN * Cfg::kBlockM;  // [kWarpsN][kBlockM][kOStride]
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
@@ -466,6 +520,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float lse = m_all == kNegInf ? kNegInf : (m_all + log2f(l_all)) * 0.6931471805599453f;
       if (num_splits == 1) {
         p.lse[out_row(r)] = lse;
+      } else if (args.cluster_merge) {
+        s_lse[r] = lse;
       } else {
         p.lse_partial[split * rows_total + out_row(r)] = lse;
       }
@@ -497,13 +553,21 @@ __global__ void __launch_bounds__(kThreads, 2)
       const uint4 packed = make_uint4(Element<T>::pack(acc[0], acc[1]), Element<T>::pack(acc[2], acc[3]),
                                       Element<T>::pack(acc[4], acc[5]), Element<T>::pack(acc[6], acc[7]));
       *reinterpret_cast<uint4*>(out_ptr(r) + c * 8) = packed;
+    } else if (args.cluster_merge) {  // into warp 0's slab, which only this thread reads here
+      float* dst = s_o + r * Cfg::kOStride + c * 8;
+      *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
     } else {
       float* dst = p.out_partial + (split * rows_total + out_row(r)) * p.v_head_dim + c * 8;
       *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
       *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
     }
   }
-  combine_if_last();
+  if (args.cluster_merge) {
+    cluster_merge();
+  } else {
+    combine_if_last();
+  }
 }
 
 template <typename T, int kHeadDim, int kWarpsM, int kWarpsN>
@@ -518,11 +582,18 @@ void launch_layout(const KernelArgs& args, bool pdl, cudaStream_t stream) {
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = pdl ? 1 : 0;
+  cudaLaunchAttribute attributes[2] = {};
+  unsigned num_attributes = 0;
+  if (pdl) {
+    attributes[num_attributes].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (args.cluster_merge) {  // one cluster per group: its splits, along y
+    attributes[num_attributes].id = cudaLaunchAttributeClusterDimension;
+    attributes[num_attributes++].val.clusterDim = {1, static_cast<unsigned>(args.p.num_splits), 1};
+  }
+  config.attrs = attributes;
+  config.numAttrs = num_attributes;
   check_cuda(cudaLaunchKernelEx(&config, kernel, args), "launching the split-KV attention kernel");
 }
 

@@ -14,6 +14,8 @@ namespace flash_ext::cuda::kvcache {
 constexpr int kBlockN = 64;
 constexpr int kThreads = 128;  // four warps
 constexpr int kMaxStages = 6;
+// Most splits merged inside a thread-block cluster (the portable cluster size).
+constexpr int kMaxClusterSplits = 8;
 
 // Knobs with defaults that FLASH_EXT_DECODE_TUNING overrides, so that
 // scripts/decode_tuning.py can time the choices side by side.
@@ -21,7 +23,13 @@ struct Tuning {
   int stages = 0;             // cp.async pipeline depth, 2..kMaxStages; 0 = by head dim
   bool pdl = true;            // programmatic dependent launch where the device has it
   bool fused_combine = true;  // the last split merges (needs p.split_counters)
+  bool cluster_merge = true;  // sm90, up to kMaxClusterSplits splits: merge in a cluster
 };
+
+// Whether the splits of a group run as one thread-block cluster and merge
+// through distributed shared memory: no partials in global memory, no
+// counters, no last-block hand-off. Hopper, 2..kMaxClusterSplits splits.
+bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning);
 
 // Integer division by a run-time constant through a multiply-high
 // (Granlund-Montgomery, as in CUTLASS), for the paged-cache row -> page split.
@@ -59,6 +67,7 @@ struct KernelArgs {
   int m_blocks = 1;   // thread blocks along the packed rows
   int stages = 2;
   float scale_log2 = 1.f;  // softmax scale * log2(e): scores live in base 2
+  bool cluster_merge = false;  // the splits form a cluster (merges_in_cluster)
   // Soft-capping and ALiBi on unscaled scores s = q.k (as score_mod.cuh):
   // s -> tanh_out * tanh_exp2(s * tanh_in), tanh_in = 0 when off; ALiBi
   // slopes enter times inv_scale.
