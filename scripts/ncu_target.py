@@ -1,17 +1,32 @@
-"""One forward and one backward of flash_ext at a benchmark shape, for Nsight
-Compute:
+"""One forward and one backward of flash_ext at a benchmark shape, or three
+decodes, for Nsight Compute:
 
     ncu --kernel-name regex:attention_ --launch-skip 2 --launch-count 4 \\
         --section SpeedOfLight --section WarpStateStats ... python3 scripts/ncu_target.py [d] [n] [causal]
+    ncu --kernel-name regex:kvcache --launch-skip 2 --launch-count 1 ... python3 scripts/ncu_target.py decode [batch] [kv_len]
 
-The first iteration warms up (skipped by --launch-skip); bf16, batch*n = 16k
-tokens, heads*d = 2048, as in benchmarks/bench_prefill.py.
+The first iteration(s) warm up (skipped by --launch-skip); prefill: bf16,
+batch*n = 16k tokens, heads*d = 2048, as in benchmarks/bench_prefill.py;
+decode: bf16, 32 query heads on 8 KV heads, d = 128, as in
+benchmarks/bench_decode.py.
 """
 import sys
 
 import torch
 
 import flash_ext
+
+if len(sys.argv) > 1 and sys.argv[1] == "decode":
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    kv_len = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+    q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, kv_len, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        flash_ext.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens)
+    torch.cuda.synchronize()
+    print(f"ran decode batch={batch} kv_len={kv_len}")
+    sys.exit(0)
 
 d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
