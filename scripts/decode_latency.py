@@ -7,6 +7,8 @@ setting), for a few (batch, cache length) rows. For each implementation:
 - ``bench``: triton do_bench median (L2 flushed between calls, as the anchors)
   of the eager call and of a replayed CUDA graph of it;
 - ``loop``: mean time per call of graph replays queued back to back (L2 warm);
+- ``host``: mean wall time per eager call queued back to back (the larger of
+  the host's cost and the GPU's);
 - ``kernels``: what CUPTI (torch.profiler) saw the GPU run per call, after the
   same L2 flush: the number of kernels and the sum of their mean durations.
 
@@ -17,6 +19,7 @@ The baseline is a one-element add: the least any launch costs on this timing.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, Callable
 
 import torch
@@ -39,6 +42,18 @@ def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def host_us(fn: Callable[[], Any], calls: int = 300) -> float:
+    """Mean wall µs per eager call queued back to back: the host's cost when
+    it is above the kernel's (do_bench's eager timing waits on it then)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6 / calls
 
 
 def back_to_back_us(replay: Callable[[], None], calls: int = 200) -> float:
@@ -85,9 +100,10 @@ def main() -> None:
         eager = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
         graph = do_bench(graphed(fn), warmup=25, rep=100, return_mode="median") * 1e3
         loop = back_to_back_us(graphed(fn))
+        host = host_us(fn)
         kernels, names = kernel_time_us(fn, flush)
-        print(f"{name:>28} | eager {eager:7.1f} | graph {graph:7.1f} | loop {loop:6.1f} | kernels {kernels:7.1f} | "
-              f"{names}", flush=True)
+        print(f"{name:>28} | eager {eager:7.1f} | graph {graph:7.1f} | loop {loop:6.1f} | host {host:6.1f} | "
+              f"kernels {kernels:7.1f} | {names}", flush=True)
 
     one = torch.zeros(1, device=device)
     report("baseline (1-element add)", lambda: one.add_(1))
