@@ -7,7 +7,9 @@
 // so no two threads write the same gradient element.
 #include "attention_cpu.h"
 #include "dropout.h"
+#include "packed_gemm.h"
 #include "tile.h"
+#include "vec_math.h"
 
 namespace flash_ext::cpu {
 namespace {
@@ -16,21 +18,243 @@ namespace {
 // masked triangle on a causal diagonal for every query block.
 constexpr int64_t kBlockKBwd = kBlockQ;
 
+// The backward's five products per (query block, key block) tile, with Q,
+// dO, K and V staged as acc_t and multiplied through BLAS: every dtype.
 template <typename scalar_t>
-void attention_bwd_typed(const AttentionBwdParams& p) {
+class StagedBwdProducts {
+ public:
   using acc_t = acc_type_t<scalar_t>;
+
+  explicit StagedBwdProducts(const AttentionBwdParams& p)
+      : p_(p), d_(p.head_dim), dv_(p.v_head_dim), scale_(static_cast<acc_t>(p.scale)),
+        q_buf_(kBlockQ * d_), do_buf_(kBlockQ * dv_), k_buf_(kBlockKBwd * d_), v_buf_(kBlockKBwd * dv_) {}
+
+  // A (sequence, kv head) begins: q and dout at its group's first head and row.
+  void start_item(const scalar_t*, const scalar_t*, int64_t) {}
+
+  // Keys [col0, col0 + cols) of k and v (at the tile's first key).
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t col0, int64_t cols) {
+    (void)col0;
+    cols_ = cols;
+    k_tile_ = stage_rows<acc_t>(k, p_.k_stride[2], cols, d_, k_buf_.data());
+    v_tile_ = stage_rows<acc_t>(v, p_.v_stride[2], cols, dv_, v_buf_.data());
+  }
+
+  // Rows [row0, row0 + rows) of group head g (q and dout at the block's first row).
+  void load_queries(const scalar_t* q, const scalar_t* dout, int64_t g, int64_t row0, int64_t rows) {
+    (void)g, (void)row0;
+    rows_ = rows;
+    q_tile_ = stage_rows<acc_t>(q, p_.q_stride[2], rows, d_, q_buf_.data());
+    do_tile_ = stage_rows<acc_t>(dout, p_.do_stride[2], rows, dv_, do_buf_.data());
+  }
+
+  // s = scale * Q K^T
+  void scores(acc_t* s, int64_t lds) {
+    gemm<acc_t>(false, true, rows_, cols_, d_, scale_, q_tile_, k_tile_, acc_t(0), {s, lds});
+  }
+  // dv += P^T dO
+  void add_dv(const acc_t* pd, int64_t ldp, acc_t* dv) {
+    gemm<acc_t>(true, false, cols_, dv_, rows_, acc_t(1), {pd, ldp}, do_tile_, acc_t(1), {dv, dv_});
+  }
+  // dpd = dO V^T
+  void dprobs(acc_t* dpd, int64_t ld) {
+    gemm<acc_t>(false, true, rows_, cols_, dv_, acc_t(1), do_tile_, v_tile_, acc_t(0), {dpd, ld});
+  }
+  // dq += scale * dS K;  dk += scale * dS^T Q
+  void add_dq_dk(const acc_t* ds, int64_t lds, acc_t* dq, acc_t* dk) {
+    gemm<acc_t>(false, false, rows_, d_, cols_, scale_, {ds, lds}, k_tile_, acc_t(1), {dq, d_});
+    gemm<acc_t>(true, false, cols_, d_, rows_, scale_, {ds, lds}, q_tile_, acc_t(1), {dk, d_});
+  }
+
+ private:
+  const AttentionBwdParams& p_;
+  int64_t d_, dv_;
+  acc_t scale_;
+  std::vector<acc_t> q_buf_, do_buf_, k_buf_, v_buf_;
+  Matrix<const acc_t> q_tile_{nullptr, 0}, do_tile_{nullptr, 0}, k_tile_{nullptr, 0}, v_tile_{nullptr, 0};
+  int64_t rows_ = 0, cols_ = 0;
+};
+
+// The same products for bfloat16/float16 on the CPU's matrix units
+// (packed_gemm.h): 16-bit operands, float32 accumulators; P and dS are
+// rounded to the input type for their products, as PyTorch's CPU SDPA
+// backward does. Right-hand operands are packed: K^T, V^T and K once per key
+// tile, Q and dO once per (sequence, kv head) for all its query blocks.
+template <typename scalar_t>
+class PackedBwdProducts {
+ public:
+  using acc_t = float;
+
+  explicit PackedBwdProducts(const AttentionBwdParams& p)
+      : p_(p), d_(p.head_dim), dv_(p.v_head_dim), q_blocks_(ceil_div(p.q_len, kBlockQ)),
+        kt_(kBlockKBwd * d_), vt_(kBlockKBwd * dv_), k_(kBlockKBwd * d_),
+        q_packed_(p.heads / p.kv_heads * q_blocks_ * kBlockQ * d_),
+        do_packed_(p.heads / p.kv_heads * q_blocks_ * kBlockQ * dv_),
+        staged_(std::max<int64_t>({d_, dv_, kBlockQ}) * kPackedKeys),
+        a_(kBlockQ * kBlockKBwd), a_t_(kBlockQ * kBlockKBwd), rounded_(kBlockKBwd) {}
+  PackedBwdProducts(const PackedBwdProducts&) = delete;
+  ~PackedBwdProducts() { packed_gemm_release(); }
+
+  void start_item(const scalar_t* q, const scalar_t* dout, int64_t L) {
+    const int64_t group = p_.heads / p_.kv_heads;
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t row0 = 0; row0 < L; row0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, L - row0);
+        pack_rows(q + g * p_.q_stride[1] + row0 * p_.q_stride[2], p_.q_stride[2], rows, d_,
+                  q_packed_.data() + block_offset(g, row0, d_));
+        pack_rows(dout + g * p_.do_stride[1] + row0 * p_.do_stride[2], p_.do_stride[2], rows, dv_,
+                  do_packed_.data() + block_offset(g, row0, dv_));
+      }
+    }
+  }
+
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t col0, int64_t cols) {
+    (void)col0;
+    cols_ = cols;
+    // K^T and V^T in 64-key blocks (zero past the last key), for Q K^T and dO V^T.
+    for (int64_t j = 0; j * kPackedKeys < cols; ++j) {
+      pack_transposed(k + j * kPackedKeys * p_.k_stride[2], p_.k_stride[2], cols - j * kPackedKeys, d_,
+                      kt_.data() + j * d_ * kPackedKeys);
+      pack_transposed(v + j * kPackedKeys * p_.v_stride[2], p_.v_stride[2], cols - j * kPackedKeys, dv_,
+                      vt_.data() + j * dv_ * kPackedKeys);
+    }
+    pack_rows(k, p_.k_stride[2], cols, d_, k_.data());  // K, for dS K
+  }
+
+  void load_queries(const scalar_t* q, const scalar_t* dout, int64_t g, int64_t row0, int64_t rows) {
+    q_ = q;
+    do_ = dout;
+    rows_ = rows;
+    q_packed_block_ = q_packed_.data() + block_offset(g, row0, d_);
+    do_packed_block_ = do_packed_.data() + block_offset(g, row0, dv_);
+  }
+
+  void scores(float* s, int64_t lds) {
+    for (int64_t j = 0; j * kPackedKeys < cols_; ++j) {
+      packed_product(rows_, d_, q_, p_.q_stride[2], kt_.data() + j * d_ * kPackedKeys, s + j * kPackedKeys, lds,
+                     false);
+    }
+    for (int64_t r = 0; r < rows_; ++r) scale_row(s + r * lds, cols_, static_cast<float>(p_.scale));
+  }
+
+  void add_dv(const float* pd, int64_t ldp, float* dv) {
+    const int64_t k = even(rows_);
+    round_transposed(pd, ldp, 1.f, a_t_.data(), k);
+    for (int64_t c0 = 0; c0 < dv_; c0 += kPackedKeys) {
+      packed_product(cols_, k, a_t_.data(), k, do_packed_block_ + c0 * kBlockQ, dv + c0, dv_, true);
+    }
+  }
+
+  void dprobs(float* dpd, int64_t ld) {
+    for (int64_t j = 0; j * kPackedKeys < cols_; ++j) {
+      packed_product(rows_, dv_, do_, p_.do_stride[2], vt_.data() + j * dv_ * kPackedKeys, dpd + j * kPackedKeys,
+                     ld, false);
+    }
+  }
+
+  void add_dq_dk(const float* ds, int64_t lds, float* dq, float* dk) {
+    const float scale = static_cast<float>(p_.scale);
+    // scale * dS rounded, as rows (for dS K) and transposed (for dS^T Q).
+    const int64_t kc = even(cols_);
+    for (int64_t r = 0; r < rows_; ++r) {
+      round_row(ds + r * lds, scale, a_.data() + r * kc);
+      std::fill(a_.data() + r * kc + cols_, a_.data() + (r + 1) * kc, scalar_t(0));
+    }
+    for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
+      packed_product(rows_, kc, a_.data(), kc, k_.data() + c0 * kBlockKBwd, dq + c0, d_, true);
+    }
+    const int64_t kr = even(rows_);
+    round_transposed(ds, lds, scale, a_t_.data(), kr);
+    for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
+      packed_product(cols_, kr, a_t_.data(), kr, q_packed_block_ + c0 * kBlockQ, dk + c0, d_, true);
+    }
+  }
+
+ private:
+  static int64_t even(int64_t n) { return n + (n & 1); }
+
+  int64_t block_offset(int64_t g, int64_t row0, int64_t dim) const {
+    return (g * q_blocks_ + row0 / kBlockQ) * kBlockQ * dim;
+  }
+
+  // Rows [0, rows) of src (row stride ld, `dim` columns) as the packed right
+  // operand of a product over those rows: per 64 columns, an even number of
+  // rows (zero past `rows`) at dst + chunk * (64 * kBlockQ).
+  void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    const int64_t k = even(rows);
+    for (int64_t c0 = 0; c0 < dim; c0 += kPackedKeys) {
+      for (int64_t r = 0; r < k; ++r) {
+        scalar_t* row = staged_.data() + r * kPackedKeys;
+        if (r < rows) {
+          std::copy_n(src + r * ld + c0, kPackedKeys, row);
+        } else {
+          std::fill(row, row + kPackedKeys, scalar_t(0));
+        }
+      }
+      at::native::cpublas::pack(k, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(),
+                                dst + c0 * kBlockQ);
+    }
+  }
+
+  // Up to 64 rows of src (`dim` columns) transposed, as one packed dim x 64
+  // right operand (zero columns past `rows`).
+  void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    const int64_t n = std::min(rows, kPackedKeys);
+    for (int64_t j = 0; j < kPackedKeys; ++j) {  // along src's rows, as PackedKV does
+      for (int64_t i = 0; i < dim; ++i) staged_[i * kPackedKeys + j] = j < n ? src[j * ld + i] : scalar_t(0);
+    }
+    at::native::cpublas::pack(dim, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(), dst);
+  }
+
+  void round_row(const float* src, float factor, scalar_t* dst) {
+    float* scaled = rounded_.data();
+    for (int64_t c = 0; c < cols_; ++c) scaled[c] = src[c] * factor;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      float_to_bfloat16(scaled, reinterpret_cast<uint16_t*>(dst), cols_);
+    } else {
+      at::vec::convert(scaled, dst, cols_);
+    }
+  }
+
+  // factor * src^T (cols_ x rows_) rounded into dst with row stride k (zero
+  // in columns [rows_, k)).
+  void round_transposed(const float* src, int64_t ld, float factor, scalar_t* dst, int64_t k) {
+    for (int64_t r = 0; r < rows_; ++r) {
+      round_row(src + r * ld, factor, a_.data() + r * kBlockKBwd);
+      for (int64_t c = 0; c < cols_; ++c) dst[c * k + r] = a_[r * kBlockKBwd + c];
+    }
+    if (k != rows_) {
+      for (int64_t c = 0; c < cols_; ++c) dst[c * k + rows_] = scalar_t(0);
+    }
+  }
+
+  const AttentionBwdParams& p_;
+  int64_t d_, dv_, q_blocks_;
+  std::vector<scalar_t> kt_, vt_, k_, q_packed_, do_packed_, staged_, a_, a_t_;
+  std::vector<float> rounded_;
+  const scalar_t* q_ = nullptr;
+  const scalar_t* do_ = nullptr;
+  const scalar_t* q_packed_block_ = nullptr;
+  const scalar_t* do_packed_block_ = nullptr;
+  int64_t rows_ = 0, cols_ = 0;
+};
+
+template <typename scalar_t, typename Products>
+void attention_bwd_typed(const AttentionBwdParams& p) {
+  using acc_t = typename Products::acc_t;
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t group = p.heads / p.kv_heads;
   const int64_t d = p.head_dim, dv = p.v_head_dim;
-  const acc_t scale = static_cast<acc_t>(p.scale);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
 
   parallel_items(p.batch * p.kv_heads, [&](const auto& next_item) {
     // Sized for the longest sequence; a varlen sequence uses its first rows.
     std::vector<acc_t> dq_acc(group * p.q_len * d), row_dot(group * p.q_len), row_lse(group * p.q_len);
-    std::vector<acc_t> q_buf(kBlockQ * d), do_buf(kBlockQ * dv), o_row(dv), do_row(dv);
-    std::vector<acc_t> k_buf(kBlockKBwd * d), v_buf(kBlockKBwd * dv);
+    std::vector<acc_t> o_row(dv), do_row(dv);
+    Products products(p);
     std::vector<acc_t> dk_acc(kBlockKBwd * d), dv_acc(kBlockKBwd * dv);
     std::vector<acc_t> probs(kBlockQ * kBlockKBwd), dropped(kBlockQ * kBlockKBwd), dscores(kBlockQ * kBlockKBwd);
     std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockKBwd : 0);
@@ -62,15 +286,13 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
         }
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      products.start_item(in(p.q) + q_at(p.q_stride, kvh * group), in(p.dout) + q_at(p.do_stride, kvh * group), L);
 
       const scalar_t* k = in(p.k) + k_at(p.k_stride, kvh);
       const scalar_t* v = in(p.v) + k_at(p.v_stride, kvh);
       for (int64_t col0 = 0; col0 < S; col0 += kBlockKBwd) {
         const int64_t cols = std::min(kBlockKBwd, S - col0);
-        const Matrix<const acc_t> k_tile =
-            stage_rows<acc_t>(k + col0 * p.k_stride[2], p.k_stride[2], cols, d, k_buf.data());
-        const Matrix<const acc_t> v_tile =
-            stage_rows<acc_t>(v + col0 * p.v_stride[2], p.v_stride[2], cols, dv, v_buf.data());
+        products.load_keys(k + col0 * p.k_stride[2], v + col0 * p.v_stride[2], col0, cols);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
 
@@ -87,14 +309,10 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
             const int64_t rows = std::min(kBlockQ, L - row0);
             const KeyRange keys = visible_key_range(seq.window, row0, row0 + rows, S);
             if (keys.end <= col0 || keys.begin >= col0 + cols) continue;  // tile fully masked
-            const Matrix<const acc_t> q_tile =
-                stage_rows<acc_t>(q + row0 * p.q_stride[2], p.q_stride[2], rows, d, q_buf.data());
-            const Matrix<const acc_t> do_tile =
-                stage_rows<acc_t>(dout + row0 * p.do_stride[2], p.do_stride[2], rows, dv, do_buf.data());
+            products.load_queries(q + row0 * p.q_stride[2], dout + row0 * p.do_stride[2], g, row0, rows);
 
             // P = exp(S - lse), recomputed.
-            gemm<acc_t>(false, true, rows, cols, d, scale, q_tile, k_tile, acc_t(0),
-                        {probs.data(), kBlockKBwd});
+            products.scores(probs.data(), kBlockKBwd);
             if (mods.active()) {
               mods.apply(probs.data(), kBlockKBwd, rows, cols, col0, [row0](int64_t r) { return row0 + r; },
                          capped.empty() ? nullptr : capped.data());
@@ -126,10 +344,8 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               }
             }
             // dV += Pdᵀ dO;  dPd = dO Vᵀ
-            gemm<acc_t>(true, false, cols, dv, rows, acc_t(1), {pd, kBlockKBwd}, do_tile, acc_t(1),
-                        {dv_acc.data(), dv});
-            gemm<acc_t>(false, true, rows, cols, dv, acc_t(1), do_tile, v_tile, acc_t(0),
-                        {dscores.data(), kBlockKBwd});
+            products.add_dv(pd, kBlockKBwd, dv_acc.data());
+            products.dprobs(dscores.data(), kBlockKBwd);
             // dS = P ∘ (dP − D), with dP = dPd ∘ mask / (1 − p).
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* ds = dscores.data() + r * kBlockKBwd;
@@ -165,10 +381,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               }
             }
             // dQ += scale · dS K;  dK += scale · dSᵀ Q
-            gemm<acc_t>(false, false, rows, d, cols, scale, {dscores.data(), kBlockKBwd}, k_tile,
-                        acc_t(1), {dq_acc.data() + (g * L + row0) * d, d});
-            gemm<acc_t>(true, false, cols, d, rows, scale, {dscores.data(), kBlockKBwd}, q_tile,
-                        acc_t(1), {dk_acc.data(), d});
+            products.add_dq_dk(dscores.data(), kBlockKBwd, dq_acc.data() + (g * L + row0) * d, dk_acc.data());
           }
         }
         auto* dk = static_cast<scalar_t*>(p.dk) + k_at(p.dk_stride, kvh);
@@ -190,7 +403,14 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
 void attention_bwd(const AttentionBwdParams& params) {
   dispatch_scalar(params.dtype, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    attention_bwd_typed<scalar_t>(params);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+      // As in the forward: packing pays once several query blocks reuse it.
+      if (params.q_len > kBlockQ && packed_gemm_usable<scalar_t>(params.head_dim, params.v_head_dim)) {
+        attention_bwd_typed<scalar_t, PackedBwdProducts<scalar_t>>(params);
+        return;
+      }
+    }
+    attention_bwd_typed<scalar_t, StagedBwdProducts<scalar_t>>(params);
   });
 }
 
