@@ -32,9 +32,8 @@ class StagedBwdProducts {
   // A (sequence, kv head) begins: q and dout at its group's first head and row.
   void start_item(const scalar_t*, const scalar_t*, int64_t) {}
 
-  // Keys [col0, col0 + cols) of k and v (at the tile's first key).
-  void load_keys(const scalar_t* k, const scalar_t* v, int64_t col0, int64_t cols) {
-    (void)col0;
+  // A key tile of `cols` keys of k and v (at its first key).
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     cols_ = cols;
     k_tile_ = stage_rows<acc_t>(k, p_.k_stride[2], cols, d_, k_buf_.data());
     v_tile_ = stage_rows<acc_t>(v, p_.v_stride[2], cols, dv_, v_buf_.data());
@@ -65,6 +64,8 @@ class StagedBwdProducts {
     gemm<acc_t>(false, false, rows_, d_, cols_, scale_, {ds, lds}, k_tile_, acc_t(1), {dq, d_});
     gemm<acc_t>(true, false, cols_, d_, rows_, scale_, {ds, lds}, q_tile_, acc_t(1), {dk, d_});
   }
+  // The key tile is done: dk and dv (cols x dim) hold its sums already.
+  void finish_keys(acc_t*, acc_t*) {}
 
  private:
   const AttentionBwdParams& p_;
@@ -78,38 +79,34 @@ class StagedBwdProducts {
 // The same products for bfloat16/float16 on the CPU's matrix units
 // (packed_gemm.h): 16-bit operands, float32 accumulators; P and dS are
 // rounded to the input type for their products, as PyTorch's CPU SDPA
-// backward does. Right-hand operands are packed: K^T, V^T and K once per key
-// tile, Q and dO once per (sequence, kv head) for all its query blocks.
+// backward does. The right-hand operands come packed: K^T, V^T and K once
+// per key tile, P and dS per tile. dK and dV accumulate transposed (dK^T +=
+// Q^T dS, dV^T += dO^T P) from Q^T and dO^T made once per (sequence, kv
+// head), so no tile is transposed element by element in the inner loop.
 template <typename scalar_t>
 class PackedBwdProducts {
  public:
   using acc_t = float;
 
   explicit PackedBwdProducts(const AttentionBwdParams& p)
-      : p_(p), d_(p.head_dim), dv_(p.v_head_dim), q_blocks_(ceil_div(p.q_len, kBlockQ)),
+      : p_(p), d_(p.head_dim), dv_(p.v_head_dim), group_(p.heads / p.kv_heads),
         kt_(kBlockKBwd * d_), vt_(kBlockKBwd * dv_), k_(kBlockKBwd * d_),
-        q_packed_(p.heads / p.kv_heads * q_blocks_ * kBlockQ * d_),
-        do_packed_(p.heads / p.kv_heads * q_blocks_ * kBlockQ * dv_),
-        staged_(std::max<int64_t>({d_, dv_, kBlockQ}) * kPackedKeys),
-        a_(kBlockQ * kBlockKBwd), a_t_(kBlockQ * kBlockKBwd), rounded_(kBlockKBwd) {}
+        q_t_(group_ * d_ * padded_length(p.q_len)), do_t_(group_ * dv_ * padded_length(p.q_len)),
+        staged_(std::max({d_, dv_, kBlockKBwd}) * kPackedKeys), a_(kBlockQ * kBlockKBwd),
+        b_(kBlockQ * kBlockKBwd), dk_t_(d_ * kAccStride), dv_t_(dv_ * kAccStride), scaled_(kBlockKBwd) {}
   PackedBwdProducts(const PackedBwdProducts&) = delete;
   ~PackedBwdProducts() { packed_gemm_release(); }
 
+  // Q^T and dO^T of the group's heads, (dim x lp) each, zero in column L when L is odd.
   void start_item(const scalar_t* q, const scalar_t* dout, int64_t L) {
-    const int64_t group = p_.heads / p_.kv_heads;
-    for (int64_t g = 0; g < group; ++g) {
-      for (int64_t row0 = 0; row0 < L; row0 += kBlockQ) {
-        const int64_t rows = std::min(kBlockQ, L - row0);
-        pack_rows(q + g * p_.q_stride[1] + row0 * p_.q_stride[2], p_.q_stride[2], rows, d_,
-                  q_packed_.data() + block_offset(g, row0, d_));
-        pack_rows(dout + g * p_.do_stride[1] + row0 * p_.do_stride[2], p_.do_stride[2], rows, dv_,
-                  do_packed_.data() + block_offset(g, row0, dv_));
-      }
+    lp_ = padded_length(L);
+    for (int64_t g = 0; g < group_; ++g) {
+      transpose_rows(q + g * p_.q_stride[1], p_.q_stride[2], L, d_, q_t_.data() + g * d_ * lp_);
+      transpose_rows(dout + g * p_.do_stride[1], p_.do_stride[2], L, dv_, do_t_.data() + g * dv_ * lp_);
     }
   }
 
-  void load_keys(const scalar_t* k, const scalar_t* v, int64_t col0, int64_t cols) {
-    (void)col0;
+  void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     cols_ = cols;
     // K^T and V^T in 64-key blocks (zero past the last key), for Q K^T and dO V^T.
     for (int64_t j = 0; j * kPackedKeys < cols; ++j) {
@@ -118,15 +115,31 @@ class PackedBwdProducts {
       pack_transposed(v + j * kPackedKeys * p_.v_stride[2], p_.v_stride[2], cols - j * kPackedKeys, dv_,
                       vt_.data() + j * dv_ * kPackedKeys);
     }
-    pack_rows(k, p_.k_stride[2], cols, d_, k_.data());  // K, for dS K
+    // K in 64-column chunks of even(cols) rows, for dS K.
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    const int64_t kc = even(cols);
+    for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
+      for (int64_t r = 0; r < kc; ++r) {
+        scalar_t* row = staged_.data() + r * kPackedKeys;
+        if (r < cols) {
+          std::copy_n(k + r * p_.k_stride[2] + c0, kPackedKeys, row);
+        } else {
+          std::fill(row, row + kPackedKeys, scalar_t(0));
+        }
+      }
+      at::native::cpublas::pack(kc, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(),
+                                k_.data() + c0 * kBlockKBwd);
+    }
+    std::fill(dk_t_.begin(), dk_t_.end(), 0.f);
+    std::fill(dv_t_.begin(), dv_t_.end(), 0.f);
   }
 
   void load_queries(const scalar_t* q, const scalar_t* dout, int64_t g, int64_t row0, int64_t rows) {
     q_ = q;
     do_ = dout;
     rows_ = rows;
-    q_packed_block_ = q_packed_.data() + block_offset(g, row0, d_);
-    do_packed_block_ = do_packed_.data() + block_offset(g, row0, dv_);
+    q_t_block_ = q_t_.data() + g * d_ * lp_ + row0;
+    do_t_block_ = do_t_.data() + g * dv_ * lp_ + row0;
   }
 
   void scores(float* s, int64_t lds) {
@@ -137,12 +150,10 @@ class PackedBwdProducts {
     for (int64_t r = 0; r < rows_; ++r) scale_row(s + r * lds, cols_, static_cast<float>(p_.scale));
   }
 
-  void add_dv(const float* pd, int64_t ldp, float* dv) {
-    const int64_t k = even(rows_);
-    round_transposed(pd, ldp, 1.f, a_t_.data(), k);
-    for (int64_t c0 = 0; c0 < dv_; c0 += kPackedKeys) {
-      packed_product(cols_, k, a_t_.data(), k, do_packed_block_ + c0 * kBlockQ, dv + c0, dv_, true);
-    }
+  // dV^T += dO^T P
+  void add_dv(const float* pd, int64_t ldp, float*) {
+    round_rows(pd, ldp, 1.f, a_.data());
+    add_transposed_product(dv_, do_t_block_, a_.data(), dv_t_.data());
   }
 
   void dprobs(float* dpd, int64_t ld) {
@@ -152,48 +163,42 @@ class PackedBwdProducts {
     }
   }
 
-  void add_dq_dk(const float* ds, int64_t lds, float* dq, float* dk) {
-    const float scale = static_cast<float>(p_.scale);
-    // scale * dS rounded, as rows (for dS K) and transposed (for dS^T Q).
-    const int64_t kc = even(cols_);
-    for (int64_t r = 0; r < rows_; ++r) {
-      round_row(ds + r * lds, scale, a_.data() + r * kc);
-      std::fill(a_.data() + r * kc + cols_, a_.data() + (r + 1) * kc, scalar_t(0));
-    }
+  // dQ += (scale dS) K;  dK^T += Q^T (scale dS)
+  void add_dq_dk(const float* ds, int64_t lds, float* dq, float*) {
+    round_rows(ds, lds, static_cast<float>(p_.scale), a_.data());
     for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
-      packed_product(rows_, kc, a_.data(), kc, k_.data() + c0 * kBlockKBwd, dq + c0, d_, true);
+      packed_product(rows_, even(cols_), a_.data(), kBlockKBwd, k_.data() + c0 * kBlockKBwd, dq + c0, d_, true);
     }
-    const int64_t kr = even(rows_);
-    round_transposed(ds, lds, scale, a_t_.data(), kr);
-    for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
-      packed_product(cols_, kr, a_t_.data(), kr, q_packed_block_ + c0 * kBlockQ, dk + c0, d_, true);
+    add_transposed_product(d_, q_t_block_, a_.data(), dk_t_.data());
+  }
+
+  // The key tile's dK and dV (cols x dim, row stride dim), from the transposed sums.
+  void finish_keys(float* dk, float* dv) {
+    for (int64_t c = 0; c < cols_; ++c) {
+      for (int64_t i = 0; i < d_; ++i) dk[c * d_ + i] = dk_t_[i * kAccStride + c];
+      for (int64_t i = 0; i < dv_; ++i) dv[c * dv_ + i] = dv_t_[i * kAccStride + c];
     }
   }
 
  private:
   static int64_t even(int64_t n) { return n + (n & 1); }
+  // Row stride of Q^T and dO^T: even, and 64 bytes off a multiple of 4 KB so
+  // that the transposing writes down a column do not all fall in the same
+  // few L1 sets (a power-of-two stride made the transpose a third of the
+  // backward).
+  static int64_t padded_length(int64_t L) { return even(L) + 32; }
+  // Row stride of the transposed dK and dV sums, off a power of two for the
+  // same reason (finish_keys reads them down columns).
+  static constexpr int64_t kAccStride = kBlockKBwd + 16;
 
-  int64_t block_offset(int64_t g, int64_t row0, int64_t dim) const {
-    return (g * q_blocks_ + row0 / kBlockQ) * kBlockQ * dim;
-  }
-
-  // Rows [0, rows) of src (row stride ld, `dim` columns) as the packed right
-  // operand of a product over those rows: per 64 columns, an even number of
-  // rows (zero past `rows`) at dst + chunk * (64 * kBlockQ).
-  void pack_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
-    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
-    const int64_t k = even(rows);
-    for (int64_t c0 = 0; c0 < dim; c0 += kPackedKeys) {
-      for (int64_t r = 0; r < k; ++r) {
-        scalar_t* row = staged_.data() + r * kPackedKeys;
-        if (r < rows) {
-          std::copy_n(src + r * ld + c0, kPackedKeys, row);
-        } else {
-          std::fill(row, row + kPackedKeys, scalar_t(0));
-        }
-      }
-      at::native::cpublas::pack(k, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(),
-                                dst + c0 * kBlockQ);
+  // src (rows x dim, row stride ld) transposed into dst (dim x lp_), zero
+  // in column `rows` when rows is odd.
+  void transpose_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < dim; ++i) dst[i * lp_ + r] = src[r * ld + i];
+    }
+    if (lp_ != rows) {
+      for (int64_t i = 0; i < dim; ++i) dst[i * lp_ + rows] = scalar_t(0);
     }
   }
 
@@ -208,36 +213,50 @@ class PackedBwdProducts {
     at::native::cpublas::pack(dim, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(), dst);
   }
 
-  void round_row(const float* src, float factor, scalar_t* dst) {
-    float* scaled = rounded_.data();
-    for (int64_t c = 0; c < cols_; ++c) scaled[c] = src[c] * factor;
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      float_to_bfloat16(scaled, reinterpret_cast<uint16_t*>(dst), cols_);
-    } else {
-      at::vec::convert(scaled, dst, cols_);
+  // factor * src (rows_ x cols_) rounded into dst, row stride kBlockKBwd, zero
+  // past cols_ in every row's whole 64-key blocks and in row rows_ when odd.
+  void round_rows(const float* src, int64_t ld, float factor, scalar_t* dst) {
+    const int64_t width = ceil_div(cols_, kPackedKeys) * kPackedKeys;
+    for (int64_t r = 0; r < even(rows_); ++r) {
+      scalar_t* row = dst + r * kBlockKBwd;
+      if (r == rows_) {
+        std::fill(row, row + width, scalar_t(0));
+        continue;
+      }
+      const float* values = src + r * ld;
+      if (factor != 1.f) {
+        for (int64_t c = 0; c < cols_; ++c) scaled_[c] = values[c] * factor;
+        values = scaled_.data();
+      }
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        float_to_bfloat16(values, reinterpret_cast<uint16_t*>(row), cols_);
+      } else {
+        at::vec::convert(values, row, cols_);
+      }
+      std::fill(row + cols_, row + width, scalar_t(0));
     }
   }
 
-  // factor * src^T (cols_ x rows_) rounded into dst with row stride k (zero
-  // in columns [rows_, k)).
-  void round_transposed(const float* src, int64_t ld, float factor, scalar_t* dst, int64_t k) {
-    for (int64_t r = 0; r < rows_; ++r) {
-      round_row(src + r * ld, factor, a_.data() + r * kBlockKBwd);
-      for (int64_t c = 0; c < cols_; ++c) dst[c * k + r] = a_[r * kBlockKBwd + c];
-    }
-    if (k != rows_) {
-      for (int64_t c = 0; c < cols_; ++c) dst[c * k + rows_] = scalar_t(0);
+  // acc (dim x cols_, row stride kAccStride) += lhs (dim x even(rows_), row stride lp_) times
+  // tile (even(rows_) x cols_, row stride kBlockKBwd), packed per 64 keys.
+  void add_transposed_product(int64_t dim, const scalar_t* lhs, const scalar_t* tile, float* acc) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    const int64_t k = even(rows_);
+    for (int64_t j = 0; j * kPackedKeys < cols_; ++j) {
+      at::native::cpublas::pack(k, kPackedKeys, kBlockKBwd, kPackedKeys, type, type, tile + j * kPackedKeys,
+                                b_.data());
+      packed_product(dim, k, lhs, lp_, b_.data(), acc + j * kPackedKeys, kAccStride, true);
     }
   }
 
   const AttentionBwdParams& p_;
-  int64_t d_, dv_, q_blocks_;
-  std::vector<scalar_t> kt_, vt_, k_, q_packed_, do_packed_, staged_, a_, a_t_;
-  std::vector<float> rounded_;
+  int64_t d_, dv_, group_, lp_ = 0;
+  std::vector<scalar_t> kt_, vt_, k_, q_t_, do_t_, staged_, a_, b_;
+  std::vector<float> dk_t_, dv_t_, scaled_;
   const scalar_t* q_ = nullptr;
   const scalar_t* do_ = nullptr;
-  const scalar_t* q_packed_block_ = nullptr;
-  const scalar_t* do_packed_block_ = nullptr;
+  const scalar_t* q_t_block_ = nullptr;
+  const scalar_t* do_t_block_ = nullptr;
   int64_t rows_ = 0, cols_ = 0;
 };
 
@@ -292,7 +311,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
       const scalar_t* v = in(p.v) + k_at(p.v_stride, kvh);
       for (int64_t col0 = 0; col0 < S; col0 += kBlockKBwd) {
         const int64_t cols = std::min(kBlockKBwd, S - col0);
-        products.load_keys(k + col0 * p.k_stride[2], v + col0 * p.v_stride[2], col0, cols);
+        products.load_keys(k + col0 * p.k_stride[2], v + col0 * p.v_stride[2], cols);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
 
@@ -386,6 +405,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
         }
         auto* dk = static_cast<scalar_t*>(p.dk) + k_at(p.dk_stride, kvh);
         auto* dvp = static_cast<scalar_t*>(p.dv) + k_at(p.dv_stride, kvh);
+        products.finish_keys(dk_acc.data(), dv_acc.data());
         store_rows(dk_acc.data(), d, cols, d, dk + col0 * p.dk_stride[2], p.dk_stride[2]);
         store_rows(dv_acc.data(), dv, cols, dv, dvp + col0 * p.dv_stride[2], p.dv_stride[2]);
       }
