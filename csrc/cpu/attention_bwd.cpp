@@ -40,8 +40,7 @@ class StagedBwdProducts {
   }
 
   // Rows [row0, row0 + rows) of group head g (q and dout at the block's first row).
-  void load_queries(const scalar_t* q, const scalar_t* dout, int64_t g, int64_t row0, int64_t rows) {
-    (void)g, (void)row0;
+  void load_queries(const scalar_t* q, const scalar_t* dout, int64_t /*g*/, int64_t /*row0*/, int64_t rows) {
     rows_ = rows;
     q_tile_ = stage_rows<acc_t>(q, p_.q_stride[2], rows, d_, q_buf_.data());
     do_tile_ = stage_rows<acc_t>(dout, p_.do_stride[2], rows, dv_, do_buf_.data());
@@ -305,7 +304,8 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
         }
       }
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-      products.start_item(in(p.q) + q_at(p.q_stride, kvh * group), in(p.dout) + q_at(p.do_stride, kvh * group), L);
+      products.start_item(in(p.q) + q_at(p.q_stride, kvh * group), in(p.dout) + q_at(p.do_stride, kvh * group),
+                          L);
 
       const scalar_t* k = in(p.k) + k_at(p.k_stride, kvh);
       const scalar_t* v = in(p.v) + k_at(p.v_stride, kvh);
