@@ -33,6 +33,8 @@ FLUSH_BYTES = 256 * 1024 * 1024
 
 
 def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after a warm-up call on a side stream, as
+    capture wants): its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -27,6 +27,7 @@ def measure() -> dict[str, list[float]]:
     from triton.testing import do_bench
 
     import flash_ext
+    from decode_latency import graphed
     results = {}
     # The first row twice, the first time untimed: a process's first timed
     # calls run slow on the host (bench_decode.py says more).
@@ -41,15 +42,7 @@ def measure() -> dict[str, list[float]]:
 
         step()
         eager_us = do_bench(step, warmup=25, rep=100, return_mode="median") * 1e3
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph_us = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+        graph_us = do_bench(graphed(step), warmup=25, rep=100, return_mode="median") * 1e3
         gbps = 2 * batch * kv_len * 8 * 128 * 2 / eager_us / 1e3
         if row > 0:
             results[f"{batch}x{kv_len}"] = [round(eager_us, 2), round(graph_us, 2), round(gbps)]

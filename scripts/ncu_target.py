@@ -3,12 +3,13 @@ decodes, for Nsight Compute:
 
     ncu --kernel-name regex:attention_ --launch-skip 2 --launch-count 4 \\
         --section SpeedOfLight --section WarpStateStats ... python3 scripts/ncu_target.py [d] [n] [causal]
-    ncu --kernel-name regex:kvcache --launch-skip 2 --launch-count 1 ... python3 scripts/ncu_target.py decode [batch] [kv_len]
+    ncu --kernel-name regex:^attention_kernel --launch-skip 2 --launch-count 1 ... python3 scripts/ncu_target.py decode [batch] [kv_len]
 
-The first iteration(s) warm up (skipped by --launch-skip); prefill: bf16,
-batch*n = 16k tokens, heads*d = 2048, as in benchmarks/bench_prefill.py;
-decode: bf16, 32 query heads on 8 KV heads, d = 128, as in
-benchmarks/bench_decode.py.
+ncu matches a kernel's own name, without its namespace (the decode kernel
+is kvcache::attention_kernel). The first iteration(s) warm up (skipped by
+--launch-skip); prefill: bf16, batch*n = 16k tokens, heads*d = 2048, as in
+benchmarks/bench_prefill.py; decode: bf16, 32 query heads on 8 KV heads,
+d = 128, as in benchmarks/bench_decode.py.
 """
 import sys
 

@@ -27,16 +27,19 @@ class StagedBwdProducts {
 
   explicit StagedBwdProducts(const AttentionBwdParams& p)
       : p_(p), d_(p.head_dim), dv_(p.v_head_dim), scale_(static_cast<acc_t>(p.scale)),
-        q_buf_(kBlockQ * d_), do_buf_(kBlockQ * dv_), k_buf_(kBlockKBwd * d_), v_buf_(kBlockKBwd * dv_) {}
+        q_buf_(kBlockQ * d_), do_buf_(kBlockQ * dv_), k_buf_(kBlockKBwd * d_), v_buf_(kBlockKBwd * dv_),
+        dk_(kBlockKBwd * d_), dv_sum_(kBlockKBwd * dv_) {}
 
   // A (sequence, kv head) begins: q and dout at its group's first head and row.
   void start_item(const scalar_t*, const scalar_t*, int64_t) {}
 
-  // A key tile of `cols` keys of k and v (at its first key).
+  // A key tile of `cols` keys of k and v (at its first key); its dK and dV sums start at 0.
   void load_keys(const scalar_t* k, const scalar_t* v, int64_t cols) {
     cols_ = cols;
     k_tile_ = stage_rows<acc_t>(k, p_.k_stride[2], cols, d_, k_buf_.data());
     v_tile_ = stage_rows<acc_t>(v, p_.v_stride[2], cols, dv_, v_buf_.data());
+    std::fill(dk_.begin(), dk_.end(), acc_t(0));
+    std::fill(dv_sum_.begin(), dv_sum_.end(), acc_t(0));
   }
 
   // Rows [row0, row0 + rows) of group head g (q and dout at the block's first row).
@@ -50,27 +53,28 @@ class StagedBwdProducts {
   void scores(acc_t* s, int64_t lds) {
     gemm<acc_t>(false, true, rows_, cols_, d_, scale_, q_tile_, k_tile_, acc_t(0), {s, lds});
   }
-  // dv += P^T dO
-  void add_dv(const acc_t* pd, int64_t ldp, acc_t* dv) {
-    gemm<acc_t>(true, false, cols_, dv_, rows_, acc_t(1), {pd, ldp}, do_tile_, acc_t(1), {dv, dv_});
+  // dV += P^T dO
+  void add_dv(const acc_t* pd, int64_t ldp) {
+    gemm<acc_t>(true, false, cols_, dv_, rows_, acc_t(1), {pd, ldp}, do_tile_, acc_t(1), {dv_sum_.data(), dv_});
   }
   // dpd = dO V^T
   void dprobs(acc_t* dpd, int64_t ld) {
     gemm<acc_t>(false, true, rows_, cols_, dv_, acc_t(1), do_tile_, v_tile_, acc_t(0), {dpd, ld});
   }
-  // dq += scale * dS K;  dk += scale * dS^T Q
-  void add_dq_dk(const acc_t* ds, int64_t lds, acc_t* dq, acc_t* dk) {
+  // dQ += scale * dS K;  dK += scale * dS^T Q
+  void add_dq_dk(const acc_t* ds, int64_t lds, acc_t* dq) {
     gemm<acc_t>(false, false, rows_, d_, cols_, scale_, {ds, lds}, k_tile_, acc_t(1), {dq, d_});
-    gemm<acc_t>(true, false, cols_, d_, rows_, scale_, {ds, lds}, q_tile_, acc_t(1), {dk, d_});
+    gemm<acc_t>(true, false, cols_, d_, rows_, scale_, {ds, lds}, q_tile_, acc_t(1), {dk_.data(), d_});
   }
-  // The key tile is done: dk and dv (cols x dim) hold its sums already.
-  void finish_keys(acc_t*, acc_t*) {}
+  // The key tile's dK and dV sums, (cols x dim) row-major each.
+  const acc_t* dk() { return dk_.data(); }
+  const acc_t* dv() { return dv_sum_.data(); }
 
  private:
   const AttentionBwdParams& p_;
   int64_t d_, dv_;
   acc_t scale_;
-  std::vector<acc_t> q_buf_, do_buf_, k_buf_, v_buf_;
+  std::vector<acc_t> q_buf_, do_buf_, k_buf_, v_buf_, dk_, dv_sum_;
   Matrix<const acc_t> q_tile_{nullptr, 0}, do_tile_{nullptr, 0}, k_tile_{nullptr, 0}, v_tile_{nullptr, 0};
   int64_t rows_ = 0, cols_ = 0;
 };
@@ -92,7 +96,8 @@ class PackedBwdProducts {
         kt_(kBlockKBwd * d_), vt_(kBlockKBwd * dv_), k_(kBlockKBwd * d_),
         q_t_(group_ * d_ * padded_length(p.q_len)), do_t_(group_ * dv_ * padded_length(p.q_len)),
         staged_(std::max({d_, dv_, kBlockKBwd}) * kPackedKeys), a_(kBlockQ * kBlockKBwd),
-        b_(kBlockQ * kBlockKBwd), dk_t_(d_ * kAccStride), dv_t_(dv_ * kAccStride), scaled_(kBlockKBwd) {}
+        b_(kBlockQ * kBlockKBwd), dk_t_(d_ * kAccStride), dv_t_(dv_ * kAccStride), dk_(kBlockKBwd * d_),
+        dv_sum_(kBlockKBwd * dv_), scaled_(kBlockKBwd) {}
   PackedBwdProducts(const PackedBwdProducts&) = delete;
   ~PackedBwdProducts() { packed_gemm_release(); }
 
@@ -109,25 +114,15 @@ class PackedBwdProducts {
     cols_ = cols;
     // K^T and V^T in 64-key blocks (zero past the last key), for Q K^T and dO V^T.
     for (int64_t j = 0; j * kPackedKeys < cols; ++j) {
-      pack_transposed(k + j * kPackedKeys * p_.k_stride[2], p_.k_stride[2], cols - j * kPackedKeys, d_,
-                      kt_.data() + j * d_ * kPackedKeys);
-      pack_transposed(v + j * kPackedKeys * p_.v_stride[2], p_.v_stride[2], cols - j * kPackedKeys, dv_,
-                      vt_.data() + j * dv_ * kPackedKeys);
+      const int64_t n = std::min(kPackedKeys, cols - j * kPackedKeys);
+      pack_transposed_rows(k + j * kPackedKeys * p_.k_stride[2], p_.k_stride[2], n, d_, staged_.data(),
+                           kt_.data() + j * d_ * kPackedKeys);
+      pack_transposed_rows(v + j * kPackedKeys * p_.v_stride[2], p_.v_stride[2], n, dv_, staged_.data(),
+                           vt_.data() + j * dv_ * kPackedKeys);
     }
     // K in 64-column chunks of even(cols) rows, for dS K.
-    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
-    const int64_t kc = even(cols);
     for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
-      for (int64_t r = 0; r < kc; ++r) {
-        scalar_t* row = staged_.data() + r * kPackedKeys;
-        if (r < cols) {
-          std::copy_n(k + r * p_.k_stride[2] + c0, kPackedKeys, row);
-        } else {
-          std::fill(row, row + kPackedKeys, scalar_t(0));
-        }
-      }
-      at::native::cpublas::pack(kc, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(),
-                                k_.data() + c0 * kBlockKBwd);
+      pack_row_block(k + c0, p_.k_stride[2], cols, even(cols), staged_.data(), k_.data() + c0 * kBlockKBwd);
     }
     std::fill(dk_t_.begin(), dk_t_.end(), 0.f);
     std::fill(dv_t_.begin(), dv_t_.end(), 0.f);
@@ -150,7 +145,7 @@ class PackedBwdProducts {
   }
 
   // dV^T += dO^T P
-  void add_dv(const float* pd, int64_t ldp, float*) {
+  void add_dv(const float* pd, int64_t ldp) {
     round_rows(pd, ldp, 1.f, a_.data());
     add_transposed_product(dv_, do_t_block_, a_.data(), dv_t_.data());
   }
@@ -163,7 +158,7 @@ class PackedBwdProducts {
   }
 
   // dQ += (scale dS) K;  dK^T += Q^T (scale dS)
-  void add_dq_dk(const float* ds, int64_t lds, float* dq, float*) {
+  void add_dq_dk(const float* ds, int64_t lds, float* dq) {
     round_rows(ds, lds, static_cast<float>(p_.scale), a_.data());
     for (int64_t c0 = 0; c0 < d_; c0 += kPackedKeys) {
       packed_product(rows_, even(cols_), a_.data(), kBlockKBwd, k_.data() + c0 * kBlockKBwd, dq + c0, d_, true);
@@ -171,13 +166,9 @@ class PackedBwdProducts {
     add_transposed_product(d_, q_t_block_, a_.data(), dk_t_.data());
   }
 
-  // The key tile's dK and dV (cols x dim, row stride dim), from the transposed sums.
-  void finish_keys(float* dk, float* dv) {
-    for (int64_t c = 0; c < cols_; ++c) {
-      for (int64_t i = 0; i < d_; ++i) dk[c * d_ + i] = dk_t_[i * kAccStride + c];
-      for (int64_t i = 0; i < dv_; ++i) dv[c * dv_ + i] = dv_t_[i * kAccStride + c];
-    }
-  }
+  // The key tile's dK and dV sums, (cols x dim) row-major each, from the transposed ones.
+  const float* dk() { return untransposed(dk_t_, d_, dk_); }
+  const float* dv() { return untransposed(dv_t_, dv_, dv_sum_); }
 
  private:
   static int64_t even(int64_t n) { return n + (n & 1); }
@@ -187,7 +178,7 @@ class PackedBwdProducts {
   // backward).
   static int64_t padded_length(int64_t L) { return even(L) + 32; }
   // Row stride of the transposed dK and dV sums, off a power of two for the
-  // same reason (finish_keys reads them down columns).
+  // same reason (untransposed reads them down columns).
   static constexpr int64_t kAccStride = kBlockKBwd + 16;
 
   // src (rows x dim, row stride ld) transposed into dst (dim x lp_), zero
@@ -201,15 +192,11 @@ class PackedBwdProducts {
     }
   }
 
-  // Up to 64 rows of src (`dim` columns) transposed, as one packed dim x 64
-  // right operand (zero columns past `rows`).
-  void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
-    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
-    const int64_t n = std::min(rows, kPackedKeys);
-    for (int64_t j = 0; j < kPackedKeys; ++j) {  // along src's rows, as PackedKV does
-      for (int64_t i = 0; i < dim; ++i) staged_[i * kPackedKeys + j] = j < n ? src[j * ld + i] : scalar_t(0);
+  const float* untransposed(const std::vector<float>& sums_t, int64_t dim, std::vector<float>& sums) {
+    for (int64_t c = 0; c < cols_; ++c) {
+      for (int64_t i = 0; i < dim; ++i) sums[c * dim + i] = sums_t[i * kAccStride + c];
     }
-    at::native::cpublas::pack(dim, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged_.data(), dst);
+    return sums.data();
   }
 
   // factor * src (rows_ x cols_) rounded into dst, row stride kBlockKBwd, zero
@@ -251,7 +238,7 @@ class PackedBwdProducts {
   const AttentionBwdParams& p_;
   int64_t d_, dv_, group_, lp_ = 0;
   std::vector<scalar_t> kt_, vt_, k_, q_t_, do_t_, staged_, a_, b_;
-  std::vector<float> dk_t_, dv_t_, scaled_;
+  std::vector<float> dk_t_, dv_t_, dk_, dv_sum_, scaled_;
   const scalar_t* q_ = nullptr;
   const scalar_t* do_ = nullptr;
   const scalar_t* q_t_block_ = nullptr;
@@ -273,7 +260,6 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
     std::vector<acc_t> dq_acc(group * p.q_len * d), row_dot(group * p.q_len), row_lse(group * p.q_len);
     std::vector<acc_t> o_row(dv), do_row(dv);
     Products products(p);
-    std::vector<acc_t> dk_acc(kBlockKBwd * d), dv_acc(kBlockKBwd * dv);
     std::vector<acc_t> probs(kBlockQ * kBlockKBwd), dropped(kBlockQ * kBlockKBwd), dscores(kBlockQ * kBlockKBwd);
     std::vector<acc_t> capped(p.softcap != 0.f ? kBlockQ * kBlockKBwd : 0);
     for (int64_t item; (item = next_item()) >= 0;) {
@@ -312,8 +298,6 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
       for (int64_t col0 = 0; col0 < S; col0 += kBlockKBwd) {
         const int64_t cols = std::min(kBlockKBwd, S - col0);
         products.load_keys(k + col0 * p.k_stride[2], v + col0 * p.v_stride[2], cols);
-        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
 
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kvh * group + g, bh = b * p.heads + h;
@@ -363,7 +347,7 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               }
             }
             // dV += Pdᵀ dO;  dPd = dO Vᵀ
-            products.add_dv(pd, kBlockKBwd, dv_acc.data());
+            products.add_dv(pd, kBlockKBwd);
             products.dprobs(dscores.data(), kBlockKBwd);
             // dS = P ∘ (dP − D), with dP = dPd ∘ mask / (1 − p).
             for (int64_t r = 0; r < rows; ++r) {
@@ -400,14 +384,13 @@ void attention_bwd_typed(const AttentionBwdParams& p) {
               }
             }
             // dQ += scale · dS K;  dK += scale · dSᵀ Q
-            products.add_dq_dk(dscores.data(), kBlockKBwd, dq_acc.data() + (g * L + row0) * d, dk_acc.data());
+            products.add_dq_dk(dscores.data(), kBlockKBwd, dq_acc.data() + (g * L + row0) * d);
           }
         }
         auto* dk = static_cast<scalar_t*>(p.dk) + k_at(p.dk_stride, kvh);
         auto* dvp = static_cast<scalar_t*>(p.dv) + k_at(p.dv_stride, kvh);
-        products.finish_keys(dk_acc.data(), dv_acc.data());
-        store_rows(dk_acc.data(), d, cols, d, dk + col0 * p.dk_stride[2], p.dk_stride[2]);
-        store_rows(dv_acc.data(), dv, cols, dv, dvp + col0 * p.dv_stride[2], p.dv_stride[2]);
+        store_rows(products.dk(), d, cols, d, dk + col0 * p.dk_stride[2], p.dk_stride[2]);
+        store_rows(products.dv(), dv, cols, dv, dvp + col0 * p.dv_stride[2], p.dv_stride[2]);
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kvh * group + g;

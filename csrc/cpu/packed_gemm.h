@@ -57,6 +57,41 @@ inline void packed_gemm_release() {
   if constexpr (kHavePackedGemm) at::native::cpublas::brgemm_release();
 }
 
+// Rows [0, n) of src (row stride ld) transposed, dims [0, dim): one packed
+// dim x 64 block (zero columns past n, n <= 64), through `staged` (dim x 64).
+// Row by row, so that the reads run along src's rows and the strided writes
+// stay in the small staging buffer (the other order was 10 % of a bf16
+// forward).
+template <typename scalar_t>
+void pack_transposed_rows(const scalar_t* src, int64_t ld, int64_t n, int64_t dim, scalar_t* staged,
+                          scalar_t* packed) {
+  if constexpr (kHavePackedGemm) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    for (int64_t j = 0; j < kPackedKeys; ++j) {
+      for (int64_t i = 0; i < dim; ++i) staged[i * kPackedKeys + j] = j < n ? src[j * ld + i] : scalar_t(0);
+    }
+    at::native::cpublas::pack(dim, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged, packed);
+  }
+}
+
+// Rows [0, n) of src (row stride ld), its first 64 columns, as one packed
+// k x 64 block (zero rows in [n, k); k even), through `staged` (k x 64).
+template <typename scalar_t>
+void pack_row_block(const scalar_t* src, int64_t ld, int64_t n, int64_t k, scalar_t* staged, scalar_t* packed) {
+  if constexpr (kHavePackedGemm) {
+    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+    for (int64_t r = 0; r < k; ++r) {
+      scalar_t* row = staged + r * kPackedKeys;
+      if (r < n) {
+        std::copy_n(src + r * ld, kPackedKeys, row);
+      } else {
+        std::fill(row, row + kPackedKeys, scalar_t(0));
+      }
+    }
+    at::native::cpublas::pack(k, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged, packed);
+  }
+}
+
 // K^T and V of every (sequence, kv head) of a forward call, packed. Keys past
 // a sequence's end are zero.
 template <typename scalar_t>
@@ -90,7 +125,6 @@ class PackedKV {
   }
 
   void pack_all(const AttentionFwdParams& p) {
-    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
     at::parallel_for(0, p.batch * p.kv_heads * blocks_, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> staged(std::max(d_, kPackedKeys) * kPackedKeys);
       for (int64_t item = begin; item < end; ++item) {
@@ -103,28 +137,11 @@ class PackedKV {
                         (seq.k_row0 + key0) * p.k_stride[2];
         const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] +
                         (seq.k_row0 + key0) * p.v_stride[2];
-        // K^T: dim i of key j at (i, j). Key by key, so that the reads run
-        // along K's rows and the strided writes stay in the small staging
-        // buffer (the other order was 10 % of a bf16 forward).
-        for (int64_t j = 0; j < kPackedKeys; ++j) {
-          for (int64_t i = 0; i < d_; ++i) {
-            staged[i * kPackedKeys + j] = j < keys ? k[j * p.k_stride[2] + i] : scalar_t(0);
-          }
-        }
-        at::native::cpublas::pack(d_, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged.data(),
-                                  k_.data_ptr<scalar_t>() + k_offset(bk, block));
-        // V, 64 value dims at a time: key j, dim c0 + c at (j, c).
+        pack_transposed_rows(k, p.k_stride[2], keys, d_, staged.data(), k_.data_ptr<scalar_t>() + k_offset(bk, block));
+        // V, 64 value dims at a time.
         for (int64_t c0 = 0; c0 < dv_; c0 += kPackedKeys) {
-          for (int64_t j = 0; j < kPackedKeys; ++j) {
-            scalar_t* row = staged.data() + j * kPackedKeys;
-            if (j < keys) {
-              std::copy_n(v + j * p.v_stride[2] + c0, kPackedKeys, row);
-            } else {
-              std::fill(row, row + kPackedKeys, scalar_t(0));
-            }
-          }
-          at::native::cpublas::pack(kPackedKeys, kPackedKeys, kPackedKeys, kPackedKeys, type, type,
-                                    staged.data(), v_.data_ptr<scalar_t>() + v_offset(bk, block, c0 / kPackedKeys));
+          pack_row_block(v + c0, p.v_stride[2], keys, kPackedKeys, staged.data(),
+                         v_.data_ptr<scalar_t>() + v_offset(bk, block, c0 / kPackedKeys));
         }
       }
     });
