@@ -184,18 +184,14 @@ class PackedBwdProducts {
   // src (rows x dim, row stride ld) transposed into dst (dim x lp_), zero
   // in column `rows` when rows is odd.
   void transpose_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = 0; i < dim; ++i) dst[i * lp_ + r] = src[r * ld + i];
-    }
+    transpose(rows, dim, src, ld, dst, lp_);
     if (lp_ != rows) {
       for (int64_t i = 0; i < dim; ++i) dst[i * lp_ + rows] = scalar_t(0);
     }
   }
 
   const float* untransposed(const std::vector<float>& sums_t, int64_t dim, std::vector<float>& sums) {
-    for (int64_t c = 0; c < cols_; ++c) {
-      for (int64_t i = 0; i < dim; ++i) sums[c * dim + i] = sums_t[i * kAccStride + c];
-    }
+    transpose(dim, cols_, sums_t.data(), kAccStride, sums.data(), dim);
     return sums.data();
   }
 

@@ -8,6 +8,16 @@
 namespace flash_ext::cpu {
 namespace {
 
+// Query rows per work item: kBlockQ, or half of it where that measured
+// faster on the 2-core Sapphire Rapids (benchmarks/NOTES.md, session 9):
+// short calls under a causal mask or window (less of the diagonal tiles is
+// computed past the mask), and the matrix-unit path at head dims >= 128
+// (its float32 score and output tiles then take half the L2).
+inline int64_t forward_block_rows(const AttentionFwdParams& p, bool packed) {
+  const bool short_masked = has_window(p.window) && p.q_len <= 512;
+  return short_masked || (packed && p.head_dim >= 128) ? kBlockQ / 2 : kBlockQ;
+}
+
 // The loop both forward paths share: query blocks as work items, key tiles
 // from the end of the visible range backwards (so under a causal mask only
 // the last one crosses the diagonal), score mods, masks, dropout and the
@@ -21,7 +31,8 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   using acc_t = acc_type_t<scalar_t>;
   using Products = decltype(make_products());
   const int64_t group = p.heads / p.kv_heads;
-  const int64_t q_blocks = ceil_div(p.q_len, kBlockQ);
+  const int64_t block_q = forward_block_rows(p, Products::kPacked);
+  const int64_t q_blocks = ceil_div(p.q_len, block_q);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
   const bool one_pass = Products::kRoundsProbabilities && !has_dropout && p.softcap == 0.0 &&
@@ -37,9 +48,9 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
       const int64_t qb = q_blocks - 1 - item % q_blocks, bh = item / q_blocks;
       const int64_t b = bh / p.heads, h = bh % p.heads, kvh = h / group;
       const SequenceBounds seq = sequence_bounds(p, b);
-      const int64_t row0 = qb * kBlockQ;
+      const int64_t row0 = qb * block_q;
       if (row0 >= seq.q_len) continue;  // past this sequence's end (varlen)
-      const int64_t rows = std::min(kBlockQ, seq.q_len - row0);
+      const int64_t rows = std::min(block_q, seq.q_len - row0);
       products.start(b, h, kvh, seq, row0, rows);
       const MaskTile<scalar_t> mask = mask_tile<scalar_t>(p, b, h);
       const ScoreMods mods(p.softcap, p.alibi_slopes, p.alibi_batch_stride, b, h,
@@ -98,6 +109,7 @@ class StagedProducts {
  public:
   using acc_t = acc_type_t<scalar_t>;
   static constexpr bool kRoundsProbabilities = false;
+  static constexpr bool kPacked = false;
 
   explicit StagedProducts(const AttentionFwdParams& p)
       : p_(p), q_buf_(kBlockQ * p.head_dim), k_buf_(kBlockK * p.head_dim), v_buf_(kBlockK * p.v_head_dim) {}
@@ -146,6 +158,7 @@ template <typename scalar_t>
 class PackedProducts {
  public:
   static constexpr bool kRoundsProbabilities = std::is_same_v<scalar_t, c10::BFloat16>;
+  static constexpr bool kPacked = true;
 
   PackedProducts(const AttentionFwdParams& p, const PackedKV<scalar_t>& packed)
       : p_(p), packed_(packed), probs_(kBlockQ * kBlockK) {}

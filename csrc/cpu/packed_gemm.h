@@ -19,6 +19,17 @@
 #include "../common/mask.h"
 #include "../common/params.h"
 
+// FBGEMM's SIMD transposes, where PyTorch ships FBGEMM (x86 builds).
+#if defined(__has_include)
+#if __has_include(<fbgemm/Utils.h>)
+#include <fbgemm/Utils.h>
+#define FLASH_EXT_HAVE_FBGEMM 1
+#endif
+#endif
+#ifndef FLASH_EXT_HAVE_FBGEMM
+#define FLASH_EXT_HAVE_FBGEMM 0
+#endif
+
 namespace flash_ext::cpu {
 
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
@@ -57,28 +68,92 @@ inline void packed_gemm_release() {
   if constexpr (kHavePackedGemm) at::native::cpublas::brgemm_release();
 }
 
+// dst (cols x rows, row stride ld_dst) = src (rows x cols, row stride
+// ld_src) transposed; 16- or 32-bit elements, moved as bits.
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4);
+#if FLASH_EXT_HAVE_FBGEMM
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, float>;
+  fbgemm::transpose_simd<Bits>(rows, cols, reinterpret_cast<const Bits*>(src), ld_src, reinterpret_cast<Bits*>(dst),
+                               ld_dst);
+#else
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+  }
+#endif
+}
+
+// Whether cpublas::pack lays a k x 64 block of 16-bit elements out as VNNI
+// pairs, [k/2][64][2] (element (r, c) at (r / 2 * 64 + c) * 2 + r % 2), the
+// layout of oneDNN's AMX and AVX512-BF16 kernels. Then packing needs no
+// oneDNN call: K^T's pairs are K's rows read as 32-bit words, transposed.
+// The layout is oneDNN's choice, so it is probed once against pack itself.
+template <typename scalar_t>
+bool packs_vnni_pairs() {
+  static const bool pairs = [] {
+    if constexpr (!kHavePackedGemm) {
+      return false;
+    } else {
+      constexpr int64_t k = 32;
+      std::vector<scalar_t> src(k * kPackedKeys), packed(k * kPackedKeys);
+      for (int64_t i = 0; i < k * kPackedKeys; ++i) src[i] = scalar_t(static_cast<uint16_t>(i), scalar_t::from_bits());
+      const auto type = c10::CppTypeToScalarType<scalar_t>::value;
+      at::native::cpublas::pack(k, kPackedKeys, kPackedKeys, kPackedKeys, type, type, src.data(), packed.data());
+      for (int64_t r = 0; r < k; ++r) {
+        for (int64_t c = 0; c < kPackedKeys; ++c) {
+          if (packed[(r / 2 * kPackedKeys + c) * 2 + r % 2].x != src[r * kPackedKeys + c].x) return false;
+        }
+      }
+      return true;
+    }
+  }();
+  return pairs;
+}
+
 // Rows [0, n) of src (row stride ld) transposed, dims [0, dim): one packed
-// dim x 64 block (zero columns past n, n <= 64), through `staged` (dim x 64).
-// Row by row, so that the reads run along src's rows and the strided writes
-// stay in the small staging buffer (the other order was 10 % of a bf16
-// forward).
+// dim x 64 block (zero columns past n, n <= 64). In VNNI pairs, one 32-bit
+// transpose when the rows are 4-byte aligned; else through `staged` (dim x
+// 64) and oneDNN's pack.
 template <typename scalar_t>
 void pack_transposed_rows(const scalar_t* src, int64_t ld, int64_t n, int64_t dim, scalar_t* staged,
                           scalar_t* packed) {
   if constexpr (kHavePackedGemm) {
+    if (packs_vnni_pairs<scalar_t>() && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+      static_assert(sizeof(scalar_t) == 2);
+      auto* words = reinterpret_cast<uint32_t*>(packed);
+      transpose(n, dim / 2, reinterpret_cast<const uint32_t*>(src), ld / 2, words, kPackedKeys);
+      for (int64_t w = 0; w < dim / 2 && n < kPackedKeys; ++w) {
+        std::fill(words + w * kPackedKeys + n, words + (w + 1) * kPackedKeys, 0u);
+      }
+      return;
+    }
     const auto type = c10::CppTypeToScalarType<scalar_t>::value;
-    for (int64_t j = 0; j < kPackedKeys; ++j) {
-      for (int64_t i = 0; i < dim; ++i) staged[i * kPackedKeys + j] = j < n ? src[j * ld + i] : scalar_t(0);
+    transpose(n, dim, src, ld, staged, kPackedKeys);
+    for (int64_t i = 0; i < dim && n < kPackedKeys; ++i) {
+      std::fill(staged + i * kPackedKeys + n, staged + (i + 1) * kPackedKeys, scalar_t(0));
     }
     at::native::cpublas::pack(dim, kPackedKeys, kPackedKeys, kPackedKeys, type, type, staged, packed);
   }
 }
 
 // Rows [0, n) of src (row stride ld), its first 64 columns, as one packed
-// k x 64 block (zero rows in [n, k); k even), through `staged` (k x 64).
+// k x 64 block (zero rows in [n, k); k even). In VNNI pairs, rows 2i and
+// 2i + 1 interleaved; else through `staged` (k x 64) and oneDNN's pack.
 template <typename scalar_t>
 void pack_row_block(const scalar_t* src, int64_t ld, int64_t n, int64_t k, scalar_t* staged, scalar_t* packed) {
   if constexpr (kHavePackedGemm) {
+    if (packs_vnni_pairs<scalar_t>()) {
+      const uint16_t zeros[kPackedKeys] = {};
+      const auto* bits = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t r = 0; r < k; r += 2) {
+        const uint16_t* even = r < n ? bits + r * ld : zeros;
+        const uint16_t* odd = r + 1 < n ? bits + (r + 1) * ld : zeros;
+        uint32_t* pairs = reinterpret_cast<uint32_t*>(packed) + r / 2 * kPackedKeys;
+        for (int64_t c = 0; c < kPackedKeys; ++c) pairs[c] = uint32_t{even[c]} | uint32_t{odd[c]} << 16;
+      }
+      return;
+    }
     const auto type = c10::CppTypeToScalarType<scalar_t>::value;
     for (int64_t r = 0; r < k; ++r) {
       scalar_t* row = staged + r * kPackedKeys;
