@@ -131,6 +131,8 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
     throw std::runtime_error("flash_ext kvcache: num_splits > 1 needs out_partial and lse_partial");
   }
   if (p.block_table != nullptr) args.page_div = FastDivmod(static_cast<uint32_t>(p.page_size));
+  args.q_div = FastDivmod(static_cast<uint32_t>(p.q_len > 0 ? p.q_len : 1));
+  args.kv_heads_div = FastDivmod(static_cast<uint32_t>(p.kv_heads));
   args.group = static_cast<int>(p.heads / p.kv_heads);
   args.rows = static_cast<int>(args.group * p.q_len);
   const WarpLayout layout = warp_layout(args.rows);
@@ -181,7 +183,8 @@ const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major,
   const int64_t rows = p.heads / p.kv_heads * p.q_len;
   const int64_t m_blocks = (rows + kvcache::block_rows(kvcache::warp_layout(rows)) - 1) /
                            kvcache::block_rows(kvcache::warp_layout(rows));
-  if (rows >= (int64_t{1} << 31) || p.batch * p.kv_heads * m_blocks >= (int64_t{1} << 31)) {
+  // Grid: (batch x kv heads, splits, row blocks), the last at most 65535.
+  if (rows >= (int64_t{1} << 31) || m_blocks > 65535 || p.batch * p.kv_heads >= (int64_t{1} << 31)) {
     return "too many sequences and heads for one CUDA grid";
   }
   // 16-byte vector loads and stores: aligned bases and row strides.

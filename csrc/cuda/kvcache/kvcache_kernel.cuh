@@ -79,11 +79,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const KVCacheParams& p = args.p;
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int split = blockIdx.y;
-  const int mb = blockIdx.x % args.m_blocks;
-  const int bk = blockIdx.x / args.m_blocks;
-  const int kv_heads = static_cast<int>(p.kv_heads);
-  const int kvh = bk % kv_heads, b = bk / kv_heads;
+  // Grid (sequence x kv head, split, row block): no division by m_blocks.
+  const int split = blockIdx.y, mb = blockIdx.z, bk = blockIdx.x;
+  const int b = static_cast<int>(args.kv_heads_div.div(static_cast<uint32_t>(bk)));
+  const int kvh = bk - b * static_cast<int>(p.kv_heads);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int q_len = static_cast<int>(p.q_len), head_dim = static_cast<int>(p.head_dim);
@@ -92,16 +91,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rows_here = min(Cfg::kBlockM, args.rows - row0);
   const int64_t rows_total = p.batch * p.heads * q_len;
 
-  // (batch, head, token) index of packed row r: row m is token m % q_len of
-  // the group's head m / q_len.
+  // Packed row m is token m % q_len of the group's head m / q_len (divided
+  // by a multiply-high: these indices are on every path, and a division by a
+  // run-time int is some twenty instructions).
+  const auto head_of = [&](int m) { return static_cast<int>(args.q_div.div(static_cast<uint32_t>(m))); };
+  const auto token_of = [&](int m) { return m - head_of(m) * q_len; };
+  // (batch, head, token) index of packed row r.
   const auto out_row = [&](int r) -> int64_t {
     const int m = row0 + r;
-    return (static_cast<int64_t>(b) * p.heads + kvh * args.group + m / q_len) * q_len + m % q_len;
+    return (static_cast<int64_t>(b) * p.heads + kvh * args.group + head_of(m)) * q_len + token_of(m);
   };
   const auto out_ptr = [&](int r) -> T* {
     const int m = row0 + r;
-    return static_cast<T*>(p.out) + b * p.o_stride[0] + (kvh * args.group + m / q_len) * p.o_stride[1] +
-           (m % q_len) * p.o_stride[2];
+    return static_cast<T*>(p.out) + b * p.o_stride[0] + (kvh * args.group + head_of(m)) * p.o_stride[1] +
+           token_of(m) * p.o_stride[2];
   };
 
   unsigned char* s_q = smem;
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __threadfence();  // this block's partials reach L2 before it is counted
     __syncthreads();
     if (tid == 0) {
-      int* counter = p.split_counters + blockIdx.x;
+      int* counter = p.split_counters + bk * args.m_blocks + mb;
       const bool last = atomicAdd(counter, 1) == num_splits - 1;
       if (last) *counter = 0;  // ready for the next call (and CUDA-graph replay)
       is_last_split = last;
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int i = tid; i < Cfg::kBlockM * Cfg::kChunks; i += kThreads) {
       const int r = i / Cfg::kChunks, c = i % Cfg::kChunks, m = row0 + r;
       const bool valid = r < rows_here && c * 8 < head_dim;
-      const T* src = valid ? q + (kvh * args.group + m / q_len) * p.q_stride[1] + (m % q_len) * p.q_stride[2] + c * 8
+      const T* src = valid ? q + (kvh * args.group + head_of(m)) * p.q_stride[1] + token_of(m) * p.q_stride[2] + c * 8
                            : q;
       cp_async_16(smem_addr(s_q + swizzle(r, c, kRowBytes)), src, valid);
     }
@@ -203,26 +206,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t_begin = first_tile + split * per_split;
   const int t_end = min(end_tile, t_begin + per_split);
 
-  if (t_begin >= t_end) {
-    // No keys here. Alone, that means an empty sequence: out = 0, lse = -inf.
-    // Among splits, a -inf partial lse tells the combine to skip this one.
-    if (num_splits == 1) {
-      const int chunks = head_dim / 8;
-      for (int i = tid; i < rows_here * chunks; i += kThreads) {
-        *reinterpret_cast<uint4*>(out_ptr(i / chunks) + (i % chunks) * 8) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    cp_async_wait<0>();  // no copy into shared memory outlives the block
-    if (args.cluster_merge) {
-      for (int r = tid; r < rows_here; r += kThreads) s_lse[r] = kNegInf;
-      cluster_merge();
-      return;
-    }
-    float* lse = num_splits == 1 ? p.lse : p.lse_partial + split * rows_total;
-    for (int r = tid; r < rows_here; r += kThreads) lse[out_row(r)] = kNegInf;
-    combine_if_last();
-    return;
-  }
+  // A split without keys (t_begin >= t_end) runs no tile and leaves the
+  // epilogue a -inf max: alone (an empty sequence) it writes out = 0 and
+  // lse = -inf; among splits, its -inf partial lse tells the merge to skip it.
+  // No separate exit, so the merges are compiled once.
 
   const T* k_cache = static_cast<const T*>(p.k_cache) + kvh * p.k_cache_stride[1];
   const T* v_cache = static_cast<const T*>(p.v_cache) + kvh * p.v_cache_stride[1];
@@ -266,6 +253,26 @@ __global__ void __launch_bounds__(kThreads, 2)
                          : tile_key0;
     const T* k_tile = k_cache + slot * p.k_cache_stride[0] + tile_row0 * p.k_cache_stride[2];
     const T* v_tile = v_cache + slot * p.v_cache_stride[0] + tile_row0 * p.v_cache_stride[2];
+    if (tile_key0 + kBlockN <= seqlen && (p.block_table == nullptr || whole_tile_pages)) {
+      // Every row cached, at a fixed stride: one address per thread, then
+      // fixed steps (the per-row cases below cost ~50 instructions a pass).
+      const T* k_src = k_tile + ld_row * p.k_cache_stride[2];
+      const T* v_src = v_tile + ld_row * p.v_cache_stride[2];
+      const int64_t k_step = Cfg::kRowsPerPass * p.k_cache_stride[2];
+      const int64_t v_step = Cfg::kRowsPerPass * p.v_cache_stride[2];
+#pragma unroll
+      for (int pass = 0; pass < Cfg::kPasses; ++pass, k_src += k_step, v_src += v_step) {
+        const int r = pass * Cfg::kRowsPerPass + ld_row;
+#pragma unroll
+        for (int cc = 0; cc < Cfg::kChunksPerThread; ++cc) {
+          const int c = ld_chunk + cc * Cfg::kThreadsPerRow;
+          const int off = swizzle(r, c, kRowBytes);
+          cp_async_16(s_k + off, k_src + c * 8, c * 8 < head_dim);
+          cp_async_16(s_v + off, v_src + c * 8, c * 8 < head_dim);
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int pass = 0; pass < Cfg::kPasses; ++pass) {
       const int r = pass * Cfg::kRowsPerPass + ld_row, key = tile_key0 + r;
@@ -345,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Each thread holds rows ra = lane/4 and rb = ra + 8 of its warp's m16 tile.
   const int ra = wm * 16 + (lane >> 2), rb = ra + 8;
   // A row's own position among the keys (bottom-right alignment).
-  const auto row_pos = [&](int r) { return total - q_len + (row0 + r) % q_len; };
+  const auto row_pos = [&](int r) { return total - q_len + token_of(row0 + r); };
   // A row's visible keys: [pos - window_left, pos + window_right] within
   // [0, total) (window_right = 0: causal). common/mask.h's visible_key_range
   // in 32 bits: through it (64-bit) the d = 64 and d = 256 kernels spilled.
@@ -365,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const auto alibi_slope = [&](int r) {
     const int m = row0 + r;
     return p.alibi_slopes != nullptr && m < args.rows
-               ? p.alibi_slopes[b * p.alibi_batch_stride + kvh * args.group + m / q_len] * args.inv_scale
+               ? p.alibi_slopes[b * p.alibi_batch_stride + kvh * args.group + head_of(m)] * args.inv_scale
                : 0.f;
   };
 
@@ -577,8 +584,8 @@ void launch_layout(const KernelArgs& args, bool pdl, cudaStream_t stream) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "raising the attention kernel's shared-memory limit");
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(args.p.batch * args.p.kv_heads * args.m_blocks),
-                        static_cast<unsigned>(args.p.num_splits));
+  config.gridDim = dim3(static_cast<unsigned>(args.p.batch * args.p.kv_heads),
+                        static_cast<unsigned>(args.p.num_splits), static_cast<unsigned>(args.m_blocks));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.stream = stream;

@@ -32,7 +32,8 @@ struct Tuning {
 bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning);
 
 // Integer division by a run-time constant through a multiply-high
-// (Granlund-Montgomery, as in CUTLASS), for the paged-cache row -> page split.
+// (Granlund-Montgomery, as in CUTLASS), for the paged-cache row -> page split
+// and the kernel's indices.
 // Exact for dividends below 2^31.
 struct FastDivmod {
   uint32_t divisor = 1, multiplier = 0, shift = 0;
@@ -62,6 +63,8 @@ inline int block_rows(WarpLayout layout) { return 16 << static_cast<int>(layout)
 struct KernelArgs {
   KVCacheParams p;
   FastDivmod page_div;
+  FastDivmod q_div;         // by q_len: packed row -> (head in group, token)
+  FastDivmod kv_heads_div;  // by kv_heads: block -> (sequence, kv head)
   int group = 1;      // query heads per kv head
   int rows = 1;       // group * q_len packed query rows per (sequence, kv head)
   int m_blocks = 1;   // thread blocks along the packed rows
