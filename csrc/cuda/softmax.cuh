@@ -30,23 +30,37 @@ struct OnlineSoftmax {
   template <bool kFirst, class S>
   __device__ __forceinline__ void fold(S& s, float scale_log2, float (&corr)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    constexpr int kCols = decltype(size<1>(s))::value;
+    // Row maxima and sums over kChains interleaved partial results, so each
+    // is a few short dependency chains rather than one as long as the row
+    // (the max is exact in any order; the sum's rounding changes slightly).
+    constexpr int kChains = kCols % 4 == 0 ? 4 : kCols % 2 == 0 ? 2 : 1;
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      float m = kFirst ? -INFINITY : row_max[mi];
+      float part[kChains];
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
+      for (int c = 0; c < kChains; ++c) part[c] = c == 0 && !kFirst ? row_max[mi] : -INFINITY;
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ++ni) part[ni % kChains] = fmaxf(part[ni % kChains], s(mi, ni));
+      float m = part[0];
+      CUTE_UNROLL
+      for (int c = 1; c < kChains; ++c) m = fmaxf(m, part[c]);
       m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
       // A fully masked row so far: subtract 0, so exp2(-inf) = 0 and no NaN.
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
       corr[mi] = kFirst ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
-      float sum = kFirst ? 0.f : row_sum[mi] * corr[mi];
       row_max[mi] = m;
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(s); ++ni) {
+      for (int c = 0; c < kChains; ++c) part[c] = c == 0 && !kFirst ? row_sum[mi] * corr[mi] : 0.f;
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ++ni) {
         const float p = exp2f(fmaf(s(mi, ni), scale_log2, -m_scaled));
         s(mi, ni) = p;
-        sum += p;
+        part[ni % kChains] += p;
       }
+      float sum = part[0];
+      CUTE_UNROLL
+      for (int c = 1; c < kChains; ++c) sum += part[c];
       row_sum[mi] = sum;
     }
   }
