@@ -282,3 +282,36 @@ def test_sdpa_gradients_low_precision(case, dtype, device, gen):
     for name, g, t, r in zip("qkv", ours, theirs, ref):
         assert g.dtype == dtype
         assert_matches_reference(g, r, dtype, t, what=f"d{name}")
+
+
+def odd_row_stride(t: torch.Tensor) -> torch.Tensor:
+    """t's values with rows 65 elements apart (a differentiable view)."""
+    return torch.nn.functional.pad(t, (0, 1))[..., :-1]
+
+
+def shifted_by_one_element(t: torch.Tensor) -> torch.Tensor:
+    """t's values, contiguous, starting one element past a 4-byte boundary."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", [odd_row_stride, shifted_by_one_element], ids=lambda f: f.__name__)
+def test_low_precision_keys_off_word_boundaries(layout, device, gen):
+    """K and V whose rows are not 4-byte aligned: the CPU's matrix-unit path
+    packs them through oneDNN rather than as 32-bit words."""
+    dtype = torch.bfloat16
+    skip_unless_served(device, dtype, 64)
+    q = randn((1, 4, 200, 64), dtype, device, gen, requires_grad=True)
+    k = randn((1, 2, 150, 64), dtype, device, gen, requires_grad=True)
+    v = randn((1, 2, 150, 64), dtype, device, gen, requires_grad=True)
+    dout = randn((1, 4, 200, 64), dtype, device, gen)
+    k_in, v_in = layout(k), layout(v)
+    assert k_in.stride(-2) % 2 == 1 or k_in.data_ptr() % 4 != 0
+    outs = [fn(q, kk, vv, is_causal=True, enable_gqa=True)
+            for fn, kk, vv in ((flash_ext.scaled_dot_product_attention, k_in, v_in), (TORCH_SDPA, k, v),
+                               (reference_attention, k, v))]
+    assert_matches_reference(outs[0], outs[2], dtype, outs[1], what="out")
+    ours, theirs = (grad_list(o, (q, k, v), dout) for o in outs[:2])
+    ref = grad_list(outs[2], (q, k, v), dout.double())
+    for name, g, t, r in zip("qkv", ours, theirs, ref):
+        assert_matches_reference(g, r, dtype, t, what=f"d{name}")
