@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
     const int64_t m0 = t.m0;
     const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
-    sm80::OnlineSoftmax<kRows> softmax;
+    sm80::OnlineSoftmax<kRows, Tr::kPolyExpEvery> softmax;
     float corr[kRows];
     auto mask_and_fold = [&](int n, auto first) {
       const int64_t n0 = int64_t(n) * kBlockN;
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       pipeline_k.consumer_wait(read);
       turns.wait();
       wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-      sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+      decltype(softmax)::rescale(o, corr);
       pipeline_v.consumer_wait(read_v);
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass();
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
 
     // Last P V.
-    sm80::OnlineSoftmax<kRows>::rescale(o, corr);
+    decltype(softmax)::rescale(o, corr);
     pipeline_v.consumer_wait(read);
     turns.wait();
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);

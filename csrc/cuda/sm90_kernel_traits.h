@@ -44,6 +44,15 @@ struct FwdTraits {
   // 128 * (producer + kNumMmaWG * consumer) must stay within 64K registers.
   static constexpr int kProducerRegs = kNumMmaWG == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWG == 2 ? 240 : 160;
+  // Every kPolyExpEvery-th exponential of the softmax on the FMA pipes
+  // (sm80::exp2_on_fma), the rest on MUFU, whose 16 a clock per SM take
+  // about half the tensor cores' time per tile (benchmarks/NOTES.md,
+  // session 9). A build-time knob for side-by-side timing; 0: all on MUFU.
+#ifdef FLASH_EXT_SM90_POLY_EXP_EVERY
+  static constexpr int kPolyExpEvery = FLASH_EXT_SM90_POLY_EXP_EVERY;
+#else
+  static constexpr int kPolyExpEvery = 4;
+#endif
 
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
   // (M = queries, N = head dim, K = keys); warp groups tiled along M.
