@@ -316,12 +316,29 @@ struct OnlineSoftmax {
   // exponent, so the row maxima are found before it) without dropout: P is
   // written rounded to bfloat16 into p (row stride ldp, `cols` per row) and
   // s is left as it was.
+  //
+  // A row that has seen keys first tries its running maximum as the shift,
+  // with no pass for the tile's maximum (which the exponentials' pass finds
+  // on the way): P then reaches up to e^kShiftHeadroom, harmless in float32
+  // and to bf16's relative rounding, and neither the sum nor the output
+  // needs rescaling. Only a tile whose maximum passes that is redone with
+  // its own (under a causal mask the diagonal tile comes first, so that is
+  // rare).
   void to_bfloat16_probabilities(const float* s, int64_t lds, int64_t cols, float scale, uint16_t* p,
                                  int64_t ldp) {
     static_assert(std::is_same_v<acc_t, float>, "bfloat16 probabilities come from float32 scores");
+    constexpr float kShiftHeadroom = 8.f;
     for (int64_t r = 0; r < rows; ++r) {
       const float* srow = s + r * lds;
       uint16_t* prow = p + r * ldp;
+      if (running_max[r] != neg_inf<float>()) {
+        float x_max;
+        const float tile_sum = exp_scaled_to_bfloat16(srow, cols, scale, running_max[r], prow, &x_max);
+        if (!(x_max * scale > running_max[r] + kShiftHeadroom)) {  // a NaN's sum is NaN either way
+          running_sum[r] += tile_sum;
+          continue;
+        }
+      }
       const float tile_max = row_max(srow, cols) * scale;
       const float new_max = (tile_max > running_max[r] || tile_max != tile_max) ? tile_max : running_max[r];
       if (new_max == neg_inf<float>()) {  // nothing visible yet in this row
@@ -329,7 +346,8 @@ struct OnlineSoftmax {
         continue;
       }
       const float rescale = std::exp(running_max[r] - new_max);
-      const float tile_sum = exp_scaled_to_bfloat16(srow, cols, scale, new_max, prow);
+      float x_max;
+      const float tile_sum = exp_scaled_to_bfloat16(srow, cols, scale, new_max, prow, &x_max);
       running_sum[r] = running_sum[r] * rescale + tile_sum;
       running_max[r] = new_max;
       if (rescale != 1.f) scale_row(out.data() + r * dv, dv, rescale);

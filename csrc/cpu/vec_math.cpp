@@ -109,6 +109,13 @@ FLASH_INLINE float hsum_v(F v) {
   return s;
 }
 
+template <typename F>
+FLASH_INLINE float hmax_v(F v) {
+  float m = v[0];
+  for (int64_t i = 1; i < lanes_of<F>; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
 // max_i x[i]: -inf for an empty row, NaN if any element is NaN.
 template <typename F>
 FLASH_INLINE float row_max_v(const float* x, int64_t n) {
@@ -218,21 +225,27 @@ FLASH_INLINE void to_bfloat16_v(const float* src, uint16_t* dst, int64_t n) {
 }
 
 template <typename F, typename I, typename Rounding>
-FLASH_INLINE float exp_scaled_to_bfloat16_v(const float* x, int64_t n, float scale, float shift, uint16_t* y) {
+FLASH_INLINE float exp_scaled_to_bfloat16_v(const float* x, int64_t n, float scale, float shift, uint16_t* y,
+                                             float* x_max) {
   constexpr int64_t kW = lanes_of<F>;
   const F sc = splat_v<F>(scale), sh = splat_v<F>(shift);
-  F sum = splat_v<F>(0.0f);
+  F sum = splat_v<F>(0.0f), m = splat_v<F>(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const F e = exp_v<F, I>(load_v<F>(x + i) * sc - sh);
+    const F in = load_v<F>(x + i);
+    const F e = exp_v<F, I>(in * sc - sh);
     Rounding::store(e, y + i, kW);
     sum += e;
+    m = in > m ? in : m;
   }
   if (i < n) {
-    const F e = exp_v<F, I>(load_tail_v<F>(x + i, n - i, -std::numeric_limits<float>::infinity()) * sc - sh);
+    const F in = load_tail_v<F>(x + i, n - i, -std::numeric_limits<float>::infinity());
+    const F e = exp_v<F, I>(in * sc - sh);
     Rounding::store(e, y + i, n - i);
     sum += e;
+    m = in > m ? in : m;
   }
+  *x_max = hmax_v<F>(m);
   return hsum_v<F>(sum);
 }
 
@@ -335,16 +348,18 @@ __attribute__((target("arch=x86-64-v4"))) float exp_shifted_sum_avx512(float* x,
 // row alike, which the normalization cancels. Session 7's profile of the
 // bf16 forward: the integer rounding cost 27 % and exp_v 30 %.
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) float exp_scaled_to_bfloat16_avx512_bf16(
-    const float* x, int64_t n, float scale, float shift, uint16_t* y) {
+    const float* x, int64_t n, float scale, float shift, uint16_t* y, float* x_max) {
   const __m512 sc = _mm512_set1_ps(scale * kLog2e), sh = _mm512_set1_ps(shift * kLog2e);
-  __m512 sum = _mm512_setzero_ps();
+  __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = step_lanes(i, n);
     const __m512 in = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), lanes, x + i);
     const __m512 e = exp2_avx512(_mm512_fmsub_ps(in, sc, sh));
     sum = _mm512_add_ps(sum, e);
+    m = _mm512_max_ps(in, m);  // a NaN lane keeps m
     _mm256_mask_storeu_epi16(y + i, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
+  *x_max = _mm512_reduce_max_ps(m);
   return _mm512_reduce_add_ps(sum);
 }
 
@@ -359,8 +374,8 @@ bool has_avx512_bf16() {
 #endif
 
 FLASH_CPU_CLONES float exp_scaled_to_bfloat16_avx2(const float* x, int64_t n, float scale, float shift,
-                                                   uint16_t* y) {
-  return exp_scaled_to_bfloat16_v<F8, I8, IntegerRounding8>(x, n, scale, shift, y);
+                                                   uint16_t* y, float* x_max) {
+  return exp_scaled_to_bfloat16_v<F8, I8, IntegerRounding8>(x, n, scale, shift, y, x_max);
 }
 
 FLASH_CPU_CLONES void float_to_bfloat16_avx2(const float* src, uint16_t* dst, int64_t n) {
@@ -371,15 +386,15 @@ FLASH_CPU_CLONES void float_to_bfloat16_avx2(const float* src, uint16_t* dst, in
 void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n) {
   has_avx512() ? float_to_bfloat16_avx512(src, dst, n) : float_to_bfloat16_avx2(src, dst, n);
 }
-float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y) {
+float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y, float* x_max) {
   // AVX-512 without BF16 takes the AVX2 loop: one path fewer that no test
   // machine here runs.
-  return has_avx512_bf16() ? exp_scaled_to_bfloat16_avx512_bf16(x, n, scale, shift, y)
-                           : exp_scaled_to_bfloat16_avx2(x, n, scale, shift, y);
+  return has_avx512_bf16() ? exp_scaled_to_bfloat16_avx512_bf16(x, n, scale, shift, y, x_max)
+                           : exp_scaled_to_bfloat16_avx2(x, n, scale, shift, y, x_max);
 }
 #else
-float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y) {
-  return exp_scaled_to_bfloat16_avx2(x, n, scale, shift, y);
+float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y, float* x_max) {
+  return exp_scaled_to_bfloat16_avx2(x, n, scale, shift, y, x_max);
 }
 void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n) { float_to_bfloat16_avx2(src, dst, n); }
 float row_max(const float* x, int64_t n) { return row_max_avx2(x, n); }

@@ -30,9 +30,10 @@ void scale_row(double* x, int64_t n, double factor);
 // y[i] = exp(x[i] * scale - shift) rounded to bfloat16 (bits, nearest even;
 // on CPUs with AVX512-BF16 by its instruction, which also takes results
 // below float's normal range to 0), x left as it was; returns the sum of
-// the unrounded exponentials. One pass for a softmax tile that scale_row,
+// the unrounded exponentials and sets *x_max to max_i x[i] (NaN ignored,
+// -inf for an empty row). One pass for a softmax tile that scale_row,
 // exp_shifted_sum and float_to_bfloat16 would read and write three times.
-float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y);
+float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift, uint16_t* y, float* x_max);
 
 // dst[i] = src[i] rounded to bfloat16 (nearest even; NaN -> 0x7fc0, as
 // c10::BFloat16), stored as its 16 bits.
