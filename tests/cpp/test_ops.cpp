@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <vector>
 
+#include "common/fast_divmod.h"
 #include "flash_ext.h"
 
 namespace {
@@ -88,6 +90,30 @@ void test_kvcache() {
   }
 }
 
+// The decode kernel's multiply-high division (common/fast_divmod.h) against
+// '/' for small divisors (q_len, page sizes, kv heads) and large ones, every
+// dividend below 2^16 and strided ones up to 2^31 - 1.
+void test_fast_divmod() {
+  int64_t wrong = 0, checked = 0;
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 300; ++d) divisors.push_back(d);
+  for (uint32_t d : {511u, 4096u, 65535u, 65537u, 1000003u, 0x7fffffffu}) divisors.push_back(d);
+  for (uint32_t d : divisors) {
+    const flash_ext::FastDivmod fast(d);
+    const auto check = [&](uint32_t n) {
+      ++checked;
+      if (fast.div(n) != n / d) ++wrong;
+    };
+    for (uint32_t n = 0; n < (1u << 16); ++n) check(n);
+    for (uint64_t n = 1u << 16; n < (uint64_t{1} << 31); n += 7919 * 13) check(static_cast<uint32_t>(n));
+    check(0x7fffffffu);
+    check(0x7fffffffu - 1);
+  }
+  std::printf("%-44s %lld of %lld wrong %s\n", "fast division by run-time divisors", static_cast<long long>(wrong),
+              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
+  if (wrong != 0) ++failures;
+}
+
 }  // namespace
 
 int main() {
@@ -100,6 +126,7 @@ int main() {
   }
   test_bad_input_raises();
   test_kvcache();
+  test_fast_divmod();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
   return failures == 0 ? 0 : 1;
 }

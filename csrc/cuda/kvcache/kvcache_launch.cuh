@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../../common/fast_divmod.h"
 #include "../../common/params.h"
 
 namespace flash_ext::cuda::kvcache {
@@ -31,23 +32,7 @@ struct Tuning {
 // counters, no last-block hand-off. Hopper, 2..kMaxClusterSplits splits.
 bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning);
 
-// Integer division by a run-time constant through a multiply-high
-// (Granlund-Montgomery, as in CUTLASS), for the paged-cache row -> page split
-// and the kernel's indices.
-// Exact for dividends below 2^31.
-struct FastDivmod {
-  uint32_t divisor = 1, multiplier = 0, shift = 0;
-  FastDivmod() = default;
-  explicit FastDivmod(uint32_t d) : divisor(d) {
-    while ((1u << shift) < d) ++shift;
-    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
-  }
-#ifdef __CUDACC__
-  __device__ __forceinline__ uint32_t div(uint32_t n) const {
-    return (__umulhi(n, multiplier) + n) >> shift;
-  }
-#endif
-};
+using flash_ext::FastDivmod;  // common/fast_divmod.h
 
 // Warps along M (packed query rows) x warps along N (keys). One GQA group's
 // rows = group * q_len: up to 16 rows take one m16 tile and split the keys
