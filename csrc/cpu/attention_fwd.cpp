@@ -18,6 +18,14 @@ inline int64_t forward_block_rows(const AttentionFwdParams& p, bool packed) {
   return short_masked || (packed && p.head_dim >= 128) ? kBlockQ / 2 : kBlockQ;
 }
 
+// Row stride of a work item's score tile: kBlockK, or fewer columns when
+// the keys are fewer (tiles of whole 64-key blocks at most). Short calls then
+// allocate and clear small buffers: a fixed 128 KB tile went through mmap,
+// page faults and a memset on every call, a third of a small one's time.
+inline int64_t score_tile_stride(const AttentionFwdParams& p) {
+  return std::min(kBlockK, ceil_div(std::max<int64_t>(p.kv_len, 1), kPackedKeys) * kPackedKeys);
+}
+
 // The loop both forward paths share: query blocks as work items, key tiles
 // from the end of the visible range backwards (so under a causal mask only
 // the last one crosses the diagonal), score mods, masks, dropout and the
@@ -33,6 +41,7 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   const int64_t group = p.heads / p.kv_heads;
   const int64_t block_q = forward_block_rows(p, Products::kPacked);
   const int64_t q_blocks = ceil_div(p.q_len, block_q);
+  const int64_t lds = score_tile_stride(p);
   const bool has_dropout = p.dropout.p > 0.0;
   const acc_t keep_scale = has_dropout ? acc_t(1) / (acc_t(1) - acc_t(p.dropout.p)) : acc_t(1);
   const bool one_pass = Products::kRoundsProbabilities && !has_dropout && p.softcap == 0.0 &&
@@ -40,7 +49,7 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
 
   parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
     auto products = make_products();
-    std::vector<acc_t> scores(kBlockQ * kBlockK);
+    std::vector<acc_t> scores(std::min(block_q, p.q_len) * lds);
     OnlineSoftmax<acc_t> softmax;
     for (int64_t item; (item = next_item()) >= 0;) {
       // A head's query blocks last to first: under a causal mask the last see
@@ -64,32 +73,32 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
         const int64_t cols = col_end - col0;
         if constexpr (Products::kRoundsProbabilities) {
           if (one_pass) {  // -inf of a bool mask or the window is -inf scaled too
-            products.unscaled_scores(col0, cols, scores.data(), kBlockK);
-            mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
+            products.unscaled_scores(col0, cols, scores.data(), lds);
+            mask.apply(scores.data(), lds, rows, cols, row0, col0);
             if (!tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
-              apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
+              apply_window(seq.window, scores.data(), lds, rows, cols, col0,
                            [row0](int64_t r) { return row0 + r; });
             }
-            softmax.to_bfloat16_probabilities(scores.data(), kBlockK, cols, static_cast<float>(p.scale),
+            softmax.to_bfloat16_probabilities(scores.data(), lds, cols, static_cast<float>(p.scale),
                                               products.rounded_probabilities(), products.width(cols));
             products.add_rounded_values(col0, cols, softmax.out.data());
             continue;
           }
         }
-        products.scores(col0, cols, scores.data(), kBlockK);
+        products.scores(col0, cols, scores.data(), lds);
         if (mods.active()) {
-          mods.apply(scores.data(), kBlockK, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
+          mods.apply(scores.data(), lds, rows, cols, col0, [row0](int64_t r) { return row0 + r; });
         }
-        mask.apply(scores.data(), kBlockK, rows, cols, row0, col0);
+        mask.apply(scores.data(), lds, rows, cols, row0, col0);
         if (!tile_fully_visible(seq.window, row0, row0 + rows, col0, col0 + cols)) {
-          apply_window(seq.window, scores.data(), kBlockK, rows, cols, col0,
+          apply_window(seq.window, scores.data(), lds, rows, cols, col0,
                        [row0](int64_t r) { return row0 + r; });
         }
         softmax.to_probabilities(
-            scores.data(), kBlockK, cols,
+            scores.data(), lds, cols,
             [&](int64_t r, int64_t c) { return dropout.dropped(row0 + r, col0 + c); }, keep_scale,
             has_dropout);
-        products.add_values(col0, cols, scores.data(), kBlockK, softmax.out.data());
+        products.add_values(col0, cols, scores.data(), lds, softmax.out.data());
       }
 
       auto* out = static_cast<scalar_t*>(p.out) + b * p.o_stride[0] + h * p.o_stride[1] +
@@ -112,7 +121,10 @@ class StagedProducts {
   static constexpr bool kPacked = false;
 
   explicit StagedProducts(const AttentionFwdParams& p)
-      : p_(p), q_buf_(kBlockQ * p.head_dim), k_buf_(kBlockK * p.head_dim), v_buf_(kBlockK * p.v_head_dim) {}
+      : p_(p),
+        q_buf_(std::min(kBlockQ, p.q_len) * p.head_dim),
+        k_buf_(score_tile_stride(p) * p.head_dim),
+        v_buf_(score_tile_stride(p) * p.v_head_dim) {}
 
   void start(int64_t b, int64_t h, int64_t kvh, const SequenceBounds& seq, int64_t row0, int64_t rows) {
     const auto* q = static_cast<const scalar_t*>(p_.q) + b * p_.q_stride[0] + h * p_.q_stride[1] +
@@ -161,7 +173,7 @@ class PackedProducts {
   static constexpr bool kPacked = true;
 
   PackedProducts(const AttentionFwdParams& p, const PackedKV<scalar_t>& packed)
-      : p_(p), packed_(packed), probs_(kBlockQ * kBlockK) {}
+      : p_(p), packed_(packed), probs_(std::min(kBlockQ, p.q_len) * score_tile_stride(p)) {}
   PackedProducts(const PackedProducts&) = delete;
   ~PackedProducts() { packed_gemm_release(); }
 
