@@ -107,6 +107,28 @@ def test_family_matches_reference(case, dtype, family, gen):
     torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES or ["none"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_family_nan_key_reaches_every_row(d, family, gen):
+    """Head h has a NaN at key h (h < 32): every query row sees it, so every
+    output row of those heads is NaN, whichever column of the score tile the
+    key falls in (the Hopper softmax takes some columns' exponentials on the
+    FMA pipes, which must not swallow a NaN); heads 32+ match the reference."""
+    if family == "none":
+        pytest.skip("no CUDA kernel family here")
+    q, k, v = (randn((1, 36, 300, d), torch.bfloat16, "cuda", gen) for _ in range(3))
+    for h in range(32):
+        k[0, h, h, 0] = float("nan")
+    flash_ext.set_cuda_path(family)
+    out = flash_ext.scaled_dot_product_attention(q, k, v)
+    assert flash_ext.last_cuda_kernel_family() == family
+    assert torch.isnan(out[0, :32]).all(), "a NaN key must make every output row that sees it NaN"
+    assert not torch.isnan(out[0, 32:]).any()
+    ref = reference_attention(q[:, 32:], k[:, 32:], v[:, 32:])
+    assert_matches_reference(out[:, 32:], ref, torch.bfloat16, TORCH_SDPA(q[:, 32:], k[:, 32:], v[:, 32:]))
+
+
 # Packed batches (query lengths, key lengths, heads, kv heads, head dim,
 # causal, window): sequences of several tiles, one-token and empty ones, so
 # tiles reach into the next sequence's rows (masked keys, unstored queries).

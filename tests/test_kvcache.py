@@ -142,6 +142,17 @@ def test_kvcache_num_splits_and_gqa(num_splits, ratio, device, gen):
     torch.testing.assert_close(lse[~empty].double().cpu(), ref_lse[~empty].cpu(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3, 12])
+def test_kvcache_group_rows_over_several_blocks(num_splits, device, gen):
+    # 16 query heads per kv head x 8 new tokens = 128 packed rows: on CUDA
+    # two row blocks per (sequence, kv head), each with its own splits and
+    # merge (12 splits: past a cluster, through the split counters).
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    _check_decode(3, 32, 2, 8, 8, 700, 64, 64, [0, 100, 650], dtype, device, gen, causal=True,
+                  num_splits=num_splits)
+
+
 def test_kvcache_splits_agree_exactly_enough(gen):
     """Every split count gives the same float64 result."""
     lens = [3, 200, 77]
