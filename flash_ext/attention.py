@@ -213,7 +213,7 @@ def scaled_dot_product_attention(
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
                            False, False)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
 
 
 def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
