@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
     const int64_t m0 = t.m0;
     const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
-    sm80::OnlineSoftmax<kRows, Tr::kPolyExpEvery> softmax;
+    sm80::OnlineSoftmax<kRows, Tr::kPolyExpEvery, 4> softmax;
     float corr[kRows];
     auto mask_and_fold = [&](int n, auto first) {
       const int64_t n0 = int64_t(n) * kBlockN;
