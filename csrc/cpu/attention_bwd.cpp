@@ -185,7 +185,7 @@ class PackedBwdProducts {
   // in column `rows` when rows is odd.
   void transpose_rows(const scalar_t* src, int64_t ld, int64_t rows, int64_t dim, scalar_t* dst) {
     transpose(rows, dim, src, ld, dst, lp_);
-    if (lp_ != rows) {
+    if (rows % 2 != 0) {
       for (int64_t i = 0; i < dim; ++i) dst[i * lp_ + rows] = scalar_t(0);
     }
   }
@@ -222,11 +222,9 @@ class PackedBwdProducts {
   // acc (dim x cols_, row stride kAccStride) += lhs (dim x even(rows_), row stride lp_) times
   // tile (even(rows_) x cols_, row stride kBlockKBwd), packed per 64 keys.
   void add_transposed_product(int64_t dim, const scalar_t* lhs, const scalar_t* tile, float* acc) {
-    const auto type = c10::CppTypeToScalarType<scalar_t>::value;
     const int64_t k = even(rows_);
     for (int64_t j = 0; j * kPackedKeys < cols_; ++j) {
-      at::native::cpublas::pack(k, kPackedKeys, kBlockKBwd, kPackedKeys, type, type, tile + j * kPackedKeys,
-                                b_.data());
+      pack_row_block(tile + j * kPackedKeys, kBlockKBwd, k, k, staged_.data(), b_.data());
       packed_product(dim, k, lhs, lp_, b_.data(), acc + j * kPackedKeys, kAccStride, true);
     }
   }

@@ -331,22 +331,24 @@ struct OnlineSoftmax {
     for (int64_t r = 0; r < rows; ++r) {
       const float* srow = s + r * lds;
       uint16_t* prow = p + r * ldp;
+      // From here on the tile's own maximum (scaled) becomes the row's: on a
+      // row's first keys, or when the tile passes the headroom.
+      float new_max, x_max;
       if (running_max[r] != neg_inf<float>()) {
-        float x_max;
         const float tile_sum = exp_scaled_to_bfloat16(srow, cols, scale, running_max[r], prow, &x_max);
-        if (!(x_max * scale > running_max[r] + kShiftHeadroom)) {  // a NaN's sum is NaN either way
+        new_max = x_max * scale;
+        if (!(new_max > running_max[r] + kShiftHeadroom)) {  // a NaN's sum is NaN either way
           running_sum[r] += tile_sum;
           continue;
         }
-      }
-      const float tile_max = row_max(srow, cols) * scale;
-      const float new_max = (tile_max > running_max[r] || tile_max != tile_max) ? tile_max : running_max[r];
-      if (new_max == neg_inf<float>()) {  // nothing visible yet in this row
-        std::fill(prow, prow + cols, uint16_t{0});
-        continue;
+      } else {
+        new_max = row_max(srow, cols) * scale;
+        if (new_max == neg_inf<float>()) {  // nothing visible yet in this row
+          std::fill(prow, prow + cols, uint16_t{0});
+          continue;
+        }
       }
       const float rescale = std::exp(running_max[r] - new_max);
-      float x_max;
       const float tile_sum = exp_scaled_to_bfloat16(srow, cols, scale, new_max, prow, &x_max);
       running_sum[r] = running_sum[r] * rescale + tile_sum;
       running_max[r] = new_max;
