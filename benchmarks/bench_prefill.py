@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
     parser.add_argument("--head-dims", type=int, nargs="+", metavar="D", help="only these head dims of the sweep")
     parser.add_argument("--seqlens", type=int, nargs="+", metavar="N", help="only these sequence lengths of the sweep")
+    parser.add_argument("--impls", nargs="+", metavar="NAME",
+                        help="only these implementations (flash_ext, flash_ext_sm80, sdpa_cudnn, flex, ...)")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else common.default_device()
     settings = [(d, causal, n) for d, causal, n in sweep(args.quick, args.smoke)
@@ -209,6 +211,8 @@ def main() -> None:
         d, causal, n = setting
         impls = implementations(flash_ext, flex, causal, n, setting in flex_on,
                                 math_skip(*shape(d, n, args.smoke), n))
+        if args.impls:
+            impls = {name: fwd for name, fwd in impls.items() if name in args.impls}
         rows += run_setting(setting, impls, device, args.smoke, flex_bwd)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))
