@@ -4,7 +4,7 @@
 # builds the extension twice as gpu_check.sh does (sm_90a), the second with
 # extra nvcc flags, then runs one benchmark command against each build in turn.
 #
-#   AB_FLAGS="-DFLASH_EXT_SM90_POLY_EXP_EVERY=0" bash scripts/ab_build.sh \
+#   AB_FLAGS="-DSOME_KNOB=1" bash scripts/ab_build.sh \
 #       python3 benchmarks/bench_prefill.py --quick --no-flex --head-dims 128
 #
 # A is the default build, B the one with AB_FLAGS (read by nvcc through

@@ -311,3 +311,39 @@ def test_set_cuda_path_rejects_unknown_names():
         flash_ext.set_cuda_path("sm70")
     with pytest.raises(ValueError, match="name must be one of"):
         flash_ext.set_cuda_path("cpu")
+
+
+_TUNING_CHILD = """
+import sys, torch, flash_ext
+torch.manual_seed(0)
+outs = []
+for d, causal, n in ((128, False, 1000), (128, True, 700), (64, False, 1300), (256, True, 600)):
+    q, k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    outs.append(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal).cpu())
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_forward_tuning_variants_agree(tmp_path):
+    """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth
+    and the grid, never the arithmetic: every variant's output equals the
+    default's bit for bit; an unknown key is refused by name."""
+    import os
+    import subprocess
+    import sys
+    outputs = {}
+    for name, spec in (("default", ""), ("two_stage", "two_stage_max_kv=100000"),
+                       ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096")):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
+        subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True)
+        outputs[name] = torch.load(path)
+    for name, outs in outputs.items():
+        for a, b in zip(outs, outputs["default"]):
+            assert torch.equal(a, b), name
+    bad = subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, FLASH_EXT_FWD_TUNING="stages=2"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown key 'stages'" in bad.stderr

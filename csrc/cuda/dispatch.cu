@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -135,6 +136,28 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 }
 
 #if defined(FLASH_EXT_SM90A)
+sm90::FwdTuning fwd_tuning_from_environment() {
+  sm90::FwdTuning t;
+  const char* spec = std::getenv("FLASH_EXT_FWD_TUNING");
+  if (spec == nullptr) return t;
+  std::istringstream items(spec);
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const int64_t value = eq == std::string::npos ? 1 : std::atoll(item.c_str() + eq + 1);
+    if (key == "two_stage_max_kv") {
+      t.two_stage_max_kv = value;
+    } else if (key == "per_tile_max_q") {
+      t.per_tile_max_q = value;
+    } else {
+      throw std::invalid_argument("flash_ext: FLASH_EXT_FWD_TUNING has an unknown key '" + key +
+                                  "' (known: two_stage_max_kv, per_tile_max_q)");
+    }
+  }
+  return t;
+}
+
 // TMA cannot address a stride-0 (broadcast) dimension.
 bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
   return strides_all(stride, d0, d1, d2, [](int64_t s) { return s != 0; });
@@ -330,6 +353,13 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 }
 
 }  // namespace
+
+#if defined(FLASH_EXT_SM90A)
+const sm90::FwdTuning& sm90::fwd_tuning() {
+  static const FwdTuning tuning = fwd_tuning_from_environment();
+  return tuning;
+}
+#endif
 
 const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {
   const Family* f = find_family(device_major, device_minor);

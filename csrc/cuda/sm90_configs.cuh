@@ -44,7 +44,8 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const bool windowed = has_window(p.window);
-  const bool narrow = kHeadDim == 128 ? windowed : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
+  const bool narrow = kHeadDim == 128 ? windowed || p.kv_len <= fwd_tuning().two_stage_max_kv
+                                      : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
   if (narrow) {
     launch_attention_fwd<FwdConfig<kHeadDim, true, ElementOf<kDtype>>, kVarlen>(p, stream);
   } else {

@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
     const int64_t m0 = t.m0;
     const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
-    sm80::OnlineSoftmax<kRows, Tr::kPolyExpEvery, 4> softmax;
+    sm80::OnlineSoftmax<kRows, 4> softmax;
     float corr[kRows];
     auto mask_and_fold = [&](int n, auto first) {
       const int64_t n0 = int64_t(n) * kBlockN;
@@ -512,7 +512,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   // by simulation, a greedy deal 1.00-1.02x. At d = 256 with a window up to
   // N = 1024, one block per tile: 0.155 ms against the persistent grid's
   // 0.206 at N = 512 causal (H100, benchmarks/NOTES.md).
-  const bool one_per_tile = p.num_sms <= 0 || (Tr::kHeadDim == 256 && has_window(p.window) && p.q_len <= 1024);
+  const bool one_per_tile = p.num_sms <= 0 || p.q_len <= fwd_tuning().per_tile_max_q ||
+                            (Tr::kHeadDim == 256 && has_window(p.window) && p.q_len <= 1024);
   const int64_t grid = one_per_tile || tiles < p.num_sms ? tiles : p.num_sms;
   if (grid < tiles && fwd_deals_tiles_dynamically(p) && p.tile_counter == nullptr) {
     throw std::runtime_error("flash_ext attention forward (sm90): tile_counter workspace missing");

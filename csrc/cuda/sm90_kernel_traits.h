@@ -44,17 +44,6 @@ struct FwdTraits {
   // 128 * (producer + kNumMmaWG * consumer) must stay within 64K registers.
   static constexpr int kProducerRegs = kNumMmaWG == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWG == 2 ? 240 : 160;
-  // Every kPolyExpEvery-th exponential of the softmax on the FMA pipes
-  // (sm80::exp2_on_fma), the rest on MUFU (16 a clock per SM). Per tile
-  // MUFU takes about half the tensor cores' time at d = 128, as much at
-  // d = 64 (where the issue slots are nearly as busy, so a smaller share),
-  // a quarter at d = 256 (none moved): benchmarks/NOTES.md, session 9. A
-  // build-time override for side-by-side timing; 0: all on MUFU.
-#ifdef FLASH_EXT_SM90_POLY_EXP_EVERY
-  static constexpr int kPolyExpEvery = FLASH_EXT_SM90_POLY_EXP_EVERY;
-#else
-  static constexpr int kPolyExpEvery = kHeadDim == 64 ? 8 : kHeadDim == 128 ? 4 : 0;
-#endif
 
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
   // (M = queries, N = head dim, K = keys); warp groups tiled along M.

@@ -34,6 +34,20 @@ inline bool fwd_deals_tiles_dynamically(const AttentionFwdParams& p) {
   return has_window(p.window) || unequal_lengths;
 }
 
+// Forward knobs for timing variants side by side on the GPU machine
+// (scripts/fwd_tuning.py), read once per process from FLASH_EXT_FWD_TUNING as
+// "key=value,..." (an unknown key throws); unset, the defaults below.
+struct FwdTuning {
+  // d = 128 without a window: calls with kv_len up to this take the 2-stage
+  // configuration, whose O staging does not reuse Q's shared memory, so the
+  // next tile's Q loads during this one's epilogue (0: never).
+  int64_t two_stage_max_kv = 0;
+  // Calls with q_len up to this launch one block per query tile instead of
+  // the persistent grid (0: never; d = 256 windows keep their own rule).
+  int64_t per_tile_max_q = 0;
+};
+const FwdTuning& fwd_tuning();
+
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
 // bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows

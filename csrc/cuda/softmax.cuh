@@ -10,35 +10,12 @@
 
 namespace flash_ext::cuda::sm80 {
 
-// 2^x on the FMA and integer pipes instead of MUFU, for x <= ~0 (softmax
-// exponents after the max): x = j + f, j an integer (round to nearest by
-// adding 1.5 * 2^23), f in [-1/2, 1/2]; 2^f by a degree-4 polynomial fitted
-// for relative error with 2^0 = 1 (2.9e-6 in float32, far below the bf16/fp16
-// rounding of P); 2^j built in the exponent bits. x < -127 gives 0 (as -inf
-// does), NaN stays NaN. Ten instructions against MUFU's one, but MUFU does
-// 16 a clock per SM against 128 FMAs: a kernel whose exponentials pace the
-// softmax moves a share of them here.
-__device__ __forceinline__ float exp2_on_fma(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  x = x < -127.f ? -127.f : x;         // a NaN compares false and stays
-  const float t = __fadd_rn(x, kRound);
-  const float f = __fadd_rn(x, -__fadd_rn(t, -kRound));
-  float p = fmaf(0.009582852944731712f, f, 0.055906426161527634f);
-  p = fmaf(p, f, 0.24024099111557007f);
-  p = fmaf(p, f, 0.6931241750717163f);
-  p = fmaf(p, f, 1.f);  // 2^0 = 1 exactly, as the row's maximum gets on MUFU
-  // j = bits(t) - bits(kRound) in [-127, 0]; 2^j's bits (j + 127) << 23 (j = -127: +0).
-  const int biased = __float_as_int(t) - __float_as_int(kRound) + 127;
-  return p * __int_as_float(biased << 23);
-}
-
-// kPolyExpEvery > 0: every kPolyExpEvery-th score of a row takes exp2_on_fma.
 // kChains: the row maxima and sums as that many interleaved partial results,
 // so each is a few short dependency chains rather than one as long as the
 // row (the max is exact in any order; the sum's rounding changes slightly).
 // The Hopper forward takes 4; the sm80 kernels keep 1, as their registers
 // are full (4 chains spilled 760 B instead of 388 at d = 64).
-template <int kRows, int kPolyExpEvery = 0, int kChains = 1>
+template <int kRows, int kChains = 1>
 struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];  // this thread's columns only until finalize()
@@ -80,7 +57,7 @@ struct OnlineSoftmax {
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
         const float x = fmaf(s(mi, ni), scale_log2, -m_scaled);
-        const float p = kPolyExpEvery > 0 && ni % kPolyExpEvery == kPolyExpEvery - 1 ? exp2_on_fma(x) : exp2f(x);
+        const float p = exp2f(x);
         s(mi, ni) = p;
         part[ni % kChains] += p;
       }

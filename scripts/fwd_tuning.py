@@ -1,0 +1,92 @@
+"""The Hopper forward under FLASH_EXT_FWD_TUNING variants, one process each
+(the variable is read once per process), beside cuDNN's forward timed in the
+same processes: bf16, benchmarks/bench_prefill.py's shapes (batch * n = 16k
+tokens, heads * d = 2048), triton's do_bench median as the prefill bench.
+
+    python scripts/fwd_tuning.py [--variant NAME=SPEC ...] [--head-dims D..] [--seqlens N..]
+
+SPEC as FLASH_EXT_FWD_TUNING (csrc/cuda/sm90_launch.h, FwdTuning), e.g.
+"two_stage_max_kv=4096,per_tile_max_q=1024". Prints forward TFLOP/s per
+setting and variant, cuDNN's (the best of its runs), and each variant's
+largest relative error against cuDNN's output, so a variant that computes
+something else shows.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+DEFAULT_VARIANTS = {"default": "", "two_stage": "two_stage_max_kv=1000000", "per_tile": "per_tile_max_q=1000000",
+                    "both": "two_stage_max_kv=1000000,per_tile_max_q=1000000"}
+TOKENS, HIDDEN = 16384, 2048
+
+
+def measure(settings: list[tuple[int, int, int]]) -> dict[str, list[float]]:
+    """setting -> [ours TFLOP/s, cuDNN TFLOP/s, relative error of ours against cuDNN]."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    import flash_ext
+    results = {}
+    for d, causal, n in settings:
+        batch, heads = max(1, TOKENS // n), HIDDEN // d
+        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
+
+        def ours() -> torch.Tensor:
+            return flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+
+        def cudnn() -> torch.Tensor:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+
+        reference = cudnn().float()
+        err = ((ours().float() - reference).norm() / reference.norm()).item()
+        ms = [do_bench(fn, warmup=25, rep=100, return_mode="median") for fn in (ours, cudnn)]
+        results[f"{d} {causal} {n}"] = [round(flops / t / 1e9, 1) for t in ms] + [err]
+        del q, k, v, reference
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = list(itertools.product(args.head_dims, (0, 1), args.seqlens))
+    if args.child:
+        print(json.dumps(measure(settings)))
+        return
+    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, spec in variants.items():
+        env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
+        child = [sys.executable, __file__, "--child", "--head-dims", *map(str, args.head_dims),
+                 "--seqlens", *map(str, args.seqlens)]
+        run = subprocess.run(child, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"{name}: failed\n{run.stderr[-2000:]}")
+            continue
+        table[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    if not table:
+        sys.exit(1)
+    print(f"{'d causal n':>12} | " + " | ".join(f"{name:>10}" for name in table) + " |  cuDNN")
+    for row in next(iter(table.values())):
+        cudnn = max(t[row][1] for t in table.values())
+        cells = (f"{t[row][0]:10.0f}" for t in table.values())
+        print(f"{row:>12} | " + " | ".join(cells) + f" | {cudnn:6.0f}")
+    worst = {name: max(r[2] for r in t.values()) for name, t in table.items()}
+    print("forward TFLOP/s per variant; largest relative error against cuDNN: "
+          + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
+
+
+if __name__ == "__main__":
+    main()
