@@ -50,7 +50,6 @@ def measure(settings: list[tuple[int, int, int]]) -> dict[str, list[float]]:
         err = ((ours().float() - reference).norm() / reference.norm()).item()
         ms = [do_bench(fn, warmup=25, rep=100, return_mode="median") for fn in (ours, cudnn)]
         results[f"{d} {causal} {n}"] = [round(flops / t / 1e9, 1) for t in ms] + [err]
-        del q, k, v, reference
     return results
 
 
