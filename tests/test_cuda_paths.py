@@ -330,7 +330,7 @@ torch.save(outs, sys.argv[1])
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth
     and the grid, never the arithmetic: every variant's output equals the
-    default's bit for bit; an unknown key is refused by name."""
+    default's bit for bit; an unknown key or a bad value is refused by name."""
     import os
     import subprocess
     import sys
@@ -347,3 +347,7 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     bad = subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(tmp_path / "bad.pt")],
                          env=dict(os.environ, FLASH_EXT_FWD_TUNING="stages=2"), capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown key 'stages'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, FLASH_EXT_FWD_TUNING="per_tile_max_q=lots"), capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "wants key=N with N >= 0, got 'per_tile_max_q=lots'" in bad.stderr

@@ -145,7 +145,16 @@ sm90::FwdTuning fwd_tuning_from_environment() {
   while (std::getline(items, item, ',')) {
     const size_t eq = item.find('=');
     const std::string key = item.substr(0, eq);
-    const int64_t value = eq == std::string::npos ? 1 : std::atoll(item.c_str() + eq + 1);
+    const std::string text = eq == std::string::npos ? "" : item.substr(eq + 1);
+    size_t used = 0;
+    int64_t value = -1;
+    try {
+      value = std::stoll(text, &used);
+    } catch (const std::exception&) {
+    }
+    if (text.empty() || used != text.size() || value < 0) {
+      throw std::invalid_argument("flash_ext: FLASH_EXT_FWD_TUNING wants key=N with N >= 0, got '" + item + "'");
+    }
     if (key == "two_stage_max_kv") {
       t.two_stage_max_kv = value;
     } else if (key == "per_tile_max_q") {

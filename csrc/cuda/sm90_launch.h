@@ -36,7 +36,9 @@ inline bool fwd_deals_tiles_dynamically(const AttentionFwdParams& p) {
 
 // Forward knobs for timing variants side by side on the GPU machine
 // (scripts/fwd_tuning.py), read once per process from FLASH_EXT_FWD_TUNING as
-// "key=value,..." (an unknown key throws); unset, the defaults below.
+// "key=N,..." (an unknown key or a value that is not N >= 0 throws); unset,
+// the defaults below, which session 10 measured best on the H100 (neither
+// knob paid at any N, benchmarks/NOTES.md).
 struct FwdTuning {
   // d = 128 without a window: calls with kv_len up to this take the 2-stage
   // configuration, whose O staging does not reuse Q's shared memory, so the
