@@ -16,8 +16,9 @@
 # what is left; GPU_CHECK_TESTS=0/1 skips/forces the tests (default: run them
 # in the quick mode only); GPU_CHECK_BENCH=0 skips the quick benchmarks.
 #
-# Writes to $OUT: build.log, ptxas.txt, smoke.log, tests.log,
-# bench.log, prefill.json, decode.json, memory.json (full only), summary.txt.
+# Writes to $OUT: summary.txt, and gpu_check.tgz holding build.log,
+# ptxas.txt, smoke.log, tests.log, bench.log, prefill.json, decode.json and
+# memory.json (full only): the device tool brings back at most 8 files.
 # Bring results into the repo with: python benchmarks/common.py import <files>.
 set -euo pipefail
 
@@ -37,6 +38,17 @@ RESULTS_TMP=$(mktemp -d)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
+# On any exit, this script's files but the summary go into one tarball.
+pack() {
+  local files=() name
+  for name in build.log ptxas.txt smoke.log tests.log bench.log prefill.json decode.json memory.json; do
+    [[ -e $OUT/$name ]] && files+=("$name")
+  done
+  if (( ${#files[@]} > 0 )); then
+    tar czf "$OUT/gpu_check.tgz" -C "$OUT" "${files[@]}" && (cd "$OUT" && rm -f "${files[@]}")
+  fi
+}
+trap pack EXIT
 
 # Seconds a step may take: at most $1, leaving $2 for the steps after it.
 step_limit() {
