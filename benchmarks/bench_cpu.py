@@ -1,6 +1,6 @@
 """CPU: flash_ext against PyTorch's CPU scaled_dot_product_attention.
 
-GPT-2-like shapes (12 heads, head dim 64, causal), float32 and bfloat16,
+GPT-2-like shapes (12 heads, head dim 64, causal), float32, bfloat16 and float16,
 forward alone (no autograd) and forward+backward. Rows per RESULTS_FORMAT.md
 ``cpu``; wall-clock medians with the process's thread count. The
 implementations take turns, ROUNDS times per setting, and each row is the
@@ -22,7 +22,7 @@ import common
 
 HEADS, HEAD_DIM = 12, 64
 ROUNDS = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sweep(quick: bool) -> list[tuple[str, int, int]]:

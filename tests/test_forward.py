@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flash_ext
 from conftest import (
     ALL_DTYPES, DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, rand_bool, randn,
-    reference_attention, skip_unless_served, to_bshd,
+    decode_reference, reference_attention, skip_unless_served, to_bshd,
 )
 
 # (batch, heads, kv_heads, L, S, E, Ev, causal)
@@ -473,3 +473,43 @@ torch.save([out32.detach(), *grads, out16], r"{tmp_path / 'outputs.pt'}")
         assert_matches_reference(got, want, torch.float32)
     torch_out = TORCH_SDPA(q16, k16, v16, is_causal=True)  # this process: PyTorch's own kernels
     assert_matches_reference(out16, reference_attention(q16, k16, v16, is_causal=True), torch.bfloat16, torch_out)
+
+
+def test_cpu_16bit_conversions_without_vector_isa(tmp_path, gen):
+    # bfloat16/float16 -> float32 staging (vec_math's conversions) on the
+    # element loop that CPUs without AVX2/F16C take, reached by running under
+    # ATEN_CPU_CAPABILITY=default: a forward on the staged path and a decode
+    # step, at dims off the 8-lane vectors, against the float64 reference.
+    import os
+    import subprocess
+    import sys
+    cases = {dtype: [randn((1, 3, 100, 20), dtype, "cpu", gen) for _ in range(3)] +
+             [randn((2, 1, 4, 20), dtype, "cpu", gen), randn((2, 50, 2, 20), dtype, "cpu", gen),
+              randn((2, 50, 2, 12), dtype, "cpu", gen)]
+             for dtype in (torch.bfloat16, torch.float16)}
+    torch.save(cases, tmp_path / "inputs.pt")
+    script = f"""
+import torch, flash_ext
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+cases = torch.load(r"{tmp_path / 'inputs.pt'}")
+lens = torch.tensor([50, 31], dtype=torch.int32)
+outs = {{dtype: (flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True),
+                 flash_ext.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), cache_seqlens=lens))
+         for dtype, (q, k, v, qd, kc, vc) in cases.items()}}
+torch.save(outs, r"{tmp_path / 'outputs.pt'}")
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    outs = torch.load(tmp_path / "outputs.pt")
+    lens = [50, 31]
+    for dtype, (q, k, v, qd, kc, vc) in cases.items():
+        out, out_decode = outs[dtype]
+        assert_matches_reference(out, reference_attention(q, k, v, is_causal=True), dtype,
+                                 TORCH_SDPA(q, k, v, is_causal=True))
+        ref, _ = decode_reference(qd, kc, vc, lens, 0, causal=True)
+        # One new token sees the whole cache: PyTorch's SDPA per sequence, GQA.
+        torch_out = torch.cat([TORCH_SDPA(qd[b:b + 1].transpose(1, 2), kc[b:b + 1, :n].transpose(1, 2),
+                                          vc[b:b + 1, :n].transpose(1, 2), enable_gqa=True).transpose(1, 2)
+                               for b, n in enumerate(lens)])
+        assert_matches_reference(out_decode, ref, dtype, torch_out)
+

@@ -66,6 +66,7 @@ DECODE_CASES = [
     (1, 5, 5, 7, 0, 20, 16, 16, [3], True),         # q_len > cache length: early rows see nothing
     (2, 8, 2, 1, 1, 600, 128, 128, [511, 257], True),
     (2, 8, 4, 6, 6, 70, 32, 32, [0, 64], False),
+    (2, 4, 2, 1, 1, 45, 20, 12, [44, 9], True),     # dims off 8 lanes: the 16-bit conversions' tails
 ]
 
 

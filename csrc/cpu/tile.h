@@ -48,6 +48,21 @@ struct Matrix {
   int64_t ld;
 };
 
+// Copies n elements into dst, converting to acc_t (16-bit floats to float32
+// through vec_math's vectorized conversions).
+template <typename acc_t, typename scalar_t>
+void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::copy_n(src, n, dst);
+  } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::BFloat16>) {
+    bfloat16_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) {
+    half_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
 // Rows [0, rows) of `src` (row stride `stride`, `cols` contiguous elements
 // each) as a matrix of acc_t. Same-type inputs are used in place; others are
 // converted into `buffer` (at least rows * cols elements).
@@ -57,20 +72,16 @@ Matrix<const acc_t> stage_rows(const scalar_t* src, int64_t stride, int64_t rows
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
     return {src, stride};
   } else {
+    constexpr int64_t kAhead = 8;  // rows prefetched ahead of the conversion
+    const int64_t row_bytes = cols * int64_t(sizeof(scalar_t));
     for (int64_t r = 0; r < rows; ++r) {
-      at::vec::convert(src + r * stride, buffer + r * cols, cols);
+      if (r + kAhead < rows) {
+        const char* ahead = reinterpret_cast<const char*>(src + (r + kAhead) * stride);
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b);
+      }
+      load_row(src + r * stride, cols, buffer + r * cols);
     }
     return {buffer, cols};
-  }
-}
-
-// Copies n elements into dst, converting to acc_t.
-template <typename acc_t, typename scalar_t>
-void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    std::copy_n(src, n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
   }
 }
 

@@ -1,6 +1,7 @@
 #include "vec_math.h"
 
 #include <ATen/Version.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstring>
@@ -535,6 +536,60 @@ void small_gemm_xn(bool trans_a, int64_t m, int64_t n, int64_t k, double alpha, 
       for (int64_t j = 0; j < n; ++j) ci[j] += w * bp[j];
     }
   }
+}
+
+namespace {
+
+float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+#if FLASH_X86_GCC
+// AVX2 and F16C (both in x86-64-v3) wherever ATen runs vectorized kernels,
+// so ATEN_CPU_CAPABILITY=default reaches the element loops below.
+bool has_avx2_f16c() {
+  static const bool yes = at::get_cpu_capability() != "DEFAULT" && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+
+__attribute__((target("arch=x86-64-v3"))) int64_t bfloat16_to_float_avx2(const uint16_t* src, float* dst,
+                                                                         int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  return i;
+}
+
+__attribute__((target("arch=x86-64-v3"))) int64_t half_to_float_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  return i;
+}
+#endif
+
+}  // namespace
+
+void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if FLASH_X86_GCC
+  if (has_avx2_f16c()) i = bfloat16_to_float_avx2(src, dst, n);
+#endif
+  for (; i < n; ++i) dst[i] = float_from_bits(uint32_t{src[i]} << 16);
+}
+
+void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if FLASH_X86_GCC
+  if (has_avx2_f16c()) i = half_to_float_avx2(src, dst, n);
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
 }
 
 }  // namespace flash_ext::cpu

@@ -39,6 +39,13 @@ float exp_scaled_to_bfloat16(const float* x, int64_t n, float scale, float shift
 // c10::BFloat16), stored as its 16 bits.
 void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n);
 
+// dst[i] = the float whose value src[i]'s 16 bits hold, as bfloat16 (a
+// shift) or as IEEE half (F16C's vcvtph2ps): exact, so every ISA gives the
+// same floats. at::vec::convert in an extension gets the baseline ISA,
+// where it converts one element at a time.
+void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n);
+void half_to_float(const uint16_t* src, float* dst, int64_t n);
+
 // Small products without a BLAS call (whose fixed cost, a few µs, is most
 // of a decode step's tiles): C (m x n, row stride ldc) = alpha * op(A) *
 // op(B) + beta * C, beta = 0 ignoring C's contents.
