@@ -513,3 +513,20 @@ torch.save(outs, r"{tmp_path / 'outputs.pt'}")
                                for b, n in enumerate(lens)])
         assert_matches_reference(out_decode, ref, dtype, torch_out)
 
+
+
+@pytest.mark.parametrize("n", [64, 256], ids=["staged", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16bit_outputs_round_to_nearest_even(dtype, n):
+    # q = 0: every key weighs the same, so each output is the exact float32
+    # mean of the value rows, (v1 + v2) / 2, halfway between two 16-bit
+    # numbers; rounding it to nearest even gives v2, truncation v1. Catches a
+    # store or P-rounding path that rounds otherwise, which the tolerance of
+    # the reference comparisons cannot.
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    v1, v2 = 1 + ulp, 1 + 2 * ulp  # v1's last mantissa bit odd, v2's even
+    q = torch.zeros(1, 2, n, 64, dtype=dtype)
+    k = torch.randn(1, 2, n, 64).to(dtype)
+    v = torch.tensor([v1, v2], dtype=dtype).repeat(n // 2)[None, None, :, None].expand(1, 2, n, 64).contiguous()
+    out = flash_ext.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, torch.full_like(out, v2))

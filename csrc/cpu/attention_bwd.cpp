@@ -213,7 +213,8 @@ class PackedBwdProducts {
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         float_to_bfloat16(values, reinterpret_cast<uint16_t*>(row), cols_);
       } else {
-        at::vec::convert(values, row, cols_);
+        static_assert(std::is_same_v<scalar_t, c10::Half>, "packed products take 16-bit floats");
+        float_to_half(values, reinterpret_cast<uint16_t*>(row), cols_);
       }
       std::fill(row + cols_, row + width, scalar_t(0));
     }

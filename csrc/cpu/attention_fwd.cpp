@@ -214,7 +214,8 @@ class PackedProducts {
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         float_to_bfloat16(probs + r * ldp, reinterpret_cast<uint16_t*>(dst), cols);
       } else {
-        at::vec::convert(probs + r * ldp, dst, cols);
+        static_assert(std::is_same_v<scalar_t, c10::Half>, "packed products take 16-bit floats");
+        float_to_half(probs + r * ldp, reinterpret_cast<uint16_t*>(dst), cols);
       }
     }
     add_rounded_values(col0, cols, out);

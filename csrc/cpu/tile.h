@@ -96,6 +96,8 @@ void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, scalar
       // at::vec in an extension gets the baseline ISA: its conversion was
       // 18 % of a bf16 forward at d = 128 (session 7).
       float_to_bfloat16(src + r * ld, reinterpret_cast<uint16_t*>(dst + r * stride), cols);
+    } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) {
+      float_to_half(src + r * ld, reinterpret_cast<uint16_t*>(dst + r * stride), cols);
     } else {
       at::vec::convert(src + r * ld, dst + r * stride, cols);
     }

@@ -572,9 +572,26 @@ __attribute__((target("arch=x86-64-v3"))) int64_t half_to_float_avx2(const uint1
   }
   return i;
 }
+
+__attribute__((target("arch=x86-64-v3"))) int64_t float_to_half_avx2(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return i;
+}
 #endif
 
 }  // namespace
+
+void float_to_half(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if FLASH_X86_GCC
+  if (has_avx2_f16c()) i = float_to_half_avx2(src, dst, n);
+#endif
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+}
 
 void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;

@@ -46,6 +46,10 @@ void float_to_bfloat16(const float* src, uint16_t* dst, int64_t n);
 void bfloat16_to_float(const uint16_t* src, float* dst, int64_t n);
 void half_to_float(const uint16_t* src, float* dst, int64_t n);
 
+// dst[i] = src[i] rounded to IEEE half (nearest even, overflow to inf, as
+// c10::Half), stored as its 16 bits; F16C where ATen runs vector kernels.
+void float_to_half(const float* src, uint16_t* dst, int64_t n);
+
 // Small products without a BLAS call (whose fixed cost, a few µs, is most
 // of a decode step's tiles): C (m x n, row stride ldc) = alpha * op(A) *
 // op(B) + beta * C, beta = 0 ignoring C's contents.
