@@ -54,7 +54,7 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
   std::vector<acc_t> partial_out(splits > 1 ? splits * partial_rows * dv : 0);
   std::vector<acc_t> partial_lse(splits > 1 ? splits * partial_rows : 0);
 
-  parallel_items(p.batch * p.kv_heads * splits, [&](const auto& next_item) {
+  const auto attend = [&](const auto& next_item) {
     std::vector<acc_t> q_buf(rows * d), k_buf(kBlockK * d), v_buf(kBlockK * dv), scores(rows * kBlockK);
     OnlineSoftmax<acc_t> softmax;
     for (int64_t item; (item = next_item()) >= 0;) {
@@ -127,7 +127,19 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
         }
       }
     }
-  });
+  };
+  // Sequences of one length give every item the same work: equal contiguous
+  // chunks then keep each (sequence, head) on the same thread from one decode
+  // step to the next, its cache rows in that core's L2 (4 x 4 x 64 x 500,
+  // float32, 2 threads: 101 -> 73 us). Ragged lengths are dealt one item at a
+  // time, so no thread is left with the long sequences.
+  const bool equal_lengths = std::all_of(p.cache_seqlens, p.cache_seqlens + p.batch,
+                                         [&](int32_t n) { return n == p.cache_seqlens[0]; });
+  if (equal_lengths) {
+    parallel_items_static(p.batch * p.kv_heads * splits, attend);
+  } else {
+    parallel_items(p.batch * p.kv_heads * splits, attend);
+  }
   if (splits == 1) return;
 
   // Merge the splits: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) out_s.

@@ -140,6 +140,18 @@ void parallel_items(int64_t n, const Body& body) {
   });
 }
 
+// parallel_items' interface over parallel_for's equal contiguous chunks: a
+// thread takes the same items on every call, so a decode loop's cache stays
+// in the caches of the core that reads it.
+template <typename Body>
+void parallel_items_static(int64_t n, const Body& body) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
+    int64_t item = begin;
+    body([&item, end]() { return item < end ? item++ : int64_t{-1}; });
+  });
+}
+
 template <typename acc_t>
 at::Tensor matrix_view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
