@@ -47,7 +47,7 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   const bool one_pass = Products::kRoundsProbabilities && !has_dropout && p.softcap == 0.0 &&
                         p.alibi_slopes == nullptr && p.mask_kind != MaskKind::kAdditive && p.scale > 0.0;
 
-  parallel_items(p.batch * p.heads * q_blocks, [&](const auto& next_item) {
+  const auto run_items = [&](const auto& next_item) {
     auto products = make_products();
     std::vector<acc_t> scores(std::min(block_q, p.q_len) * lds);
     OnlineSoftmax<acc_t> softmax;
@@ -108,7 +108,19 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
       store_rows(softmax.out.data(), p.v_head_dim, rows, p.v_head_dim, out + row0 * p.o_stride[2],
                  p.o_stride[2]);
     }
-  });
+  };
+  // Short calls whose heads split evenly over the threads take whole heads
+  // per thread, as the packing pass before them does (PackedKV::pack_all):
+  // each head's packed K and V are then read on the core that wrote them,
+  // which at a few query blocks per head costs more than the dynamic deal
+  // saves (bf16, 2 threads, 1 x 12 x 256 x 64: 0.36 -> 0.31 ms, interleaved
+  // runs; at 1024 the deal won, benchmarks/NOTES.md).
+  const int64_t heads_total = p.batch * p.heads;
+  if (p.cu_seqlens_q == nullptr && p.q_len <= 2 * kBlockQ && heads_total % at::get_num_threads() == 0) {
+    parallel_items_static(heads_total * q_blocks, run_items);
+  } else {
+    parallel_items(heads_total * q_blocks, run_items);
+  }
 }
 
 // Tile products in acc_t through BLAS (or small loops): Q, K and V read in
