@@ -140,9 +140,11 @@ void parallel_items(int64_t n, const Body& body) {
   });
 }
 
-// parallel_items' interface over parallel_for's equal contiguous chunks: a
-// thread takes the same items on every call, so a decode loop's cache stays
-// in the caches of the core that reads it.
+// parallel_items' interface over parallel_for's equal contiguous chunks, for
+// items of equal work: a thread takes the same run of items on every call
+// (a decode step's cache rows stay in the caches of the core that read them
+// the step before) and whole runs of a head's items (read on the core whose
+// share of the packing pass wrote them).
 template <typename Body>
 void parallel_items_static(int64_t n, const Body& body) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
