@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
+
+from tuning_variants import run_variants, variants_from
 
 ROWS = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024)]
 DEFAULT_VARIANTS = {"default": "", "no_cluster": "cluster_merge=0",
@@ -58,17 +58,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure()))
         return
-    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
-    table: dict[str, dict[str, list[float]]] = {}
-    for name, spec in variants.items():
-        env = dict(os.environ, FLASH_EXT_DECODE_TUNING=spec)
-        run = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(f"{name}: failed\n{run.stderr[-2000:]}")
-            continue
-        table[name] = json.loads(run.stdout.strip().splitlines()[-1])
-    if not table:
-        sys.exit(1)
+    table = run_variants("FLASH_EXT_DECODE_TUNING", variants_from(args.variant, DEFAULT_VARIANTS),
+                         [sys.executable, __file__, "--child"])
     print(f"{'batch x kv_len':>15} | " + " | ".join(f"{name:>24}" for name in table))
     for row in next(iter(table.values())):
         cells = (f"{t[row][0]:7.1f} {t[row][1]:6.1f} {t[row][2]:5d} GB/s" for t in table.values())

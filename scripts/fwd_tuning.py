@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
+
+from tuning_variants import run_variants, variants_from
 
 DEFAULT_VARIANTS = {"default": "", "two_stage": "two_stage_max_kv=1000000", "per_tile": "per_tile_max_q=1000000",
                     "both": "two_stage_max_kv=1000000,per_tile_max_q=1000000"}
@@ -64,19 +64,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(settings)))
         return
-    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
-    table: dict[str, dict[str, list[float]]] = {}
-    for name, spec in variants.items():
-        env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
-        child = [sys.executable, __file__, "--child", "--head-dims", *map(str, args.head_dims),
-                 "--seqlens", *map(str, args.seqlens)]
-        run = subprocess.run(child, env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(f"{name}: failed\n{run.stderr[-2000:]}")
-            continue
-        table[name] = json.loads(run.stdout.strip().splitlines()[-1])
-    if not table:
-        sys.exit(1)
+    child = [sys.executable, __file__, "--child", "--head-dims", *map(str, args.head_dims),
+             "--seqlens", *map(str, args.seqlens)]
+    table = run_variants("FLASH_EXT_FWD_TUNING", variants_from(args.variant, DEFAULT_VARIANTS), child)
     print(f"{'d causal n':>12} | " + " | ".join(f"{name:>10}" for name in table) + " |  cuDNN")
     for row in next(iter(table.values())):
         cudnn = max(t[row][1] for t in table.values())

@@ -116,11 +116,9 @@ void forward_blocks(const AttentionFwdParams& p, MakeProducts make_products) {
   // saves (bf16, 2 threads, 1 x 12 x 256 x 64: 0.36 -> 0.31 ms, interleaved
   // runs; at 1024 the deal won, benchmarks/NOTES.md).
   const int64_t heads_total = p.batch * p.heads;
-  if (p.cu_seqlens_q == nullptr && p.q_len <= 2 * kBlockQ && heads_total % at::get_num_threads() == 0) {
-    parallel_items_static(heads_total * q_blocks, run_items);
-  } else {
-    parallel_items(heads_total * q_blocks, run_items);
-  }
+  const bool whole_heads =
+      p.cu_seqlens_q == nullptr && p.q_len <= 2 * kBlockQ && heads_total % at::get_num_threads() == 0;
+  parallel_items(heads_total * q_blocks, run_items, whole_heads ? Deal::kEqualChunks : Deal::kOneAtATime);
 }
 
 // Tile products in acc_t through BLAS (or small loops): Q, K and V read in

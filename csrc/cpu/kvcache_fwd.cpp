@@ -135,11 +135,7 @@ void kvcache_fwd_typed(const KVCacheParams& p) {
   // time, so no thread is left with the long sequences.
   const bool equal_lengths = std::all_of(p.cache_seqlens, p.cache_seqlens + p.batch,
                                          [&](int32_t n) { return n == p.cache_seqlens[0]; });
-  if (equal_lengths) {
-    parallel_items_static(p.batch * p.kv_heads * splits, attend);
-  } else {
-    parallel_items(p.batch * p.kv_heads * splits, attend);
-  }
+  parallel_items(p.batch * p.kv_heads * splits, attend, equal_lengths ? Deal::kEqualChunks : Deal::kOneAtATime);
   if (splits == 1) return;
 
   // Merge the splits: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) out_s.

@@ -122,35 +122,37 @@ class SerialBlas {
   int previous_;  // 0: the thread followed the global setting
 };
 
-// Work items 0..n-1 over at::parallel_for's threads, handed out one at a
-// time: body(next) runs once per thread (set up its buffers there) and calls
-// next() for each item, -1 once none are left. Unlike parallel_for's equal
-// contiguous chunks, a thread whose items were cheap, or that other load
-// delayed, leaves no one waiting at the end; only the last item can.
-template <typename Body>
-void parallel_items(int64_t n, const Body& body) {
-  std::atomic<int64_t> counter{0};
-  const auto next = [&counter, n]() {
-    const int64_t item = counter.fetch_add(1, std::memory_order_relaxed);
-    return item < n ? item : int64_t{-1};
-  };
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    const SerialBlas serial_blas;
-    body(next);
-  });
-}
+// How parallel_items hands out its items.
+enum class Deal {
+  // One at a time to whichever thread asks next: a thread whose items were
+  // cheap, or that other load delayed, leaves no one waiting at the end;
+  // only the last item can.
+  kOneAtATime,
+  // parallel_for's equal contiguous chunks, for items of equal work: a
+  // thread takes the same run of items on every call (a decode step's cache
+  // rows stay in the caches of the core that read them the step before) and
+  // whole runs of a head's items (read on the core whose share of the
+  // forward's packing pass wrote them).
+  kEqualChunks,
+};
 
-// parallel_items' interface over parallel_for's equal contiguous chunks, for
-// items of equal work: a thread takes the same run of items on every call
-// (a decode step's cache rows stay in the caches of the core that read them
-// the step before) and whole runs of a head's items (read on the core whose
-// share of the packing pass wrote them).
+// Work items 0..n-1 over at::parallel_for's threads: body(next) runs once
+// per thread (set up its buffers there) and calls next() for each item, -1
+// once none are left.
 template <typename Body>
-void parallel_items_static(int64_t n, const Body& body) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+void parallel_items(int64_t n, const Body& body, Deal deal = Deal::kOneAtATime) {
+  const bool chunks = deal == Deal::kEqualChunks;
+  std::atomic<int64_t> counter{0};
+  // kOneAtATime: one range per thread, the items from the shared counter.
+  const int64_t ranges = chunks ? n : std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
     const SerialBlas serial_blas;
     int64_t item = begin;
-    body([&item, end]() { return item < end ? item++ : int64_t{-1}; });
+    body([&]() -> int64_t {  // one type for both deals: body is compiled once
+      if (chunks) return item < end ? item++ : -1;
+      const int64_t next = counter.fetch_add(1, std::memory_order_relaxed);
+      return next < n ? next : -1;
+    });
   });
 }
 

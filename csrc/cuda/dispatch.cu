@@ -6,12 +6,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "api.h"
 #include "sm80_launch.h"
+#include "tuning_spec.h"
 #if defined(FLASH_EXT_SM90A)
 #include "sm90_launch.h"
 #endif
@@ -138,32 +138,16 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 #if defined(FLASH_EXT_SM90A)
 sm90::FwdTuning fwd_tuning_from_environment() {
   sm90::FwdTuning t;
-  const char* spec = std::getenv("FLASH_EXT_FWD_TUNING");
-  if (spec == nullptr) return t;
-  std::istringstream items(spec);
-  std::string item;
-  while (std::getline(items, item, ',')) {
-    const size_t eq = item.find('=');
-    const std::string key = item.substr(0, eq);
-    const std::string text = eq == std::string::npos ? "" : item.substr(eq + 1);
-    size_t used = 0;
-    int64_t value = -1;
-    try {
-      value = std::stoll(text, &used);
-    } catch (const std::exception&) {
-    }
-    if (text.empty() || used != text.size() || value < 0) {
-      throw std::invalid_argument("flash_ext: FLASH_EXT_FWD_TUNING wants key=N with N >= 0, got '" + item + "'");
-    }
+  read_tuning_spec("FLASH_EXT_FWD_TUNING", "two_stage_max_kv, per_tile_max_q", [&](const std::string& key, int64_t n) {
     if (key == "two_stage_max_kv") {
-      t.two_stage_max_kv = value;
+      t.two_stage_max_kv = n;
     } else if (key == "per_tile_max_q") {
-      t.per_tile_max_q = value;
+      t.per_tile_max_q = n;
     } else {
-      throw std::invalid_argument("flash_ext: FLASH_EXT_FWD_TUNING has an unknown key '" + key +
-                                  "' (known: two_stage_max_kv, per_tile_max_q)");
+      return false;
     }
-  }
+    return true;
+  });
   return t;
 }
 

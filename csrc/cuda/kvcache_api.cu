@@ -9,13 +9,13 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "api.h"
 #include "kvcache/kvcache_launch.cuh"
 #include "softcap.cuh"
+#include "tuning_spec.h"
 
 namespace flash_ext::cuda {
 namespace kvcache {
@@ -81,27 +81,21 @@ bool strides_ok(const int64_t (&stride)[3], bool step0, bool step1, bool step2) 
 Tuning tuning_from_environment() {
   static const Tuning tuning = [] {
     Tuning t;
-    const char* spec = std::getenv("FLASH_EXT_DECODE_TUNING");
-    if (spec == nullptr) return t;
-    std::istringstream items(spec);
-    std::string item;
-    while (std::getline(items, item, ',')) {
-      const size_t eq = item.find('=');
-      const std::string key = item.substr(0, eq);
-      const int value = eq == std::string::npos ? 1 : std::atoi(item.c_str() + eq + 1);
-      if (key == "stages") {
-        t.stages = value;
-      } else if (key == "pdl") {
-        t.pdl = value != 0;
-      } else if (key == "fused_combine") {
-        t.fused_combine = value != 0;
-      } else if (key == "cluster_merge") {
-        t.cluster_merge = value != 0;
-      } else {
-        throw std::runtime_error("flash_ext kvcache: FLASH_EXT_DECODE_TUNING has an unknown key '" + key +
-                                 "' (known: stages, pdl, fused_combine, cluster_merge)");
-      }
-    }
+    read_tuning_spec("FLASH_EXT_DECODE_TUNING", "stages, pdl, fused_combine, cluster_merge",
+                     [&](const std::string& key, int64_t n) {
+                       if (key == "stages") {
+                         t.stages = static_cast<int>(std::min<int64_t>(n, kMaxStages + 1));  // out of range: refused
+                       } else if (key == "pdl") {
+                         t.pdl = n != 0;
+                       } else if (key == "fused_combine") {
+                         t.fused_combine = n != 0;
+                       } else if (key == "cluster_merge") {
+                         t.cluster_merge = n != 0;
+                       } else {
+                         return false;
+                       }
+                       return true;
+                     });
     return t;
   }();
   return tuning;

@@ -1,0 +1,48 @@
+// Run-time knobs that the timing scripts set through the environment
+// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING): "key=N,key=N,...", a bare
+// key meaning N = 1. Host code only.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace flash_ext::cuda {
+
+// Calls set(key, N) for each item of the variable's value (nothing when it
+// is unset). A value that is not a whole number >= 0, or a key set() does
+// not take (it returns false), throws, naming the variable, the item and
+// the keys in `known`.
+template <class Set>
+void read_tuning_spec(const char* variable, const char* known, const Set& set) {
+  const char* spec = std::getenv(variable);
+  if (spec == nullptr) return;
+  std::istringstream items(spec);
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    int64_t value = 1;
+    if (eq != std::string::npos) {
+      const std::string text = item.substr(eq + 1);
+      size_t used = 0;
+      value = -1;
+      try {
+        value = std::stoll(text, &used);
+      } catch (const std::exception&) {
+      }
+      if (text.empty() || used != text.size() || value < 0) {
+        throw std::invalid_argument(std::string("flash_ext: ") + variable + " wants key=N with N >= 0, got '" +
+                                    item + "'");
+      }
+    }
+    if (!set(key, value)) {
+      throw std::invalid_argument(std::string("flash_ext: ") + variable + " has an unknown key '" + key +
+                                  "' (known: " + known + ")");
+    }
+  }
+}
+
+}  // namespace flash_ext::cuda
