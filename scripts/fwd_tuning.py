@@ -3,10 +3,10 @@
 same processes: bf16, benchmarks/bench_prefill.py's shapes (batch * n = 16k
 tokens, heads * d = 2048), triton's do_bench median as the prefill bench.
 
-    python scripts/fwd_tuning.py [--variant NAME=SPEC ...] [--head-dims D..] [--seqlens N..]
+    python scripts/fwd_tuning.py [--variant NAME=SPEC ...] [--head-dims D..] [--seqlens N..] [--causal 0 1]
 
 SPEC as FLASH_EXT_FWD_TUNING (csrc/cuda/sm90_launch.h, FwdTuning), e.g.
-"two_stage_max_kv=4096,per_tile_max_q=1024". Prints forward TFLOP/s per
+"two_stage_max_kv=4096,per_tile_max_q=1024" or "wide_keys_min_kv=1". Prints forward TFLOP/s per
 setting and variant, cuDNN's (the best of its runs), and each variant's
 largest relative error against cuDNN's output, so a variant that computes
 something else shows.
@@ -58,14 +58,15 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--causal", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    settings = list(itertools.product(args.head_dims, (0, 1), args.seqlens))
+    settings = list(itertools.product(args.head_dims, args.causal, args.seqlens))
     if args.child:
         print(json.dumps(measure(settings)))
         return
     child = [sys.executable, __file__, "--child", "--head-dims", *map(str, args.head_dims),
-             "--seqlens", *map(str, args.seqlens)]
+             "--seqlens", *map(str, args.seqlens), "--causal", *map(str, args.causal)]
     table = run_variants("FLASH_EXT_FWD_TUNING", variants_from(args.variant, DEFAULT_VARIANTS), child)
     print(f"{'d causal n':>12} | " + " | ".join(f"{name:>10}" for name in table) + " |  cuDNN")
     for row in next(iter(table.values())):

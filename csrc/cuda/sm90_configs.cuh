@@ -29,6 +29,12 @@ using FwdConfig = std::conditional_t<
     std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element>,
                        FwdTraits<256, 128, 64, 2, Element>>>;
 
+// Wider key tiles without a window (FwdTuning::wide_keys_min_kv), fewer
+// per-tile costs (O's rescale, the row reductions, the turn) per key: 176
+// keys at d = 128, 80 at d = 256, both in 2 stages to fit shared memory.
+template <int kHeadDim, class Element>
+using FwdConfigWide = FwdTraits<kHeadDim, 128, kHeadDim == 128 ? 176 : 80, 2, Element>;
+
 // d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
 // faster, but short sequences and the diagonal of a causal mask or window
 // favour 128 rows: less of the last tile is past q_len, and the diagonal is
@@ -44,6 +50,13 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const bool windowed = has_window(p.window);
+  if constexpr (!kVarlen && kHeadDim != 64) {
+    const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
+    if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
+      launch_attention_fwd<FwdConfigWide<kHeadDim, ElementOf<kDtype>>, kVarlen>(p, stream);
+      return;
+    }
+  }
   const bool narrow = kHeadDim == 128 ? windowed || p.kv_len <= fwd_tuning().two_stage_max_kv
                                       : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
   if (narrow) {
