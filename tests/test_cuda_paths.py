@@ -353,33 +353,41 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     assert bad.returncode != 0 and "wants key=N with N >= 0, got 'per_tile_max_q=lots'" in bad.stderr
 
 
-_WIDE_KEYS_CHILD = """
+_TILE_VARIANTS_CHILD = """
 import sys, torch, flash_ext
 saved = []
-for d, n_q, n_k in ((128, 1000, 1000), (128, 77, 3000), (256, 900, 900), (256, 300, 1111)):
+for d, n_q, n_k, causal in ((128, 1000, 1000, False), (128, 77, 3000, False), (96, 200, 700, False),
+                            (256, 900, 900, False), (256, 300, 1111, False), (256, 700, 700, True),
+                            (256, 130, 500, True)):
     q = torch.randn(2, 3, n_q, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 3, n_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out = torch.full_like(q, float("nan"))
-    out.copy_(flash_ext.scaled_dot_product_attention(q, k, v))
-    saved.append([t.cpu() for t in (q, k, v, out)])
+    out.copy_(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    saved.append([causal] + [t.cpu() for t in (q, k, v, out)])
 torch.save(saved, sys.argv[1])
 """
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-def test_hopper_forward_wide_key_tiles(tmp_path):
-    """FLASH_EXT_FWD_TUNING=wide_keys_min_kv (176 keys at d = 128, 80 at d =
-    256) sums in other tiles, so it is held to the float64 reference, with
-    key counts that leave a partial last tile."""
+@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "direct_o=1", "wide_keys_min_kv=1,direct_o=1"])
+def test_hopper_forward_tile_variants(tmp_path, spec):
+    """FLASH_EXT_FWD_TUNING's other tiles (wide_keys_min_kv: 176 keys at d =
+    128, 80 at d = 256 under a mask) and O stored from registers (direct_o)
+    sum or store differently, so each is held to the float64 reference, with
+    lengths that leave partial tiles and a head dim padded to 128."""
     import os
     import subprocess
     import sys
-    path = tmp_path / "wide.pt"
-    subprocess.run([sys.executable, "-c", _WIDE_KEYS_CHILD, str(path)], check=True,
-                   env=dict(os.environ, FLASH_EXT_FWD_TUNING="wide_keys_min_kv=1"))
-    for q, k, v, out in torch.load(path):
+    path = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", _TILE_VARIANTS_CHILD, str(path)], check=True,
+                   env=dict(os.environ, FLASH_EXT_FWD_TUNING=spec))
+    for causal, q, k, v, out in torch.load(path):
         scores = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+        if causal:  # top-left aligned, as torch's is_causal
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
         expected = torch.softmax(scores, dim=-1) @ v.double()
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)

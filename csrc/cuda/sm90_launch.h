@@ -47,9 +47,12 @@ struct FwdTuning {
   // Calls with q_len up to this launch one block per query tile instead of
   // the persistent grid (0: never; d = 256 windows keep their own rule).
   int64_t per_tile_max_q = 0;
-  // d = 128 and 256 without a window: calls with kv_len at least this (0:
-  // never) take wider key tiles, 176 and 80 keys, in 2 stages (FwdConfigWide).
+  // Dense calls with kv_len at least this (0: never) take wider key tiles:
+  // 176 keys in 2 stages at d = 128 without a window, 80 at d = 256 with one.
   int64_t wide_keys_min_kv = 0;
+  // Dense calls at d = 128 (3 stages) and 256: O stored from registers, so
+  // Q is released after the tile's last Q K^T (FwdTraits::kDirectO).
+  int64_t direct_o = 0;
 };
 const FwdTuning& fwd_tuning();
 
