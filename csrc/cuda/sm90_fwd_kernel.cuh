@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       pipeline_v.consumer_release(read_v);
       to_p();
     }
-    if constexpr (!Tr::kOInQ) release_q();  // every Q K^T of the tile has landed
+    if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
 
     // Last P V.
     decltype(softmax)::rescale(o, corr);
@@ -431,44 +431,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
     }
 
+    // O through shared memory (this group's 64 rows, which only this group
+    // touches), then 16-byte row-contiguous stores: measured on an H100,
+    // storing O from registers (4 bytes a thread, so Q could be released
+    // after the last Q K^T) ran 4-34 % slower (benchmarks/NOTES.md).
+    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+    auto r2s_thr = r2s.get_thread_slice(tid);
     Tensor o_elem = convert_to<Element>(tOrO);
-    if constexpr (Tr::kDirectO) {
-      // Each thread's columns come in adjacent pairs (the accumulator's
-      // layout): 4-byte stores, a quad covering 16 bytes of a row.
-      struct alignas(4) Pair {
-        Element x[2];
-      };
-      Tensor out_rc = rowcol(o_elem);
-      Tensor coord_o = rowcol(thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{})));
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        const int r = get<0>(coord_o(mi, 0));
-        if (r >= t.rows) continue;
-        CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(out_rc); ni += 2) {
-          const int c = get<1>(coord_o(mi, ni));
-          if (c < p.head_dim) {
-            *reinterpret_cast<Pair*>(out + r * p.o_stride[2] + c) = Pair{{out_rc(mi, ni), out_rc(mi, ni + 1)}};
-          }
-        }
-      }
-    } else {
-      // O through shared memory (this group's 64 rows, which only this group
-      // touches), then 16-byte row-contiguous stores.
-      auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-      auto r2s_thr = r2s.get_thread_slice(tid);
-      copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-      constexpr int kChunks = kHeadDim / 8;
-      const int row0 = turns.wg * 64;
-      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-        const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-        if (r < t.rows && c < p.head_dim) {
-          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
-        }
+    copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
+    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+    constexpr int kChunks = kHeadDim / 8;
+    const int row0 = turns.wg * 64;
+    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+      const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+      if (r < t.rows && c < p.head_dim) {
+        *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
       }
     }
-    if constexpr (Tr::kOInQ) {
+    if constexpr (!Tr::kSeparateO) {
       // O read out of the Q rows (generic proxy) before TMA (async proxy)
       // overwrites them.
       cutlass::arch::fence_view_async_shared();

@@ -28,14 +28,10 @@ using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Eleme
                                            Shape<int32_t, int32_t, int32_t, int32_t>{},
                                            Stride<int64_t, _1, int64_t, int64_t>{}));
 
-// kDirectO: O goes from registers straight to global memory, not through
-// shared memory, so a group releases its Q rows after the tile's last Q K^T
-// even where no separate O buffer fits.
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, bool kDirectO_ = false>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr bool kDirectO = kDirectO_;
   static constexpr int kNumMmaWG = kBlockM / 64;  // each consumer warp group owns 64 query rows
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 16 == 0);
@@ -108,9 +104,7 @@ struct FwdTraits {
   struct SharedStorageWithO : SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> o;
   };
-  static constexpr bool kSeparateO = !kDirectO && sizeof(SharedStorageWithO) <= 227 * 1024;
-  // O staged in the Q rows: Q is released only once O has left.
-  static constexpr bool kOInQ = !kDirectO && !kSeparateO;
+  static constexpr bool kSeparateO = sizeof(SharedStorageWithO) <= 227 * 1024;
   using Smem = std::conditional_t<kSeparateO, SharedStorageWithO, SharedStorage>;
   static constexpr int kSmemBytes = int(sizeof(Smem));
   static_assert(kSmemBytes <= 227 * 1024);

@@ -37,8 +37,8 @@ inline bool fwd_deals_tiles_dynamically(const AttentionFwdParams& p) {
 // Forward knobs for timing variants side by side on the GPU machine
 // (scripts/fwd_tuning.py), read once per process from FLASH_EXT_FWD_TUNING as
 // "key=N,..." (an unknown key or a value that is not N >= 0 throws); unset,
-// the defaults below, which session 10 measured best on the H100 (neither
-// knob paid at any N, benchmarks/NOTES.md).
+// the defaults below, measured best on the H100 (sessions 10 and 11,
+// benchmarks/NOTES.md).
 struct FwdTuning {
   // d = 128 without a window: calls with kv_len up to this take the 2-stage
   // configuration, whose O staging does not reuse Q's shared memory, so the
@@ -47,12 +47,9 @@ struct FwdTuning {
   // Calls with q_len up to this launch one block per query tile instead of
   // the persistent grid (0: never; d = 256 windows keep their own rule).
   int64_t per_tile_max_q = 0;
-  // Dense calls with kv_len at least this (0: never) take wider key tiles:
-  // 176 keys in 2 stages at d = 128 without a window, 80 at d = 256 with one.
-  int64_t wide_keys_min_kv = 0;
-  // Dense calls at d = 128 (3 stages) and 256: O stored from registers, so
-  // Q is released after the tile's last Q K^T (FwdTraits::kDirectO).
-  int64_t direct_o = 0;
+  // d = 128 dense calls without a window with kv_len at least this take
+  // 176-key tiles (FwdConfigWideKeys; 0: never).
+  int64_t wide_keys_min_kv = 8192;
 };
 const FwdTuning& fwd_tuning();
 
