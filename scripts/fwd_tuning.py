@@ -20,8 +20,8 @@ import sys
 
 from tuning_variants import run_variants, variants_from
 
-DEFAULT_VARIANTS = {"default": "", "two_stage": "two_stage_max_kv=1000000", "per_tile": "per_tile_max_q=1000000",
-                    "both": "two_stage_max_kv=1000000,per_tile_max_q=1000000"}
+DEFAULT_VARIANTS = {"default": "", "pair_major": "pair_major_max_q=2048", "prefetch_q": "prefetch_q=1",
+                    "both": "pair_major_max_q=2048,prefetch_q=1"}
 TOKENS, HIDDEN = 16384, 2048
 
 

@@ -328,15 +328,17 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
-    """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth
-    and the grid, never the arithmetic: every variant's output equals the
-    default's bit for bit; an unknown key or a bad value is refused by name."""
+    """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
+    the grid, the order of the tiles and the prefetches, never the arithmetic:
+    every variant's output equals the default's bit for bit; an unknown key or
+    a bad value is refused by name."""
     import os
     import subprocess
     import sys
     outputs = {}
     for name, spec in (("default", ""), ("two_stage", "two_stage_max_kv=100000"),
-                       ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096")):
+                       ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
+                       ("pair_major", "pair_major_max_q=100000"), ("prefetch_q", "prefetch_q=1")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True)

@@ -138,13 +138,18 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 #if defined(FLASH_EXT_SM90A)
 sm90::FwdTuning fwd_tuning_from_environment() {
   sm90::FwdTuning t;
-  read_tuning_spec("FLASH_EXT_FWD_TUNING", "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv", [&](const std::string& key, int64_t n) {
+  constexpr const char* kKeys = "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, prefetch_q";
+  read_tuning_spec("FLASH_EXT_FWD_TUNING", kKeys, [&](const std::string& key, int64_t n) {
     if (key == "two_stage_max_kv") {
       t.two_stage_max_kv = n;
     } else if (key == "per_tile_max_q") {
       t.per_tile_max_q = n;
     } else if (key == "wide_keys_min_kv") {
       t.wide_keys_min_kv = n;
+    } else if (key == "pair_major_max_q") {
+      t.pair_major_max_q = n;
+    } else if (key == "prefetch_q") {
+      t.prefetch_q = n;
     } else {
       return false;
     }

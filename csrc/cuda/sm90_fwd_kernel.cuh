@@ -97,6 +97,7 @@ struct FwdArgs {
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
+  bool prefetch_q;  // FwdTuning::prefetch_q
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -278,6 +279,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // Q into L2 as soon as the tile is known: its load into shared memory
+      // waits for the group to be done with its last tile's rows (the epilogue,
+      // where O is staged in them), and then finds them in L2.
+      if (args.prefetch_q) {
+        for (int w = 0; w < kNumMmaWG; ++w) prefetch(args.tma_q, tQg(_, t.m_block * kNumMmaWG + w));
+      }
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
         cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
@@ -475,7 +482,11 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
 
 // Sections of (batch, head) pairs whose K and V take at most kL2Bytes (about
 // two thirds of an H100's L2), whole GQA groups each (consecutive heads share
-// their K and V).
+// their K and V). FwdTuning::pair_major_max_q: short rows in sections of one
+// pair, so a pair's query tiles are consecutive and the blocks running at
+// once read a few pairs' K and V, not one pair each (at N = 512, 128 pairs'
+// 32 MB from DRAM at once in every fourth round otherwise); on long rows
+// that would deal a causal mask's heaviest tiles last.
 template <class Tr>
 TileSchedule tile_schedule(const AttentionFwdParams& p) {
   constexpr int64_t kL2Bytes = int64_t(32) << 20;
@@ -483,7 +494,8 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t kv_head_bytes = 2 * kv_len * Tr::kHeadDim * int64_t(sizeof(typename Tr::Element));
   const int64_t kv_heads_per_section = kv_head_bytes < kL2Bytes ? kL2Bytes / kv_head_bytes : 1;
   const int64_t batch_heads = p.batch * p.heads;
-  const int64_t section = kv_heads_per_section * (p.heads / p.kv_heads);
+  const bool pair_major = p.q_len <= fwd_tuning().pair_major_max_q;
+  const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
           static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),
@@ -509,7 +521,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                    make_tma_copy(SM90_TMA_LOAD{},
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
-                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
+                   fwd_tuning().prefetch_q != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

@@ -50,6 +50,13 @@ struct FwdTuning {
   // d = 128 dense calls without a window with kv_len at least this take
   // 176-key tiles (FwdConfigWideKeys; 0: never).
   int64_t wide_keys_min_kv = 8192;
+  // Calls with q_len up to this take their tiles a (batch, head) pair at a
+  // time rather than a row of query tiles of many pairs at a time
+  // (tile_schedule; 0: never).
+  int64_t pair_major_max_q = 0;
+  // The producer prefetches each tile's Q rows into L2 when it takes the
+  // tile, well before it may load them into shared memory (0: no).
+  int64_t prefetch_q = 0;
 };
 const FwdTuning& fwd_tuning();
 
