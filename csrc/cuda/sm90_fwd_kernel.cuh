@@ -228,9 +228,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = kNumMmaWG * 128;
   if (threadIdx.x == 0) {
-    for (int w = 0; w < kNumMmaWG; ++w) {
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[w], 1);
-      cutlass::arch::ClusterBarrier::init(&smem.q_empty[w], 128);
+    for (int slot = 0; slot < Tr::kQBuffers * kNumMmaWG; ++slot) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[slot], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.q_empty[slot], 128);
     }
     for (int slot = 0; slot < Tr::kTileSlots; ++slot) {
       cutlass::arch::ClusterBarrier::init(&smem.tile_full[slot], 1);
@@ -258,10 +258,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const int64_t batch = kVarlen ? 1 : p.batch;
     const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
-    // (64, kHeadDim, consumer group)
-    Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    uint32_t q_phase = 0;
+    uint32_t q_loads = 0;  // tiles whose Q was loaded: the buffer and its parity
     for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile, tiles)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
@@ -276,6 +274,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       Tensor gQ = local_tile(mQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
       Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
       Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      const int q_buffer = q_loads % Tr::kQBuffers;
+      const uint32_t q_phase = q_loads / Tr::kQBuffers % 2;
+      // (64, kHeadDim, consumer group) of this tile's Q buffer
+      Tensor sQ_tile = make_tensor(make_smem_ptr(smem.q.data() + q_buffer * Tr::kQElems), typename Tr::SmemLayoutQ{});
+      Tensor sQg = local_tile(sQ_tile, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
       auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -287,9 +290,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
-        cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[w], Tr::kQWarpGroupBytes);
-        copy(args.tma_q.with(smem.q_full[w], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
+        const int slot = q_buffer * kNumMmaWG + w;
+        cutlass::arch::ClusterBarrier::wait(&smem.q_empty[slot], q_phase ^ 1);
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[slot], Tr::kQWarpGroupBytes);
+        copy(args.tma_q.with(smem.q_full[slot], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
       };
       // Group i's Q follows the i-th key tile's K, so no wait for a group's
       // Q holds back the loads the groups before it need first.
@@ -306,7 +310,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         ++write;
       }
       for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);
-      q_phase ^= 1;
+      ++q_loads;
     }
     return;
   }
@@ -344,122 +348,272 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // This group is done with its Q rows (and, staged there, its O rows).
   const auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[turns.wg]); };
 
-  typename Pipeline::PipelineState read;
-  uint32_t q_phase = 0;
-  turns.start();
-  for (;;) {
-    const int tile = tile_ring.pop(smem);
-    if (tile >= tiles) break;
-    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
-    if (kVarlen && t.rows <= 0) continue;
-    // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
-    Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
-                   (t.seq.q_row0 + t.m0) * p.o_stride[2];
-    float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
-    // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
-    if (t.n_block_max <= t.n_block_min) {
-      for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
-        out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+  if constexpr (Tr::kCrossTile) {
+    // Q in two buffers: a tile's last P V is issued with the next tile's
+    // first Q K^T, whose Q landed in the other buffer during this tile, so
+    // no product of a group runs without its softmax beside it except the
+    // block's first and last, and no tile starts by waiting for its Q.
+    Tensor sQb = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQBuffers{});
+    Tensor tSrQb = thr_s.partition_fragment_A(sQb);  // (MMA, MMA_M, MMA_K, buffer)
+    uint32_t q_uses = 0;  // tiles begun: the buffer (q_uses % 2) and its parity
+    const auto wait_q = [&](uint32_t use) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[use % 2 * kNumMmaWG + turns.wg], use / 2 % 2);
+    };
+    // The next tile with keys, writing out those without (out = 0, lse =
+    // -inf); false past the last.
+    const auto next_work = [&](QueryTile& t) {
+      for (;;) {
+        const int tile = tile_ring.pop(smem);
+        if (tile >= tiles) return false;
+        t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+        if (kVarlen && t.rows <= 0) continue;
+        if (t.n_block_max > t.n_block_min) return true;
+        Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
+                       (t.seq.q_row0 + t.m0) * p.o_stride[2];
+        float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
+        for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
+          out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+        }
+        for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
       }
-      for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
-      continue;
-    }
-
-    // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's)
-    // are masked to -inf, so their P is 0. Varlen bounds as int32 (the
-    // dispatch bounds total_k by 2^31), to take half the registers.
-    const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
-    const int64_t m0 = t.m0;
-    const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
-    sm80::OnlineSoftmax<kRows, 4> softmax;
+    };
+    using Softmax = sm80::OnlineSoftmax<kRows, 4>;
+    Softmax softmax, softmax_next;
     float corr[kRows];
-    auto mask_and_fold = [&](int n, auto first) {
+    const auto mask_and_fold = [&](const QueryTile& t, int n, Softmax& sm, auto first) {
       const int64_t n0 = int64_t(n) * kBlockN;
       const VisibilityWindow window =
-          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
-      const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
-      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-        mask_window(s, coord_s, m0, n0, window, kv_len);
+          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right,
+                                     int32_t(t.seq.window.diagonal_offset)}
+                  : p.window;
+      const int64_t kv_len = kVarlen ? int32_t(t.seq.kv_len) : p.kv_len;
+      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, t.m0, t.m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window(s, coord_s, t.m0, n0, window, kv_len);
       }
-      softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
+      sm.template fold<decltype(first)::value>(s, scale_log2, corr);
     };
-
-    cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
-    q_phase ^= 1;
-
-    // First key tile: S only.
-    pipeline_k.consumer_wait(read);
-    turns.wait();
-    wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-    turns.pass();
-    warpgroup_wait<0>();
-    pipeline_k.consumer_release(read);
-    mask_and_fold(n_block_max - 1, cute::true_type{});
-    to_p();
-    clear(tOrO);
-
-    // Steady state: S of tile n in flight with P V of tile n+1.
-    for (int n = n_block_max - 2; n >= n_block_min; --n) {
-      const auto read_v = read;
-      ++read;
-      pipeline_k.consumer_wait(read);
-      turns.wait();
-      wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-      decltype(softmax)::rescale(o, corr);
-      pipeline_v.consumer_wait(read_v);
-      wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-      turns.pass();
-      warpgroup_wait<1>();
-      pipeline_k.consumer_release(read);
-      mask_and_fold(n, cute::false_type{});
-      warpgroup_wait<0>();
-      pipeline_v.consumer_release(read_v);
-      to_p();
-    }
-    if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
-
-    // Last P V.
-    decltype(softmax)::rescale(o, corr);
-    pipeline_v.consumer_wait(read);
-    turns.wait();
-    wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
-    turns.pass();
-    warpgroup_wait<0>();
-    pipeline_v.consumer_release(read);
-    ++read;  // the next tile's first stage
-
-    float lse[kRows];
-    softmax.finalize(o, scale, 1.f, lse);
-    if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        const int r = get<0>(coord_s(mi, 0));
-        if (r < t.rows) lse_out[r] = lse[mi];
+    // O and lse of tile t, O staged in the rows of its Q buffer, which this
+    // group then releases.
+    const auto store_tile = [&](const QueryTile& t, int q_buffer) {
+      float lse[kRows];
+      softmax.finalize(o, scale, 1.f, lse);
+      float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
+      if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const int r = get<0>(coord_s(mi, 0));
+          if (r < t.rows) lse_out[r] = lse[mi];
+        }
       }
-    }
-
-    // O through shared memory (this group's 64 rows, which only this group
-    // touches), then 16-byte row-contiguous stores: measured on an H100,
-    // storing O from registers (4 bytes a thread, so Q could be released
-    // after the last Q K^T) ran 4-34 % slower (benchmarks/NOTES.md).
-    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-    auto r2s_thr = r2s.get_thread_slice(tid);
-    Tensor o_elem = convert_to<Element>(tOrO);
-    copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-    constexpr int kChunks = kHeadDim / 8;
-    const int row0 = turns.wg * 64;
-    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-      const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-      if (r < t.rows && c < p.head_dim) {
-        *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+      Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
+                     (t.seq.q_row0 + t.m0) * p.o_stride[2];
+      Tensor sOt = make_tensor(make_smem_ptr(smem.q.data() + q_buffer * Tr::kQElems), typename Tr::SmemLayoutQ{});
+      auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+      auto r2s_thr = r2s.get_thread_slice(tid);
+      Tensor o_elem = convert_to<Element>(tOrO);
+      copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sOt));
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      constexpr int kChunks = kHeadDim / 8;
+      const int row0 = turns.wg * 64;
+      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+        const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+        if (r < t.rows && c < p.head_dim) {
+          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sOt(r, c));
+        }
       }
-    }
-    if constexpr (!Tr::kSeparateO) {
       // O read out of the Q rows (generic proxy) before TMA (async proxy)
       // overwrites them.
       cutlass::arch::fence_view_async_shared();
-      release_q();
+      cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[q_buffer * kNumMmaWG + turns.wg]);
+    };
+
+    typename Pipeline::PipelineState read;
+    turns.start();
+    QueryTile t;
+    bool have = next_work(t);
+    if (have) {  // the block's first Q K^T, alone
+      wait_q(q_uses);
+      pipeline_k.consumer_wait(read);
+      turns.wait();
+      wgmma<true>(mma_s, tSrQb(_, _, _, 0), tSrK(_, _, _, read.index()), tSrS);
+      turns.pass();
+      warpgroup_wait<0>();
+      pipeline_k.consumer_release(read);
+      mask_and_fold(t, t.n_block_max - 1, softmax, cute::true_type{});
+      to_p();
+      clear(tOrO);
+    }
+    while (have) {
+      const int q_buffer = q_uses % 2;
+      // Steady state: S of tile n in flight with P V of tile n+1.
+      for (int n = t.n_block_max - 2; n >= t.n_block_min; --n) {
+        const auto read_v = read;
+        ++read;
+        pipeline_k.consumer_wait(read);
+        turns.wait();
+        wgmma<true>(mma_s, tSrQb(_, _, _, q_buffer), tSrK(_, _, _, read.index()), tSrS);
+        Softmax::rescale(o, corr);
+        pipeline_v.consumer_wait(read_v);
+        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+        turns.pass();
+        warpgroup_wait<1>();
+        pipeline_k.consumer_release(read);
+        mask_and_fold(t, n, softmax, cute::false_type{});
+        warpgroup_wait<0>();
+        pipeline_v.consumer_release(read_v);
+        to_p();
+      }
+      // The last P V, beside the next tile's first Q K^T when there is one.
+      QueryTile t_next;
+      const bool have_next = next_work(t_next);
+      Softmax::rescale(o, corr);
+      const auto read_v = read;
+      ++read;  // the next tile's first stage
+      if (have_next) {
+        wait_q(q_uses + 1);
+        pipeline_k.consumer_wait(read);
+        pipeline_v.consumer_wait(read_v);
+        turns.wait();
+        wgmma<true>(mma_s, tSrQb(_, _, _, 1 - q_buffer), tSrK(_, _, _, read.index()), tSrS);
+        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+        turns.pass();
+        warpgroup_wait<1>();
+        pipeline_k.consumer_release(read);
+        mask_and_fold(t_next, t_next.n_block_max - 1, softmax_next, cute::true_type{});
+      } else {
+        pipeline_v.consumer_wait(read_v);
+        turns.wait();
+        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+        turns.pass();
+      }
+      warpgroup_wait<0>();
+      pipeline_v.consumer_release(read_v);
+      store_tile(t, q_buffer);
+      ++q_uses;
+      if (!have_next) break;
+      t = t_next;
+      softmax = softmax_next;
+      to_p();
+      clear(tOrO);
+    }
+  } else {
+    typename Pipeline::PipelineState read;
+    uint32_t q_phase = 0;
+    turns.start();
+    for (;;) {
+      const int tile = tile_ring.pop(smem);
+      if (tile >= tiles) break;
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+      if (kVarlen && t.rows <= 0) continue;
+      // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
+      Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
+                     (t.seq.q_row0 + t.m0) * p.o_stride[2];
+      float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
+      // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
+      if (t.n_block_max <= t.n_block_min) {
+        for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
+          out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+        }
+        for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
+        continue;
+      }
+
+      // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's)
+      // are masked to -inf, so their P is 0. Varlen bounds as int32 (the
+      // dispatch bounds total_k by 2^31), to take half the registers.
+      const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
+      const int64_t m0 = t.m0;
+      const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
+      sm80::OnlineSoftmax<kRows, 4> softmax;
+      float corr[kRows];
+      auto mask_and_fold = [&](int n, auto first) {
+        const int64_t n0 = int64_t(n) * kBlockN;
+        const VisibilityWindow window =
+            kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+        const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
+        if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+          mask_window(s, coord_s, m0, n0, window, kv_len);
+        }
+        softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
+      };
+
+      cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
+      q_phase ^= 1;
+
+      // First key tile: S only.
+      pipeline_k.consumer_wait(read);
+      turns.wait();
+      wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      turns.pass();
+      warpgroup_wait<0>();
+      pipeline_k.consumer_release(read);
+      mask_and_fold(n_block_max - 1, cute::true_type{});
+      to_p();
+      clear(tOrO);
+
+      // Steady state: S of tile n in flight with P V of tile n+1.
+      for (int n = n_block_max - 2; n >= n_block_min; --n) {
+        const auto read_v = read;
+        ++read;
+        pipeline_k.consumer_wait(read);
+        turns.wait();
+        wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+        decltype(softmax)::rescale(o, corr);
+        pipeline_v.consumer_wait(read_v);
+        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+        turns.pass();
+        warpgroup_wait<1>();
+        pipeline_k.consumer_release(read);
+        mask_and_fold(n, cute::false_type{});
+        warpgroup_wait<0>();
+        pipeline_v.consumer_release(read_v);
+        to_p();
+      }
+      if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
+
+      // Last P V.
+      decltype(softmax)::rescale(o, corr);
+      pipeline_v.consumer_wait(read);
+      turns.wait();
+      wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+      turns.pass();
+      warpgroup_wait<0>();
+      pipeline_v.consumer_release(read);
+      ++read;  // the next tile's first stage
+
+      float lse[kRows];
+      softmax.finalize(o, scale, 1.f, lse);
+      if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const int r = get<0>(coord_s(mi, 0));
+          if (r < t.rows) lse_out[r] = lse[mi];
+        }
+      }
+
+      // O through shared memory (this group's 64 rows, which only this group
+      // touches), then 16-byte row-contiguous stores: measured on an H100,
+      // storing O from registers (4 bytes a thread, so Q could be released
+      // after the last Q K^T) ran 4-34 % slower (benchmarks/NOTES.md).
+      auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+      auto r2s_thr = r2s.get_thread_slice(tid);
+      Tensor o_elem = convert_to<Element>(tOrO);
+      copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      constexpr int kChunks = kHeadDim / 8;
+      const int row0 = turns.wg * 64;
+      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+        const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+        if (r < t.rows && c < p.head_dim) {
+          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+        }
+      }
+      if constexpr (!Tr::kSeparateO) {
+        // O read out of the Q rows (generic proxy) before TMA (async proxy)
+        // overwrites them.
+        cutlass::arch::fence_view_async_shared();
+        release_q();
+      }
     }
   }
   turns.finish();

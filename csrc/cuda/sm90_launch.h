@@ -57,6 +57,10 @@ struct FwdTuning {
   // The producer prefetches each tile's Q rows into L2 when it takes the
   // tile, well before it may load them into shared memory (0: no).
   int64_t prefetch_q = 0;
+  // Dense calls at d = 128, and d = 64 on 128-row tiles: Q in two buffers,
+  // each tile's first Q K^T issued beside the last tile's last P V
+  // (FwdTraits::kCrossTile; 2 K/V stages at d = 128).
+  int64_t cross_tile = 0;
 };
 const FwdTuning& fwd_tuning();
 
