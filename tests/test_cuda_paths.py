@@ -379,6 +379,12 @@ for d, n_q, n_k, causal in ((128, 1000, 1000, False), (128, 77, 3000, False), (1
     out.copy_(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
     assert flash_ext.last_cuda_kernel_family() == "sm90"
     saved.append([causal] + [t.cpu() for t in (q, k, v, out)])
+# A packed batch (varlen kernels), saved per sequence in the layout above.
+cu = torch.tensor([0, 300, 1300, 1377], dtype=torch.int32, device="cuda")
+q, k, v = (torch.randn(1377, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+out = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, 1000, 1000)
+for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    saved.append([False] + [t[a:b].transpose(0, 1).unsqueeze(0).cpu() for t in (q, k, v, out)])
 torch.save(saved, sys.argv[1])
 """
 
@@ -390,7 +396,8 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
     wide_keys_min_kv=1, none under 0) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
-    with lengths that leave partial tiles and a head dim padded to 128."""
+    with lengths that leave partial tiles, a head dim padded to 128 and a
+    packed (varlen) batch."""
     import os
     import subprocess
     import sys

@@ -67,8 +67,8 @@ bool launch_fwd_cross_tile(const AttentionFwdParams& p, bool windowed, cudaStrea
   return false;
 }
 
-// Varlen batches take the dense batches' tiles (their sequences are as long),
-// except the wide key tiles, which are compiled for dense batches only.
+// Varlen batches take the dense batches' tiles (their sequences are as long;
+// kv_len is the longest's).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
@@ -76,7 +76,7 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim != 256 && !kVarlen) {
     if (fwd_tuning().cross_tile != 0 && launch_fwd_cross_tile<kHeadDim, Element>(p, windowed, stream)) return;
   }
-  if constexpr (kHeadDim == 128 && !kVarlen) {
+  if constexpr (kHeadDim == 128) {
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
       launch_attention_fwd<FwdConfigWideKeys<Element>, kVarlen>(p, stream);

@@ -47,8 +47,8 @@ struct FwdTuning {
   // Calls with q_len up to this launch one block per query tile instead of
   // the persistent grid (0: never; d = 256 windows keep their own rule).
   int64_t per_tile_max_q = 0;
-  // d = 128 dense calls without a window with kv_len at least this take
-  // 176-key tiles (FwdConfigWideKeys; 0: never).
+  // d = 128 calls without a window with kv_len (varlen: the longest) at
+  // least this take 176-key tiles (FwdConfigWideKeys; 0: never).
   int64_t wide_keys_min_kv = 8192;
   // Calls with q_len up to this take their tiles a (batch, head) pair at a
   // time rather than a row of query tiles of many pairs at a time
