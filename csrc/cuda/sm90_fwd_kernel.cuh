@@ -324,7 +324,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
-  Tensor sO = make_tensor(make_smem_ptr(Tr::o_staging(smem)), typename Tr::SmemLayoutQ{});
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
@@ -347,6 +346,56 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   };
   // This group is done with its Q rows (and, staged there, its O rows).
   const auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[turns.wg]); };
+  // Tile t's lse and this group's 64 rows of O (normalized by `sm`, the
+  // tile's softmax): O through shared memory (this group's rows of
+  // `staging`, which only this group touches), then 16-byte row-contiguous
+  // stores. Storing O from registers instead (4 bytes a thread, so Q could
+  // be released after the last Q K^T) ran 4-34 % slower on an H100
+  // (benchmarks/NOTES.md).
+  // Row m0 of tile t's output; o_stride[0] is 0 for varlen.
+  const auto out_rows = [&](const QueryTile& t) {
+    return static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
+           (t.seq.q_row0 + t.m0) * p.o_stride[2];
+  };
+  const auto lse_rows = [&](const QueryTile& t) {
+    return p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
+  };
+  // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
+  const auto store_empty_tile = [&](const QueryTile& t) {
+    Element* out = out_rows(t);
+    float* lse_out = lse_rows(t);
+    for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
+      out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
+    }
+    for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
+  };
+  const auto store_tile = [&](const QueryTile& t, auto& sm, Element* staging) {
+    float lse[kRows];
+    sm.finalize(o, scale, 1.f, lse);
+    float* lse_out = lse_rows(t);
+    if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int r = get<0>(coord_s(mi, 0));
+        if (r < t.rows) lse_out[r] = lse[mi];
+      }
+    }
+    Element* out = out_rows(t);
+    Tensor sO = make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQ{});
+    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
+    auto r2s_thr = r2s.get_thread_slice(tid);
+    Tensor o_elem = convert_to<Element>(tOrO);
+    copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
+    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+    constexpr int kChunks = kHeadDim / 8;
+    const int row0 = turns.wg * 64;
+    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+      const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+      if (r < t.rows && c < p.head_dim) {
+        *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+      }
+    }
+  };
 
   if constexpr (Tr::kCrossTile) {
     // Q in two buffers: a tile's last P V is issued with the next tile's
@@ -359,8 +408,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const auto wait_q = [&](uint32_t use) {
       cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[use % 2 * kNumMmaWG + turns.wg], use / 2 % 2);
     };
-    // The next tile with keys, writing out those without (out = 0, lse =
-    // -inf); false past the last.
+    // The next tile with keys, writing out those without; false past the
+    // last.
     const auto next_work = [&](QueryTile& t) {
       for (;;) {
         const int tile = tile_ring.pop(smem);
@@ -368,13 +417,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
         if (kVarlen && t.rows <= 0) continue;
         if (t.n_block_max > t.n_block_min) return true;
-        Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
-                       (t.seq.q_row0 + t.m0) * p.o_stride[2];
-        float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
-        for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
-          out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
-        }
-        for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
+        store_empty_tile(t);
       }
     };
     using Softmax = sm80::OnlineSoftmax<kRows, 4>;
@@ -392,41 +435,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
       sm.template fold<decltype(first)::value>(s, scale_log2, corr);
     };
-    // O and lse of tile t, O staged in the rows of its Q buffer, which this
-    // group then releases.
-    const auto store_tile = [&](const QueryTile& t, int q_buffer) {
-      float lse[kRows];
-      softmax.finalize(o, scale, 1.f, lse);
-      float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
-      if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const int r = get<0>(coord_s(mi, 0));
-          if (r < t.rows) lse_out[r] = lse[mi];
-        }
-      }
-      Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
-                     (t.seq.q_row0 + t.m0) * p.o_stride[2];
-      Tensor sOt = make_tensor(make_smem_ptr(smem.q.data() + q_buffer * Tr::kQElems), typename Tr::SmemLayoutQ{});
-      auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-      auto r2s_thr = r2s.get_thread_slice(tid);
-      Tensor o_elem = convert_to<Element>(tOrO);
-      copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sOt));
-      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-      constexpr int kChunks = kHeadDim / 8;
-      const int row0 = turns.wg * 64;
-      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-        const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-        if (r < t.rows && c < p.head_dim) {
-          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sOt(r, c));
-        }
-      }
-      // O read out of the Q rows (generic proxy) before TMA (async proxy)
-      // overwrites them.
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[q_buffer * kNumMmaWG + turns.wg]);
-    };
-
     typename Pipeline::PipelineState read;
     turns.start();
     QueryTile t;
@@ -488,7 +496,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
       warpgroup_wait<0>();
       pipeline_v.consumer_release(read_v);
-      store_tile(t, q_buffer);
+      // O staged in the rows of the tile's Q buffer, which it then releases,
+      // the reads (generic proxy) ordered before TMA's (async proxy) writes.
+      store_tile(t, softmax, smem.q.data() + q_buffer * Tr::kQElems);
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[q_buffer * kNumMmaWG + turns.wg]);
       ++q_uses;
       if (!have_next) break;
       t = t_next;
@@ -505,16 +517,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       if (tile >= tiles) break;
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
       if (kVarlen && t.rows <= 0) continue;
-      // Rows m0 + r of this sequence; o_stride[0] is 0 for varlen.
-      Element* out = static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
-                     (t.seq.q_row0 + t.m0) * p.o_stride[2];
-      float* lse_out = p.lse + t.h * t.seq.lse_head_stride + t.seq.lse_row0 + t.m0;
-      // No visible key (also a varlen sequence without keys): out = 0, lse = -inf.
       if (t.n_block_max <= t.n_block_min) {
-        for (int i = tid; i < t.rows * p.head_dim; i += kNumMmaWG * 128) {
-          out[i / p.head_dim * p.o_stride[2] + i % p.head_dim] = Element(0.f);
-        }
-        for (int r = tid; r < t.rows; r += kNumMmaWG * 128) lse_out[r] = -INFINITY;
+        store_empty_tile(t);
         continue;
       }
 
@@ -581,33 +585,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       pipeline_v.consumer_release(read);
       ++read;  // the next tile's first stage
 
-      float lse[kRows];
-      softmax.finalize(o, scale, 1.f, lse);
-      if (get<1>(coord_s(0, 0)) == 0) {  // one lane of each quad holds the row
-        CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
-          const int r = get<0>(coord_s(mi, 0));
-          if (r < t.rows) lse_out[r] = lse[mi];
-        }
-      }
-
-      // O through shared memory (this group's 64 rows, which only this group
-      // touches), then 16-byte row-contiguous stores: measured on an H100,
-      // storing O from registers (4 bytes a thread, so Q could be released
-      // after the last Q K^T) ran 4-34 % slower (benchmarks/NOTES.md).
-      auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-      auto r2s_thr = r2s.get_thread_slice(tid);
-      Tensor o_elem = convert_to<Element>(tOrO);
-      copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-      constexpr int kChunks = kHeadDim / 8;
-      const int row0 = turns.wg * 64;
-      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-        const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-        if (r < t.rows && c < p.head_dim) {
-          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
-        }
-      }
+      store_tile(t, softmax, Tr::o_staging(smem));
       if constexpr (!Tr::kSeparateO) {
         // O read out of the Q rows (generic proxy) before TMA (async proxy)
         // overwrites them.
