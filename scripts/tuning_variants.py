@@ -16,13 +16,20 @@ def variants_from(args: list[str], defaults: dict[str, str]) -> dict[str, str]:
     return dict(v.split("=", 1) for v in args) if args else defaults
 
 
-def run_variants(variable: str, variants: dict[str, str], child: list[str]) -> dict[str, Any]:
+def run_variants(variable: str, variants: dict[str, str], child: list[str],
+                 timeout_s: float = 150.0) -> dict[str, Any]:
     """name -> the JSON that ``child`` (a command) prints on its last line,
-    run with ``variable`` set to each spec. A variant whose process fails is
-    reported with its stderr and left out; none left exits with status 1."""
+    run with ``variable`` set to each spec. A variant whose process fails, or
+    runs past ``timeout_s`` (a kernel that hangs), is reported and left out,
+    so the others still come back; none left exits with status 1."""
     results: dict[str, Any] = {}
     for name, spec in variants.items():
-        run = subprocess.run(child, env=dict(os.environ, **{variable: spec}), capture_output=True, text=True)
+        try:
+            run = subprocess.run(child, env=dict(os.environ, **{variable: spec}), capture_output=True, text=True,
+                                 timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: no result within {timeout_s:.0f} s")
+            continue
         if run.returncode != 0:
             print(f"{name}: failed\n{run.stderr[-2000:]}")
             continue

@@ -352,7 +352,7 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("cross_tile", "cross_tile=1"), ("cross_tile_pm", "cross_tile=1,pair_major_max_q=100000")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
-        subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True)
+        subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)
         outputs[name] = torch.load(path)
     for name, outs in outputs.items():
         for a, b in zip(outs, outputs["default"]):
@@ -402,7 +402,7 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
     import subprocess
     import sys
     path = tmp_path / "out.pt"
-    subprocess.run([sys.executable, "-c", _TILE_VARIANTS_CHILD, str(path)], check=True,
+    subprocess.run([sys.executable, "-c", _TILE_VARIANTS_CHILD, str(path)], check=True, timeout=120,
                    env=dict(os.environ, FLASH_EXT_FWD_TUNING=spec))
     for causal, q, k, v, out in torch.load(path):
         scores = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
