@@ -138,7 +138,8 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 #if defined(FLASH_EXT_SM90A)
 sm90::FwdTuning fwd_tuning_from_environment() {
   sm90::FwdTuning t;
-  constexpr const char* kKeys = "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, prefetch_q, cross_tile";
+  constexpr const char* kKeys =
+      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, prefetch_q, cross_tile";
   read_tuning_spec("FLASH_EXT_FWD_TUNING", kKeys, [&](const std::string& key, int64_t n) {
     if (key == "two_stage_max_kv") {
       t.two_stage_max_kv = n;

@@ -402,6 +402,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // first Q K^T, whose Q landed in the other buffer during this tile, so
     // no product of a group runs without its softmax beside it except the
     // block's first and last, and no tile starts by waiting for its Q.
+    // A loop of its own until it is measured (FwdTuning::cross_tile): one
+    // loop for both, its steps shared, raised the default kernels' spills
+    // (d = 128: 0 -> 28 bytes; 176 keys 100 -> 248; d = 64 on 192 rows 80 ->
+    // 188). Whichever loses on the GPU goes.
     Tensor sQb = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQBuffers{});
     Tensor tSrQb = thr_s.partition_fragment_A(sQb);  // (MMA, MMA_M, MMA_K, buffer)
     uint32_t q_uses = 0;  // tiles begun: the buffer (q_uses % 2) and its parity
