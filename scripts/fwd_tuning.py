@@ -20,8 +20,7 @@ import sys
 
 from tuning_variants import run_variants, variants_from
 
-DEFAULT_VARIANTS = {"default": "", "pair_major": "pair_major_max_q=2048", "prefetch_q": "prefetch_q=1",
-                    "cross_tile": "cross_tile=1", "all": "pair_major_max_q=2048,prefetch_q=1,cross_tile=1"}
+DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_major_max_q_causal=0"}
 TOKENS, HIDDEN = 16384, 2048
 
 

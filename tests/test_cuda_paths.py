@@ -321,9 +321,9 @@ for d, causal, n in ((128, False, 1000), (128, True, 700), (64, False, 1300), (2
     q, k, v = (torch.randn(2, 3, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     outs.append(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal).cpu())
     assert flash_ext.last_cuda_kernel_family() == "sm90"
-# More tiles than SMs, so each block runs several (one after another, or, under
-# cross_tile, the next one's first product beside the last's), with tiles that
-# see no key (bottom-right causal, q_len > kv_len) among them.
+# More tiles than SMs, so each block runs several one after another (the next
+# tile's loads beside this one's epilogue), with tiles that see no key
+# (bottom-right causal, q_len > kv_len) among them.
 for d, causal, n_q, n_k in ((128, False, 1536, 1536), (128, True, 1536, 1536), (64, True, 1000, 1000),
                             (128, True, 1000, 300), (64, True, 1000, 300)):
     q = torch.randn(4, n_q, 16, d, device="cuda", dtype=torch.bfloat16)
@@ -338,8 +338,7 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the order of the tiles, the prefetches and how a block's tiles
-    follow each other (cross_tile), never the arithmetic:
+    the grid and the order of the tiles, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -348,8 +347,8 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     outputs = {}
     for name, spec in (("default", ""), ("two_stage", "two_stage_max_kv=100000"),
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
-                       ("pair_major", "pair_major_max_q=100000"), ("prefetch_q", "prefetch_q=1"),
-                       ("cross_tile", "cross_tile=1"), ("cross_tile_pm", "cross_tile=1,pair_major_max_q=100000")):
+                       ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
+                       ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)

@@ -139,7 +139,7 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 sm90::FwdTuning fwd_tuning_from_environment() {
   sm90::FwdTuning t;
   constexpr const char* kKeys =
-      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, prefetch_q, cross_tile";
+      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, pair_major_max_q_causal";
   read_tuning_spec("FLASH_EXT_FWD_TUNING", kKeys, [&](const std::string& key, int64_t n) {
     if (key == "two_stage_max_kv") {
       t.two_stage_max_kv = n;
@@ -149,10 +149,8 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       t.wide_keys_min_kv = n;
     } else if (key == "pair_major_max_q") {
       t.pair_major_max_q = n;
-    } else if (key == "prefetch_q") {
-      t.prefetch_q = n;
-    } else if (key == "cross_tile") {
-      t.cross_tile = n;
+    } else if (key == "pair_major_max_q_causal") {
+      t.pair_major_max_q_causal = n;
     } else {
       return false;
     }

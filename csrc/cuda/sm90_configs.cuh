@@ -49,33 +49,12 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
   return p.q_len <= (windowed ? 2048 : 1024);
 }
 
-// FwdTuning::cross_tile (dense batches, d = 128 and d = 64's 128-row tiles):
-// Q in two buffers, each tile's first Q K^T beside the last tile's last P V.
-// At d = 128 the second Q buffer takes the third K/V stage's room; d = 64's
-// 192-row tiles (160 registers a thread) spilled 384 bytes with it. Returns
-// false where it does not apply.
-template <int kHeadDim, class Element>
-bool launch_fwd_cross_tile(const AttentionFwdParams& p, bool windowed, cudaStream_t stream) {
-  if constexpr (kHeadDim == 128) {
-    launch_attention_fwd<FwdTraits<128, 128, 128, 2, Element, true>, false>(p, stream);
-    return true;
-  } else if constexpr (kHeadDim == 64) {
-    if (!d64_narrow_tiles(p, windowed)) return false;
-    launch_attention_fwd<FwdTraits<64, 128, 128, 3, Element, true>, false>(p, stream);
-    return true;
-  }
-  return false;
-}
-
 // Varlen batches take the dense batches' tiles (their sequences are as long;
 // kv_len is the longest's).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
   const bool windowed = has_window(p.window);
-  if constexpr (kHeadDim != 256 && !kVarlen) {
-    if (fwd_tuning().cross_tile != 0 && launch_fwd_cross_tile<kHeadDim, Element>(p, windowed, stream)) return;
-  }
   if constexpr (kHeadDim == 128) {
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {

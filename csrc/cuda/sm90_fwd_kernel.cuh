@@ -97,7 +97,6 @@ struct FwdArgs {
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
-  bool prefetch_q;  // FwdTuning::prefetch_q
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -228,7 +227,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = kNumMmaWG * 128;
   if (threadIdx.x == 0) {
-    for (int slot = 0; slot < Tr::kQBuffers * kNumMmaWG; ++slot) {
+    for (int slot = 0; slot < kNumMmaWG; ++slot) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[slot], 1);
       cutlass::arch::ClusterBarrier::init(&smem.q_empty[slot], 128);
     }
@@ -259,7 +258,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    uint32_t q_loads = 0;  // tiles whose Q was loaded: the buffer and its parity
+    uint32_t q_phase = 0;  // parity of the Q loads
     for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile, tiles)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
@@ -274,26 +273,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       Tensor gQ = local_tile(mQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
       Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
       Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-      const int q_buffer = q_loads % Tr::kQBuffers;
-      const uint32_t q_phase = q_loads / Tr::kQBuffers % 2;
-      // (64, kHeadDim, consumer group) of this tile's Q buffer
-      Tensor sQ_tile = make_tensor(make_smem_ptr(smem.q.data() + q_buffer * Tr::kQElems), typename Tr::SmemLayoutQ{});
-      Tensor sQg = local_tile(sQ_tile, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      // (64, kHeadDim, consumer group)
+      Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
       auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      // Q into L2 as soon as the tile is known: its load into shared memory
-      // waits for the group to be done with its last tile's rows (the epilogue,
-      // where O is staged in them), and then finds them in L2.
-      if (args.prefetch_q) {
-        for (int w = 0; w < kNumMmaWG; ++w) prefetch(args.tma_q, tQg(_, t.m_block * kNumMmaWG + w));
-      }
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
-        const int slot = q_buffer * kNumMmaWG + w;
-        cutlass::arch::ClusterBarrier::wait(&smem.q_empty[slot], q_phase ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[slot], Tr::kQWarpGroupBytes);
-        copy(args.tma_q.with(smem.q_full[slot], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
+        cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full[w], Tr::kQWarpGroupBytes);
+        copy(args.tma_q.with(smem.q_full[w], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
       };
       // Group i's Q follows the i-th key tile's K, so no wait for a group's
       // Q holds back the loads the groups before it need first.
@@ -310,7 +299,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         ++write;
       }
       for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);
-      ++q_loads;
+      q_phase ^= 1;
     }
     return;
   }
@@ -397,205 +386,88 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     }
   };
 
-  if constexpr (Tr::kCrossTile) {
-    // Q in two buffers: a tile's last P V is issued with the next tile's
-    // first Q K^T, whose Q landed in the other buffer during this tile, so
-    // no product of a group runs without its softmax beside it except the
-    // block's first and last, and no tile starts by waiting for its Q.
-    // A loop of its own until it is measured (FwdTuning::cross_tile): one
-    // loop for both, its steps shared, raised the default kernels' spills
-    // (d = 128: 0 -> 28 bytes; 176 keys 100 -> 248; d = 64 on 192 rows 80 ->
-    // 188). Whichever loses on the GPU goes.
-    Tensor sQb = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQBuffers{});
-    Tensor tSrQb = thr_s.partition_fragment_A(sQb);  // (MMA, MMA_M, MMA_K, buffer)
-    uint32_t q_uses = 0;  // tiles begun: the buffer (q_uses % 2) and its parity
-    const auto wait_q = [&](uint32_t use) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[use % 2 * kNumMmaWG + turns.wg], use / 2 % 2);
-    };
-    // The next tile with keys, writing out those without; false past the
-    // last.
-    const auto next_work = [&](QueryTile& t) {
-      for (;;) {
-        const int tile = tile_ring.pop(smem);
-        if (tile >= tiles) return false;
-        t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
-        if (kVarlen && t.rows <= 0) continue;
-        if (t.n_block_max > t.n_block_min) return true;
-        store_empty_tile(t);
-      }
-    };
-    using Softmax = sm80::OnlineSoftmax<kRows, 4>;
-    Softmax softmax, softmax_next;
+  typename Pipeline::PipelineState read;
+  uint32_t q_phase = 0;
+  turns.start();
+  for (;;) {
+    const int tile = tile_ring.pop(smem);
+    if (tile >= tiles) break;
+    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+    if (kVarlen && t.rows <= 0) continue;
+    if (t.n_block_max <= t.n_block_min) {
+      store_empty_tile(t);
+      continue;
+    }
+
+    // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's)
+    // are masked to -inf, so their P is 0. Varlen bounds as int32 (the
+    // dispatch bounds total_k by 2^31), to take half the registers.
+    const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
+    const int64_t m0 = t.m0;
+    const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
+    sm80::OnlineSoftmax<kRows, 4> softmax;
     float corr[kRows];
-    const auto mask_and_fold = [&](const QueryTile& t, int n, Softmax& sm, auto first) {
+    auto mask_and_fold = [&](int n, auto first) {
       const int64_t n0 = int64_t(n) * kBlockN;
       const VisibilityWindow window =
-          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right,
-                                     int32_t(t.seq.window.diagonal_offset)}
-                  : p.window;
-      const int64_t kv_len = kVarlen ? int32_t(t.seq.kv_len) : p.kv_len;
-      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, t.m0, t.m0 + kBlockM, n0, n0 + kBlockN)) {
-        mask_window(s, coord_s, t.m0, n0, window, kv_len);
+          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+      const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
+      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+        mask_window(s, coord_s, m0, n0, window, kv_len);
       }
-      sm.template fold<decltype(first)::value>(s, scale_log2, corr);
+      softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
     };
-    typename Pipeline::PipelineState read;
-    turns.start();
-    QueryTile t;
-    bool have = next_work(t);
-    if (have) {  // the block's first Q K^T, alone
-      wait_q(q_uses);
-      pipeline_k.consumer_wait(read);
-      turns.wait();
-      wgmma<true>(mma_s, tSrQb(_, _, _, 0), tSrK(_, _, _, read.index()), tSrS);
-      turns.pass();
-      warpgroup_wait<0>();
-      pipeline_k.consumer_release(read);
-      mask_and_fold(t, t.n_block_max - 1, softmax, cute::true_type{});
-      to_p();
-      clear(tOrO);
-    }
-    while (have) {
-      const int q_buffer = q_uses % 2;
-      // Steady state: S of tile n in flight with P V of tile n+1.
-      for (int n = t.n_block_max - 2; n >= t.n_block_min; --n) {
-        const auto read_v = read;
-        ++read;
-        pipeline_k.consumer_wait(read);
-        turns.wait();
-        wgmma<true>(mma_s, tSrQb(_, _, _, q_buffer), tSrK(_, _, _, read.index()), tSrS);
-        Softmax::rescale(o, corr);
-        pipeline_v.consumer_wait(read_v);
-        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-        turns.pass();
-        warpgroup_wait<1>();
-        pipeline_k.consumer_release(read);
-        mask_and_fold(t, n, softmax, cute::false_type{});
-        warpgroup_wait<0>();
-        pipeline_v.consumer_release(read_v);
-        to_p();
-      }
-      // The last P V, beside the next tile's first Q K^T when there is one.
-      QueryTile t_next;
-      const bool have_next = next_work(t_next);
-      Softmax::rescale(o, corr);
+
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
+    q_phase ^= 1;
+
+    // First key tile: S only.
+    pipeline_k.consumer_wait(read);
+    turns.wait();
+    wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+    turns.pass();
+    warpgroup_wait<0>();
+    pipeline_k.consumer_release(read);
+    mask_and_fold(n_block_max - 1, cute::true_type{});
+    to_p();
+    clear(tOrO);
+
+    // Steady state: S of tile n in flight with P V of tile n+1.
+    for (int n = n_block_max - 2; n >= n_block_min; --n) {
       const auto read_v = read;
-      ++read;  // the next tile's first stage
-      if (have_next) {
-        wait_q(q_uses + 1);
-        pipeline_k.consumer_wait(read);
-        pipeline_v.consumer_wait(read_v);
-        turns.wait();
-        wgmma<true>(mma_s, tSrQb(_, _, _, 1 - q_buffer), tSrK(_, _, _, read.index()), tSrS);
-        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-        turns.pass();
-        warpgroup_wait<1>();
-        pipeline_k.consumer_release(read);
-        mask_and_fold(t_next, t_next.n_block_max - 1, softmax_next, cute::true_type{});
-      } else {
-        pipeline_v.consumer_wait(read_v);
-        turns.wait();
-        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-        turns.pass();
-      }
-      warpgroup_wait<0>();
-      pipeline_v.consumer_release(read_v);
-      // O staged in the rows of the tile's Q buffer, which it then releases,
-      // the reads (generic proxy) ordered before TMA's (async proxy) writes.
-      store_tile(t, softmax, smem.q.data() + q_buffer * Tr::kQElems);
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[q_buffer * kNumMmaWG + turns.wg]);
-      ++q_uses;
-      if (!have_next) break;
-      t = t_next;
-      softmax = softmax_next;
-      to_p();
-      clear(tOrO);
-    }
-  } else {
-    typename Pipeline::PipelineState read;
-    uint32_t q_phase = 0;
-    turns.start();
-    for (;;) {
-      const int tile = tile_ring.pop(smem);
-      if (tile >= tiles) break;
-      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
-      if (kVarlen && t.rows <= 0) continue;
-      if (t.n_block_max <= t.n_block_min) {
-        store_empty_tile(t);
-        continue;
-      }
-
-      // Keys past kv_len (zero-filled by TMA, or the next varlen sequence's)
-      // are masked to -inf, so their P is 0. Varlen bounds as int32 (the
-      // dispatch bounds total_k by 2^31), to take half the registers.
-      const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
-      const int64_t m0 = t.m0;
-      const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
-      sm80::OnlineSoftmax<kRows, 4> softmax;
-      float corr[kRows];
-      auto mask_and_fold = [&](int n, auto first) {
-        const int64_t n0 = int64_t(n) * kBlockN;
-        const VisibilityWindow window =
-            kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
-        const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
-        if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-          mask_window(s, coord_s, m0, n0, window, kv_len);
-        }
-        softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
-      };
-
-      cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
-      q_phase ^= 1;
-
-      // First key tile: S only.
+      ++read;
       pipeline_k.consumer_wait(read);
       turns.wait();
       wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-      turns.pass();
-      warpgroup_wait<0>();
-      pipeline_k.consumer_release(read);
-      mask_and_fold(n_block_max - 1, cute::true_type{});
-      to_p();
-      clear(tOrO);
-
-      // Steady state: S of tile n in flight with P V of tile n+1.
-      for (int n = n_block_max - 2; n >= n_block_min; --n) {
-        const auto read_v = read;
-        ++read;
-        pipeline_k.consumer_wait(read);
-        turns.wait();
-        wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-        decltype(softmax)::rescale(o, corr);
-        pipeline_v.consumer_wait(read_v);
-        wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
-        turns.pass();
-        warpgroup_wait<1>();
-        pipeline_k.consumer_release(read);
-        mask_and_fold(n, cute::false_type{});
-        warpgroup_wait<0>();
-        pipeline_v.consumer_release(read_v);
-        to_p();
-      }
-      if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
-
-      // Last P V.
       decltype(softmax)::rescale(o, corr);
-      pipeline_v.consumer_wait(read);
-      turns.wait();
-      wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+      pipeline_v.consumer_wait(read_v);
+      wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass();
+      warpgroup_wait<1>();
+      pipeline_k.consumer_release(read);
+      mask_and_fold(n, cute::false_type{});
       warpgroup_wait<0>();
-      pipeline_v.consumer_release(read);
-      ++read;  // the next tile's first stage
+      pipeline_v.consumer_release(read_v);
+      to_p();
+    }
+    if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
 
-      store_tile(t, softmax, Tr::o_staging(smem));
-      if constexpr (!Tr::kSeparateO) {
-        // O read out of the Q rows (generic proxy) before TMA (async proxy)
-        // overwrites them.
-        cutlass::arch::fence_view_async_shared();
-        release_q();
-      }
+    // Last P V.
+    decltype(softmax)::rescale(o, corr);
+    pipeline_v.consumer_wait(read);
+    turns.wait();
+    wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+    turns.pass();
+    warpgroup_wait<0>();
+    pipeline_v.consumer_release(read);
+    ++read;  // the next tile's first stage
+
+    store_tile(t, softmax, Tr::o_staging(smem));
+    if constexpr (!Tr::kSeparateO) {
+      // O read out of the Q rows (generic proxy) before TMA (async proxy)
+      // overwrites them.
+      cutlass::arch::fence_view_async_shared();
+      release_q();
     }
   }
   turns.finish();
@@ -618,11 +490,11 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
 
 // Sections of (batch, head) pairs whose K and V take at most kL2Bytes (about
 // two thirds of an H100's L2), whole GQA groups each (consecutive heads share
-// their K and V). FwdTuning::pair_major_max_q: short rows in sections of one
-// pair, so a pair's query tiles are consecutive and the blocks running at
-// once read a few pairs' K and V, not one pair each (at N = 512, 128 pairs'
-// 32 MB from DRAM at once in every fourth round otherwise); on long rows
-// that would deal a causal mask's heaviest tiles last.
+// their K and V). Short rows (FwdTuning::pair_major_max_q*) in sections of
+// one pair, so a pair's query tiles are consecutive and the blocks running
+// at once read a few pairs' K and V, not one pair each (at N = 512, 128
+// pairs' 32 MB from DRAM at once in every fourth round otherwise); on longer
+// rows under a causal mask that deals the heaviest tiles last.
 template <class Tr>
 TileSchedule tile_schedule(const AttentionFwdParams& p) {
   constexpr int64_t kL2Bytes = int64_t(32) << 20;
@@ -630,7 +502,8 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t kv_head_bytes = 2 * kv_len * Tr::kHeadDim * int64_t(sizeof(typename Tr::Element));
   const int64_t kv_heads_per_section = kv_head_bytes < kL2Bytes ? kL2Bytes / kv_head_bytes : 1;
   const int64_t batch_heads = p.batch * p.heads;
-  const bool pair_major = p.q_len <= fwd_tuning().pair_major_max_q;
+  const bool pair_major =
+      p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
@@ -657,8 +530,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                    make_tma_copy(SM90_TMA_LOAD{},
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
-                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
-                   fwd_tuning().prefetch_q != 0};
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

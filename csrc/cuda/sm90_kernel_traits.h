@@ -28,14 +28,10 @@ using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Eleme
                                            Shape<int32_t, int32_t, int32_t, int32_t>{},
                                            Stride<int64_t, _1, int64_t, int64_t>{}));
 
-// kCrossTile: Q in two buffers, so a consumer group issues the next tile's
-// first Q K^T beside this tile's last P V (FwdTuning::cross_tile).
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, bool kCrossTile_ = false>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr bool kCrossTile = kCrossTile_;
-  static constexpr int kQBuffers = kCrossTile ? 2 : 1;
   static constexpr int kNumMmaWG = kBlockM / 64;  // each consumer warp group owns 64 query rows
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 16 == 0);
@@ -68,11 +64,6 @@ struct FwdTraits {
   // gets its next rows without waiting for the others.
   using SmemLayoutQWarpGroup = decltype(tile_to_shape(SmemAtom{}, Shape<_64, Int<kHeadDim>>{}));
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutQWarpGroup{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  static constexpr int kQElems = int(cosize_v<SmemLayoutQ>);  // one Q buffer
-  // (kBlockM, kHeadDim, buffer): buffer b starts kQElems * b elements in.
-  using SmemLayoutQBuffers =
-      decltype(tile_to_shape(SmemLayoutQWarpGroup{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));
-  static_assert(cosize_v<SmemLayoutQBuffers> == kQBuffers * kQElems);
   using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
@@ -93,13 +84,12 @@ struct FwdTraits {
   static constexpr int kTileSlots = 2;
 
   struct SharedStorage {
-    cute::array_aligned<Element, cosize_v<SmemLayoutQBuffers>, 1024> q;
+    cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
-    // mbarriers per Q buffer and consumer group (buffer * kNumMmaWG + group):
-    // its Q rows landed; it is done with them.
-    alignas(16) uint64_t q_full[kQBuffers * kNumMmaWG];
-    uint64_t q_empty[kQBuffers * kNumMmaWG];
+    // mbarriers per consumer group: its Q rows landed; it is done with them.
+    alignas(16) uint64_t q_full[kNumMmaWG];
+    uint64_t q_empty[kNumMmaWG];
     // The producer's tile indices for the consumer groups, a ring with an
     // mbarrier per slot for "written" and "read by every consumer thread".
     uint64_t tile_full[kTileSlots];
@@ -114,8 +104,7 @@ struct FwdTraits {
   struct SharedStorageWithO : SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> o;
   };
-  // (kCrossTile: O is staged in the finished tile's Q buffer, free by then.)
-  static constexpr bool kSeparateO = !kCrossTile && sizeof(SharedStorageWithO) <= 227 * 1024;
+  static constexpr bool kSeparateO = sizeof(SharedStorageWithO) <= 227 * 1024;
   using Smem = std::conditional_t<kSeparateO, SharedStorageWithO, SharedStorage>;
   static constexpr int kSmemBytes = int(sizeof(Smem));
   static_assert(kSmemBytes <= 227 * 1024);

@@ -52,15 +52,11 @@ struct FwdTuning {
   int64_t wide_keys_min_kv = 8192;
   // Calls with q_len up to this take their tiles a (batch, head) pair at a
   // time rather than a row of query tiles of many pairs at a time
-  // (tile_schedule; 0: never).
-  int64_t pair_major_max_q = 0;
-  // The producer prefetches each tile's Q rows into L2 when it takes the
-  // tile, well before it may load them into shared memory (0: no).
-  int64_t prefetch_q = 0;
-  // Dense calls at d = 128, and d = 64 on 128-row tiles: Q in two buffers,
-  // each tile's first Q K^T issued beside the last tile's last P V
-  // (FwdTraits::kCrossTile; 2 K/V stages at d = 128).
-  int64_t cross_tile = 0;
+  // (tile_schedule; 0: never), without and with a causal mask or window. Measured
+  // (session 12, H100): +3-10 % at N = 512-2048 without a mask, +3-5 % at
+  // 512 with one, but -2..-4 % at causal 1024-2048.
+  int64_t pair_major_max_q = 2048;
+  int64_t pair_major_max_q_causal = 512;
 };
 const FwdTuning& fwd_tuning();
 
