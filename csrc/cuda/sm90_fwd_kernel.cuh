@@ -159,10 +159,13 @@ __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
 __device__ __forceinline__ TMA::CacheHintSm90 l2_read_once() { return TMA::CacheHintSm90::EVICT_FIRST; }
 __device__ __forceinline__ TMA::CacheHintSm90 l2_reused() { return TMA::CacheHintSm90::EVICT_LAST; }
 
-// Named barriers (ids past CUTLASS's reserved ones): one per consumer warp
-// group for taking turns, one per group for its epilogue.
+// Named barriers (ids past CUTLASS's reserved ones, 8 left): one per consumer
+// warp group for taking turns, one per group for its epilogue, and, where O
+// is staged in the K/V stages (two groups), one per group for "the other
+// group is done reading them".
 constexpr uint32_t kTurnBarrier = 0;
-constexpr uint32_t kEpilogueBarrier = 4;
+constexpr uint32_t kEpilogueBarrier = 3;
+constexpr uint32_t kStagingBarrier = 6;
 
 // acc (+)= A * B over the K mode, issued asynchronously as one wgmma batch;
 // the caller waits with warpgroup_wait<N>().
@@ -285,20 +288,26 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         copy(args.tma_q.with(smem.q_full[w], 0, l2_read_once()), tQg(_, t.m_block * kNumMmaWG + w), tQs(_, w));
       };
       // Group i's Q follows the i-th key tile's K, so no wait for a group's
-      // Q holds back the loads the groups before it need first.
+      // Q holds back the loads the groups before it need first. With O
+      // staged in the last K/V stage, the stage after the first key tile's
+      // may be the one the epilogue holds (2 stages): every Q follows the
+      // first key tile's loads.
       const int key_tiles = t.n_block_max - t.n_block_min;
       for (int i = 0; i < key_tiles; ++i) {
         const int n = t.n_block_max - 1 - i;
         pipeline_k.producer_acquire(write);
         copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write), 0, l2_reused()), tKg(_, n),
              tKs(_, write.index()));
-        if (i < kNumMmaWG) load_q(i);
+        if (Tr::kSeparateO ? i < kNumMmaWG : i == 0) load_q(i);
         pipeline_v.producer_acquire(write);
         copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write), 0, l2_reused()), tVg(_, n),
              tVs(_, write.index()));
         ++write;
+        if (!Tr::kSeparateO && i == 0) {
+          for (int w = 1; w < kNumMmaWG; ++w) load_q(w);
+        }
       }
-      for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);
+      for (int w = Tr::kSeparateO ? key_tiles : kNumMmaWG; w < kNumMmaWG; ++w) load_q(w);
       q_phase ^= 1;
     }
     return;
@@ -333,14 +342,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     CUTE_UNROLL
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
-  // This group is done with its Q rows (and, staged there, its O rows).
+  // This group is done with its Q rows.
   const auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[turns.wg]); };
+  // O staged in the K/V stages (Tr::o_staging): this group is done reading
+  // the tile's last stages; wait until the other group is too.
+  const auto staging_done_reading = [&] {
+    cutlass::arch::NamedBarrier::arrive(256, kStagingBarrier + (turns.wg + 1) % kNumMmaWG);
+  };
+  const auto staging_wait_others = [&] { cutlass::arch::NamedBarrier::sync(256, kStagingBarrier + turns.wg); };
   // Tile t's lse and this group's 64 rows of O (normalized by `sm`, the
-  // tile's softmax): O through shared memory (this group's rows of
-  // `staging`, which only this group touches), then 16-byte row-contiguous
-  // stores. Storing O from registers instead (4 bytes a thread, so Q could
-  // be released after the last Q K^T) ran 4-34 % slower on an H100
-  // (benchmarks/NOTES.md).
+  // tile's softmax): O through shared memory (`staging`, this group's rows),
+  // then 16-byte row-contiguous stores. Storing O from registers instead (4
+  // bytes a thread) ran 4-34 % slower on an H100 (benchmarks/NOTES.md).
   // Row m0 of tile t's output; o_stride[0] is 0 for varlen.
   const auto out_rows = [&](const QueryTile& t) {
     return static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
@@ -369,18 +382,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         if (r < t.rows) lse_out[r] = lse[mi];
       }
     }
-    Element* out = out_rows(t);
-    Tensor sO = make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQ{});
-    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_o);
-    auto r2s_thr = r2s.get_thread_slice(tid);
+    Element* out = out_rows(t) + turns.wg * 64 * p.o_stride[2];
+    const int rows = t.rows - turns.wg * 64;
+    Tensor sO = make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQWarpGroup{});
+    // The group's accumulators as one group's product lays them out.
+    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{},
+                                 typename Tr::TiledMmaOGroup{});
+    auto r2s_thr = r2s.get_thread_slice(tid % 128);
     Tensor o_elem = convert_to<Element>(tOrO);
     copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
     cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
     constexpr int kChunks = kHeadDim / 8;
-    const int row0 = turns.wg * 64;
     for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-      const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-      if (r < t.rows && c < p.head_dim) {
+      const int r = i / kChunks, c = (i % kChunks) * 8;
+      if (r < rows && c < p.head_dim) {
         *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
       }
     }
@@ -427,7 +442,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
     turns.pass();
     warpgroup_wait<0>();
-    pipeline_k.consumer_release(read);
+    // The tile's last K stage stays held where O is staged in it.
+    if (Tr::kSeparateO || n_block_max - 1 > n_block_min) pipeline_k.consumer_release(read);
     mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
     clear(tOrO);
@@ -444,13 +460,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass();
       warpgroup_wait<1>();
-      pipeline_k.consumer_release(read);
+      if (Tr::kSeparateO || n > n_block_min) pipeline_k.consumer_release(read);
       mask_and_fold(n, cute::false_type{});
       warpgroup_wait<0>();
       pipeline_v.consumer_release(read_v);
       to_p();
     }
-    if constexpr (Tr::kSeparateO) release_q();  // every Q K^T of the tile has landed
+    release_q();  // every Q K^T of the tile has landed
+    if constexpr (!Tr::kSeparateO && !Tr::kOInV) staging_done_reading();
 
     // Last P V.
     decltype(softmax)::rescale(o, corr);
@@ -459,15 +476,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
     turns.pass();
     warpgroup_wait<0>();
-    pipeline_v.consumer_release(read);
+    if constexpr (!Tr::kOInV) pipeline_v.consumer_release(read);
+    if constexpr (Tr::kOInV) staging_done_reading();
+    const auto last = read;
     ++read;  // the next tile's first stage
 
-    store_tile(t, softmax, Tr::o_staging(smem));
+    if constexpr (!Tr::kSeparateO) staging_wait_others();
+    store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
-      // O read out of the Q rows (generic proxy) before TMA (async proxy)
-      // overwrites them.
+      // O read out of the stages (generic proxy) before TMA (async proxy)
+      // overwrites them; one lane of each warp arrives for the warp.
       cutlass::arch::fence_view_async_shared();
-      release_q();
+      __syncwarp();
+      pipeline_k.consumer_release(last);
+      if constexpr (Tr::kOInV) pipeline_v.consumer_release(last);
     }
   }
   turns.finish();

@@ -99,8 +99,13 @@ struct FwdTraits {
     typename Pipeline::SharedStorage pipeline_v;
   };
   // O is staged in shared memory for row-contiguous stores: in a buffer of
-  // its own where one fits (Q's next rows then load while a group stores
-  // O), else in the group's Q rows, which it releases only once O has left.
+  // its own where one fits; else in the tile's last K stage, a group that
+  // finds no room there (d = 256) in the last V stage, both held back from
+  // the producer until the epilogue has read them. Either way a group
+  // releases its Q rows after its last Q K^T, so the next tile's Q loads
+  // during this one's last P V and epilogue, and three K/V stages stay at
+  // d = 128 (O staged in Q's rows instead held the next Q back until O had
+  // left).
   struct SharedStorageWithO : SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> o;
   };
@@ -108,13 +113,27 @@ struct FwdTraits {
   using Smem = std::conditional_t<kSeparateO, SharedStorageWithO, SharedStorage>;
   static constexpr int kSmemBytes = int(sizeof(Smem));
   static_assert(kSmemBytes <= 227 * 1024);
-  CUTE_DEVICE static Element* o_staging(Smem& smem) {
+  static constexpr int kOGroupElems = 64 * kHeadDim;  // one group's rows of O
+  static constexpr int kKVStageElems = kBlockN * kHeadDim;
+  static_assert(cosize_v<SmemLayoutKV> == kStages * kKVStageElems);
+  static constexpr int kOGroupsPerStage = kKVStageElems / kOGroupElems;
+  static constexpr bool kOInV = !kSeparateO && kNumMmaWG > kOGroupsPerStage;
+  // The groups wait for each other before staging O in K/V (one named
+  // barrier each, two of them).
+  static_assert(kSeparateO || (kNumMmaWG == 2 && kOGroupsPerStage >= 1));
+  // Group wg's 64 rows of O (SmemLayoutQWarpGroup); `stage`: the tile's last.
+  CUTE_DEVICE static Element* o_staging(Smem& smem, int wg, int stage) {
     if constexpr (kSeparateO) {
-      return smem.o.data();
+      return smem.o.data() + wg * kOGroupElems;
     } else {
-      return smem.q.data();
+      Element* kv = wg < kOGroupsPerStage ? smem.k.data() : smem.v.data();
+      return kv + stage * kKVStageElems + wg % kOGroupsPerStage * kOGroupElems;
     }
   }
+  // One consumer group's O = P V, for its epilogue's copies.
+  using TiledMmaOGroup = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>()));
 };
 
 // Backward: one block per key tile of kBlockN rows and two consumer warp
