@@ -21,7 +21,9 @@ at::Tensor readable_layout(const at::Tensor& t) {
   for (int64_t d = 0; aligned && d + 1 < t.dim(); ++d) {
     aligned = t.size(d) == 1 || t.stride(d) % vector == 0;
   }
-  return aligned ? t : t.contiguous();
+  // A copy even where the strides are contiguous already: a view that starts
+  // off a 16-byte boundary stays there through contiguous().
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 at::Tensor seed_dropout(const at::Tensor& q, DropoutParams& dropout) {
