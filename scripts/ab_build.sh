@@ -1,58 +1,78 @@
 #!/usr/bin/env bash
-# Side-by-side timing of a build-time knob on the GPU machine, in one call
+# Side-by-side timing of two builds on the GPU machine, in one call
 # (machines are not kept between calls, and timings only compare on one):
-# builds the extension twice as gpu_check.sh does (sm_90a), the second with
-# extra nvcc flags, then runs one benchmark command against each build in turn.
+# builds the extension twice as gpu_check.sh does (sm_90a), then runs one
+# benchmark command against each build in turn.
 #
 #   AB_FLAGS="-DSOME_KNOB=1" bash scripts/ab_build.sh \
 #       python3 benchmarks/bench_prefill.py --quick --no-flex --head-dims 128
+#   git archive <commit> | gzip > .scratch/base.tgz   # here; carry .scratch/base.tgz
+#   AB_A_TREE=.scratch/base.tgz AB_ROUNDS=2 bash scripts/ab_build.sh python3 benchmarks/bench_prefill.py ...
 #
-# A is the default build, B the one with AB_FLAGS (read by nvcc through
-# NVCC_APPEND_FLAGS). The command gets --out-dir appended. Needs the CUTLASS
-# headers in .cutlass/include (carried). Writes to $OUT: ab_build_{a,b}.log,
-# ab_{a,b}.log, and each run's JSON as {a,b}_<name>.json; prints both
-# summaries last. Two builds take ~5 minutes on 16 cores: keep the command's
-# sweep short. AB_REUSE_A=1 takes the extension already built in place (by
-# gpu_check.sh, earlier on the same warm machine) as A and builds only B.
+# B is the working tree, built with AB_FLAGS (extra nvcc flags, read through
+# NVCC_APPEND_FLAGS; may be empty when AB_A_TREE is given). A is the working
+# tree without them, or, with AB_A_TREE, the tree in that tarball (another
+# commit's `git archive`). AB_REUSE_A=1 takes the extension already built in
+# place (by gpu_check.sh, earlier on the same warm machine) as A. The command
+# gets --out-dir appended and runs a, b, a, b... (AB_ROUNDS rounds, default
+# 1): separate processes of the same build differed by up to 8 % on long rows
+# (session 12), so a difference that small needs alternating rounds.
+# Needs the CUTLASS headers in .cutlass/include (carried). Writes to $OUT
+# ab_build.tgz: ab_build_{a,b}.log, ab_{a,b}{round}.log and each run's JSON
+# as {a,b}{round}_<name>.json; prints the summaries last. Two builds take ~6
+# minutes on 16 cores: keep the command's sweep short.
 set -euo pipefail
-(( $# > 0 )) || { echo "usage: AB_FLAGS=... $0 <benchmark command>" >&2; exit 2; }
-: "${AB_FLAGS:?set AB_FLAGS to the nvcc flags of build B}"
+(( $# > 0 )) || { echo "usage: [AB_FLAGS=...] [AB_A_TREE=tgz] $0 <benchmark command>" >&2; exit 2; }
+[[ -n ${AB_FLAGS:-} || -n ${AB_A_TREE:-} ]] || { echo "set AB_FLAGS (build B's nvcc flags) or AB_A_TREE" >&2; exit 2; }
 OUT=${OUT:-$PWD/.device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STASH=$(mktemp -d)
 START=$(date +%s)
+CUTLASS_INCLUDE=$PWD/.cutlass/include
 
-build() {  # variant, extra nvcc flags
+build() {  # variant, extra nvcc flags, source tree
   local start=$(date +%s)
-  NVCC_APPEND_FLAGS="$2" FLASH_EXT_CUTLASS_INCLUDE=$PWD/.cutlass/include FLASH_EXT_CUDA=1 \
-    FLASH_EXT_CUDA_ARCHS="9.0a" MAX_JOBS=16 python3 setup.py build_ext --inplace --build-temp "build/ab_$1" \
+  (cd "$3" && NVCC_APPEND_FLAGS="$2" FLASH_EXT_CUTLASS_INCLUDE=$CUTLASS_INCLUDE FLASH_EXT_CUDA=1 \
+    FLASH_EXT_CUDA_ARCHS="9.0a" MAX_JOBS=16 python3 setup.py build_ext --inplace --build-temp "build/ab_$1") \
     > "$OUT/ab_build_$1.log" 2>&1 || { echo "build $1 failed:"; grep -E "error" "$OUT/ab_build_$1.log" | head; exit 1; }
-  cp flash_ext/_C*.so "$STASH/$1.so"
-  echo "build $1 (${2:-default}): $(( $(date +%s) - start ))s"
+  cp "$3"/flash_ext/_C*.so "$STASH/$1.so"
+  echo "build $1 (${2:-no extra flags}, $3): $(( $(date +%s) - start ))s"
 }
-if [[ ${AB_REUSE_A:-0} == 1 ]]; then
+if [[ -n ${AB_A_TREE:-} ]]; then
+  mkdir -p "$STASH/tree_a"
+  tar xzf "$AB_A_TREE" -C "$STASH/tree_a"
+  build a "" "$STASH/tree_a"
+elif [[ ${AB_REUSE_A:-0} == 1 ]]; then
   cp flash_ext/_C*.so "$STASH/a.so"
   echo "build a: the extension built in place"
 else
-  build a ""
+  build a "" "$PWD"
 fi
-build b "$AB_FLAGS"
+build b "${AB_FLAGS:-}" "$PWD"
+SO=$(ls flash_ext/_C*.so)
 
-for variant in a b; do
-  cp "$STASH/$variant.so" flash_ext/"$(basename flash_ext/_C*.so)"
-  mkdir -p "$STASH/results_$variant"
-  "$@" --out-dir "$STASH/results_$variant" > "$OUT/ab_$variant.log" 2>&1 || echo "run $variant: exit $?"
-  for file in "$STASH/results_$variant"/*.json; do
-    [[ -e $file ]] && cp "$file" "$OUT/${variant}_$(basename "$file")"
+for round in $(seq 1 "${AB_ROUNDS:-1}"); do
+  for variant in a b; do
+    cp "$STASH/$variant.so" "$SO"
+    mkdir -p "$STASH/results_$variant$round"
+    "$@" --out-dir "$STASH/results_$variant$round" > "$OUT/ab_$variant$round.log" 2>&1 || echo "run $variant$round: exit $?"
+    for file in "$STASH/results_$variant$round"/*.json; do
+      [[ -e $file ]] && cp "$file" "$OUT/$variant${round}_$(basename "$file")"
+    done
   done
 done
 
-cp "$STASH/a.so" flash_ext/"$(basename flash_ext/_C*.so)"  # later commands get the default build
+# Later commands get the working tree's build: A in flags mode (B has the
+# flags), B in tree mode.
+cp "$STASH/$([[ -n ${AB_A_TREE:-} ]] && echo b || echo a).so" "$SO"
 
-echo "---- $(( $(date +%s) - START ))s in all; A = default, B = $AB_FLAGS"
+echo "---- $(( $(date +%s) - START ))s in all; A = ${AB_A_TREE:-the working tree}, B = the working tree ${AB_FLAGS:+with $AB_FLAGS}"
 for variant in a b; do
   echo "== $variant"
-  jsons=$(ls "$OUT/${variant}_"*.json 2> /dev/null || true)
+  jsons=$(ls "$OUT/${variant}"[0-9]*_*.json 2> /dev/null || true)
   [[ -n $jsons ]] && python3 benchmarks/common.py summary $jsons
 done
+# The device tool brings back at most 8 files: one tarball of them all.
+(cd "$OUT" && files=$(ls ab_build_?.log ab_[ab][0-9]*.log [ab][0-9]*_*.json 2> /dev/null) &&
+  tar czf ab_build.tgz $files && rm -f $files)

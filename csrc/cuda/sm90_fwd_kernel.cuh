@@ -485,9 +485,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
       // O read out of the stages (generic proxy) before TMA (async proxy)
-      // overwrites them; one lane of each warp arrives for the warp.
+      // overwrites them: each thread fences its reads and arrives itself (a
+      // block of one CTA counts every consumer thread).
       cutlass::arch::fence_view_async_shared();
-      __syncwarp();
       pipeline_k.consumer_release(last);
       if constexpr (Tr::kOInV) pipeline_v.consumer_release(last);
     }
