@@ -170,8 +170,6 @@ def prefill_unsupported_reason(
         wanted.add("varlen (cu_seqlens)")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         wanted.add("GQA/MQA")
-    if varlen and (softcap or alibi) and family.name != "cpu":
-        return "softcap and ALiBi with varlen batches run on the CPU kernels only"
     passes = [("forward", family.serves("forward"), wanted)]
     if needs_grad:
         passes.append(("backward", family.serves("backward"), wanted | ({"bias gradient"} if bias_grad else set())))

@@ -273,7 +273,8 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     ref = reference_attention(q, k1, v1)
     assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k1, v1))
     # Packed variable-length batches: the Hopper forward and backward, the
-    # sm80 backward when deterministic; with dropout, the sm80 forward.
+    # sm80 backward when deterministic; with dropout or softcap, the sm80
+    # forward.
     qv, kv, vv = (randn((300, 4, 128), torch.bfloat16, "cuda", gen, requires_grad=True) for _ in range(3))
     cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
     out = flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200)
@@ -283,6 +284,9 @@ def test_hopper_routes_uncovered_calls_to_sm80(gen):
     flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200, deterministic=True).sum().backward()
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     flash_ext.flash_attn_varlen_func(qv.detach(), kv.detach(), vv.detach(), cu, cu, 200, 200, dropout_p=0.1)
+    assert flash_ext.last_cuda_kernel_family() == "sm80"
+    # Softcap and ALiBi: the sm80 kernels, varlen batches too.
+    flash_ext.flash_attn_varlen_func(qv, kv, vv, cu, cu, 200, 200, softcap=5.0).sum().backward()
     assert flash_ext.last_cuda_kernel_family() == "sm80"
     # The backward runs on the Hopper kernels, unless deterministic (unordered dq sums there).
     qg = q.detach().requires_grad_()

@@ -250,6 +250,61 @@ def test_softcap_alibi_low_precision_forward_backward(case, dtype, device, gen):
         assert_matches_reference(g, w, dtype, t, what=name)
 
 
+# Varlen (packed) batches: empty and one-token sequences, L != S, sequences
+# longer than a query tile; the cap, ALiBi's distance and the causal mask
+# per sequence, aligned bottom-right in each, slopes per head or per sequence.
+VARLEN_LENS = ([5, 0, 1, 37, 130, 3], [9, 4, 0, 37, 150, 1])
+
+
+def _per_sequence(fn, tensors, lens_q, lens_k, slopes, dtype, heads, dim):
+    """fn(q, k, v, slopes) on each sequence of packed (total, heads, dim)
+    tensors, as (1, heads, len, dim); zeros for sequences without queries or
+    keys; concatenated back to (total_q, heads, dim)."""
+    outs, q0, k0 = [], 0, 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        if lq == 0 or lk == 0:
+            outs.append(torch.zeros((lq, heads, dim), dtype=dtype, device=tensors[0].device))
+        else:
+            seq = [t[r0:r0 + n].transpose(0, 1).unsqueeze(0) for t, r0, n in zip(tensors, (q0, k0, k0), (lq, lk, lk))]
+            sl = None if slopes is None else slopes if slopes.dim() == 1 else slopes[b]
+            outs.append(fn(*seq, sl)[0].transpose(0, 1))
+        q0, k0 = q0 + lq, k0 + lk
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float64, *LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("causal,softcap,alibi", [(True, 4.0, "batch"), (False, 0.0, "head"), (True, 3.0, None),
+                                                  (False, 5.0, "batch")])
+def test_varlen_softcap_alibi_forward_backward(device, dtype, causal, softcap, alibi, gen):
+    skip_unless_served(device, dtype, 64)
+    lens_q, lens_k = VARLEN_LENS
+    heads, kv_heads, dim = 4, 2, 64
+    q = randn((sum(lens_q), heads, dim), dtype, device, gen, scale=3.0 if softcap else 1.0)  # the cap bites
+    k, v = (randn((sum(lens_k), kv_heads, dim), dtype, device, gen) for _ in range(2))
+    slopes = _slopes(alibi, len(lens_q), heads, gen, device)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+                  for lens in (lens_q, lens_k))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = flash_ext.flash_attn_varlen_func(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                           softcap=softcap, alibi_slopes=slopes)
+    dout = randn(out.shape, dtype, device, gen)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
+    ref = _per_sequence(lambda q, k, v, sl: reference(q, k, v, causal, softcap, sl), ref_leaves, lens_q, lens_k,
+                        slopes, torch.float64, heads, dim)
+    want = torch.autograd.grad(ref, ref_leaves, dout.to(torch.float64))
+    low_leaves = [t.detach().requires_grad_() for t in leaves]
+    theirs = _per_sequence(lambda q, k, v, sl: pytorch_way(q, k, v, causal, softcap, sl), low_leaves, lens_q,
+                           lens_k, slopes, dtype, heads, dim)
+    their_grads = torch.autograd.grad(theirs, low_leaves, dout)
+    assert_matches_reference(out, ref, dtype, theirs, what="out")
+    for name, g, w, t in zip(("dq", "dk", "dv"), grads, want, their_grads):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        assert_matches_reference(g, w, dtype, t, what=name)
+
+
 # Split-KV decoding: the packed rows (group * q_len) pick the warp layout:
 # up to 16 rows 1x4, up to 32 2x2, more 4x1.
 DECODE_CASES = [

@@ -6,8 +6,6 @@ ragged lengths with empty and one-token sequences, L != S, GQA, causal
 and torch.compile."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -224,26 +222,6 @@ def test_varlen_return_conventions(device, gen):
     out3, lse3, probs = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, return_attn_probs=True)
     assert torch.equal(out, out2) and torch.equal(out, out3) and torch.equal(lse, lse3) and probs is None
     assert lse.shape == (2, 8)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_varlen_softcap_alibi_cpu(device, gen):
-    if device == "cuda":
-        pytest.skip("softcap and ALiBi are CPU-only (see the support table)")
-    lens_q, lens_k = RAGGED
-    q, k, v = packed_inputs(lens_q, lens_k, 2, 1, 16, torch.float64, device, gen)
-    slopes = torch.rand((len(lens_q), 2), generator=gen, dtype=torch.float32)
-    out = flash_ext.flash_attn_varlen_func(q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device),
-                                           max(lens_q), max(lens_k), causal=True, alibi_slopes=slopes)
-    outs, q0, k0 = [], 0, 0
-    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
-        qb, kb, vb = (t[r0:r0 + n].transpose(0, 1) for t, r0, n in ((q, q0, lq), (k, k0, lk), (v, k0, lk)))
-        dist = (torch.arange(lq).unsqueeze(1) + lk - lq - torch.arange(lk).unsqueeze(0)).abs().double()
-        bias = -slopes[b].double().view(2, 1, 1) * dist
-        bias = bias.masked_fill(~window_visible(lq, lk, -1, 0, bottom_right=True), -math.inf)
-        outs.append(reference_attention(qb, kb, vb, attn_mask=bias, enable_gqa=True).transpose(0, 1))
-        q0, k0 = q0 + lq, k0 + lk
-    torch.testing.assert_close(out, torch.cat(outs), atol=1e-10, rtol=1e-10)
 
 
 # --------------------------------------------------------------------------- packed inputs

@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
       if constexpr (kHasMask) {
         const float slope = alibi_slope(p, b, h);
         if (p.softcap != 0.f || slope != 0.f) {
-          apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0, dtanh);
+          apply_score_mods(s, coord_s, make_score_mods(p, slope, seq.window.diagonal_offset), m0, n0, dtanh);
         }
         if (p.mask_kind != MaskKind::kNone) {
           apply_attn_mask<Element>(s, coord_s, make_attn_mask<Element>(p, b, h), m0, n0, seq.q_len, seq.kv_len);

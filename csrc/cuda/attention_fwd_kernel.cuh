@@ -154,7 +154,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_kernel(const A
     Tensor s = rowcol(acc_s);
     const int64_t n0 = int64_t(n) * kBlockN;
     if constexpr (kHasMask) {
-      if (p.softcap != 0.f || slope != 0.f) apply_score_mods(s, coord_s, make_score_mods(p, slope), m0, n0);
+      if (p.softcap != 0.f || slope != 0.f) {
+        apply_score_mods(s, coord_s, make_score_mods(p, slope, seq.window.diagonal_offset), m0, n0);
+      }
       if (attn_mask.kind != MaskKind::kNone) {
         apply_attn_mask<Element>(s, coord_s, attn_mask, m0, n0, seq.q_len, seq.kv_len);
       }

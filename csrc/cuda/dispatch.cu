@@ -55,9 +55,6 @@ const char* sm80_common_reason(const AttentionFwdParams& p, int major, int minor
   if (p.v_head_dim != p.head_dim) return "the CUDA attention kernels need v_head_dim == head_dim";
   if (p.kv_heads <= 0 || p.heads % p.kv_heads != 0) return "heads must be a multiple of kv_heads";
   if (!(p.scale > 0.0)) return "the CUDA attention kernels need a positive scale";
-  if (p.cu_seqlens_q != nullptr && (p.softcap != 0.f || p.alibi_slopes != nullptr)) {
-    return "the CUDA attention kernels do not combine softcap or ALiBi with varlen batches yet";
-  }
   if (p.dropout.p < 0.f || p.dropout.p >= 1.f) return "the CUDA attention kernels need 0 <= dropout_p < 1";
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.out) ||
       !strides_vectorizable(p.q_stride, p.batch, p.heads, p.q_len) ||

@@ -73,13 +73,16 @@ struct ScoreMods {
 
 // Rebuilt per tile from the params (constant memory) rather than held in
 // registers across the key loop; the caller loads the slope (alibi_slope).
-__device__ __forceinline__ ScoreMods make_score_mods(const AttentionFwdParams& p, float slope) {
+// diagonal_offset: the sequence's (SequenceBounds::window; a varlen batch's
+// differ under bottom-right alignment).
+__device__ __forceinline__ ScoreMods make_score_mods(const AttentionFwdParams& p, float slope,
+                                                     int64_t diagonal_offset) {
   const float scale = static_cast<float>(p.scale);
   ScoreMods m;
   m.tanh_in = p.softcap > 0.f ? static_cast<float>(kTwoLog2e) * scale / p.softcap : 0.f;
   m.tanh_out = p.softcap / scale;
   m.slope = slope / scale;
-  m.diagonal_offset = p.window.diagonal_offset;
+  m.diagonal_offset = diagonal_offset;
   return m;
 }
 

@@ -40,12 +40,16 @@ template <int kHeadDim, ScalarKind kDtype>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Tr = FwdConfig<kHeadDim, ElementOf<kDtype>>;
   static_assert(Tr::kSmemBytes == fwd_smem_bytes(kHeadDim));
-  const bool mask = modifies_scores(p);
+  const bool mask = modifies_scores(p);  // varlen calls: softcap and ALiBi, never an attn_mask
   const bool dropout = p.dropout.p > 0.f;
-  if (mask) {  // varlen calls never carry an attn_mask
+  if (p.cu_seqlens_q != nullptr) {
+    if (mask) {
+      dropout ? launch_attention_fwd<Tr, true, true, true>(p, stream) : launch_attention_fwd<Tr, true, false, true>(p, stream);
+    } else {
+      dropout ? launch_attention_fwd<Tr, false, true, true>(p, stream) : launch_attention_fwd<Tr, false, false, true>(p, stream);
+    }
+  } else if (mask) {
     dropout ? launch_attention_fwd<Tr, true, true, false>(p, stream) : launch_attention_fwd<Tr, true, false, false>(p, stream);
-  } else if (p.cu_seqlens_q != nullptr) {
-    dropout ? launch_attention_fwd<Tr, false, true, true>(p, stream) : launch_attention_fwd<Tr, false, false, true>(p, stream);
   } else {
     dropout ? launch_attention_fwd<Tr, false, true, false>(p, stream) : launch_attention_fwd<Tr, false, false, false>(p, stream);
   }
@@ -57,13 +61,11 @@ template <int kHeadDim, ScalarKind kDtype, bool kHasMask>
 void run_bwd_masking(const AttentionBwdParams& p, cudaStream_t stream) {
   using Tr = BwdConfig<kHeadDim, ElementOf<kDtype>>;
   static_assert(Tr::kSmemBytes == bwd_smem_bytes(kHeadDim) && Tr::kBlockM == bwd_block_m(kHeadDim));
-  // Varlen calls never carry an attn_mask: only the unmasked file compiles them.
-  if constexpr (!kHasMask) {
-    if (p.cu_seqlens_q != nullptr) {
-      p.dropout.p > 0.f ? launch_attention_bwd<Tr, false, true, true>(p, stream)
-                        : launch_attention_bwd<Tr, false, false, true>(p, stream);
-      return;
-    }
+  // Varlen calls carry softcap or ALiBi at most, never an attn_mask.
+  if (p.cu_seqlens_q != nullptr) {
+    p.dropout.p > 0.f ? launch_attention_bwd<Tr, kHasMask, true, true>(p, stream)
+                      : launch_attention_bwd<Tr, kHasMask, false, true>(p, stream);
+    return;
   }
   if (p.dropout.p > 0.f) {
     launch_attention_bwd<Tr, kHasMask, true, false>(p, stream);
