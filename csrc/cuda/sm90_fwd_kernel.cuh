@@ -97,6 +97,11 @@ struct FwdArgs {
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
+  // p.scale and p.scale * log2(e) as floats, converted on the host: from the
+  // double, the kernel re-converted it in every epilogue (the compiler
+  // rematerializes rather than keep a register; the FP64 compare stalled at
+  // N = 512 in ncu).
+  float scale, scale_log2;
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -333,10 +338,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   Tensor o = rowcol(tOrO);
   Tensor coord_s = rowcol(thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})));
   constexpr int kRows = decltype(size<0>(s))::value;
-  const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
-  // Converted once: per tile, the double's conversion stalled on the FP64
-  // pipe (ncu at N = 512, 2 % of the samples).
-  const float scale = static_cast<float>(p.scale);
+  const float scale_log2 = args.scale_log2, scale = args.scale;
   auto to_p = [&] {
     Tensor converted = convert_to<Element>(tSrS);
     CUTE_UNROLL
@@ -552,7 +554,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                    make_tma_copy(SM90_TMA_LOAD{},
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
-                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{})};
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
+                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static
