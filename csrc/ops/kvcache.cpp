@@ -52,11 +52,19 @@ void check_cache_values(const at::Tensor& lens, const std::optional<at::Tensor>&
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kvcache_attention(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_new_in, const std::optional<at::Tensor>& v_new_in,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
     bool causal, int64_t num_splits, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right) {
+  // q and the new keys are only read: a layout the device's kernels cannot
+  // read in place is copied. The caches are written in place, so the kernels
+  // must take them as they are (the CUDA glue names what they need).
+  const at::Tensor q = backend::readable_layout(q_in);
+  const auto readable = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t.has_value() ? std::optional<at::Tensor>(backend::readable_layout(*t)) : std::nullopt;
+  };
+  const std::optional<at::Tensor> k_new = readable(k_new_in), v_new = readable(v_new_in);
   TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be 4-D (batch, q_len, heads, dim), got ", q.dim(), "-D");
   check_floating(kOp, "q", q);
   check_same("q", q, q);
