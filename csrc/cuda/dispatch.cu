@@ -136,7 +136,8 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 sm90::FwdTuning fwd_tuning_from_environment() {
   sm90::FwdTuning t;
   constexpr const char* kKeys =
-      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, pair_major_max_q_causal";
+      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, pair_major_max_q_causal, "
+      "max_section_pairs";
   read_tuning_spec("FLASH_EXT_FWD_TUNING", kKeys, [&](const std::string& key, int64_t n) {
     if (key == "two_stage_max_kv") {
       t.two_stage_max_kv = n;
@@ -148,6 +149,8 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       t.pair_major_max_q = n;
     } else if (key == "pair_major_max_q_causal") {
       t.pair_major_max_q_causal = n;
+    } else if (key == "max_section_pairs") {
+      t.max_section_pairs = n;
     } else {
       return false;
     }

@@ -528,7 +528,9 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t batch_heads = p.batch * p.heads;
   const bool pair_major =
       p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
-  const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
+  const int64_t max_pairs = fwd_tuning().max_section_pairs;
+  int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
+  if (max_pairs > 0 && section > max_pairs) section = max_pairs;
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
           static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),
