@@ -346,12 +346,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   };
   // This group is done with its Q rows.
   const auto release_q = [&] { cutlass::arch::ClusterBarrier::arrive(&smem.q_empty[turns.wg]); };
-  // O staged in the K/V stages (Tr::o_staging): this group is done reading
-  // the tile's last stages; wait until the other group is too.
-  const auto staging_done_reading = [&] {
-    cutlass::arch::NamedBarrier::arrive(256, kStagingBarrier + (turns.wg + 1) % kNumMmaWG);
-  };
-  const auto staging_wait_others = [&] { cutlass::arch::NamedBarrier::sync(256, kStagingBarrier + turns.wg); };
+  // O staged in the K/V stages (Tr::o_staging): the other group stages in
+  // the last K stage (told once this group's last Q K^T has landed) or in
+  // the last V stage (once its last P V has); a group waits for that before
+  // writing its rows.
+  const int other_wg = (turns.wg + 1) % kNumMmaWG;
+  const bool other_stages_in_k = other_wg < Tr::kOGroupsPerStage;
+  const auto staging_tell_other = [&] { cutlass::arch::NamedBarrier::arrive(256, kStagingBarrier + other_wg); };
+  const auto staging_wait_other = [&] { cutlass::arch::NamedBarrier::sync(256, kStagingBarrier + turns.wg); };
   // Tile t's lse and this group's 64 rows of O (normalized by `sm`, the
   // tile's softmax): O through shared memory (`staging`, this group's rows),
   // then 16-byte row-contiguous stores. Storing O from registers instead (4
@@ -469,7 +471,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       to_p();
     }
     release_q();  // every Q K^T of the tile has landed
-    if constexpr (!Tr::kSeparateO && !Tr::kOInV) staging_done_reading();
+    if (!Tr::kSeparateO && other_stages_in_k) staging_tell_other();
 
     // Last P V.
     decltype(softmax)::rescale(o, corr);
@@ -479,11 +481,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.pass();
     warpgroup_wait<0>();
     if constexpr (!Tr::kOInV) pipeline_v.consumer_release(read);
-    if constexpr (Tr::kOInV) staging_done_reading();
+    if (Tr::kOInV && !other_stages_in_k) staging_tell_other();
     const auto last = read;
     ++read;  // the next tile's first stage
 
-    if constexpr (!Tr::kSeparateO) staging_wait_others();
+    if constexpr (!Tr::kSeparateO) staging_wait_other();
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
       // O read out of the stages (generic proxy) before TMA (async proxy)
