@@ -259,8 +259,11 @@ def _nested_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             return "nested tensors are served as (batch, heads, jagged seq, dim) without holes (lengths)"
     if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0]:
         return "nested query, key and value must have the same batch size"
-    if key.offsets() is not value.offsets() and not torch.equal(key.offsets(), value.offsets()):
-        return "nested key and value must have the same sequence lengths"
+    if key.offsets() is not value.offsets():
+        # Under torch.compile only the same offsets (one nested int) pass:
+        # comparing their values would be data-dependent.
+        if torch.compiler.is_compiling() or not torch.equal(key.offsets(), value.offsets()):
+            return "nested key and value must have the same sequence lengths"
     if query.shape[-1] != key.shape[-1] or query.dtype != key.dtype or key.dtype != value.dtype:
         return "nested query and key must share head dim and dtype"
     if key.shape[1] != value.shape[1] or (query.shape[1] != key.shape[1] and
@@ -269,12 +272,13 @@ def _nested_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return None
 
 
-def _max_seqlen(t: torch.Tensor) -> int:
-    """The longest sequence of a jagged tensor: cached by PyTorch, else read
-    from its offsets (a device sync on CUDA, as in PyTorch's own SDPA)."""
+def _max_seqlen(t: torch.Tensor) -> int | torch.SymInt:
+    """The longest sequence of a jagged tensor: cached by PyTorch (a SymInt
+    under torch.compile), else read from its offsets (a device sync on CUDA,
+    as in PyTorch's own SDPA)."""
     cached = t._maybe_max_seqlen
     if cached is not None:
-        return int(cached)
+        return cached
     offsets = t.offsets()
     return int((offsets[1:] - offsets[:-1]).max().item()) if offsets.numel() > 1 else 0
 

@@ -427,6 +427,53 @@ def test_opcheck_varlen(window, gen):
                           (torch.randn_like(out), *plain[:3], out, lse, rng, *plain[3:], 0.0, 0.3, *window, True))
 
 
+def test_compile_varlen_max_seqlen_from_the_data(gen, monkeypatch):
+    """max_seqlen read from cu_seqlens with .item() inside the compiled
+    function (as models that pack batches do): a SymInt the op takes."""
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    q, k, v, cu_q, cu_k, _, _ = _varlen_args(gen, torch.float32)
+
+    def f(q, k, v, cu_q, cu_k):
+        max_q, max_k = ((cu[1:] - cu[:-1]).max().item() for cu in (cu_q, cu_k))
+        out = flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_loss = f(q, k, v, cu_q, cu_k)
+    loss = compiled(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, e in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+        torch.testing.assert_close(a, e)
+
+
+def test_compile_nested_sdpa_fullgraph(gen):
+    """Jagged query, key and value sharing their offsets (as a model's
+    projections of one jagged input do) through torch.compile without a
+    graph break: the longest length is a SymInt there."""
+    lens = [5, 17, 1, 30]
+    x = torch.nested.nested_tensor([randn((n, 4, 16), torch.float32, "cpu", gen) for n in lens],
+                                   layout=torch.jagged)
+    k, v = (torch.nested.nested_tensor_from_jagged(randn(x.values().shape, torch.float32, "cpu", gen),
+                                                   x.offsets()).requires_grad_() for _ in range(2))
+    q = torch.nested.nested_tensor_from_jagged(x.values().clone(), x.offsets()).requires_grad_()
+
+    def f(q, k, v):
+        out = flash_ext.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True)
+        return out.transpose(1, 2).values()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager, out = f(q, k, v), compiled(q, k, v)
+    torch.testing.assert_close(out, eager)
+    weights = randn(eager.shape, torch.float32, "cpu", gen)
+    want = torch.autograd.grad((eager * weights).sum(), (q, k, v))
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.values(), e.values())
+
+
 def test_compile_varlen_fullgraph(gen):
     q, k, v, cu_q, cu_k, max_q, max_k = _varlen_args(gen, torch.float32)
 

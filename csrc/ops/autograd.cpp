@@ -122,14 +122,20 @@ std::tuple<at::Tensor, at::Tensor> attention_inference(
   return {out, lse};
 }
 
+// The varlen ops' max_seqlen_* are SymInts: symbolic under torch.compile
+// (the device kernels take them as int64_t, concrete by then).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_varlen_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flash_ext::attention_varlen_fwd", "")
-                             .typed<decltype(attention_varlen_fwd)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("flash_ext::attention_varlen_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              c10::SymInt, c10::SymInt, double, double, int64_t, int64_t, bool, double,
+              const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
                  window_left, window_right, bottom_right, softcap, alibi_slopes);
 }
@@ -139,8 +145,8 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                               int64_t max_seqlen_k, double dropout_p, double scale,
+                               const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                               c10::SymInt max_seqlen_k, double dropout_p, double scale,
                                int64_t window_left, int64_t window_right, bool bottom_right,
                                bool deterministic, double softcap,
                                const std::optional<at::Tensor>& alibi_slopes) {
@@ -158,16 +164,21 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("flash_ext::attention_varlen_bwd", "")
-                               .typed<decltype(attention_varlen_bwd)>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("flash_ext::attention_varlen_bwd", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+                c10::SymInt, double, double, int64_t, int64_t, bool, bool, double,
+                const std::optional<at::Tensor>&)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
     const at::Tensor &lse = saved[4], &rng_state = saved[5], &slopes = saved[8];
     const SavedOptions o = SavedOptions::load(ctx);
     auto [dq, dk, dv] = op.call(readable_grad(grads[0], out), q, k, v, out, lse, rng_state, saved[6],
-                                saved[7], ctx->saved_data["max_seqlen_q"].toInt(),
-                                ctx->saved_data["max_seqlen_k"].toInt(), o.dropout_p, o.scale,
+                                saved[7], ctx->saved_data["max_seqlen_q"].toSymInt(),
+                                ctx->saved_data["max_seqlen_k"].toSymInt(), o.dropout_p, o.scale,
                                 o.window_left, o.window_right, o.bottom_right, o.deterministic,
                                 o.softcap, optional_tensor(slopes));
     variable_list grad_inputs(15);
@@ -180,7 +191,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, bool deterministic,
     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const variable_list outs = VarlenAttentionFunction::apply(
@@ -191,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_autograd(
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_inference(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    const at::Tensor& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right,
     bool /*deterministic*/, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   auto [out, lse, rng_state] =

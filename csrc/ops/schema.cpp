@@ -32,23 +32,25 @@ TORCH_LIBRARY(flash_ext, m) {
   // (FlashAttention's varlen): q (total_q, heads, dim), k and v (total_k,
   // kv_heads, dim); sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b+1])
   // of q against rows [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k and v
-  // (int32, (batch + 1,)); max_seqlen_* bound every length. bottom_right
-  // aligns each sequence's diagonal to its own end. Returns out (total_q,
-  // heads, dim_v) and lse (heads, total_q).
+  // (int32, (batch + 1,)); max_seqlen_* bound every length (SymInt: under
+  // torch.compile they may come from the data, as a jagged tensor's or an
+  // .item() of the lengths' max). bottom_right aligns each sequence's
+  // diagonal to its own end. Returns out (total_q, heads, dim_v) and lse
+  // (heads, total_q).
   m.def(
       "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, int window_left, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float scale, int window_left, "
       "int window_right, bool bottom_right, bool deterministic, float softcap=0., "
       "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, int window_left, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float scale, int window_left, "
       "int window_right, bool bottom_right, float softcap=0., Tensor? alibi_slopes=None) "
       "-> (Tensor out, Tensor lse, Tensor rng_state)");
   m.def(
       "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor rng_state, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float dropout_p, float scale, int window_left, int window_right, "
+      "Tensor rng_state, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float dropout_p, float scale, int window_left, int window_right, "
       "bool bottom_right, bool deterministic, float softcap=0., Tensor? alibi_slopes=None) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Decoding against a KV cache in FlashAttention's layout: q (batch, q_len,
