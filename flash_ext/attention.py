@@ -260,9 +260,10 @@ def _nested_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0]:
         return "nested query, key and value must have the same batch size"
     if key.offsets() is not value.offsets():
-        # Under torch.compile only the same offsets (one nested int) pass:
-        # comparing their values would be data-dependent.
-        if torch.compiler.is_compiling() or not torch.equal(key.offsets(), value.offsets()):
+        # Under torch.compile comparing the values would be data-dependent.
+        if torch.compiler.is_compiling():
+            return "under torch.compile, nested key and value must share their offsets tensor"
+        if not torch.equal(key.offsets(), value.offsets()):
             return "nested key and value must have the same sequence lengths"
     if query.shape[-1] != key.shape[-1] or query.dtype != key.dtype or key.dtype != value.dtype:
         return "nested query and key must share head dim and dtype"
