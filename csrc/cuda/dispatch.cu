@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "api.h"
 #include "sm80_launch.h"
@@ -134,27 +135,26 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 
 #if defined(FLASH_EXT_SM90A)
 sm90::FwdTuning fwd_tuning_from_environment() {
-  sm90::FwdTuning t;
-  constexpr const char* kKeys =
-      "two_stage_max_kv, per_tile_max_q, wide_keys_min_kv, pair_major_max_q, pair_major_max_q_causal, "
-      "max_section_pairs";
-  read_tuning_spec("FLASH_EXT_FWD_TUNING", kKeys, [&](const std::string& key, int64_t n) {
-    if (key == "two_stage_max_kv") {
-      t.two_stage_max_kv = n;
-    } else if (key == "per_tile_max_q") {
-      t.per_tile_max_q = n;
-    } else if (key == "wide_keys_min_kv") {
-      t.wide_keys_min_kv = n;
-    } else if (key == "pair_major_max_q") {
-      t.pair_major_max_q = n;
-    } else if (key == "pair_major_max_q_causal") {
-      t.pair_major_max_q_causal = n;
-    } else if (key == "max_section_pairs") {
-      t.max_section_pairs = n;
-    } else {
-      return false;
+  using sm90::FwdTuning;
+  static constexpr std::pair<const char*, int64_t FwdTuning::*> kKnobs[] = {
+      {"two_stage_max_kv", &FwdTuning::two_stage_max_kv},
+      {"per_tile_max_q", &FwdTuning::per_tile_max_q},
+      {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
+      {"pair_major_max_q", &FwdTuning::pair_major_max_q},
+      {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
+      {"max_section_pairs", &FwdTuning::max_section_pairs},
+  };
+  std::string known;
+  for (const auto& [name, field] : kKnobs) known += (known.empty() ? "" : ", ") + std::string(name);
+  FwdTuning t;
+  read_tuning_spec("FLASH_EXT_FWD_TUNING", known.c_str(), [&](const std::string& key, int64_t n) {
+    for (const auto& [name, field] : kKnobs) {
+      if (key == name) {
+        t.*field = n;
+        return true;
+      }
     }
-    return true;
+    return false;
   });
   return t;
 }

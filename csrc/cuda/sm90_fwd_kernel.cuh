@@ -235,9 +235,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = kNumMmaWG * 128;
   if (threadIdx.x == 0) {
-    for (int slot = 0; slot < kNumMmaWG; ++slot) {
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[slot], 1);
-      cutlass::arch::ClusterBarrier::init(&smem.q_empty[slot], 128);
+    for (int w = 0; w < kNumMmaWG; ++w) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.q_full[w], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.q_empty[w], 128);
     }
     for (int slot = 0; slot < Tr::kTileSlots; ++slot) {
       cutlass::arch::ClusterBarrier::init(&smem.tile_full[slot], 1);
@@ -312,7 +312,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
           for (int w = 1; w < kNumMmaWG; ++w) load_q(w);
         }
       }
-      for (int w = Tr::kSeparateO ? key_tiles : kNumMmaWG; w < kNumMmaWG; ++w) load_q(w);
+      if constexpr (Tr::kSeparateO) {
+        for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);  // fewer key tiles than groups
+      }
       q_phase ^= 1;
     }
     return;

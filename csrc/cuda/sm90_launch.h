@@ -41,8 +41,8 @@ inline bool fwd_deals_tiles_dynamically(const AttentionFwdParams& p) {
 // benchmarks/NOTES.md).
 struct FwdTuning {
   // d = 128 without a window: calls with kv_len up to this take the 2-stage
-  // configuration, whose O staging does not reuse Q's shared memory, so the
-  // next tile's Q loads during this one's epilogue (0: never).
+  // configuration, which has room for O's staging beside Q and the K/V
+  // stages (0: never).
   int64_t two_stage_max_kv = 0;
   // Calls with q_len up to this launch one block per query tile instead of
   // the persistent grid (0: never; d = 256 windows keep their own rule).
