@@ -113,6 +113,12 @@ def skip_unless_served(device: str, dtype: torch.dtype, head_dim: int = 64, v_he
             pytest.skip("the CUDA kernels need equal head dims, multiples of 8 up to 256")
 
 
+def shifted_by_one_element(t: torch.Tensor) -> torch.Tensor:
+    """t's values, contiguous strides, starting one element past an aligned
+    address (off every 4- and 16-byte boundary for 16-bit types)."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
 # --------------------------------------------------------------------------- reference
 
 

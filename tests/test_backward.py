@@ -11,7 +11,7 @@ import torch
 import flash_ext
 from conftest import (
     DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, grad_list, rand_bool, randn,
-    reference_attention, skip_unless_served, to_bshd,
+    reference_attention, shifted_by_one_element, skip_unless_served, to_bshd,
 )
 
 GRAD_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (5e-5, 5e-5)}
@@ -287,11 +287,6 @@ def test_sdpa_gradients_low_precision(case, dtype, device, gen):
 def odd_row_stride(t: torch.Tensor) -> torch.Tensor:
     """t's values with rows 65 elements apart (a differentiable view)."""
     return torch.nn.functional.pad(t, (0, 1))[..., :-1]
-
-
-def shifted_by_one_element(t: torch.Tensor) -> torch.Tensor:
-    """t's values, contiguous, starting one element past a 4-byte boundary."""
-    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,7 +13,7 @@ import torch
 import flash_ext
 from conftest import (
     DEVICES, LOW_PRECISION, TORCH_SDPA, assert_matches_reference, decode_reference, randn,
-    skip_unless_served, window_visible,
+    shifted_by_one_element, skip_unless_served, window_visible,
 )
 
 
@@ -200,11 +200,6 @@ def test_kvcache_noncontiguous_q_and_cache(gen):
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
-def _shifted_by_one_element(t: torch.Tensor) -> torch.Tensor:
-    """t's values, contiguous strides, starting one element past an aligned address."""
-    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_misaligned_q_and_new_keys_are_read(device, gen):
     """q, k and v start off a 16-byte boundary (the CUDA kernels' vector
@@ -214,7 +209,7 @@ def test_kvcache_misaligned_q_and_new_keys_are_read(device, gen):
     skip_unless_served(device, dtype, 64)
     lens = [5, 40]
     k_cache, v_cache = _make_cache(2, 48, 2, 64, 64, lens, dtype, device, gen)
-    q, k_new, v_new = (_shifted_by_one_element(randn((2, n, h, 64), dtype, device, gen))
+    q, k_new, v_new = (shifted_by_one_element(randn((2, n, h, 64), dtype, device, gen))
                        for n, h in ((1, 4), (1, 2), (1, 2)))
     k_exp, v_exp = _expected_cache(k_cache, k_new, lens), _expected_cache(v_cache, v_new, lens)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
@@ -225,7 +220,7 @@ def test_kvcache_misaligned_q_and_new_keys_are_read(device, gen):
     assert_matches_reference(out, ref, dtype, _torch_decode(q, k_exp, v_exp, lens, 1, True))
     if device == "cuda":
         with pytest.raises(RuntimeError, match="16-byte aligned"):
-            flash_ext.flash_attn_with_kvcache(q, _shifted_by_one_element(k_cache), v_cache, cache_seqlens=seqlens)
+            flash_ext.flash_attn_with_kvcache(q, shifted_by_one_element(k_cache), v_cache, cache_seqlens=seqlens)
 
 
 # --------------------------------------------------------------------------- paged
