@@ -14,7 +14,9 @@
 # wheels in .whl/ (pytest, hypothesis...) are installed to /tmp/site first.
 # Environment: GPU_CHECK_BUDGET_S (default 540) bounds the run: later steps get
 # what is left; GPU_CHECK_TESTS=0/1 skips/forces the tests (default: run them
-# in the quick mode only); GPU_CHECK_BENCH=0 skips the quick benchmarks.
+# in the quick mode only); GPU_CHECK_BENCH=0 skips the quick benchmarks;
+# GPU_CHECK_BUILD=0 takes the extension already built in place (by
+# ab_build.sh or gpu_check.sh earlier on the same warm machine).
 #
 # Writes to $OUT: summary.txt, and gpu_check.tgz holding build.log,
 # ptxas.txt, smoke.log, tests.log, bench.log, prefill.json, decode.json and
@@ -68,9 +70,13 @@ fi
 # ---- build (no time limit: nothing after it means anything without it)
 build_start=$(date +%s)
 build_status=ok
-FLASH_EXT_CUTLASS_INCLUDE=$PWD/.cutlass/include FLASH_EXT_CUDA=1 FLASH_EXT_CUDA_ARCHS="9.0a" \
-  FLASH_EXT_PTXAS_VERBOSE=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || build_status=FAILED
+if [[ ${GPU_CHECK_BUILD:-1} == 0 ]] && compgen -G "flash_ext/_C*.so" > /dev/null; then
+  echo "GPU_CHECK_BUILD=0: the extension built in place by the call before" > "$OUT/build.log"
+else
+  FLASH_EXT_CUTLASS_INCLUDE=$PWD/.cutlass/include FLASH_EXT_CUDA=1 FLASH_EXT_CUDA_ARCHS="9.0a" \
+    FLASH_EXT_PTXAS_VERBOSE=1 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+    || build_status=FAILED
+fi
 build_s=$(( $(date +%s) - build_start ))
 
 # ---- ptxas: registers and spills per kernel, spilling and largest first
