@@ -217,7 +217,9 @@ def test_kvcache_misaligned_q_and_new_keys_are_read(device, gen):
     torch.testing.assert_close(k_cache, k_exp, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0, equal_nan=True)
     ref, _ = decode_reference(q, k_exp, v_exp, lens, 1, True)
-    assert_matches_reference(out, ref, dtype, _torch_decode(q, k_exp, v_exp, lens, 1, True))
+    # PyTorch's yardstick from an aligned copy: its cuDNN backend fails on the
+    # misaligned q ("mha_graph.execute ... is_good()", H100, torch 2.11).
+    assert_matches_reference(out, ref, dtype, _torch_decode(q.clone(), k_exp, v_exp, lens, 1, True))
     if device == "cuda":
         with pytest.raises(RuntimeError, match="16-byte aligned"):
             flash_ext.flash_attn_with_kvcache(q, shifted_by_one_element(k_cache), v_cache, cache_seqlens=seqlens)
