@@ -20,7 +20,7 @@ import sys
 
 from tuning_variants import run_variants, variants_from
 
-DEFAULT_VARIANTS = {"default": "", "sections_8": "max_section_pairs=8", "sections_32": "max_section_pairs=32"}
+DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_major_max_q_causal=0"}
 TOKENS, HIDDEN = 16384, 2048
 
 

@@ -50,6 +50,50 @@ FLASH_HOST_DEVICE bool tile_fully_visible(const VisibilityWindow& w, int64_t row
          key_visible(w, row_begin, col_begin) && key_visible(w, row_end - 1, col_end - 1);
 }
 
+// Key tiles [first, end) of width block_n that need no per-element mask for
+// rows [row_begin, row_end): every key inside kv_len and inside every row's
+// window (tile_fully_visible and a full tile, without testing each tile).
+// Visibility bounds only grow with the row, so the last row bounds the left
+// edge and the first row the right one; the set is one contiguous range.
+struct TileRange {
+  int64_t first, end;
+};
+
+FLASH_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return q * b > a ? q - 1 : q;
+}
+
+FLASH_HOST_DEVICE TileRange fully_visible_tiles(const VisibilityWindow& w, int64_t row_begin,
+                                                int64_t row_end, int64_t kv_len, int64_t block_n) {
+  int64_t first = 0, end = floor_div(kv_len, block_n);
+  if (w.window_left >= 0) {  // first key >= row_end - 1 + offset - left
+    first = -floor_div(-(row_end - 1 + w.diagonal_offset - w.window_left), block_n);
+  }
+  if (w.window_right >= 0) {  // last key <= row_begin + offset + right
+    const int64_t e = floor_div(row_begin + w.diagonal_offset + w.window_right + 1, block_n);
+    end = e < end ? e : end;
+  }
+  return {first, end};
+}
+
+// The same from the keys' side (the backward's loop over query tiles): query
+// tiles [first, end) of height block_m that see every key of [col_begin,
+// col_end) with no mask; none where the keys pass kv_len.
+FLASH_HOST_DEVICE TileRange fully_visible_query_tiles(const VisibilityWindow& w, int64_t col_begin,
+                                                      int64_t col_end, int64_t kv_len, int64_t block_m) {
+  constexpr int64_t kUnbounded = int64_t(1) << 40;
+  if (col_end > kv_len) return {0, 0};
+  int64_t first = 0, end = kUnbounded;
+  if (w.window_left >= 0) {  // last row <= col_begin + left - offset
+    end = floor_div(col_begin + w.window_left - w.diagonal_offset + 1, block_m);
+  }
+  if (w.window_right >= 0) {  // first row >= col_end - 1 - offset - right
+    first = -floor_div(-(col_end - 1 - w.diagonal_offset - w.window_right), block_m);
+  }
+  return {first, end};
+}
+
 // Where sequence b of a batch lies: its lengths, its first query and key rows
 // (0 unless varlen) and its window. Varlen bounds are clamped to the packed
 // tensors and to the maximum lengths, so bad cu_seqlens never address memory

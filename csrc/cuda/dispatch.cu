@@ -142,7 +142,6 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
-      {"max_section_pairs", &FwdTuning::max_section_pairs},
   };
   std::string known;
   for (const auto& [name, field] : kKnobs) known += (known.empty() ? "" : ", ") + std::string(name);

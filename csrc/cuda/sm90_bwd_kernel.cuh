@@ -324,6 +324,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const bool dq_issuer = tid % 128 == 0;
   float* const sdq_group = smem.dq.data() + dq_tile_offset<Tr>(tid - tid % 128, 0);
 
+  // Query tiles [full_first, full_end) see all of this key tile unmasked:
+  // two ints tested per query tile, not the window's 64-bit bounds.
+  const TileRange full = fully_visible_query_tiles(seq.window, n0, n0 + kBlockN, seq.kv_len, kBlockM);
+  const int full_first = int(full.first > m_block_min ? full.first : m_block_min);
+  const int full_end = int(full.end < m_block_min ? m_block_min : full.end > m_block_max ? m_block_max : full.end);
+
   typename Pipeline::PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
   int buffer = 0;
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       // any visible key have lse = +inf: P = 0.
       warpgroup_wait<1>();
       Tensor s = rowcol(tSrS);
-      if (n0 + kBlockN > seq.kv_len || !tile_fully_visible(seq.window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      if (m_block < full_first || m_block >= full_end) {
         mask_window_transposed(s, coord_st, m0, n0, seq.window, seq.kv_len);
       }
       const float* lse = smem.lse.data() + stage * kBlockM;

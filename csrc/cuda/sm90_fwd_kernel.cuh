@@ -172,6 +172,18 @@ constexpr uint32_t kTurnBarrier = 0;
 constexpr uint32_t kEpilogueBarrier = 3;
 constexpr uint32_t kStagingBarrier = 6;
 
+// A shared-memory tensor whose address the compiler cannot see through:
+// wgmma descriptors partitioned from it are rebuilt at each use (a few
+// integer instructions) instead of hoisted out of the loops, where they held
+// up to ten registers each and the heavy configurations spilled them,
+// reloading them from local memory (L2: the shared-memory carve-out leaves
+// L1 little room) at every tile.
+template <class Layout, class T>
+__device__ __forceinline__ auto opaque_smem_tensor(T* ptr, Layout layout) {
+  asm volatile("" : "+l"(ptr));
+  return make_tensor(make_smem_ptr(ptr), layout);
+}
+
 // acc (+)= A * B over the K mode, issued asynchronously as one wgmma batch;
 // the caller waits with warpgroup_wait<N>().
 template <bool kZeroInit, class Mma, class A, class B, class C>
@@ -329,7 +341,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  // Q's descriptors, rebuilt at each Q K^T (opaque_smem_tensor).
+  const auto q_operand = [&] {
+    return thr_s.partition_fragment_A(opaque_smem_tensor(smem.q.data(), typename Tr::SmemLayoutQ{}));
+  };
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -426,16 +441,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const int32_t kv_len32 = int32_t(t.seq.kv_len), diag32 = int32_t(t.seq.window.diagonal_offset);
     const int64_t m0 = t.m0;
     const int n_block_min = t.n_block_min, n_block_max = t.n_block_max;
+    const auto window = [&] {
+      return kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
+    };
+    const auto kv_len = [&] { return kVarlen ? int64_t(kv_len32) : p.kv_len; };
+    // Key tiles [full_first, full_end) need no mask: two ints tested per key
+    // tile rather than the window's 64-bit bounds, which the key loop spilled
+    // and reloaded every iteration at d = 256.
+    const TileRange full = fully_visible_tiles(window(), m0, m0 + kBlockM, kv_len(), kBlockN);
+    const int full_first = int(full.first > n_block_min ? full.first : n_block_min);
+    const int full_end = int(full.end < n_block_min ? n_block_min : full.end > n_block_max ? n_block_max : full.end);
     sm80::OnlineSoftmax<kRows, 4> softmax;
     float corr[kRows];
     auto mask_and_fold = [&](int n, auto first) {
-      const int64_t n0 = int64_t(n) * kBlockN;
-      const VisibilityWindow window =
-          kVarlen ? VisibilityWindow{p.window.window_left, p.window.window_right, diag32} : p.window;
-      const int64_t kv_len = kVarlen ? kv_len32 : p.kv_len;
-      if (n0 + kBlockN > kv_len || !tile_fully_visible(window, m0, m0 + kBlockM, n0, n0 + kBlockN)) {
-        mask_window(s, coord_s, m0, n0, window, kv_len);
-      }
+      if (n < full_first || n >= full_end) mask_window(s, coord_s, m0, int64_t(n) * kBlockN, window(), kv_len());
       softmax.template fold<decltype(first)::value>(s, scale_log2, corr);
     };
 
@@ -445,7 +464,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // First key tile: S only.
     pipeline_k.consumer_wait(read);
     turns.wait();
-    wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+    wgmma<true>(mma_s, q_operand(), tSrK(_, _, _, read.index()), tSrS);
     turns.pass();
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
@@ -460,7 +479,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       ++read;
       pipeline_k.consumer_wait(read);
       turns.wait();
-      wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      wgmma<true>(mma_s, q_operand(), tSrK(_, _, _, read.index()), tSrS);
       decltype(softmax)::rescale(o, corr);
       pipeline_v.consumer_wait(read_v);
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
@@ -532,9 +551,7 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t batch_heads = p.batch * p.heads;
   const bool pair_major =
       p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
-  const int64_t max_pairs = fwd_tuning().max_section_pairs;
-  int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
-  if (max_pairs > 0 && section > max_pairs) section = max_pairs;
+  const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
           static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),

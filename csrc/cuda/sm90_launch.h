@@ -57,10 +57,6 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
-  // Otherwise, sections of at most this many (batch, head) pairs (0: as
-  // many as L2 holds the K and V of): between pair-major's L2 locality and
-  // the causal heaviest-first deal over many pairs. Not yet measured.
-  int64_t max_section_pairs = 0;
 };
 const FwdTuning& fwd_tuning();
 
