@@ -446,8 +446,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     };
     const auto kv_len = [&] { return kVarlen ? int64_t(kv_len32) : p.kv_len; };
     // Key tiles [full_first, full_end) need no mask: two ints tested per key
-    // tile rather than the window's 64-bit bounds, which the key loop spilled
-    // and reloaded every iteration at d = 256.
+    // tile rather than the window's 64-bit bounds (a chain of compares and
+    // branches before every fold).
     const TileRange full = fully_visible_tiles(window(), m0, m0 + kBlockM, kv_len(), kBlockN);
     const int full_first = int(full.first > n_block_min ? full.first : n_block_min);
     const int full_end = int(full.end < n_block_min ? n_block_min : full.end > n_block_max ? n_block_max : full.end);
