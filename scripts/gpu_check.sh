@@ -5,6 +5,9 @@
 #
 #   FLASH_EXT_COMMIT=<sha> bash scripts/gpu_check.sh                 # ~9 min on an H100: --quick sweeps
 #   FLASH_EXT_COMMIT=<sha> bash scripts/gpu_check.sh full [BENCH...]  # full sweeps, no tests
+#   GPU_CHECK_BENCH=0 GPU_CHECK_BUDGET_S=590 FLASH_EXT_COMMIT=<sha> bash scripts/gpu_check.sh
+#       # build and every CUDA test (a ~220 s build leaves the quick mode's
+#       # tests too little time beside the benchmarks: ~420 tests, ~170 s)
 #
 # BENCH is prefill, decode or memory (default all three); the three full
 # sweeps and a build may not fit one 10-minute call: split them over two
@@ -154,7 +157,8 @@ fi
 # ---- tests: the CUDA-parametrized and cuda-marked ones; failures are recorded, not fatal.
 # A test file whose imports are missing there (hypothesis) must not keep the others from running.
 if [[ ${GPU_CHECK_TESTS:-$([[ $MODE == quick ]] && echo 1 || echo 0)} != 0 ]]; then
-  limit=$(step_limit 300 170)
+  # (the quick benchmarks after them get 170 s, when they run)
+  limit=$(step_limit 300 $([[ $MODE == quick && ${GPU_CHECK_BENCH:-1} != 0 ]] && echo 170 || echo 10))
   if ! python3 -c "import pytest" 2> /dev/null; then
     note "tests: pytest is not installed here (carry its wheel in .whl/)"
   elif (( limit < 20 )); then
