@@ -59,16 +59,20 @@ struct TileRange {
   int64_t first, end;
 };
 
+// Division rounding down / up for any sign of a (b > 0): window bounds can
+// lie before the first key.
 FLASH_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {
   const int64_t q = a / b;
   return q * b > a ? q - 1 : q;
 }
 
+FLASH_HOST_DEVICE int64_t signed_ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
 FLASH_HOST_DEVICE TileRange fully_visible_tiles(const VisibilityWindow& w, int64_t row_begin,
                                                 int64_t row_end, int64_t kv_len, int64_t block_n) {
   int64_t first = 0, end = floor_div(kv_len, block_n);
   if (w.window_left >= 0) {  // first key >= row_end - 1 + offset - left
-    first = -floor_div(-(row_end - 1 + w.diagonal_offset - w.window_left), block_n);
+    first = signed_ceil_div(row_end - 1 + w.diagonal_offset - w.window_left, block_n);
   }
   if (w.window_right >= 0) {  // last key <= row_begin + offset + right
     const int64_t e = floor_div(row_begin + w.diagonal_offset + w.window_right + 1, block_n);
@@ -89,7 +93,7 @@ FLASH_HOST_DEVICE TileRange fully_visible_query_tiles(const VisibilityWindow& w,
     end = floor_div(col_begin + w.window_left - w.diagonal_offset + 1, block_m);
   }
   if (w.window_right >= 0) {  // first row >= col_end - 1 - offset - right
-    first = -floor_div(-(col_end - 1 - w.diagonal_offset - w.window_right), block_m);
+    first = signed_ceil_div(col_end - 1 - w.diagonal_offset - w.window_right, block_m);
   }
   return {first, end};
 }

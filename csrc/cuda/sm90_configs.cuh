@@ -32,7 +32,7 @@ using FwdConfig = std::conditional_t<
 
 // d = 128 without a window, long rows (FwdTuning::wide_keys_min_kv): 176-key
 // tiles in 2 stages, fewer per-tile costs (O's rescale, the row reductions,
-// the turn) per key. They spill ~120 bytes, in the masking path mostly.
+// the turn) per key. They spill ~70 bytes, in the masking path mostly.
 // Measured (session 11): 3-9 % slower up to N = 2048; within 1 % at 4k and
 // 8k and +2 % at 16k on an H200; +4 % at 8k on an H100.
 template <class Element>
