@@ -9,11 +9,12 @@
 //      of the tile and computes, per query tile,
 //        S^T = K Q^T, dP^T = V dO^T                 (wgmma, operands in smem)
 //        P^T = exp2(S^T scale log2(e) - lse), dS^T = P^T (dP^T - D)
-//        dV += P^T dO, dK += dS^T Q                 (wgmma, A from registers)
+//        dV += P^T dO                               (wgmma, A from registers)
 //      then writes dS^T to shared memory, and after a barrier of both groups
-//      computes its half of dQ = dS K, which it adds to the float32 dq
-//      accumulator with one bulk reduce-add (cp.reduce.async.bulk) from
-//      shared memory; dK, dV stay in registers until the end. At d = 256
+//      computes its half of dQ = dS K, then dK += dS^T Q (A from
+//      registers); it adds dQ to the float32 dq accumulator with one bulk
+//      reduce-add (cp.reduce.async.bulk) from shared memory while dK runs;
+//      dK, dV stay in registers until the end. At d = 256
 //      (BwdTraits::kSplitDims) both groups share 64 keys: each computes S^T,
 //      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
 //      owns half of the head dims of dV, dK (A from shared memory) and dQ,
@@ -381,32 +382,33 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
         cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
         Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);  // (MMA, MMA_M, MMA_K, buffer)
-        Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
         wgmma<false>(mma_dkv, tdVrPt(_, _, _, buffer), tdVrdO(_, _, _, stage), acc_dv);
-        wgmma<false>(mma_dkv, tdKrdSt(_, _, _, buffer), tdKrQ(_, _, _, stage), acc_dk);
       } else {
-        // P^T and dS^T as wgmma A operands straight from the accumulators.
+        // P^T as a wgmma A operand straight from the accumulators.
         Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-        Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
         wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
         copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
-        wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
         // Both halves of dS in shared memory; and the previous tile's dQ left
         // the staging tile (its issuing threads waited for the bulk reads).
         if (dq_issuer) tma_store_wait<0>();
         cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
       }
 
+      // dQ before dK: batches retire in order, so dQ lands while dK still
+      // runs and its reduction (shared memory and a bulk add, or atomics)
+      // overlaps this group's dK product rather than following it.
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
-      // Batches retire in order: with only dQ pending, dV and dK are done and
-      // Q, dO free, so the producer refills their stage while dQ runs.
-      warpgroup_wait<1>();
-      pipeline_q.consumer_release(read);
+      if constexpr (Tr::kSplitDims) {
+        Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
+        wgmma<false>(mma_dkv, tdKrdSt(_, _, _, buffer), tdKrQ(_, _, _, stage), acc_dk);
+      } else {
+        Tensor tdKrdS = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
+        wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
+      }
+      warpgroup_wait<1>();  // dV and dQ done: dO is free
       pipeline_do.consumer_release(read);
-      ++read;
-      warpgroup_wait<0>();  // dQ done: this dS buffer is free
 
       // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
       // tiles), so the tile is one run of kBlockM * kHeadDim floats.
@@ -432,6 +434,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
           tma_store_arrive();
         }
       }
+      warpgroup_wait<0>();  // dK done: Q and this dS buffer are free
+      pipeline_q.consumer_release(read);
+      ++read;
     }
   }
 
