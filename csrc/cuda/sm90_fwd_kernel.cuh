@@ -355,11 +355,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   Tensor o = rowcol(tOrO);
   Tensor coord_s = rowcol(thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})));
   constexpr int kRows = decltype(size<0>(s))::value;
-  // O's rescale by the tile's new row maxima: at d <= 128 once P V of the
-  // tile before has landed, at the end of the softmax, where the group waits
-  // for its turn anyway; at d = 256 (128 accumulators a thread, more than
-  // the turn's slack) between the two products it issues.
-  constexpr bool kRescaleAfterSoftmax = kHeadDim <= 128;
   const float scale_log2 = args.scale_log2, scale = args.scale;
   auto to_p = [&] {
     Tensor converted = convert_to<Element>(tSrS);
@@ -485,7 +480,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       pipeline_k.consumer_wait(read);
       turns.wait();
       wgmma<true>(mma_s, q_operand(), tSrK(_, _, _, read.index()), tSrS);
-      if constexpr (!kRescaleAfterSoftmax) decltype(softmax)::rescale(o, corr);
+      decltype(softmax)::rescale(o, corr);
       pipeline_v.consumer_wait(read_v);
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass();
@@ -495,13 +490,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       warpgroup_wait<0>();
       pipeline_v.consumer_release(read_v);
       to_p();
-      if constexpr (kRescaleAfterSoftmax) decltype(softmax)::rescale(o, corr);
     }
     release_q();  // every Q K^T of the tile has landed
     if (!Tr::kSeparateO && other_stages_in_k) staging_tell_other();
 
     // Last P V.
-    if constexpr (!kRescaleAfterSoftmax) decltype(softmax)::rescale(o, corr);
+    decltype(softmax)::rescale(o, corr);
     pipeline_v.consumer_wait(read);
     turns.wait();
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
