@@ -12,8 +12,8 @@
 //        dV += P^T dO                               (wgmma, A from registers)
 //      then writes dS^T to shared memory, and after a barrier of both groups
 //      computes its half of dQ = dS K, then dK += dS^T Q (A from
-//      registers); it adds dQ to the float32 dq accumulator with one bulk
-//      reduce-add (cp.reduce.async.bulk) from shared memory while dK runs;
+//      registers); it adds dQ to the float32 dq accumulator with bulk
+//      reduce-adds (cp.reduce.async.bulk) from shared memory while dK runs;
 //      dK, dV stay in registers until the end. At d = 256
 //      (BwdTraits::kSplitDims) both groups share 64 keys: each computes S^T,
 //      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
@@ -31,7 +31,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "attention_bwd_kernel.cuh"
 #include "sm90_fwd_kernel.cuh"
@@ -169,7 +168,7 @@ __host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
 // (see launch_attention_bwd) and tiles start at their sequence's first row.
 // Tiles may reach into the next sequence's rows: its keys are masked as
 // the kv_len tail of a dense batch, its queries have lse = +inf (P = 0).
-template <class Tr, bool kVarlen, int kVariant>
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
@@ -323,8 +322,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // (key, query) of each S^T accumulator element.
   Tensor coord_st = rowcol(thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{})));
   const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
-  // Thread 0 of each group hands its half of dQ to the bulk-copy engine.
-  const bool dq_issuer = kVariant != 0 ? tid % 32 == 0 : tid % 128 == 0;
+  // Lane 0 of each warp (kWarpDqReduce) or thread 0 of each group hands its
+  // part of dQ to the bulk-copy engine.
+  const bool dq_issuer = Tr::kWarpDqReduce ? tid % 32 == 0 : tid % 128 == 0;
   float* const sdq_group = smem.dq.data() + dq_tile_offset<Tr>(tid - tid % 128, 0);
 
   // Query tiles [full_first, full_end) see all of this key tile unmasked:
@@ -344,17 +344,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       pipeline_q.consumer_wait(read);
       Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       wgmma<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-      // The lse of this thread's query columns (landed with Q), read while
-      // S^T is in flight rather than after it (16 registers at most: at
-      // d = 64, 32 of them spilled).
-      constexpr int kCols = decltype(size<1>(coord_st))::value;
-      constexpr bool kHoistLse = kVariant == 2 && kCols <= 16;
-      float lse_col[kCols];
-      if constexpr (kHoistLse) {
-        const float* lse = smem.lse.data() + stage * kBlockM;
-        CUTE_UNROLL
-        for (int ni = 0; ni < kCols; ++ni) lse_col[ni] = lse[get<1>(coord_st(0, ni))];
-      }
       pipeline_do.consumer_wait(read);
       Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       wgmma<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
@@ -369,7 +358,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       const float* lse = smem.lse.data() + stage * kBlockM;
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) {
-        const float l = kHoistLse ? lse_col[ni] : lse[get<1>(coord_st(0, ni))];
+        const float l = lse[get<1>(coord_st(0, ni))];
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
       }
@@ -404,13 +393,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
         // Both halves of dS in shared memory; and the previous tile's dQ left
         // the staging tile (its issuing threads waited for the bulk reads).
-        if (kVariant == 0 && dq_issuer) tma_store_wait<0>();
+        if (!Tr::kWarpDqReduce && dq_issuer) tma_store_wait<0>();
         cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
       }
 
       // dQ before dK: batches retire in order, so dQ lands while dK still
       // runs and its reduction (shared memory and a bulk add, or atomics)
-      // overlaps this group's dK product rather than following it.
+      // overlaps this group's dK product rather than following it (+4-6 %
+      // at d = 256, ~1 % at d = 128 on an H100, session 14).
       Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
       wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
       if constexpr (Tr::kSplitDims) {
@@ -434,7 +424,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
           atomicAdd(reinterpret_cast<float4*>(dq_tile + dq_tile_offset<Tr>(tid, j)),
                     make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3)));
         }
-      } else if constexpr (kVariant != 0) {
+      } else if constexpr (Tr::kWarpDqReduce) {
         // Each warp hands its own run to the bulk-copy engine: no wait for
         // the group's other warps. Its lane 0 saw the previous tile's run read.
         if (dq_issuer) tma_store_wait<0>();
@@ -581,28 +571,8 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
-    // Temporary A/B switch (FLASH_EXT_BWD_VARIANT=0/1/2, default 1); the
-    // other variants only for bf16 dense calls.
-    static const int variant = [] {
-      const char* v = std::getenv("FLASH_EXT_BWD_VARIANT");
-      return v == nullptr ? 1 : std::atoi(v);
-    }();
-    constexpr bool kAllVariants = !kVarlen && std::is_same_v<Element, cutlass::bfloat16_t>;
-    if constexpr (kAllVariants) {
-      if (variant == 0) {
-        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, 0>, blocks,
-                  Tr::kNThreads, Tr::kSmemBytes, stream, args);
-      } else if (variant == 2) {
-        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, 2>, blocks,
-                  Tr::kNThreads, Tr::kSmemBytes, stream, args);
-      } else {
-        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, 1>, blocks,
-                  Tr::kNThreads, Tr::kSmemBytes, stream, args);
-      }
-    } else {
-      launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, 1>, blocks,
-                Tr::kNThreads, Tr::kSmemBytes, stream, args);
-    }
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
+              Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0) {

@@ -173,6 +173,12 @@ struct BwdTraits {
   // dQ accumulator floats per consumer thread.
   static constexpr int kDqFrag = kBlockM * kHeadDim / (128 * kNumMmaWG);
   static_assert(kDqFrag % 4 == 0);
+  // How dQ reaches the bulk-copy engine (d <= 128): at d = 128 each warp
+  // stores its part and issues its own reduce-add, waiting for no other
+  // warp (+2-7 % on an H100, session 14); at d = 64 one reduce-add per group
+  // after a group barrier (the per-warp hand-off measured level, -9 % at
+  // causal N = 2k). d = 256 adds dQ with atomics from registers.
+  static constexpr bool kWarpDqReduce = kHeadDim == 128;
 
   // How the groups tile the keys-along-M products: along M (keys) or, with
   // kSplitDims, along N (queries of S^T, dP^T; head dims of dK, dV).
