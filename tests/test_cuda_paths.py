@@ -394,10 +394,11 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0"])
+@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0", "q_in_registers=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
-    wide_keys_min_kv=1, none under 0) and d = 256's 80-key tiles sum in other
+    wide_keys_min_kv=1, none under 0), d = 128's Q K^T with Q in registers
+    (q_in_registers=1) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a
     packed (varlen) batch."""

@@ -142,6 +142,7 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
+      {"q_in_registers", &FwdTuning::q_in_registers},
   };
   std::string known;
   for (const auto& [name, field] : kKnobs) known += (known.empty() ? "" : ", ") + std::string(name);

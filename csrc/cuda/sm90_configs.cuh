@@ -38,6 +38,15 @@ using FwdConfig = std::conditional_t<
 template <class Element>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element>;
 
+// d = 128's 3-stage configuration with Q in registers (FwdTuning::
+// q_in_registers; compiled only in session 14): per key tile the two
+// groups' Q K^T read 64 KB of K from shared memory instead of 96 KB of Q and
+// K, where the products, the softmax-free P V and the TMA writes together
+// came to ~85 % of the shared memory's 128 bytes a clock at the tensor
+// pipe's peak.
+template <class Element>
+using FwdConfigQInRegs = FwdTraits<128, 128, 128, 3, Element, true>;
+
 // d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
 // faster, but short sequences and the diagonal of a causal mask or window
 // favour 128 rows: less of the last tile is past q_len, and the diagonal is
@@ -64,6 +73,12 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   const bool narrow = kHeadDim == 128 ? windowed || p.kv_len <= fwd_tuning().two_stage_max_kv
                                       : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
+  if constexpr (kHeadDim == 128) {
+    if (!narrow && fwd_tuning().q_in_registers != 0) {
+      launch_attention_fwd<FwdConfigQInRegs<Element>, kVarlen>(p, stream);
+      return;
+    }
+  }
   if (narrow) {
     launch_attention_fwd<FwdConfig<kHeadDim, true, Element>, kVarlen>(p, stream);
   } else {

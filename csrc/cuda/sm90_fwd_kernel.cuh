@@ -341,9 +341,24 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
-  // Q's descriptors, rebuilt at each Q K^T (opaque_smem_tensor).
-  const auto q_operand = [&] {
-    return thr_s.partition_fragment_A(opaque_smem_tensor(smem.q.data(), typename Tr::SmemLayoutQ{}));
+  // Q as the A operand of Q K^T: with kQInRegs a register copy of this
+  // group's rows, taken once per tile (ldmatrix); else descriptors, rebuilt at
+  // each Q K^T (opaque_smem_tensor).
+  auto q_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
+  auto q_copy_thr = q_copy.get_thread_slice(tid);
+  auto tSrQ = [&] {
+    if constexpr (Tr::kQInRegs) {
+      return thr_s.partition_fragment_A(sQ);
+    } else {
+      return 0;
+    }
+  }();
+  const auto q_operand = [&]() -> decltype(auto) {
+    if constexpr (Tr::kQInRegs) {
+      return (tSrQ);
+    } else {
+      return thr_s.partition_fragment_A(opaque_smem_tensor(smem.q.data(), typename Tr::SmemLayoutQ{}));
+    }
   };
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
@@ -460,6 +475,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
     q_phase ^= 1;
+    if constexpr (Tr::kQInRegs) {
+      copy(q_copy, q_copy_thr.partition_S(sQ), q_copy_thr.retile_D(tSrQ));
+      release_q();  // the next tile's rows may land during all of this one
+    }
 
     // First key tile: S only.
     pipeline_k.consumer_wait(read);
@@ -491,7 +510,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       pipeline_v.consumer_release(read_v);
       to_p();
     }
-    release_q();  // every Q K^T of the tile has landed
+    if constexpr (!Tr::kQInRegs) release_q();  // every Q K^T of the tile has landed
     if (!Tr::kSeparateO && other_stages_in_k) staging_tell_other();
 
     // Last P V.

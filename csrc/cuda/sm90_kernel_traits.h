@@ -28,10 +28,15 @@ using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Eleme
                                            Shape<int32_t, int32_t, int32_t, int32_t>{},
                                            Stride<int64_t, _1, int64_t, int64_t>{}));
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
+// kQInRegs_: each consumer group copies its Q rows into registers once per
+// tile (ldmatrix) and Q K^T takes them as its A operand (wgmma RS), so the
+// products read only K from shared memory and the Q rows are released at
+// once, the next tile's Q landing during this whole tile.
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, bool kQInRegs_ = false>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr bool kQInRegs = kQInRegs_;
   static constexpr int kNumMmaWG = kBlockM / 64;  // each consumer warp group owns 64 query rows
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 16 == 0);
@@ -48,8 +53,10 @@ struct FwdTraits {
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
   // (M = queries, N = head dim, K = keys); warp groups tiled along M.
   using AtomLayout = Layout<Shape<Int<kNumMmaWG>, _1, _1>>;
+  using TileShapeS = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>(),
+      std::conditional_t<kQInRegs, decltype(GMMA::rs_op_selector<Element, Element, float, TileShapeS>()),
+                         decltype(GMMA::ss_op_selector<Element, Element, float, TileShapeS>())>{},
       AtomLayout{}));
   // V is stored keys x dims (dims contiguous): as the B operand (dims x keys)
   // of O = P V it is MN-major.
