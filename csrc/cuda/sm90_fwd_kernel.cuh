@@ -344,8 +344,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // Q as the A operand of Q K^T: with kQInRegs a register copy of this
   // group's rows, taken once per tile (ldmatrix); else descriptors, rebuilt at
   // each Q K^T (opaque_smem_tensor).
-  auto q_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
-  auto q_copy_thr = q_copy.get_thread_slice(tid);
   auto tSrQ = [&] {
     if constexpr (Tr::kQInRegs) {
       return thr_s.partition_fragment_A(sQ);
@@ -476,6 +474,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
     q_phase ^= 1;
     if constexpr (Tr::kQInRegs) {
+      auto q_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, mma_s);
+      auto q_copy_thr = q_copy.get_thread_slice(tid);
       copy(q_copy, q_copy_thr.partition_S(sQ), q_copy_thr.retile_D(tSrQ));
       release_q();  // the next tile's rows may land during all of this one
     }
