@@ -41,9 +41,9 @@ using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element>;
 // d = 128's 3-stage configuration with Q in registers (FwdTuning::
 // q_in_registers; compiled only in session 14): per key tile the two
 // groups' Q K^T read 64 KB of K from shared memory instead of 96 KB of Q and
-// K, where the products, the softmax-free P V and the TMA writes together
-// came to ~85 % of the shared memory's 128 bytes a clock at the tensor
-// pipe's peak.
+// K. With Q from shared memory, both products' operands and the TMA writes
+// come to ~85 % of the shared memory's 128 bytes a clock at the tensor
+// pipe's peak rate; with Q in registers to ~73 %.
 template <class Element>
 using FwdConfigQInRegs = FwdTraits<128, 128, 128, 3, Element, true>;
 
