@@ -374,7 +374,8 @@ _TILE_VARIANTS_CHILD = """
 import sys, torch, flash_ext
 saved = []
 for d, n_q, n_k, causal in ((128, 1000, 1000, False), (128, 77, 3000, False), (128, 64, 8200, False),
-                            (96, 200, 700, False),
+                            (96, 200, 700, False), (128, 700, 700, True), (64, 500, 500, False),
+                            (64, 600, 900, True),
                             (256, 900, 900, False), (256, 300, 1111, False), (256, 700, 700, True),
                             (256, 130, 500, True)):
     q = torch.randn(2, 3, n_q, d, device="cuda", dtype=torch.bfloat16)
@@ -397,8 +398,9 @@ torch.save(saved, sys.argv[1])
 @pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0", "q_in_registers=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
-    wide_keys_min_kv=1, none under 0), d = 128's Q K^T with Q in registers
-    (q_in_registers=1) and d = 256's 80-key tiles sum in other
+    wide_keys_min_kv=1, none under 0), Q K^T with Q in registers
+    (q_in_registers=1: d = 128's 2- and 3-stage tiles, d = 64's 128-row
+    ones) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a
     packed (varlen) batch."""

@@ -57,7 +57,8 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
-  // d = 128's 3-stage calls with Q in registers (FwdConfigQInRegs; 0: off).
+  // Q K^T with Q in registers where a configuration has room for it
+  // (kHasQInRegsConfig: d = 128 but 176-key tiles, d = 64's 128-row tiles; 0: off).
   int64_t q_in_registers = 0;
 };
 const FwdTuning& fwd_tuning();
