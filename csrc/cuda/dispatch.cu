@@ -360,6 +360,19 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
   static const FwdTuning tuning = fwd_tuning_from_environment();
   return tuning;
 }
+
+const sm90::BwdTuning& sm90::bwd_tuning() {
+  static const BwdTuning tuning = [] {
+    BwdTuning t;
+    read_tuning_spec("FLASH_EXT_BWD_TUNING", "fused_dq_convert", [&](const std::string& key, int64_t n) {
+      if (key != "fused_dq_convert") return false;
+      t.fused_dq_convert = n;
+      return true;
+    });
+    return t;
+  }();
+  return tuning;
+}
 #endif
 
 const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {
