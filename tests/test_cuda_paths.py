@@ -442,11 +442,12 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "fused_dq_convert=1"])
+@pytest.mark.parametrize("spec", ["", "fused_dq_convert=1", "early_dv=1"])
 def test_hopper_backward_tuning_variants(tmp_path, spec):
     """FLASH_EXT_BWD_TUNING: with fused_dq_convert=1 the last block of each
     (batch, kv head) converts dQ in the main kernel instead of a kernel of
-    its own; every setting's gradients are held to the float64 reference
+    its own; with early_dv=1 (d = 128) dV's product starts beside dP^T's;
+    every setting's gradients are held to the float64 reference
     (partial tiles, causal, GQA, a head dim padded to 128); an unknown key is
     refused by name."""
     import os

@@ -364,9 +364,14 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
 const sm90::BwdTuning& sm90::bwd_tuning() {
   static const BwdTuning tuning = [] {
     BwdTuning t;
-    read_tuning_spec("FLASH_EXT_BWD_TUNING", "fused_dq_convert", [&](const std::string& key, int64_t n) {
-      if (key != "fused_dq_convert") return false;
-      t.fused_dq_convert = n;
+    read_tuning_spec("FLASH_EXT_BWD_TUNING", "fused_dq_convert, early_dv", [&](const std::string& key, int64_t n) {
+      if (key == "fused_dq_convert") {
+        t.fused_dq_convert = n;
+      } else if (key == "early_dv") {
+        t.early_dv = n;
+      } else {
+        return false;
+      }
       return true;
     });
     return t;

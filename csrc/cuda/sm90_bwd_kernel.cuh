@@ -220,11 +220,15 @@ __device__ __forceinline__ void convert_dq_tile(const AttentionBwdParams& p, con
 // (see launch_attention_bwd) and tiles start at their sequence's first row.
 // Tiles may reach into the next sequence's rows: its keys are masked as
 // the kv_len tail of a dense batch, its queries have lse = +inf (P = 0).
-template <class Tr, bool kVarlen, bool kFusedConvert>
+// kEarlyDv (d = 128, early_dv): dV's product issued as soon as P^T is
+// known, while dP^T is still in flight.
+template <class Tr, bool kVarlen, bool kFusedConvert, bool kEarlyDv>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
+  static_assert(!(Tr::kSplitDims && (kFusedConvert || kEarlyDv)), "d <= 128 variants");
+  static_assert(!kEarlyDv || kHeadDim == 128);
   const AttentionBwdParams& p = args.p;
   const DqWorkspace& ws = args.ws;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -445,7 +449,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
       }
-      warpgroup_wait<0>();
+      // The 16-bit P^T (keys x queries). kEarlyDv: dV += P^T dO issued now,
+      // beside dP^T, rather than after dS^T.
+      Tensor rP = convert_to<Element>(tSrS);
+      if constexpr (kEarlyDv) {
+        Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+        wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+        warpgroup_wait<1>();  // dP^T done
+      } else {
+        warpgroup_wait<0>();
+      }
       Tensor dp = rowcol(tdPrdP);
       const float* dpsum = smem.dpsum.data() + stage * kBlockM;
       CUTE_UNROLL
@@ -455,8 +468,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
       }
 
-      // The 16-bit P^T and dS^T (keys x queries).
-      Tensor rP = convert_to<Element>(tSrS);
       Tensor rdS = convert_to<Element>(tdPrdP);
       if constexpr (Tr::kSplitDims) {
         // Both groups' queries of P^T and dS^T in shared memory, then dV and dK
@@ -470,8 +481,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         wgmma<false>(mma_dkv, tdVrPt(_, _, _, buffer), tdVrdO(_, _, _, stage), acc_dv);
       } else {
         // P^T as a wgmma A operand straight from the accumulators.
-        Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-        wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+        if constexpr (!kEarlyDv) {
+          Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+          wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
+        }
         copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
         // Both halves of dS in shared memory; and the previous tile's dQ left
@@ -632,13 +645,21 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
     if constexpr (!Tr::kSplitDims) {
       if (fused_convert) {
-        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, true>, blocks,
-                  Tr::kNThreads, Tr::kSmemBytes, stream, args);
+        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, true, false>,
+                  blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
         return;
       }
+      // Not at d = 64: its 128-row query tiles spilled ~450 bytes, 115 local loads a query tile.
+      if constexpr (Tr::kHeadDim == 128) {
+        if (bwd_tuning().early_dv != 0) {
+          launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, false, true>,
+                    blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+          return;
+        }
+      }
     }
-    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, false>, blocks,
-              Tr::kNThreads, Tr::kSmemBytes, stream, args);
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, false, false>,
+              blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0 && !fused_convert) {

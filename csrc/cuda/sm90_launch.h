@@ -100,6 +100,9 @@ struct BwdTuning {
   // block of each (batch, kv head) to finish, while its dq_accum rows are
   // still in L2, instead of by a kernel of its own (0: off; d <= 128).
   int64_t fused_dq_convert = 0;
+  // dV's product issued beside dP^T's, once P^T is known, instead of after
+  // dS^T (0: off; d = 128; fused_dq_convert takes precedence).
+  int64_t early_dv = 0;
 };
 const BwdTuning& bwd_tuning();
 
