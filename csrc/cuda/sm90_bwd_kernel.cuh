@@ -246,11 +246,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // Both roles walk the query tiles of each head of the group in turn.
   const int64_t h_begin = hk * group, h_end = h_begin + group;
 
-  // kFusedConvert (fused_dq_convert), at every block's exit, by threads tid < 256 (`sync` a
-  // barrier of them): this block's dQ additions are counted once complete;
-  // the block that completes the count of (b, hk) converts the group's dQ,
-  // every addition to it visible (the release fences before each count, the
-  // acquire fence after the last).
+  // kFusedConvert (fused_dq_convert), at every block's exit, by threads
+  // tid < 256 (`sync` a barrier of them): this block's dQ additions are
+  // counted once complete; the block that completes the count of (b, hk)
+  // converts the group's dQ, every addition to it visible (the release
+  // fences before each count, the acquire fence after the last).
   const auto count_and_convert = [&](int tid, const auto& sync) {
     static_assert(128 * Tr::kNumMmaWG == 256);
     __threadfence();
