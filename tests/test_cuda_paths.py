@@ -458,12 +458,7 @@ def test_hopper_backward_tuning_variants(tmp_path, spec):
                    env=dict(os.environ, FLASH_EXT_BWD_TUNING=spec))
     for causal, q, k, v, dout, *grads in torch.load(path):
         q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        group = q.shape[1] // k.shape[1]
-        scores = q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
-        if causal:  # top-left aligned, as torch's is_causal
-            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
-        out = torch.softmax(scores, dim=-1) @ v64.repeat_interleave(group, 1)
+        out = reference_attention(q64, k64, v64, is_causal=causal)
         refs = torch.autograd.grad(out, (q64, k64, v64), dout.double())
         for name, g, ref, theirs in zip("qkv", grads[:3], refs, grads[3:]):
             assert_matches_reference(g, ref, torch.bfloat16, theirs, what=f"d{name} ({spec or 'default'})")

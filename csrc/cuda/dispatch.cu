@@ -144,19 +144,7 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
       {"q_in_registers", &FwdTuning::q_in_registers},
   };
-  std::string known;
-  for (const auto& [name, field] : kKnobs) known += (known.empty() ? "" : ", ") + std::string(name);
-  FwdTuning t;
-  read_tuning_spec("FLASH_EXT_FWD_TUNING", known.c_str(), [&](const std::string& key, int64_t n) {
-    for (const auto& [name, field] : kKnobs) {
-      if (key == name) {
-        t.*field = n;
-        return true;
-      }
-    }
-    return false;
-  });
-  return t;
+  return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
 }
 
 // TMA cannot address a stride-0 (broadcast) dimension.
@@ -362,20 +350,11 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
 }
 
 const sm90::BwdTuning& sm90::bwd_tuning() {
-  static const BwdTuning tuning = [] {
-    BwdTuning t;
-    read_tuning_spec("FLASH_EXT_BWD_TUNING", "fused_dq_convert, early_dv", [&](const std::string& key, int64_t n) {
-      if (key == "fused_dq_convert") {
-        t.fused_dq_convert = n;
-      } else if (key == "early_dv") {
-        t.early_dv = n;
-      } else {
-        return false;
-      }
-      return true;
-    });
-    return t;
-  }();
+  static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
+      {"fused_dq_convert", &BwdTuning::fused_dq_convert},
+      {"early_dv", &BwdTuning::early_dv},
+  };
+  static const BwdTuning tuning = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
   return tuning;
 }
 #endif

@@ -643,23 +643,15 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
+    auto kernel = attention_bwd_sm90_kernel<Tr, kVarlen, false, false>;
     if constexpr (!Tr::kSplitDims) {
-      if (fused_convert) {
-        launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, true, false>,
-                  blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
-        return;
-      }
-      // Not at d = 64: its 128-row query tiles spilled ~450 bytes, 115 local loads a query tile.
-      if constexpr (Tr::kHeadDim == 128) {
-        if (bwd_tuning().early_dv != 0) {
-          launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, false, true>,
-                    blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
-          return;
-        }
-      }
+      if (fused_convert) kernel = attention_bwd_sm90_kernel<Tr, kVarlen, true, false>;
     }
-    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen, false, false>,
-              blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+    // Not at d = 64: its 128-row query tiles spilled ~450 bytes, 115 local loads a query tile.
+    if constexpr (Tr::kHeadDim == 128) {
+      if (!fused_convert && bwd_tuning().early_dv != 0) kernel = attention_bwd_sm90_kernel<Tr, kVarlen, false, true>;
+    }
+    launch_1d("attention backward (sm90", Tr::kHeadDim, kernel, blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0 && !fused_convert) {

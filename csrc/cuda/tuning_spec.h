@@ -8,6 +8,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace flash_ext::cuda {
 
@@ -43,6 +44,25 @@ void read_tuning_spec(const char* variable, const char* known, const Set& set) {
                                   "' (known: " + known + ")");
     }
   }
+}
+
+// A Tuning struct of int64_t knobs from `variable`, each key naming one field
+// (`knobs`: name and member); unset, the struct's defaults.
+template <class Tuning, size_t N>
+Tuning tuning_from_environment(const char* variable, const std::pair<const char*, int64_t Tuning::*> (&knobs)[N]) {
+  std::string known;
+  for (const auto& [name, field] : knobs) known += (known.empty() ? "" : ", ") + std::string(name);
+  Tuning t;
+  read_tuning_spec(variable, known.c_str(), [&](const std::string& key, int64_t n) {
+    for (const auto& [name, field] : knobs) {
+      if (key == name) {
+        t.*field = n;
+        return true;
+      }
+    }
+    return false;
+  });
+  return t;
 }
 
 }  // namespace flash_ext::cuda
