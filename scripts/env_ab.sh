@@ -7,7 +7,7 @@
 # need alternating rounds. Prints forward and backward TFLOP/s per row,
 # setting and round.
 #
-#   bash scripts/env_ab.sh "" "FLASH_EXT_BWD_TUNING=fused_dq_convert=1" -- \
+#   bash scripts/env_ab.sh "" "FLASH_EXT_FWD_TUNING=wide_keys_min_kv=0" -- \
 #       python3 benchmarks/bench_prefill.py --no-flex --impls flash_ext --head-dims 64 128 --seqlens 2048 16384
 #
 # A setting is a space-separated list of VAR=VALUE ("" runs the defaults).

@@ -395,12 +395,11 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0", "q_in_registers=1"])
+@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
-    wide_keys_min_kv=1, none under 0), Q K^T with Q in registers
-    (q_in_registers=1: d = 128's 2- and 3-stage tiles, d = 64's 128-row
-    ones) and d = 256's 80-key tiles sum in other
+    wide_keys_min_kv=1, none under 0), d = 64's 128-row tiles (Q K^T with Q
+    in registers) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a
     packed (varlen) batch."""
@@ -419,49 +418,3 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)
 
-
-_BWD_TUNING_CHILD = """
-import sys, torch, torch.nn.functional as F, flash_ext
-saved = []
-for d, causal, n_q, n_k, heads, kv_heads in ((128, False, 1000, 1000, 4, 4), (128, True, 700, 700, 4, 4),
-                                             (64, True, 600, 900, 4, 4), (128, False, 500, 500, 8, 2),
-                                             (96, False, 300, 1111, 2, 2)):
-    q = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, kv_heads, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
-    dout = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16)
-    ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                      enable_gqa=heads != kv_heads), (q, k, v), dout)
-    assert flash_ext.last_cuda_kernel_family() == "sm90"
-    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                enable_gqa=heads != kv_heads), (q, k, v), dout)
-    saved.append([causal] + [t.detach().cpu() for t in (q, k, v, dout, *ours, *theirs)])
-torch.save(saved, sys.argv[1])
-"""
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "fused_dq_convert=1", "early_dv=1"])
-def test_hopper_backward_tuning_variants(tmp_path, spec):
-    """FLASH_EXT_BWD_TUNING: with fused_dq_convert=1 the last block of each
-    (batch, kv head) converts dQ in the main kernel instead of a kernel of
-    its own; with early_dv=1 (d = 128) dV's product starts beside dP^T's;
-    every setting's gradients are held to the float64 reference
-    (partial tiles, causal, GQA, a head dim padded to 128); an unknown key is
-    refused by name."""
-    import os
-    import subprocess
-    import sys
-    path = tmp_path / "grads.pt"
-    subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(path)], check=True, timeout=180,
-                   env=dict(os.environ, FLASH_EXT_BWD_TUNING=spec))
-    for causal, q, k, v, dout, *grads in torch.load(path):
-        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        out = reference_attention(q64, k64, v64, is_causal=causal)
-        refs = torch.autograd.grad(out, (q64, k64, v64), dout.double())
-        for name, g, ref, theirs in zip("qkv", grads[:3], refs, grads[3:]):
-            assert_matches_reference(g, ref, torch.bfloat16, theirs, what=f"d{name} ({spec or 'default'})")
-    bad = subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(tmp_path / "bad.pt")],
-                         env=dict(os.environ, FLASH_EXT_BWD_TUNING="fused=1"), capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown key 'fused'" in bad.stderr

@@ -142,7 +142,6 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
-      {"q_in_registers", &FwdTuning::q_in_registers},
   };
   return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
 }
@@ -346,15 +345,6 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 #if defined(FLASH_EXT_SM90A)
 const sm90::FwdTuning& sm90::fwd_tuning() {
   static const FwdTuning tuning = fwd_tuning_from_environment();
-  return tuning;
-}
-
-const sm90::BwdTuning& sm90::bwd_tuning() {
-  static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
-      {"fused_dq_convert", &BwdTuning::fused_dq_convert},
-      {"early_dv", &BwdTuning::early_dv},
-  };
-  static const BwdTuning tuning = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
   return tuning;
 }
 #endif

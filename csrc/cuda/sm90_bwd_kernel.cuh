@@ -19,9 +19,7 @@
 //      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
 //      owns half of the head dims of dV, dK (A from shared memory) and dQ,
 //      which it adds with vector atomics from registers;
-//   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel;
-//      with FLASH_EXT_BWD_TUNING=fused_dq_convert=1 at d <= 128, the last
-//      block of each (batch, kv head) in step 2 does it instead).
+//   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel).
 // dq_accum has sm80's size and row layout (dq_workspace, dense or varlen),
 // but each query tile's kBlockM x kHeadDim floats are stored in
 // dq_tile_offset's order (the order of the consumer threads'
@@ -47,8 +45,6 @@ struct BwdArgs {
   AttentionBwdParams p;
   DqWorkspace ws;
   int64_t softmax_head_rows;
-  // kFusedConvert: blocks done per (batch, kv head), else null.
-  int* dq_block_counters;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -86,11 +82,6 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
   const int64_t rows = p.batch * p.heads * padded;
   float* dpsum = dpsum_ptr(p);
   float* lse_log2 = lse_log2_ptr(p, head_rows);
-  int* block_counters = reinterpret_cast<int*>(p.softmax_d + bwd_block_counters_offset(p));
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.batch * p.kv_heads;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    block_counters[i] = 0;
-  }
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   // The loop bound is warp-uniform: every lane takes part in the shuffles.
   for (int64_t first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * kRowsPerWarp; first < rows;
@@ -173,62 +164,15 @@ __host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
   return (tid / 32) * 32 * Tr::kDqFrag + j * 32 * 4 + (tid % 32) * 4;
 }
 
-// Query tile m0 of (b, h): dq = scale * dq_accum in the input dtype, by
-// threads tid < 128 * kNumMmaWG (thread tid reads what consumer thread tid
-// added: 16-byte loads, coalesced; finds each element's row and column as
-// that thread's dQ accumulator does), staged in `staged` (kBlockM rows of
-// kHeadDim + 8) and stored from there in whole-row 16-byte stores; `sync`
-// is a barrier of those threads. The loads bypass L1 (another block's
-// additions, seen through L2).
-template <class Tr, bool kVarlen, class Sync>
-__device__ __forceinline__ void convert_dq_tile(const AttentionBwdParams& p, const DqWorkspace& ws,
-                                                const SequenceBounds& seq, int64_t b, int64_t h, int64_t m0, int tid,
-                                                typename Tr::Element* staged, const Sync& sync) {
-  using Element = typename Tr::Element;
-  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim, kThreads = 128 * Tr::kNumMmaWG;
-  // 16 bytes of padding per row: the 8 rows x 4 column pairs of a warp's
-  // staging stores fall into 32 different banks.
-  constexpr int kPitch = kHeadDim + 8, kChunks = kHeadDim / 8;
-  typename Tr::TiledMmadQ mma_dq;
-  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
-  const float scale = static_cast<float>(p.scale);
-  const float* src = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
-  CUTE_UNROLL
-  for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-    const float4 v4 = __ldcg(reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j)));
-    const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-    CUTE_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
-    }
-  }
-  sync();
-  const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
-  Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
-                 (seq.q_row0 + m0) * p.dq_stride[2];
-  for (int i = tid; i < rows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks * 8;
-    if (c < p.head_dim) {
-      *reinterpret_cast<uint4*>(dst + r * p.dq_stride[2] + c) = *reinterpret_cast<const uint4*>(&staged[r * kPitch + c]);
-    }
-  }
-  sync();  // staged read out before the next tile overwrites it
-}
-
 // kVarlen: p has cu_seqlens; the TMA descriptors span the packed tensors
 // (see launch_attention_bwd) and tiles start at their sequence's first row.
 // Tiles may reach into the next sequence's rows: its keys are masked as
 // the kv_len tail of a dense batch, its queries have lse = +inf (P = 0).
-// kEarlyDv (d = 128, early_dv): dV's product issued as soon as P^T is
-// known, while dP^T is still in flight.
-template <class Tr, bool kVarlen, bool kFusedConvert, bool kEarlyDv>
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
-  static_assert(!(Tr::kSplitDims && (kFusedConvert || kEarlyDv)), "d <= 128 variants");
-  static_assert(!kEarlyDv || kHeadDim == 128);
   const AttentionBwdParams& p = args.p;
   const DqWorkspace& ws = args.ws;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -243,39 +187,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const int64_t group = p.heads / p.kv_heads;
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
-  // Both roles walk the query tiles of each head of the group in turn.
-  const int64_t h_begin = hk * group, h_end = h_begin + group;
-
-  // kFusedConvert (fused_dq_convert), at every block's exit, by threads
-  // tid < 256 (`sync` a barrier of them): this block's dQ additions are
-  // counted once complete; the block that completes the count of (b, hk)
-  // converts the group's dQ, every addition to it visible (the release
-  // fences before each count, the acquire fence after the last).
-  const auto count_and_convert = [&](int tid, const auto& sync) {
-    static_assert(128 * Tr::kNumMmaWG == 256);
-    __threadfence();
-    sync();
-    if (tid == 0) smem.dq_convert = atomicAdd(args.dq_block_counters + b * p.kv_heads + hk, 1) == n_blocks - 1;
-    sync();
-    if (!smem.dq_convert) return;
-    __threadfence();
-    Element* staged = smem.q.data();  // its pipeline is done, or never ran
-    for (int64_t h = h_begin; h < h_end; ++h) {
-      for (int64_t m0 = 0; m0 < seq.q_len; m0 += kBlockM) {
-        convert_dq_tile<Tr, kVarlen>(p, ws, seq, b, h, m0, tid, staged, sync);
-      }
-    }
-  };
-  // Early exits, before the roles split: the first 256 threads count.
-  const auto exit_early = [&] {
-    if (kFusedConvert && threadIdx.x < 256) {
-      count_and_convert(threadIdx.x, [] { cutlass::arch::NamedBarrier::sync(256, kDsBarrier); });
-    }
-  };
-  if (kVarlen && n0 >= seq.kv_len) {
-    exit_early();
-    return;
-  }
+  if (kVarlen && n0 >= seq.kv_len) return;
   const int key_rows = static_cast<int>(seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN);
   const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
   const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
@@ -291,9 +203,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       dk[(i / p.head_dim) * p.dk_stride[2] + i % p.head_dim] = Element(0.f);
       dv[(i / p.head_dim) * p.dv_stride[2] + i % p.head_dim] = Element(0.f);
     }
-    exit_early();
     return;
   }
+  // Both roles walk the query tiles of each head of the group in turn.
+  const int64_t h_begin = hk * group, h_end = h_begin + group;
 
   const int warp_group = cutlass::canonical_warp_group_idx();
   using Pipeline = typename Tr::Pipeline;
@@ -449,16 +362,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         CUTE_UNROLL
         for (int mi = 0; mi < size<0>(s); ++mi) s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -l));
       }
-      // The 16-bit P^T (keys x queries). kEarlyDv: dV += P^T dO issued now,
-      // beside dP^T, rather than after dS^T.
-      Tensor rP = convert_to<Element>(tSrS);
-      if constexpr (kEarlyDv) {
-        Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-        wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
-        warpgroup_wait<1>();  // dP^T done
-      } else {
-        warpgroup_wait<0>();
-      }
+      warpgroup_wait<0>();
       Tensor dp = rowcol(tdPrdP);
       const float* dpsum = smem.dpsum.data() + stage * kBlockM;
       CUTE_UNROLL
@@ -468,6 +372,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         for (int mi = 0; mi < size<0>(dp); ++mi) dp(mi, ni) = s(mi, ni) * (dp(mi, ni) - d);
       }
 
+      // The 16-bit P^T and dS^T (keys x queries).
+      Tensor rP = convert_to<Element>(tSrS);
       Tensor rdS = convert_to<Element>(tdPrdP);
       if constexpr (Tr::kSplitDims) {
         // Both groups' queries of P^T and dS^T in shared memory, then dV and dK
@@ -481,10 +387,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         wgmma<false>(mma_dkv, tdVrPt(_, _, _, buffer), tdVrdO(_, _, _, stage), acc_dv);
       } else {
         // P^T as a wgmma A operand straight from the accumulators.
-        if constexpr (!kEarlyDv) {
-          Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-          wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
-        }
+        Tensor tdVrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+        wgmma<false>(mma_dkv, tdVrP, tdVrdO(_, _, _, stage), acc_dv);
         copy(r2s_ds, r2s_ds_thr.retile_S(rdS), tdSsdS(_, _, _, buffer));
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
         // Both halves of dS in shared memory; and the previous tile's dQ left
@@ -581,30 +485,56 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // The last dQ reductions complete before the block exits.
   if constexpr (!Tr::kSplitDims) {
     if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-    if constexpr (kFusedConvert) {
-      // The bulk-copy engine's (async proxy) additions, complete, ordered
-      // before this thread's release fence and count.
-      if (dq_issuer) asm volatile("fence.proxy.async.global;\n" ::: "memory");
-      count_and_convert(tid, [] { cutlass::arch::NamedBarrier::sync(256, kDsBarrier); });
-    }
   }
 #endif
 }
 
 // dq = scale * dq_accum in the input dtype, one block per (batch * head,
-// query tile) at a time (convert_dq_tile).
+// query tile) at a time: thread tid reads what consumer thread tid added
+// (16-byte loads, coalesced), finds each element's (row, column) as that
+// thread's dQ accumulator does and stages the converted tile in shared
+// memory, from where whole rows leave in 16-byte stores.
 template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(const AttentionBwdParams p,
                                                                               const DqWorkspace ws) {
   using Element = typename Tr::Element;
-  __shared__ __align__(16) Element staged[Tr::kBlockM * (Tr::kHeadDim + 8)];
-  const int64_t m_blocks = ceil_div64(p.q_len, Tr::kBlockM);
+  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim, kThreads = 128 * Tr::kNumMmaWG;
+  // 16 bytes of padding per row: the 8 rows x 4 column pairs of a warp's
+  // staging stores fall into 32 different banks.
+  constexpr int kPitch = kHeadDim + 8, kChunks = kHeadDim / 8;
+  __shared__ __align__(16) Element staged[kBlockM * kPitch];
+  const int tid = threadIdx.x;
+  typename Tr::TiledMmadQ mma_dq;
+  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
+  const float scale = static_cast<float>(p.scale);
+  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
   for (int64_t tile = blockIdx.x; tile < p.batch * p.heads * m_blocks; tile += gridDim.x) {
-    const int64_t bh = tile / m_blocks, m0 = (tile % m_blocks) * Tr::kBlockM;
+    const int64_t bh = tile / m_blocks, m0 = (tile % m_blocks) * kBlockM;
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
     if (m0 >= seq.q_len) continue;  // block-uniform: a varlen tile past its sequence's end
-    convert_dq_tile<Tr, kVarlen>(p, ws, seq, b, h, m0, threadIdx.x, staged, [] { __syncthreads(); });
+    const float* src = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
+    CUTE_UNROLL
+    for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
+      const float4 v4 = *reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j));
+      const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+      CUTE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
+      }
+    }
+    __syncthreads();
+    const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
+    Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
+                   (seq.q_row0 + m0) * p.dq_stride[2];
+    for (int i = tid; i < rows * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks * 8;
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint4*>(dst + r * p.dq_stride[2] + c) = *reinterpret_cast<const uint4*>(&staged[r * kPitch + c]);
+      }
+    }
+    __syncthreads();  // staged read out before the next tile overwrites it
   }
 }
 
@@ -618,15 +548,13 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
   const int64_t head_rows = softmax_head_rows(p);
   const int64_t rows = p.batch * p.heads * ((p.q_len + 127) / 128 * 128);
-  const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
-  // Every (batch, kv head) has blocks to count and the pre-pass zeroes the counts.
-  const bool fused_convert = !Tr::kSplitDims && bwd_tuning().fused_dq_convert != 0 && rows > 0 && blocks > 0;
   if (rows > 0) {
     const int64_t rows_per_block = 8 * (256 / Tr::kHeadDim);  // 8 warps
     bwd_preprocess_kernel<Element, Tr::kHeadDim, kVarlen>
         <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows, ws);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
+  const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
   if (blocks > 0) {  // before building TMA descriptors of empty tensors
     using TileQ = Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>;
     using TileKV = Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>;
@@ -634,7 +562,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
     const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
-        p, ws, head_rows, fused_convert ? reinterpret_cast<int*>(p.softmax_d + bwd_block_counters_offset(p)) : nullptr,
+        p, ws, head_rows,
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                       smem_q, TileQ{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),
@@ -643,18 +571,11 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
-    auto kernel = attention_bwd_sm90_kernel<Tr, kVarlen, false, false>;
-    if constexpr (!Tr::kSplitDims) {
-      if (fused_convert) kernel = attention_bwd_sm90_kernel<Tr, kVarlen, true, false>;
-    }
-    // Not at d = 64: its 128-row query tiles spilled ~450 bytes, 115 local loads a query tile.
-    if constexpr (Tr::kHeadDim == 128) {
-      if (!fused_convert && bwd_tuning().early_dv != 0) kernel = attention_bwd_sm90_kernel<Tr, kVarlen, false, true>;
-    }
-    launch_1d("attention backward (sm90", Tr::kHeadDim, kernel, blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
+              Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
-  if (tiles > 0 && !fused_convert) {
+  if (tiles > 0) {
     convert_dq_sm90_kernel<Tr, kVarlen><<<grid_stride_blocks(tiles), 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws);
     sm80::launch_checked("sm90 dq conversion kernel", cudaGetLastError());
   }

@@ -23,12 +23,16 @@ using ElementOf = std::conditional_t<kDtype == ScalarKind::kBFloat16, cutlass::b
 // tiles at d = 256 ran 1-7 % faster than 64 from N = 1024 on (+0-5 % at
 // 512), with or without a causal mask.
 // kNarrow: the configuration of windowed calls at d = 128, and of short or
-// windowed ones at d = 64 (d64_narrow_tiles). kQInRegs: Q K^T with Q in
-// registers (FwdTraits), for the configurations with room for it.
-template <int kHeadDim, bool kNarrow, class Element, bool kQInRegs = false>
+// windowed ones at d = 64 (d64_narrow_tiles). d = 64's 128-row tiles take
+// Q K^T with Q in registers (FwdTraits::kQInRegs: 16 more registers a thread,
+// Q released at a tile's start so the next tile's lands during this one):
+// +1-1.5 % at N = 512 and causal 2k in both rounds of session 15's A/B
+// (H100). At d = 128 the 32 registers spilled (60-80 bytes, local loads in
+// the key loop) and ran 0-5 % slower.
+template <int kHeadDim, bool kNarrow, class Element>
 using FwdConfig = std::conditional_t<
-    kHeadDim == 64, FwdTraits<64, kNarrow ? 128 : 192, 128, 3, Element, kQInRegs>,
-    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element, kQInRegs>,
+    kHeadDim == 64, FwdTraits<64, kNarrow ? 128 : 192, 128, 3, Element, kNarrow>,
+    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element>,
                        FwdTraits<256, 128, 80, 2, Element>>>;
 
 // d = 128 without a window, long rows (FwdTuning::wide_keys_min_kv): 176-key
@@ -38,18 +42,6 @@ using FwdConfig = std::conditional_t<
 // 8k and +2 % at 16k on an H200; +4 % at 8k on an H100.
 template <class Element>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element>;
-
-// Q in registers (FwdTuning::q_in_registers; compiled only in session 14)
-// where 32 more registers a thread fit: d = 128's 128 x 128 tiles (2 and 3
-// stages) and d = 64's 128-row ones. Two expected gains: at d = 128 per key
-// tile the two groups' Q K^T read 64 KB of K from shared memory instead of
-// 96 KB of Q and K (with Q from shared memory, both products' operands and
-// the TMA writes come to ~85 % of the shared memory's 128 bytes a clock at
-// the tensor pipe's peak rate; with Q in registers ~73 %); and on short
-// rows the next tile's Q lands during all of this one (ncu at N = 512:
-// the wait for Q at the start of a tile was the top stall).
-template <int kHeadDim, bool kNarrow>
-constexpr bool kHasQInRegsConfig = kHeadDim == 128 || (kHeadDim == 64 && kNarrow);
 
 // d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
 // faster, but short sequences and the diagonal of a causal mask or window
@@ -77,21 +69,10 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   const bool narrow = kHeadDim == 128 ? windowed || p.kv_len <= fwd_tuning().two_stage_max_kv
                                       : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
-  const bool q_in_registers = fwd_tuning().q_in_registers != 0;
-  const auto launch = [&](auto narrow_config) {
-    constexpr bool kNarrow = decltype(narrow_config)::value;
-    if constexpr (kHasQInRegsConfig<kHeadDim, kNarrow>) {
-      if (q_in_registers) {
-        launch_attention_fwd<FwdConfig<kHeadDim, kNarrow, Element, true>, kVarlen>(p, stream);
-        return;
-      }
-    }
-    launch_attention_fwd<FwdConfig<kHeadDim, kNarrow, Element>, kVarlen>(p, stream);
-  };
   if (narrow) {
-    launch(std::true_type{});
+    launch_attention_fwd<FwdConfig<kHeadDim, true, Element>, kVarlen>(p, stream);
   } else {
-    launch(std::false_type{});
+    launch_attention_fwd<FwdConfig<kHeadDim, false, Element>, kVarlen>(p, stream);
   }
 }
 

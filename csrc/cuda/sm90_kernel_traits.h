@@ -264,7 +264,6 @@ struct BwdTraits {
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
-    int dq_convert;                // fused_dq_convert: this block converts its group's dQ
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
   };

@@ -57,9 +57,6 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
-  // Q K^T with Q in registers where a configuration has room for it
-  // (kHasQInRegsConfig: d = 128 but 176-key tiles, d = 64's 128-row tiles; 0: off).
-  int64_t q_in_registers = 0;
 };
 const FwdTuning& fwd_tuning();
 
@@ -92,29 +89,8 @@ FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head
   return kVarlen ? h * head_rows + (q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4 : (b * p.heads + h) * head_rows;
 }
 
-// Backward knobs, read once per process from FLASH_EXT_BWD_TUNING as
-// FwdTuning's (timed by running benchmarks/bench_prefill.py with and
-// without the variable).
-struct BwdTuning {
-  // dQ converted to the input dtype inside the main kernel, by the last
-  // block of each (batch, kv head) to finish, while its dq_accum rows are
-  // still in L2, instead of by a kernel of its own (0: off; d <= 128).
-  int64_t fused_dq_convert = 0;
-  // dV's product issued beside dP^T's, once P^T is known, instead of after
-  // dS^T (0: off; d = 128; fused_dq_convert takes precedence).
-  int64_t early_dv = 0;
-};
-const BwdTuning& bwd_tuning();
-
-// After D and lse in the softmax_d workspace: one int per (batch, kv head),
-// zeroed by the pre-pass, counting the main kernel's blocks that are done
-// (fused_dq_convert).
-FLASH_HOST_DEVICE int64_t bwd_block_counters_offset(const AttentionBwdParams& p) {
-  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
-}
-
 inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
-  return bwd_block_counters_offset(p) + (p.batch * p.kv_heads + 3) / 4 * 4;
+  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
 }
 
 }  // namespace flash_ext::cuda::sm90
