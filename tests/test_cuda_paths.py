@@ -418,3 +418,47 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)
 
+
+
+_BWD_TUNING_CHILD = """
+import sys, torch, torch.nn.functional as F, flash_ext
+saved = []
+for d, causal, n_q, n_k, heads, kv_heads in ((128, False, 1000, 1000, 4, 4), (128, True, 700, 700, 4, 4),
+                                             (128, False, 500, 500, 8, 2), (96, False, 300, 1111, 2, 2)):
+    q = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    dout = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16)
+    ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                      enable_gqa=heads != kv_heads), (q, k, v), dout)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                enable_gqa=heads != kv_heads), (q, k, v), dout)
+    saved.append([causal] + [t.detach().cpu() for t in (q, k, v, dout, *ours, *theirs)])
+torch.save(saved, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+@pytest.mark.parametrize("spec", ["", "stages=3"])
+def test_hopper_backward_tuning_variants(tmp_path, spec):
+    """FLASH_EXT_BWD_TUNING: with stages=3 the d = 128 backward (and d = 96
+    on its tiles) runs a third Q/dO stage; each setting's gradients are held
+    to the float64 reference (partial tiles, causal, GQA); a stage count
+    other than 2 or 3 is refused by name."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "grads.pt"
+    subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(path)], check=True, timeout=180,
+                   env=dict(os.environ, FLASH_EXT_BWD_TUNING=spec))
+    for causal, q, k, v, dout, *grads in torch.load(path):
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        out = reference_attention(q64, k64, v64, is_causal=causal)
+        refs = torch.autograd.grad(out, (q64, k64, v64), dout.double())
+        for name, g, ref, theirs in zip("qkv", grads[:3], refs, grads[3:]):
+            assert_matches_reference(g, ref, torch.bfloat16, theirs, what=f"d{name} ({spec or 'default'})")
+    bad = subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, FLASH_EXT_BWD_TUNING="stages=4"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "stages must be 2 or 3" in bad.stderr

@@ -347,6 +347,19 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
   static const FwdTuning tuning = fwd_tuning_from_environment();
   return tuning;
 }
+
+const sm90::BwdTuning& sm90::bwd_tuning() {
+  static const BwdTuning tuning = [] {
+    static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {{"stages", &BwdTuning::stages}};
+    const BwdTuning t = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
+    if (t.stages != 2 && t.stages != 3) {
+      throw std::invalid_argument("flash_ext: FLASH_EXT_BWD_TUNING stages must be 2 or 3, got " +
+                                  std::to_string(t.stages));
+    }
+    return t;
+  }();
+  return tuning;
+}
 #endif
 
 const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {

@@ -89,6 +89,14 @@ FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head
   return kVarlen ? h * head_rows + (q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4 : (b * p.heads + h) * head_rows;
 }
 
+// Backward knobs, read once per process from FLASH_EXT_BWD_TUNING as
+// FwdTuning's.
+struct BwdTuning {
+  // Q and dO pipeline stages at d = 128 (2 or 3; other head dims take 2).
+  int64_t stages = 2;
+};
+const BwdTuning& bwd_tuning();
+
 inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
   return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
 }
