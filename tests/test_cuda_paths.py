@@ -423,42 +423,68 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
 _BWD_TUNING_CHILD = """
 import sys, torch, torch.nn.functional as F, flash_ext
 saved = []
-for d, causal, n_q, n_k, heads, kv_heads in ((128, False, 1000, 1000, 4, 4), (128, True, 700, 700, 4, 4),
-                                             (128, False, 500, 500, 8, 2), (96, False, 300, 1111, 2, 2)):
+# (d, alignment, n_q, n_k, heads, kv_heads); "bottom" is FlashAttention's causal with
+# more queries than keys: the first n_q - n_k rows see no key, so their dQ tiles get
+# no addition at all.
+for d, align, n_q, n_k, heads, kv_heads in ((128, None, 1000, 1000, 4, 4), (128, "top", 700, 700, 4, 4),
+                                            (128, None, 500, 500, 8, 2), (96, None, 300, 1111, 2, 2),
+                                            (64, "top", 600, 900, 4, 4), (128, "bottom", 400, 200, 2, 2),
+                                            (64, "bottom", 500, 300, 2, 1)):
     q = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, kv_heads, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     dout = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16)
-    ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                      enable_gqa=heads != kv_heads), (q, k, v), dout)
-    assert flash_ext.last_cuda_kernel_family() == "sm90"
-    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                                enable_gqa=heads != kv_heads), (q, k, v), dout)
-    saved.append([causal] + [t.detach().cpu() for t in (q, k, v, dout, *ours, *theirs)])
+    gqa = heads != kv_heads
+    if align == "bottom":
+        out = flash_ext.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True).transpose(1, 2)
+        ours = torch.autograd.grad(out, (q, k, v), dout)
+        assert flash_ext.last_cuda_kernel_family() == "sm90"
+        # Rows from n_q - n_k on see keys as a top-left causal mask of n_k rows would.
+        off = n_q - n_k
+        dq, dk, dv = torch.autograd.grad(F.scaled_dot_product_attention(q[:, :, off:], k, v, is_causal=True,
+                                                                        enable_gqa=gqa), (q, k, v), dout[:, :, off:])
+        theirs = (dq, dk, dv)
+    else:
+        ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=align == "top",
+                                                                          enable_gqa=gqa), (q, k, v), dout)
+        assert flash_ext.last_cuda_kernel_family() == "sm90"
+        theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=align == "top",
+                                                                    enable_gqa=gqa), (q, k, v), dout)
+    saved.append([align] + [t.detach().cpu() for t in (q, k, v, dout, *ours, *theirs)])
 torch.save(saved, sys.argv[1])
 """
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "stages=3"])
+@pytest.mark.parametrize("spec", ["", "stages=3", "convert_dq=1", "stages=3,convert_dq=1"])
 def test_hopper_backward_tuning_variants(tmp_path, spec):
-    """FLASH_EXT_BWD_TUNING: with stages=3 the d = 128 backward (and d = 96
-    on its tiles) runs a third Q/dO stage; each setting's gradients are held
-    to the float64 reference (partial tiles, causal, GQA); a stage count
-    other than 2 or 3 is refused by name."""
+    """FLASH_EXT_BWD_TUNING: stages=3 gives the d = 128 backward (and d = 96
+    on its tiles) a third Q/dO stage; convert_dq=1 converts dQ inside the
+    main kernel, each query tile once its last addition has landed (tiles no
+    key block adds to, under a bottom-right causal mask with more queries
+    than keys, written 0 up front). Each setting's gradients are held to the
+    float64 reference (partial tiles, both causal alignments, GQA); a stage
+    count other than 2 or 3 is refused by name."""
     import os
     import subprocess
     import sys
     path = tmp_path / "grads.pt"
     subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(path)], check=True, timeout=180,
                    env=dict(os.environ, FLASH_EXT_BWD_TUNING=spec))
-    for causal, q, k, v, dout, *grads in torch.load(path):
+    for align, q, k, v, dout, *grads in torch.load(path):
         q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        out = reference_attention(q64, k64, v64, is_causal=causal)
+        if align == "bottom":
+            out = reference_attention(q64, k64, v64, window=(-1, 0), bottom_right=True, enable_gqa=True)
+        else:
+            out = reference_attention(q64, k64, v64, is_causal=align == "top", enable_gqa=True)
         refs = torch.autograd.grad(out, (q64, k64, v64), dout.double())
-        for name, g, ref, theirs in zip("qkv", grads[:3], refs, grads[3:]):
-            assert_matches_reference(g, ref, torch.bfloat16, theirs, what=f"d{name} ({spec or 'default'})")
+        if align == "bottom":  # PyTorch ran only the rows that see keys: its dQ is 0 in the others
+            off = q.shape[2] - k.shape[2]
+            assert (grads[0][:, :, :off] == 0).all(), f"dq of rows without keys ({spec or 'default'})"
+        for name, g, ref, t in zip("qkv", grads[:3], refs, grads[3:]):
+            assert_matches_reference(g, ref, torch.bfloat16, t, what=f"d{name} ({spec or 'default'}, {align})")
     bad = subprocess.run([sys.executable, "-c", _BWD_TUNING_CHILD, str(tmp_path / "bad.pt")],
                          env=dict(os.environ, FLASH_EXT_BWD_TUNING="stages=4"), capture_output=True, text=True)
     assert bad.returncode != 0 and "stages must be 2 or 3" in bad.stderr

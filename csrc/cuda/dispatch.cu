@@ -350,7 +350,10 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
 
 const sm90::BwdTuning& sm90::bwd_tuning() {
   static const BwdTuning tuning = [] {
-    static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {{"stages", &BwdTuning::stages}};
+    static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
+        {"stages", &BwdTuning::stages},
+        {"convert_dq", &BwdTuning::convert_dq},
+    };
     const BwdTuning t = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
     if (t.stages != 2 && t.stages != 3) {
       throw std::invalid_argument("flash_ext: FLASH_EXT_BWD_TUNING stages must be 2 or 3, got " +

@@ -186,6 +186,12 @@ struct BwdTraits {
   // after a group barrier (the per-warp hand-off measured level, -9 % at
   // causal N = 2k). d = 256 adds dQ with atomics from registers.
   static constexpr bool kWarpDqReduce = kHeadDim == 128;
+  // Threads of a block that issue dQ reduce-adds (each a part of the tile).
+  static constexpr int kDqIssuers = kWarpDqReduce ? 4 * kNumMmaWG : kNumMmaWG;
+  // In-kernel dQ conversion: ring slots, at least one per issuer, so each
+  // issuer's one push in flight has a slot of its own lap.
+  static constexpr int kConvertSlots = 8;
+  static_assert(kConvertSlots >= kDqIssuers);
 
   // How the groups tile the keys-along-M products: along M (keys) or, with
   // kSplitDims, along N (queries of S^T, dP^T; head dims of dK, dV).
@@ -264,6 +270,13 @@ struct BwdTraits {
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
+    // In-kernel dQ conversion (BwdTuning::convert_dq): query tiles whose last
+    // contribution this block added, handed to the producer group's spare
+    // warps through a ring (pushes counted in convert_pushes).
+    uint64_t convert_full[kConvertSlots];
+    uint64_t convert_empty[kConvertSlots];
+    int convert_tile[kConvertSlots];
+    uint32_t convert_pushes;
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
   };

@@ -94,11 +94,21 @@ FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head
 struct BwdTuning {
   // Q and dO pipeline stages at d = 128 (2 or 3; other head dims take 2).
   int64_t stages = 2;
+  // dQ converted inside the main kernel, each query tile by a block that
+  // added to it last, in the producer group's spare warps, instead of by a
+  // kernel of its own (0: off; dense batches at d <= 128).
+  int64_t convert_dq = 0;
 };
 const BwdTuning& bwd_tuning();
 
-inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
+// After D and lse in the softmax_d workspace: one int per (batch, head,
+// 64-row query tile), the in-kernel dQ conversion's contribution counters.
+FLASH_HOST_DEVICE int64_t bwd_dq_counters_offset(const AttentionBwdParams& p) {
   return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
+}
+
+inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
+  return bwd_dq_counters_offset(p) + p.batch * p.heads * ((p.q_len + 63) / 64);
 }
 
 }  // namespace flash_ext::cuda::sm90
