@@ -419,7 +419,6 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
         torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=1e-2)
 
 
-
 _BWD_TUNING_CHILD = """
 import sys, torch, torch.nn.functional as F, flash_ext
 saved = []
@@ -442,9 +441,8 @@ for d, align, n_q, n_k, heads, kv_heads in ((128, None, 1000, 1000, 4, 4), (128,
         assert flash_ext.last_cuda_kernel_family() == "sm90"
         # Rows from n_q - n_k on see keys as a top-left causal mask of n_k rows would.
         off = n_q - n_k
-        dq, dk, dv = torch.autograd.grad(F.scaled_dot_product_attention(q[:, :, off:], k, v, is_causal=True,
-                                                                        enable_gqa=gqa), (q, k, v), dout[:, :, off:])
-        theirs = (dq, dk, dv)
+        theirs = torch.autograd.grad(F.scaled_dot_product_attention(q[:, :, off:], k, v, is_causal=True,
+                                                                    enable_gqa=gqa), (q, k, v), dout[:, :, off:])
     else:
         ours = torch.autograd.grad(flash_ext.scaled_dot_product_attention(q, k, v, is_causal=align == "top",
                                                                           enable_gqa=gqa), (q, k, v), dout)

@@ -171,6 +171,23 @@ __host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
   return (tid / 32) * 32 * Tr::kDqFrag + j * 32 * 4 + (tid % 32) * 4;
 }
 
+// The float4 j of what consumer thread t added to the dQ tile at `tile`
+// (dq_tile_offset's order), element by element with its (row, column) in the
+// tile as that thread's accumulator holds it: f(row, column, value).
+// kThroughL2: loads that bypass L1 (other blocks' additions, seen in L2).
+template <class Tr, bool kThroughL2, class F>
+__device__ __forceinline__ void for_each_added_dq(const float* tile, int t, int j, const F& f) {
+  typename Tr::TiledMmadQ mma_dq;
+  Tensor coord = mma_dq.get_thread_slice(t).partition_C(
+      make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}));
+  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
+  const float4* src = reinterpret_cast<const float4*>(tile + dq_tile_offset<Tr>(t, j));
+  const float4 v4 = kThroughL2 ? __ldcg(src) : *src;
+  const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+  CUTE_UNROLL
+  for (int e = 0; e < 4; ++e) f(get<0>(coord(4 * j + e)), get<1>(coord(4 * j + e)), v[e]);
+}
+
 // The query tiles [first, end) whose rows see some key of key block n_block
 // (end <= first: none), as the main kernel walks them.
 struct TileSpan {
@@ -234,18 +251,12 @@ __device__ __forceinline__ void convert_dq_tile(const AttentionBwdParams& p, con
   const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
   Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + m0 * p.dq_stride[2];
   const float scale = static_cast<float>(p.scale);
-  typename Tr::TiledMmadQ mma_dq;
   for (int t = ctid; t < 128 * Tr::kNumMmaWG; t += nthreads) {
-    Tensor coord = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     CUTE_NO_UNROLL
     for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-      const float4 v4 = __ldcg(reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(t, j)));
-      const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-      CUTE_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int r = get<0>(coord(4 * j + e)), c = get<1>(coord(4 * j + e));
-        if (r < rows && c < p.head_dim) dst[r * p.dq_stride[2] + c] = static_cast<Element>(v[e] * scale);
-      }
+      for_each_added_dq<Tr, true>(src, t, j, [&](int r, int c, float v) {
+        if (r < rows && c < p.head_dim) dst[r * p.dq_stride[2] + c] = static_cast<Element>(v * scale);
+      });
     }
   }
 }
@@ -664,9 +675,6 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   constexpr int kPitch = kHeadDim + 8, kChunks = kHeadDim / 8;
   __shared__ __align__(16) Element staged[kBlockM * kPitch];
   const int tid = threadIdx.x;
-  typename Tr::TiledMmadQ mma_dq;
-  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
   const float scale = static_cast<float>(p.scale);
   const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
   for (int64_t tile = blockIdx.x; tile < p.batch * p.heads * m_blocks; tile += gridDim.x) {
@@ -677,12 +685,9 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
     const float* src = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
     CUTE_UNROLL
     for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-      const float4 v4 = *reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j));
-      const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-      CUTE_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
-      }
+      for_each_added_dq<Tr, false>(src, tid, j, [&](int r, int c, float v) {
+        staged[r * kPitch + c] = static_cast<Element>(v * scale);
+      });
     }
     __syncthreads();
     const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);

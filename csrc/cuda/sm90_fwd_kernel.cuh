@@ -341,9 +341,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutVt{});
-  // Q as the A operand of Q K^T: with kQInRegs a register copy of this
-  // group's rows, taken once per tile (ldmatrix); else descriptors, rebuilt at
-  // each Q K^T (opaque_smem_tensor).
+  // kQInRegs: a register copy of this group's Q rows, taken once per tile
+  // (ldmatrix); otherwise unused.
   auto tSrQ = [&] {
     if constexpr (Tr::kQInRegs) {
       return thr_s.partition_fragment_A(sQ);
@@ -351,16 +350,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       return 0;
     }
   }();
-  const auto q_operand = [&]() -> decltype(auto) {
-    if constexpr (Tr::kQInRegs) {
-      return (tSrQ);
-    } else {
-      return thr_s.partition_fragment_A(opaque_smem_tensor(smem.q.data(), typename Tr::SmemLayoutQ{}));
-    }
-  };
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  // S = Q K^T of K stage `stage`, issued. Q as the A operand: tSrQ with
+  // kQInRegs, else descriptors rebuilt at each product (opaque_smem_tensor).
+  const auto issue_qk = [&](int stage) {
+    if constexpr (Tr::kQInRegs) {
+      wgmma<true>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+    } else {
+      wgmma<true>(mma_s, thr_s.partition_fragment_A(opaque_smem_tensor(smem.q.data(), typename Tr::SmemLayoutQ{})),
+                  tSrK(_, _, _, stage), tSrS);
+    }
+  };
   Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   Tensor rP = make_tensor<Element>(tSrS.layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
@@ -483,7 +485,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // First key tile: S only.
     pipeline_k.consumer_wait(read);
     turns.wait();
-    wgmma<true>(mma_s, q_operand(), tSrK(_, _, _, read.index()), tSrS);
+    issue_qk(read.index());
     turns.pass();
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
@@ -498,7 +500,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       ++read;
       pipeline_k.consumer_wait(read);
       turns.wait();
-      wgmma<true>(mma_s, q_operand(), tSrK(_, _, _, read.index()), tSrS);
+      issue_qk(read.index());
       decltype(softmax)::rescale(o, corr);
       pipeline_v.consumer_wait(read_v);
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
