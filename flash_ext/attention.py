@@ -81,14 +81,15 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise RuntimeError("scaled_dot_product_attention: key and value must have the same batch and "
                            f"head sizes, got {tuple(key.shape[:-2])} and {tuple(value.shape[:-2])}")
     if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
-        if not enable_gqa:
+        # Without enable_gqa a single head broadcasts over the other side's, as any batch dim does.
+        if not enable_gqa and 1 not in (query.shape[-3], key.shape[-3]):
             raise RuntimeError(f"scaled_dot_product_attention: query has {query.shape[-3]} heads but key/value "
                                f"have {key.shape[-3]}; pass enable_gqa=True for grouped-query attention")
-        if query.shape[-3] % key.shape[-3]:
+        if enable_gqa and query.shape[-3] % key.shape[-3]:
             raise RuntimeError(f"scaled_dot_product_attention: query heads ({query.shape[-3]}) must be a "
                                f"multiple of key/value heads ({key.shape[-3]}) for grouped-query attention")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scaled_dot_product_attention: scale must be finite, got {scale}")
     if attn_mask is not None:
@@ -189,7 +190,7 @@ def scaled_dot_product_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     bias_grad = attn_mask is not None and attn_mask.requires_grad and attn_mask.dtype != torch.bool
-    reason = _sdpa_layout_reason(query, key, value, attn_mask)
+    reason = _sdpa_layout_reason(query, key, value, dropout_p)
     if reason is None:
         reason = _support.prefill_unsupported_reason(query, key, value, attn_mask, dropout_p, needs_grad,
                                                      bias_grad, scale=scale)
@@ -220,7 +221,11 @@ def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
                  enable_gqa: bool) -> torch.Tensor:
     """SDPA on jagged nested tensors ``(B, H, j, E)`` through the varlen op."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
     reason = _nested_reason(query, key, value, attn_mask, enable_gqa)
+    if reason is None and dropout_p == 1.0:
+        reason = "dropout_p = 1 (every weight dropped)"
     if reason is None:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, j, H, E), ragged dim 1
         q_values, k_values, v_values = (t.values() for t in (q, k, v))
@@ -232,8 +237,6 @@ def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         _fall_back(reason)
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
     q_values, k_values, v_values = (t if _layout_served(t) else t.contiguous()
                                     for t in (q_values, k_values, v_values))
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -292,10 +295,17 @@ def _layout_served(t: torch.Tensor) -> bool:
 
 
 def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attn_mask: torch.Tensor | None) -> str | None:
-    """Inputs outside the (B, H, N, D) model our kernels use."""
+                        dropout_p: float) -> str | None:
+    """Inputs outside the (B, H, N, D) model our kernels use, and the
+    degenerate cases PyTorch defines that no kernel should carry."""
     if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
         return "query and key/value batch dimensions differ (broadcast batch)"
+    if query.dim() >= 3 and query.shape[-3] == 1 and key.shape[-3] > 1:
+        return "one query head broadcast over several key/value heads"
+    if query.shape[-1] == 0 or value.shape[-1] == 0:
+        return "a head dim of size 0"
+    if dropout_p == 1.0:
+        return "dropout_p = 1 (every weight dropped)"
     return None
 
 

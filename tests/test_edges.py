@@ -258,3 +258,53 @@ def test_one_head_and_head_dim_one(gen):
     q, k, v = (randn((3, 1, 9, 1), gen=gen) for _ in range(3))
     out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_matches_reference(out, reference_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)], ids=["3d", "4d", "5d"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_single_kv_head_broadcasts_without_enable_gqa(lead, causal, gen):
+    """PyTorch broadcasts a size-1 head dim like any batch dim: one key/value
+    head under several query heads is multi-query attention, which our
+    kernels serve (strict mode: no fallback) with or without enable_gqa."""
+    q = randn((*lead, 4, 9, 16), gen=gen, requires_grad=True)
+    k = randn((*lead, 1, 11, 16), gen=gen, requires_grad=True)
+    v = randn((*lead, 1, 11, 8), gen=gen, requires_grad=True)
+    dout = randn((*lead, 4, 9, 8), gen=gen)
+    ref = reference_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(ref, TORCH_SDPA(q, k, v, is_causal=causal), atol=1e-12, rtol=1e-12)
+    want = grad_list(ref, (q, k, v), dout)
+    for enable_gqa in (False, True):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        for g, r in zip(grad_list(out, (q, k, v), dout), want):
+            torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["one_query_head", "head_dim_0", "value_dim_0", "dropout_1"])
+def test_degenerate_calls_give_pytorchs_result(case, gen):
+    """Calls PyTorch's SDPA defines that no kernel of ours carries: one query
+    head over several key/value heads (broadcast), empty head dims (uniform
+    weights, or an empty output), dropout_p = 1 (every weight dropped: 0).
+    They go to PyTorch's SDPA (a warning; an error in strict mode) and give
+    its output and gradients."""
+    q_shape, kv_shape, v_dim, kwargs = {
+        "one_query_head": ((2, 1, 5, 8), (2, 3, 7, 8), 8, {}),
+        "head_dim_0": ((2, 3, 5, 0), (2, 3, 7, 0), 8, {"scale": 1.0}),
+        "value_dim_0": ((2, 3, 5, 8), (2, 3, 7, 8), 0, {}),
+        "dropout_1": ((2, 3, 5, 8), (2, 3, 7, 8), 8, {"dropout_p": 1.0}),
+    }[case]
+    q = randn(q_shape, gen=gen, requires_grad=True)
+    k = randn(kv_shape, gen=gen, requires_grad=True)
+    v = randn((*kv_shape[:-1], v_dim), gen=gen, requires_grad=True)
+    with pytest.raises(RuntimeError, match="strict mode"):
+        flash_ext.scaled_dot_product_attention(q, k, v, **kwargs)
+    flash_ext.set_strict(False)
+    with pytest.warns(UserWarning, match="falls back"):
+        out = flash_ext.scaled_dot_product_attention(q, k, v, **kwargs)
+    want = TORCH_SDPA(q, k, v, **kwargs)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    if case == "dropout_1":
+        assert torch.equal(out, torch.zeros_like(out))
+    dout = randn(out.shape, gen=gen)
+    for g, r in zip(grad_list(out, (q, k, v), dout), grad_list(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)

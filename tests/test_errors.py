@@ -45,7 +45,7 @@ def _sdpa_cases():
         "mask_on_other_device": ((q, k, v), {"attn_mask": torch.ones(5, 6, device="meta")}, r"attn_mask|device"),
         "mask_and_causal": ((q, k, v), {"attn_mask": torch.ones(5, 6, dtype=torch.bool), "is_causal": True},
                             r"attn_mask|is_causal|causal"),
-        "dropout_one": ((q, k, v), {"dropout_p": 1.0}, r"dropout_p"),
+        "dropout_above_one": ((q, k, v), {"dropout_p": 1.5}, r"dropout_p"),
         "dropout_negative": ((q, k, v), {"dropout_p": -0.1}, r"dropout_p"),
         "dropout_nan": ((q, k, v), {"dropout_p": math.nan}, r"dropout_p"),
         "scale_inf": ((q, k, v), {"scale": math.inf}, r"scale"),
