@@ -6,6 +6,7 @@ operators."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -50,6 +51,20 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
+def _softmax_scale(fn: str, scale: float | None, head_dim: int) -> float:
+    """The factor the scores get: ``scale`` if given (a finite number, named
+    in the error otherwise), else ``1/sqrt(head_dim)`` (1 for an empty head
+    dim, whose scores are all 0 whatever the factor)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return value
+
+
 def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
                        scale: float | None, enable_gqa: bool) -> None:
@@ -90,8 +105,7 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                                f"multiple of key/value heads ({key.shape[-3]}) for grouped-query attention")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scaled_dot_product_attention: scale must be finite, got {scale}")
+    _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     if attn_mask is not None:
         if is_causal:
             raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when "
@@ -211,7 +225,7 @@ def scaled_dot_product_attention(
         if attn_mask.dtype not in (torch.bool, query.dtype):
             attn_mask = attn_mask.to(query.dtype)
         mask4 = _mask_as_4d(attn_mask, (*query.shape[:-1], key.shape[-2]))
-    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    softmax_scale = _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
                            False, False)
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
@@ -239,7 +253,7 @@ def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           scale=scale, enable_gqa=enable_gqa)
     q_values, k_values, v_values = (t if _layout_served(t) else t.contiguous()
                                     for t in (q_values, k_values, v_values))
-    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    softmax_scale = _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     out, _ = ops.attention_varlen(q_values, k_values, v_values, q.offsets().to(torch.int32),
                                   k.offsets().to(torch.int32), _max_seqlen(q), _max_seqlen(k), float(dropout_p),
                                   softmax_scale, -1, 0 if is_causal else -1, False, False)
@@ -331,17 +345,13 @@ def flash_attn_func(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"flash_attn_func: {name} must be 4-D (batch, seq, heads, dim), got {t.dim()}-D")
-    if len(window_size) != 2:
-        raise ValueError(f"flash_attn_func: window_size must be (left, right), got {window_size}")
-    left, right = (int(w) for w in window_size)
-    if causal:
-        right = 0
+    left, right = _window("flash_attn_func", window_size, causal)
+    scale = _softmax_scale("flash_attn_func", softmax_scale, q.shape[-1])
     reason = _support.prefill_unsupported_reason(
         q, k, v, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False,
-        softcap=softcap, alibi=alibi_slopes is not None, scale=softmax_scale)
+        softcap=softcap, alibi=alibi_slopes is not None, scale=scale)
     if reason is not None:
         raise RuntimeError(f"flash_attn_func: {reason}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     q, k, v = (t if _layout_served(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, float(dropout_p),
                              scale, left, right, True, bool(deterministic), float(softcap), alibi_slopes)
@@ -398,13 +408,13 @@ def flash_attn_varlen_func(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be an int32 tensor, got {type(t).__name__}")
     left, right = _window(fn, window_size, causal)
+    scale = _softmax_scale(fn, softmax_scale, q.shape[-1])
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     reason = _support.prefill_unsupported_reason(
         q4, k4, v4, None, dropout_p, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), False,
-        softcap=softcap, alibi=alibi_slopes is not None, scale=softmax_scale, varlen=True)
+        softcap=softcap, alibi=alibi_slopes is not None, scale=scale, varlen=True)
     if reason is not None:
         raise RuntimeError(f"{fn}: {reason}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     q, k, v = (t if _layout_served(t) else t.contiguous() for t in (q, k, v))
     out, lse = ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     float(dropout_p), scale, left, right, True, bool(deterministic),
@@ -526,7 +536,7 @@ def flash_attn_with_kvcache(
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"flash_attn_with_kvcache: cache_seqlens must be an int32 tensor or an int, "
                         f"got {type(cache_seqlens).__name__}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = _softmax_scale("flash_attn_with_kvcache", softmax_scale, q.shape[-1])
     left, right = _window("flash_attn_with_kvcache", window_size, causal)
     reason = _support.decode_unsupported_reason(q, v_cache, softcap=softcap, alibi=alibi_slopes is not None)
     if reason is not None:

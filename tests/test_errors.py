@@ -50,6 +50,7 @@ def _sdpa_cases():
         "dropout_nan": ((q, k, v), {"dropout_p": math.nan}, r"dropout_p"),
         "scale_inf": ((q, k, v), {"scale": math.inf}, r"scale"),
         "scale_nan": ((q, k, v), {"scale": math.nan}, r"scale"),
+        "scale_type": ((q, k, v), {"scale": [0.5]}, r"scale"),
     }
 
 
@@ -183,6 +184,7 @@ def _fa_cases():
         "device": ((q, k.to("meta"), v), {}, r"device"),
         "dropout": ((q, k, v), {"dropout_p": 1.0}, r"dropout_p"),
         "scale": ((q, k, v), {"softmax_scale": math.inf}, r"scale"),
+        "scale_type": ((q, k, v), {"softmax_scale": "0.5"}, r"scale"),
         "window_len": ((q, k, v), {"window_size": (1, 2, 3)}, r"window_size"),
         "window_value": ((q, k, v), {"window_size": (-5, 0)}, r"window"),
     }
@@ -242,6 +244,7 @@ KV_CASES = {
     "k_cache_expanded": (lambda d: {"k_cache": d["k_cache"][:, :1].expand(2, 16, 2, 8)}, r"k_cache"),
     "v_cache_expanded": (lambda d: {"v_cache": d["v_cache"][:1].expand(2, 16, 2, 8)}, r"v_cache"),
     "scale_nan": (lambda d: {"softmax_scale": math.nan}, r"scale"),
+    "scale_type": (lambda d: {"softmax_scale": object()}, r"scale"),
     "num_splits_negative": (lambda d: {"num_splits": -1}, r"num_splits"),
     "window_value": (lambda d: {"window_size": (-2, 0)}, r"window"),
     "window_len": (lambda d: {"window_size": (4,)}, r"window_size"),
