@@ -342,7 +342,7 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid and the order of the tiles, never the arithmetic:
+    the grid, the order of the tiles and L2 prefetches, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -352,7 +352,8 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     for name, spec in (("default", ""), ("two_stage", "two_stage_max_kv=100000"),
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
-                       ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0")):
+                       ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
+                       ("prefetch_q", "prefetch_q=1")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)

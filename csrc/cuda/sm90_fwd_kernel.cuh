@@ -102,6 +102,7 @@ struct FwdArgs {
   // rematerializes rather than keep a register; the FP64 compare stalled at
   // N = 512 in ncu).
   float scale, scale_log2;
+  bool prefetch_q;  // FwdTuning::prefetch_q
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -295,9 +296,17 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
       // (64, kHeadDim, consumer group)
       Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
-      auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
+      // (not a structured binding: load_q captures these, which C++17 does not allow of one)
+      auto q_parts = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
+      auto& tQg = get<0>(q_parts);
+      auto& tQs = get<1>(q_parts);
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // The tile's Q into L2 now: its loads below wait for the groups to be
+      // done with their last tile's, near that tile's end.
+      if (args.prefetch_q) {
+        for (int w = 0; w < kNumMmaWG; ++w) prefetch(args.tma_q, tQg(_, t.m_block * kNumMmaWG + w));
+      }
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
         cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
@@ -599,7 +608,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
-                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
+                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
+                   fwd_tuning().prefetch_q != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

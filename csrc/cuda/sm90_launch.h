@@ -57,6 +57,10 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
+  // 1: the producer prefetches a tile's Q rows into L2 as soon as it takes
+  // the tile, a few key tiles before the consumers release the Q buffer its
+  // load waits for (compiled only: session 16).
+  int64_t prefetch_q = 0;
 };
 const FwdTuning& fwd_tuning();
 
