@@ -26,12 +26,15 @@ std::tuple<at::Tensor, at::Tensor> attention(
     int64_t window_right = -1, bool bottom_right = false, bool deterministic = false,
     double softcap = 0.0, const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
-// torch.nn.functional.scaled_dot_product_attention's semantics on 4-D inputs.
+// at::scaled_dot_product_attention's signature and semantics on 4-D inputs
+// (is_causal aligned top-left; enable_gqa lets query heads share key/value
+// heads, of which a single one broadcasts without it).
 at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v,
                                         const std::optional<at::Tensor>& attn_mask = std::nullopt,
                                         double dropout_p = 0.0, bool is_causal = false,
-                                        std::optional<double> scale = std::nullopt);
+                                        std::optional<double> scale = std::nullopt,
+                                        bool enable_gqa = false);
 
 // Decoding against a KV cache (FlashAttention's layout), see schema.cpp. The
 // window is around each new token's own position (-1 = unbounded).

@@ -36,9 +36,14 @@ at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& v,
                                         const std::optional<at::Tensor>& attn_mask,
                                         double dropout_p, bool is_causal,
-                                        std::optional<double> scale) {
+                                        std::optional<double> scale, bool enable_gqa) {
   TORCH_CHECK_VALUE(!(is_causal && attn_mask.has_value()),
                     "flash_ext.scaled_dot_product_attention: attn_mask must not be set when is_causal");
+  // As PyTorch's: key/value heads other than the query's only with enable_gqa,
+  // or one key/value head, which broadcasts. (The op checks the ranks.)
+  TORCH_CHECK_VALUE(q.dim() != 4 || k.dim() != 4 || enable_gqa || q.size(1) == k.size(1) || k.size(1) == 1,
+                    "flash_ext.scaled_dot_product_attention: query has ", q.size(1), " heads but key/value have ",
+                    k.size(1), "; pass enable_gqa = true for grouped-query attention");
   return std::get<0>(attention(q, k, v, attn_mask, dropout_p, scale, -1, is_causal ? 0 : -1));
 }
 

@@ -73,6 +73,28 @@ void test_bad_input_raises() {
   if (!raised) ++failures;
 }
 
+// The SDPA entry point: at::scaled_dot_product_attention's arguments, GQA
+// only with enable_gqa (a single key/value head broadcasts without it).
+void test_sdpa() {
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor q = at::randn({2, 4, 19, 16}, opts);
+  const at::Tensor k = at::randn({2, 2, 23, 16}, opts), v = at::randn({2, 2, 23, 16}, opts);
+  const at::Tensor out = flash_ext::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, true, std::nullopt,
+                                                                 /*enable_gqa=*/true);
+  expect_close("sdpa causal gqa", out, reference(q, k, v, true, std::nullopt), 1e-10);
+  const at::Tensor k1 = k.narrow(1, 0, 1), v1 = v.narrow(1, 0, 1);
+  expect_close("sdpa one kv head without enable_gqa", flash_ext::scaled_dot_product_attention(q, k1, v1),
+               reference(q, k1, v1, false, std::nullopt), 1e-10);
+  bool raised = false;
+  try {
+    flash_ext::scaled_dot_product_attention(q, k, v);
+  } catch (const c10::Error& e) {
+    raised = std::string(e.what()).find("enable_gqa") != std::string::npos;
+  }
+  std::printf("%-44s %s\n", "sdpa gqa without enable_gqa raises", raised ? "ok" : "FAIL");
+  if (!raised) ++failures;
+}
+
 void test_kvcache() {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const int64_t B = 2, H = 4, Hkv = 2, D = 16, max_len = 40;
@@ -167,6 +189,7 @@ int main() {
     }
   }
   test_bad_input_raises();
+  test_sdpa();
   test_kvcache();
   test_fast_divmod();
   test_fully_visible_tiles();
