@@ -334,6 +334,14 @@ for d, causal, n_q, n_k in ((128, False, 1536, 1536), (128, True, 1536, 1536), (
     k, v = (torch.randn(4, n_k, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs += [t.cpu() for t in flash_ext.flash_attn_func(q, k, v, causal=causal, return_lse=True)]
     assert flash_ext.last_cuda_kernel_family() == "sm90"
+# A packed batch whose tiles include ones past a short sequence's end and a
+# sequence without queries or keys (the tiles the consumers skip).
+cu = torch.tensor([0, 700, 700, 1030, 2600], dtype=torch.int32, device="cuda")
+for d, causal in ((128, False), (64, True)):
+    q, k, v = (torch.randn(2600, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    outs += [t.cpu() for t in flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, 1570, 1570, causal=causal,
+                                                               return_lse=True)]
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
 torch.save(outs, sys.argv[1])
 """
 
@@ -342,7 +350,8 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the order of the tiles and L2 prefetches, never the arithmetic:
+    the grid, the order of the tiles, L2 prefetches and when a consumer
+    takes its next tile, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -353,7 +362,8 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
                        ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
-                       ("prefetch_q", "prefetch_q=1")):
+                       ("prefetch_q", "prefetch_q=1"), ("early_next_tile", "early_next_tile=1"),
+                       ("early_prefetch", "early_next_tile=1,prefetch_q=1")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)

@@ -143,6 +143,7 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
       {"prefetch_q", &FwdTuning::prefetch_q},
+      {"early_next_tile", &FwdTuning::early_next_tile},
   };
   return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
 }

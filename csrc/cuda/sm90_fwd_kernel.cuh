@@ -71,16 +71,26 @@ struct QueryTile {
   SequenceBounds seq;
 };
 
-template <int kBlockM, int kBlockN, bool kVarlen>
-__device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileSchedule& s, int tile) {
+// Where tile `tile` lies in the schedule: its query tile, batch entry, head
+// (the integer divisions of placing a tile).
+struct TileCoord {
+  int m_block, b, h;
+};
+
+__device__ __forceinline__ TileCoord tile_coord(const TileSchedule& s, int tile) {
   const int section0 = tile / (s.section * s.m_blocks) * s.section;
   const int pairs = min(s.section, s.batch_heads - section0);
   const int in_section = tile - section0 * s.m_blocks;
   const int m = in_section / pairs, bh = section0 + in_section % pairs;
+  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, bh / s.heads, bh % s.heads};
+}
+
+template <int kBlockM, int kBlockN, bool kVarlen>
+__device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileCoord& c) {
   QueryTile t;
-  t.m_block = s.last_rows_heaviest ? s.m_blocks - 1 - m : m;
-  t.b = bh / s.heads;
-  t.h = bh % s.heads;
+  t.m_block = c.m_block;
+  t.b = c.b;
+  t.h = c.h;
   t.m0 = int64_t(t.m_block) * kBlockM;
   t.seq = sequence_bounds<kVarlen>(p, t.b);
   t.rows = static_cast<int>(t.seq.q_len - t.m0 < kBlockM ? t.seq.q_len - t.m0 : kBlockM);
@@ -102,7 +112,8 @@ struct FwdArgs {
   // rematerializes rather than keep a register; the FP64 compare stalled at
   // N = 512 in ncu).
   float scale, scale_log2;
-  bool prefetch_q;  // FwdTuning::prefetch_q
+  bool prefetch_q;        // FwdTuning::prefetch_q
+  bool early_next_tile;   // FwdTuning::early_next_tile
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -283,7 +294,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile, tiles)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
-      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, tile_coord(schedule, tile));
       if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
       const auto q_row0 = make_coord(int32_t(t.seq.q_row0), _0{}), k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
@@ -448,11 +459,33 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
   typename Pipeline::PipelineState read;
   uint32_t q_phase = 0;
+  // A tile's index from the ring and its coordinates. With
+  // args.early_next_tile the next tile is taken while this one's last P V
+  // runs, so the ring wait and the divisions placing it overlap that
+  // product instead of following the epilogue; otherwise at the top of the
+  // loop. (Only the index and coordinates cross to the next pass: the rest
+  // of a QueryTile, carried, took registers the key loop then spilled.)
+  const auto take_tile = [&](int& tile, TileCoord& c) {
+    tile = tile_ring.pop(smem);
+    if (tile < tiles) c = tile_coord(schedule, tile);
+  };
+  int tile;
+  TileCoord coord;
+  bool taken = false;  // tile and coord hold the next tile already
   turns.start();
   for (;;) {
-    const int tile = tile_ring.pop(smem);
+    if (!taken) take_tile(tile, coord);
+    taken = false;
+    if constexpr (Tr::kEarlyNextTile) {
+      // Warp-uniform for the compiler again (as in TileRing::pop): merged
+      // from two places, the values otherwise left the uniform datapath and
+      // the key loop grew by ~35 instructions.
+      tile = __shfl_sync(0xffffffff, tile, 0);
+      coord = {__shfl_sync(0xffffffff, coord.m_block, 0), __shfl_sync(0xffffffff, coord.b, 0),
+               __shfl_sync(0xffffffff, coord.h, 0)};
+    }
     if (tile >= tiles) break;
-    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, schedule, tile);
+    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
     if (kVarlen && t.rows <= 0) continue;
     if (t.n_block_max <= t.n_block_min) {
       store_empty_tile(t);
@@ -530,6 +563,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.wait();
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
     turns.pass();
+    int next_tile;
+    TileCoord next_coord;
+    if (Tr::kEarlyNextTile && args.early_next_tile) {
+      take_tile(next_tile, next_coord);
+      taken = true;
+    }
     warpgroup_wait<0>();
     if constexpr (!Tr::kOInV) pipeline_v.consumer_release(read);
     if (Tr::kOInV && !other_stages_in_k) staging_tell_other();
@@ -545,6 +584,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       cutlass::arch::fence_view_async_shared();
       pipeline_k.consumer_release(last);
       if constexpr (Tr::kOInV) pipeline_v.consumer_release(last);
+    }
+    if (taken) {
+      tile = next_tile;
+      coord = next_coord;
     }
   }
   turns.finish();
@@ -609,7 +652,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
-                   fwd_tuning().prefetch_q != 0};
+                   fwd_tuning().prefetch_q != 0, fwd_tuning().early_next_tile != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

@@ -49,6 +49,11 @@ struct FwdTraits {
   // 128 * (producer + kNumMmaWG * consumer) must stay within 64K registers.
   static constexpr int kProducerRegs = kNumMmaWG == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWG == 2 ? 240 : 160;
+  // Whether the consumers may take their next tile during the last P V
+  // (FwdTuning::early_next_tile): not where the key loop already spills
+  // (160 registers a thread with three groups; d = 128's 176-key tiles),
+  // which the tile carried across the epilogue made spill more.
+  static constexpr bool kEarlyNextTile = kNumMmaWG == 2 && !(kHeadDim == 128 && kBlockN > 128);
 
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
   // (M = queries, N = head dim, K = keys); warp groups tiled along M.

@@ -61,6 +61,10 @@ struct FwdTuning {
   // the tile, a few key tiles before the consumers release the Q buffer its
   // load waits for (compiled only: session 16).
   int64_t prefetch_q = 0;
+  // 1: each consumer group takes its next tile from the producer's ring and
+  // works out where it lies while its last P V of the tile before runs,
+  // rather than after that tile's epilogue (compiled only: session 16).
+  int64_t early_next_tile = 0;
 };
 const FwdTuning& fwd_tuning();
 
