@@ -117,7 +117,7 @@ def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int, wit
 
 
 def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] | str], device: torch.device,
-                smoke: bool, flex_bwd: bool) -> list[dict[str, Any]]:
+                smoke: bool, flex_bwd: bool, backward: bool = True) -> list[dict[str, Any]]:
     d, causal, n = setting
     batch, heads = shape(d, n, smoke)
     q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -144,7 +144,7 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
         except Exception as err:  # a refused setting is a row, not the end of the sweep
             row["error"] = common.error_text(err)
-        if "error" not in row and (name != "flex" or flex_bwd):
+        if backward and "error" not in row and (name != "flex" or flex_bwd):
             try:
                 fwd_bwd = common.time_ms(lambda: fwd(q, k, v).backward(grad), device, grad_to_none=(q, k, v))
                 row["fwd_bwd_ms"] = fwd_bwd
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--seqlens", type=int, nargs="+", metavar="N", help="only these sequence lengths of the sweep")
     parser.add_argument("--impls", nargs="+", metavar="NAME",
                         help="only these implementations (flash_ext, flash_ext_sm80, sdpa_cudnn, flex, ...)")
+    parser.add_argument("--no-backward", action="store_true",
+                        help="time the forward only (A/B runs of forward variants take half the time)")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else common.default_device()
     settings = [(d, causal, n) for d, causal, n in sweep(args.quick, args.smoke)
@@ -213,7 +215,7 @@ def main() -> None:
                                 math_skip(*shape(d, n, args.smoke), n))
         if args.impls:
             impls = {name: fwd for name, fwd in impls.items() if name in args.impls}
-        rows += run_setting(setting, impls, device, args.smoke, flex_bwd)
+        rows += run_setting(setting, impls, device, args.smoke, flex_bwd, backward=not args.no_backward)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))
     print(f"wrote {common.shown(path)} and .md")

@@ -45,11 +45,15 @@ for tag in tags:
         continue
     for row in json.loads(path.read_text())["rows"]:
         if row["impl"] == "flash_ext" and "error" not in row:
-            rows.setdefault((row["d"], row["causal"], row["n"]), {})[tag] = (row["fwd_tflops"], row["bwd_tflops"])
+            rows.setdefault((row["d"], row["causal"], row["n"]), {})[tag] = (row["fwd_tflops"],
+                                                                             row.get("bwd_tflops"))
 for phase, col in (("fwd", 0), ("bwd", 1)):
+    if not any(v[col] is not None for per_tag in rows.values() for v in per_tag.values()):
+        continue  # --no-backward
     print(f"{phase} TFLOP/s | d causal n | " + " ".join(f"{t:>6}" for t in tags))
     for key in sorted(rows):
         print(f"{phase} | {key[0]:3d} {key[1]} {key[2]:5d} | " +
-              " ".join(f"{rows[key][t][col]:6.0f}" if t in rows[key] else "     -" for t in tags))
+              " ".join(f"{rows[key][t][col]:6.0f}" if rows[key].get(t, (None, None))[col] is not None
+                       else "     -" for t in tags))
 PY
 (cd "$RUNS" && tar czf "$OUT/env_ab.tgz" .)
