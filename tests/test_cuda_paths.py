@@ -439,7 +439,9 @@ saved = []
 for d, align, n_q, n_k, heads, kv_heads in ((128, None, 1000, 1000, 4, 4), (128, "top", 700, 700, 4, 4),
                                             (128, None, 500, 500, 8, 2), (96, None, 300, 1111, 2, 2),
                                             (64, "top", 600, 900, 4, 4), (128, "bottom", 400, 200, 2, 2),
-                                            (64, "bottom", 500, 300, 2, 1)):
+                                            (64, "bottom", 500, 300, 2, 1),
+                                            # more blocks than SMs: prefetch_kv's blocks a wave ahead exist
+                                            (128, "top", 1024, 1024, 16, 16)):
     q = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, kv_heads, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
@@ -467,13 +469,14 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "stages=3", "convert_dq=1", "stages=3,convert_dq=1"])
+@pytest.mark.parametrize("spec", ["", "stages=3", "convert_dq=1", "stages=3,convert_dq=1", "prefetch_kv=1"])
 def test_hopper_backward_tuning_variants(tmp_path, spec):
     """FLASH_EXT_BWD_TUNING: stages=3 gives the d = 128 backward (and d = 96
     on its tiles) a third Q/dO stage; convert_dq=1 converts dQ inside the
     main kernel, each query tile once its last addition has landed (tiles no
     key block adds to, under a bottom-right causal mask with more queries
-    than keys, written 0 up front). Each setting's gradients are held to the
+    than keys, written 0 up front); prefetch_kv=1 has each block prefetch
+    the K and V of the block a wave later. Each setting's gradients are held to the
     float64 reference (partial tiles, both causal alignments, GQA); a stage
     count other than 2 or 3 is refused by name."""
     import os

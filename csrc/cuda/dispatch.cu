@@ -355,6 +355,7 @@ const sm90::BwdTuning& sm90::bwd_tuning() {
     static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
         {"stages", &BwdTuning::stages},
         {"convert_dq", &BwdTuning::convert_dq},
+        {"prefetch_kv", &BwdTuning::prefetch_kv},
     };
     const BwdTuning t = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
     if (t.stages != 2 && t.stages != 3) {

@@ -50,6 +50,9 @@ struct BwdArgs {
   // In-kernel dQ conversion: contribution counters per (batch, head, query
   // tile), from init_dq_counters_kernel; null without it.
   int* dq_counters;
+  // BwdTuning::prefetch_kv: the block this many later (one wave of the grid),
+  // whose K and V this one prefetches into L2; 0: none.
+  int64_t prefetch_ahead;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -378,6 +381,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     // K and V: read once, by this block; Q and dO: by every key tile's block.
     copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
     copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
+    if constexpr (!kVarlen) {
+      // The K and V of the block a wave later into L2, where its loads will
+      // find them (blocks start in index order as SMs free up).
+      const int64_t ahead = int64_t(blockIdx.x) + args.prefetch_ahead;
+      if (args.prefetch_ahead > 0 && ahead < int64_t(gridDim.x)) {
+        const int64_t ahead_bk = ahead / n_blocks;
+        const auto ahead_tile = [&](const auto& tma) {
+          return local_tile(tma.get_tma_tensor(kv_shape)(_, _, ahead_bk % p.kv_heads, ahead_bk / p.kv_heads),
+                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(ahead % n_blocks, _0{}));
+        };
+        prefetch(args.tma_k, get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                                  group_modes<0, 2>(ahead_tile(args.tma_k)))));
+        prefetch(args.tma_v, get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                                  group_modes<0, 2>(ahead_tile(args.tma_v)))));
+      }
+    }
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -738,7 +757,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
     const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
-        p, ws, head_rows, dq_counters,
+        p, ws, head_rows, dq_counters, !kVarlen && bwd_tuning().prefetch_kv != 0 ? int64_t{p.num_sms} : 0,
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                       smem_q, TileQ{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),

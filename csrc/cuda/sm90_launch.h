@@ -106,6 +106,10 @@ struct BwdTuning {
   // added to it last, in the producer group's spare warps, instead of by a
   // kernel of its own (0: off; dense batches at d <= 128).
   int64_t convert_dq = 0;
+  // 1: each block prefetches into L2 the K and V of the block one wave of
+  // the grid later (one block an SM), whose first loads then need not wait
+  // on DRAM (dense batches; compiled only: session 16).
+  int64_t prefetch_kv = 0;
 };
 const BwdTuning& bwd_tuning();
 
