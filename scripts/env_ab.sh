@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side timing of one build under several environment settings (the
-# run-time variants of FLASH_EXT_FWD_TUNING / FLASH_EXT_BWD_TUNING), each run
+# run-time variants of FLASH_EXT_FWD_TUNING), each run
 # in a process of its own (the variables are read once per process), the
 # settings alternating for ENV_AB_ROUNDS rounds (default 2): processes of one
 # build differed by up to 8 % on long rows (session 12), so small differences

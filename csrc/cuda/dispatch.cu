@@ -142,8 +142,6 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
-      {"prefetch_q", &FwdTuning::prefetch_q},
-      {"early_next_tile", &FwdTuning::early_next_tile},
   };
   return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
 }
@@ -350,22 +348,6 @@ const sm90::FwdTuning& sm90::fwd_tuning() {
   return tuning;
 }
 
-const sm90::BwdTuning& sm90::bwd_tuning() {
-  static const BwdTuning tuning = [] {
-    static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
-        {"stages", &BwdTuning::stages},
-        {"convert_dq", &BwdTuning::convert_dq},
-        {"prefetch_kv", &BwdTuning::prefetch_kv},
-    };
-    const BwdTuning t = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
-    if (t.stages != 2 && t.stages != 3) {
-      throw std::invalid_argument("flash_ext: FLASH_EXT_BWD_TUNING stages must be 2 or 3, got " +
-                                  std::to_string(t.stages));
-    }
-    return t;
-  }();
-  return tuning;
-}
 #endif
 
 const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {

@@ -81,7 +81,7 @@ bool strides_ok(const int64_t (&stride)[3], bool step0, bool step1, bool step2) 
 Tuning tuning_from_environment() {
   static const Tuning tuning = [] {
     Tuning t;
-    read_tuning_spec("FLASH_EXT_DECODE_TUNING", "stages, pdl, fused_combine, cluster_merge, prefetch_full_cache",
+    read_tuning_spec("FLASH_EXT_DECODE_TUNING", "stages, pdl, fused_combine, cluster_merge",
                      [&](const std::string& key, int64_t n) {
                        if (key == "stages") {
                          t.stages = static_cast<int>(std::min<int64_t>(n, kMaxStages + 1));  // out of range: refused
@@ -91,8 +91,6 @@ Tuning tuning_from_environment() {
                          t.fused_combine = n != 0;
                        } else if (key == "cluster_merge") {
                          t.cluster_merge = n != 0;
-                       } else if (key == "prefetch_full_cache") {
-                         t.prefetch_full_cache = n != 0;
                        } else {
                          return false;
                        }
@@ -123,8 +121,6 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
   KernelArgs args;
   args.p = p;
   args.cluster_merge = merges_in_cluster(p.num_splits, major, tuning);
-  args.prefetch_full_cache =
-      tuning.prefetch_full_cache && p.block_table == nullptr && p.new_len == 0 && p.window_left < 0;
   if (p.num_splits > 1 && !args.cluster_merge && (p.out_partial == nullptr || p.lse_partial == nullptr)) {
     throw std::runtime_error("flash_ext kvcache: num_splits > 1 needs out_partial and lse_partial");
   }

@@ -12,20 +12,12 @@
 
 namespace flash_ext::cuda::sm90 {
 
-template <int kHeadDim, class Element, int kStages = 2>
-using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, kStages, Element>;
+template <int kHeadDim, class Element>
+using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
 // Varlen batches take the dense batches' tiles (their sequences are as long).
-// d = 128: a third stage of Q and dO under FLASH_EXT_BWD_TUNING=stages=3
-// (225 KB of shared memory; d = 64's 128-row tiles have no room for it).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
-  if constexpr (kHeadDim == 128) {
-    if (bwd_tuning().stages == 3) {
-      launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>, 3>, kVarlen>(p, stream);
-      return;
-    }
-  }
   launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>>, kVarlen>(p, stream);
 }
 

@@ -19,9 +19,7 @@
 //      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
 //      owns half of the head dims of dV, dK (A from shared memory) and dQ,
 //      which it adds with vector atomics from registers;
-//   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel; with
-//      FLASH_EXT_BWD_TUNING=convert_dq=1, dense at d <= 128, inside step 2
-//      instead: see kConvertDq).
+//   3. dq = scale * dq_accum in the input dtype (convert_dq_sm90_kernel).
 // dq_accum has sm80's size and row layout (dq_workspace, dense or varlen),
 // but each query tile's kBlockM x kHeadDim floats are stored in
 // dq_tile_offset's order (the order of the consumer threads'
@@ -47,12 +45,6 @@ struct BwdArgs {
   AttentionBwdParams p;
   DqWorkspace ws;
   int64_t softmax_head_rows;
-  // In-kernel dQ conversion: contribution counters per (batch, head, query
-  // tile), from init_dq_counters_kernel; null without it.
-  int* dq_counters;
-  // BwdTuning::prefetch_kv: the block this many later (one wave of the grid),
-  // whose K and V this one prefetches into L2; 0: none.
-  int64_t prefetch_ahead;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -64,8 +56,6 @@ struct BwdArgs {
 // part of dK and dV staged).
 constexpr uint32_t kDsBarrier = 0;
 constexpr uint32_t kDqBarrier = 1;
-// In-kernel dQ conversion: warps 1-3 of the producer group.
-constexpr int kConverterThreads = 96;
 
 // Where the pre-pass leaves D and lse: softmax_head_rows rows per head
 // (and batch, unless varlen) each, D first.
@@ -174,109 +164,13 @@ __host__ __device__ __forceinline__ int dq_tile_offset(int tid, int j) {
   return (tid / 32) * 32 * Tr::kDqFrag + j * 32 * 4 + (tid % 32) * 4;
 }
 
-// The float4 j of what consumer thread t added to the dQ tile at `tile`
-// (dq_tile_offset's order), element by element with its (row, column) in the
-// tile as that thread's accumulator holds it: f(row, column, value).
-// kThroughL2: loads that bypass L1 (other blocks' additions, seen in L2).
-template <class Tr, bool kThroughL2, class F>
-__device__ __forceinline__ void for_each_added_dq(const float* tile, int t, int j, const F& f) {
-  typename Tr::TiledMmadQ mma_dq;
-  Tensor coord = mma_dq.get_thread_slice(t).partition_C(
-      make_identity_tensor(Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>{}));
-  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
-  const float4* src = reinterpret_cast<const float4*>(tile + dq_tile_offset<Tr>(t, j));
-  const float4 v4 = kThroughL2 ? __ldcg(src) : *src;
-  const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-  CUTE_UNROLL
-  for (int e = 0; e < 4; ++e) f(get<0>(coord(4 * j + e)), get<1>(coord(4 * j + e)), v[e]);
-}
-
-// The query tiles [first, end) whose rows see some key of key block n_block
-// (end <= first: none), as the main kernel walks them.
-struct TileSpan {
-  int first, end;
-};
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ TileSpan query_tiles_of_key_block(const SequenceBounds& seq, int64_t n_block) {
-  const int64_t n0 = n_block * kBlockN;
-  const int64_t key_rows = seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN;
-  const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
-  return {static_cast<int>(qrange.begin / kBlockM), static_cast<int>(ceil_div64(qrange.end, kBlockM))};
-}
-
-// In-kernel dQ conversion, dense batches: each (batch, head, query tile)
-// counter starts at minus the number of reduce-adds the tile will get (its
-// key blocks times Tr::kDqIssuers), so the one that brings it to zero knows
-// the tile is complete. A tile no key block adds to is never converted
-// there: its dQ rows are written 0 here. One warp per tile.
-template <class Tr>
-__global__ void __launch_bounds__(256) init_dq_counters_kernel(const AttentionBwdParams p, int* counters) {
-  using Element = typename Tr::Element;
-  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
-  const int lane = threadIdx.x % 32;
-  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM), n_blocks = ceil_div64(p.kv_len, kBlockN);
-  const int64_t tiles = p.batch * p.heads * m_blocks, warps = int64_t(gridDim.x) * blockDim.x / 32;
-  for (int64_t tile = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; tile < tiles; tile += warps) {
-    const int m_block = static_cast<int>(tile % m_blocks);
-    const int64_t b = tile / m_blocks / p.heads, h = tile / m_blocks % p.heads;
-    const SequenceBounds seq = sequence_bounds<false>(p, b);
-    int count = 0;
-    for (int64_t n = lane; n < n_blocks; n += 32) {
-      const TileSpan span = query_tiles_of_key_block<kBlockM, kBlockN>(seq, n);
-      count += span.first <= m_block && m_block < span.end;
-    }
-    count = __reduce_add_sync(0xffffffffu, count);
-    if (lane == 0) counters[tile] = -count * Tr::kDqIssuers;
-    if (count == 0) {
-      const int64_t m0 = int64_t(m_block) * kBlockM;
-      const int64_t rows = p.q_len - m0 < kBlockM ? p.q_len - m0 : kBlockM;
-      Element* dq = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + m0 * p.dq_stride[2];
-      for (int64_t i = lane; i < rows * p.head_dim; i += 32) {
-        dq[i / p.head_dim * p.dq_stride[2] + i % p.head_dim] = Element(0.f);
-      }
-    }
-  }
-}
-
-// Query tile `code` (head offset in the group << 24 | query tile) of the
-// block's group: dq = scale * dq_accum, by the nthreads threads ctid of a
-// converter group, each taking the place of consumer threads ctid,
-// ctid + nthreads, ... to find the (row, column) of what that thread added
-// (16-byte loads through L2, where the other blocks' additions are).
-template <class Tr>
-__device__ __forceinline__ void convert_dq_tile(const AttentionBwdParams& p, const DqWorkspace& ws,
-                                                const SequenceBounds& seq, int64_t b, int64_t h_begin, int code,
-                                                int ctid, int nthreads) {
-  using Element = typename Tr::Element;
-  constexpr int kBlockM = Tr::kBlockM, kHeadDim = Tr::kHeadDim;
-  const int64_t h = h_begin + (code >> 24), m0 = int64_t(code & 0xffffff) * kBlockM;
-  const float* src = p.dq_accum + (sm80::dq_accum_row0(false, p, ws, seq, b, h) + m0) * kHeadDim;
-  const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
-  Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + m0 * p.dq_stride[2];
-  const float scale = static_cast<float>(p.scale);
-  for (int t = ctid; t < 128 * Tr::kNumMmaWG; t += nthreads) {
-    CUTE_NO_UNROLL
-    for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-      for_each_added_dq<Tr, true>(src, t, j, [&](int r, int c, float v) {
-        if (r < rows && c < p.head_dim) dst[r * p.dq_stride[2] + c] = static_cast<Element>(v * scale);
-      });
-    }
-  }
-}
-
 // kVarlen: p has cu_seqlens; the TMA descriptors span the packed tensors
 // (see launch_attention_bwd) and tiles start at their sequence's first row.
 // Tiles may reach into the next sequence's rows: its keys are masked as
 // the kv_len tail of a dense batch, its queries have lse = +inf (P = 0).
-// kConvertDq (BwdTuning::convert_dq, dense, d <= 128): each dQ issuer counts
-// its reduce-add into the tile's counter once the add has completed
-// (checked one query tile later, when the issuer waits for it anyway), and
-// the count that completes a tile hands it to warps 1-3 of the producer
-// group, which convert it while the consumers go on.
-template <class Tr, bool kVarlen, bool kConvertDq>
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(const __grid_constant__ BwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(!kConvertDq || (!kVarlen && !Tr::kSplitDims), "in-kernel dQ conversion: dense, d <= 128");
   using Element = typename Tr::Element;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim;
   const AttentionBwdParams& p = args.p;
@@ -295,8 +189,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
   if (kVarlen && n0 >= seq.kv_len) return;
   const int key_rows = static_cast<int>(seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN);
-  const TileSpan span = query_tiles_of_key_block<kBlockM, kBlockN>(seq, n_block);
-  const int m_block_min = span.first, m_block_max = span.end;
+  const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
+  const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
+  const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
 
   // Rows n0 + r of this sequence; dk_stride[0] is 0 for varlen.
   Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] +
@@ -320,16 +215,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Tr::kNumMmaWG * 128;
-  if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
-    if constexpr (kConvertDq) {
-      for (int slot = 0; slot < Tr::kConvertSlots; ++slot) {
-        cutlass::arch::ClusterBarrier::init(&smem.convert_full[slot], 1);
-        cutlass::arch::ClusterBarrier::init(&smem.convert_empty[slot], kConverterThreads);
-      }
-      smem.convert_pushes = 0;
-    }
-  }
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
   Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
@@ -340,21 +226,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Tr::SmemLayoutKV{});
 
   if (warp_group == 0) {
-    // ---- producer (and, kConvertDq, its warps 1-3 the dQ converters, in
-    // the same kProducerRegs registers: the consumers take the rest)
+    // ---- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if constexpr (kConvertDq) {
-      if (threadIdx.x >= 32) {
-        for (uint32_t k = 0;; ++k) {
-          const uint32_t slot = k % Tr::kConvertSlots;
-          cutlass::arch::ClusterBarrier::wait(&smem.convert_full[slot], (k / Tr::kConvertSlots) % 2);
-          const int code = smem.convert_tile[slot];
-          cutlass::arch::ClusterBarrier::arrive(&smem.convert_empty[slot]);
-          if (code < 0) return;  // the consumers are done
-          convert_dq_tile<Tr>(p, ws, seq, b, h_begin, code, threadIdx.x - 32, kConverterThreads);
-        }
-      }
-    }
     if (threadIdx.x != 0) return;
     // Varlen: one batch entry spanning the packed rows, this sequence's
     // tiles offset by its first row (as the descriptors in launch_attention_bwd).
@@ -381,22 +254,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     // K and V: read once, by this block; Q and dO: by every key tile's block.
     copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
     copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
-    if constexpr (!kVarlen) {
-      // The K and V of the block a wave later into L2, where its loads will
-      // find them (blocks start in index order as SMs free up).
-      const int64_t ahead = int64_t(blockIdx.x) + args.prefetch_ahead;
-      if (args.prefetch_ahead > 0 && ahead < int64_t(gridDim.x)) {
-        const int64_t ahead_bk = ahead / n_blocks;
-        const auto ahead_tile = [&](const auto& tma) {
-          return local_tile(tma.get_tma_tensor(kv_shape)(_, _, ahead_bk % p.kv_heads, ahead_bk / p.kv_heads),
-                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(ahead % n_blocks, _0{}));
-        };
-        prefetch(args.tma_k, get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                                  group_modes<0, 2>(ahead_tile(args.tma_k)))));
-        prefetch(args.tma_v, get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                                  group_modes<0, 2>(ahead_tile(args.tma_v)))));
-      }
-    }
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -469,44 +326,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // part of dQ to the bulk-copy engine.
   const bool dq_issuer = Tr::kWarpDqReduce ? tid % 32 == 0 : tid % 128 == 0;
   float* const sdq_group = smem.dq.data() + dq_tile_offset<Tr>(tid - tid % 128, 0);
-  // kConvertDq, per issuer: its last reduce-add not yet counted (the tile's
-  // code, -1: none), the one counted before it and that count's result
-  // (-1: it completed the tile), acted on one query tile later so the
-  // atomic's round trip does not hold the warp.
-  int uncounted = -1, counted = -1, counted_old = 0;
-  const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
-  const auto push_converter = [&](int code) {
-    const uint32_t k = atomicAdd(&smem.convert_pushes, 1u);
-    const uint32_t slot = k % Tr::kConvertSlots;
-    cutlass::arch::ClusterBarrier::wait(&smem.convert_empty[slot], (k / Tr::kConvertSlots) % 2 ^ 1);
-    smem.convert_tile[slot] = code;
-    cutlass::arch::ClusterBarrier::arrive(&smem.convert_full[slot]);
-  };
-  // After the issuer's wait for its reduce-adds to complete (not only to be
-  // read): hands the tile the last count completed to the converters, and
-  // counts the add not yet counted (its bytes, written by the bulk-copy
-  // engine, ordered before the count: proxy fence, release).
-  const auto count_completed_adds = [&] {
-    if (counted >= 0 && counted_old == -1) {
-      asm volatile("fence.acq_rel.gpu;\n" ::: "memory");  // every count before ours, and their adds
-      push_converter(counted);
-    }
-    counted = uncounted;
-    if (uncounted >= 0) {
-      int* counter = args.dq_counters + (b * p.heads + h_begin + (uncounted >> 24)) * m_blocks + (uncounted & 0xffffff);
-      asm volatile("fence.proxy.async.global;\n" ::: "memory");
-      asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(counted_old) : "l"(counter) : "memory");
-    }
-    uncounted = -1;
-  };
-  const auto wait_dq_adds = [&] {
-    if constexpr (kConvertDq) {
-      asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-      count_completed_adds();
-    } else {
-      tma_store_wait<0>();  // the staging tile read: it may be overwritten
-    }
-  };
 
   // Query tiles [full_first, full_end) see all of this key tile unmasked:
   // two ints tested per query tile, not the window's 64-bit bounds.
@@ -574,7 +393,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores before wgmma reads them
         // Both halves of dS in shared memory; and the previous tile's dQ left
         // the staging tile (its issuing threads waited for the bulk reads).
-        if (!Tr::kWarpDqReduce && dq_issuer) wait_dq_adds();
+        if (!Tr::kWarpDqReduce && dq_issuer) tma_store_wait<0>();
         cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
       }
 
@@ -608,7 +427,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       } else if constexpr (Tr::kWarpDqReduce) {
         // Each warp hands its own run to the bulk-copy engine: no wait for
         // the group's other warps. Its lane 0 saw the previous tile's run read.
-        if (dq_issuer) wait_dq_adds();
+        if (dq_issuer) tma_store_wait<0>();
         __syncwarp();
         CUTE_UNROLL
         for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
@@ -621,7 +440,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
           const int run = dq_tile_offset<Tr>(tid, 0);
           bulk_reduce_add(dq_tile + run, smem.dq.data() + run, 32 * Tr::kDqFrag * sizeof(float));
           tma_store_arrive();
-          if constexpr (kConvertDq) uncounted = int((h - h_begin) << 24) | m_block;
         }
       } else {
         CUTE_UNROLL
@@ -634,7 +452,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         if (dq_issuer) {
           bulk_reduce_add(dq_tile + (sdq_group - smem.dq.data()), sdq_group, 128 * Tr::kDqFrag * sizeof(float));
           tma_store_arrive();
-          if constexpr (kConvertDq) uncounted = int((h - h_begin) << 24) | m_block;
         }
       }
       warpgroup_wait<0>();  // dK done: Q and this dS buffer are free
@@ -647,14 +464,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // groups are past their last reads of them), then 16-byte row stores.
   CUTE_UNROLL
   for (int e = 0; e < size(acc_dk); ++e) acc_dk(e) *= static_cast<float>(p.scale);
-  if constexpr (kConvertDq) {
-    if (dq_issuer) {
-      wait_dq_adds();          // counts the last add
-      count_completed_adds();  // acts on that count
-    }
-  }
   cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
-  if (kConvertDq && tid == 0) push_converter(-1);  // after every issuer's last push: the converters may stop
   auto r2s_kv = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_dkv);
   auto r2s_kv_thr = r2s_kv.get_thread_slice(tid);
   Tensor dk_elem = convert_to<Element>(acc_dk);
@@ -694,6 +504,9 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   constexpr int kPitch = kHeadDim + 8, kChunks = kHeadDim / 8;
   __shared__ __align__(16) Element staged[kBlockM * kPitch];
   const int tid = threadIdx.x;
+  typename Tr::TiledMmadQ mma_dq;
+  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  static_assert(decltype(size(coord))::value == Tr::kDqFrag);
   const float scale = static_cast<float>(p.scale);
   const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
   for (int64_t tile = blockIdx.x; tile < p.batch * p.heads * m_blocks; tile += gridDim.x) {
@@ -704,9 +517,12 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
     const float* src = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
     CUTE_UNROLL
     for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
-      for_each_added_dq<Tr, false>(src, tid, j, [&](int r, int c, float v) {
-        staged[r * kPitch + c] = static_cast<Element>(v * scale);
-      });
+      const float4 v4 = *reinterpret_cast<const float4*>(src + dq_tile_offset<Tr>(tid, j));
+      const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+      CUTE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
+      }
     }
     __syncthreads();
     const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
@@ -739,17 +555,6 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
   const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
-  const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
-  // In-kernel dQ conversion (BwdTuning::convert_dq): its counters after D
-  // and lse in the softmax_d workspace.
-  constexpr bool kCanConvertDq = !kVarlen && !Tr::kSplitDims;
-  int* const dq_counters = kCanConvertDq && bwd_tuning().convert_dq != 0 && blocks > 0 && tiles > 0
-                               ? reinterpret_cast<int*>(p.softmax_d + bwd_dq_counters_offset(p))
-                               : nullptr;
-  if (dq_counters != nullptr) {
-    init_dq_counters_kernel<Tr><<<grid_stride_blocks(ceil_div64(tiles, 8)), 256, 0, stream>>>(p, dq_counters);
-    sm80::launch_checked("sm90 dq counters kernel", cudaGetLastError());
-  }
   if (blocks > 0) {  // before building TMA descriptors of empty tensors
     using TileQ = Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>;
     using TileKV = Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>;
@@ -757,7 +562,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
     const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
-        p, ws, head_rows, dq_counters, !kVarlen && bwd_tuning().prefetch_kv != 0 ? int64_t{p.num_sms} : 0,
+        p, ws, head_rows,
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                       smem_q, TileQ{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),
@@ -766,13 +571,11 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
-    auto kernel = attention_bwd_sm90_kernel<Tr, kVarlen, false>;
-    if constexpr (kCanConvertDq) {
-      if (dq_counters != nullptr) kernel = attention_bwd_sm90_kernel<Tr, kVarlen, true>;
-    }
-    launch_1d("attention backward (sm90", Tr::kHeadDim, kernel, blocks, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
+              Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
-  if (tiles > 0 && dq_counters == nullptr) {
+  const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
+  if (tiles > 0) {
     convert_dq_sm90_kernel<Tr, kVarlen><<<grid_stride_blocks(tiles), 128 * Tr::kNumMmaWG, 0, stream>>>(p, ws);
     sm80::launch_checked("sm90 dq conversion kernel", cudaGetLastError());
   }

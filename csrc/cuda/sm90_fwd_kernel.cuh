@@ -112,8 +112,6 @@ struct FwdArgs {
   // rematerializes rather than keep a register; the FP64 compare stalled at
   // N = 512 in ncu).
   float scale, scale_log2;
-  bool prefetch_q;        // FwdTuning::prefetch_q
-  bool early_next_tile;   // FwdTuning::early_next_tile
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -313,11 +311,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       auto& tQs = get<1>(q_parts);
       auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      // The tile's Q into L2 now: its loads below wait for the groups to be
-      // done with their last tile's, near that tile's end.
-      if (args.prefetch_q) {
-        for (int w = 0; w < kNumMmaWG; ++w) prefetch(args.tma_q, tQg(_, t.m_block * kNumMmaWG + w));
-      }
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
         cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
@@ -460,7 +453,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   typename Pipeline::PipelineState read;
   uint32_t q_phase = 0;
   // A tile's index from the ring and its coordinates. With
-  // args.early_next_tile the next tile is taken while this one's last P V
+  // Tr::kEarlyNextTile the next tile is taken while this one's last P V
   // runs, so the ring wait and the divisions placing it overlap that
   // product instead of following the epilogue; otherwise at the top of the
   // loop. (Only the index and coordinates cross to the next pass: the rest
@@ -563,9 +556,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.wait();
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
     turns.pass();
-    int next_tile;
-    TileCoord next_coord;
-    if (Tr::kEarlyNextTile && args.early_next_tile) {
+    int next_tile = tiles;  // (set only with kEarlyNextTile)
+    TileCoord next_coord{};
+    if constexpr (Tr::kEarlyNextTile) {
       take_tile(next_tile, next_coord);
       taken = true;
     }
@@ -651,8 +644,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
-                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
-                   fwd_tuning().prefetch_q != 0, fwd_tuning().early_next_tile != 0};
+                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

@@ -49,11 +49,13 @@ struct FwdTraits {
   // 128 * (producer + kNumMmaWG * consumer) must stay within 64K registers.
   static constexpr int kProducerRegs = kNumMmaWG == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWG == 2 ? 240 : 160;
-  // Whether the consumers may take their next tile during the last P V
-  // (FwdTuning::early_next_tile): not where the key loop already spills
-  // (160 registers a thread with three groups; d = 128's 176-key tiles),
-  // which the tile carried across the epilogue made spill more.
-  static constexpr bool kEarlyNextTile = kNumMmaWG == 2 && !(kHeadDim == 128 && kBlockN > 128);
+  // Whether the consumers take their next tile during their last P V of a
+  // tile rather than after its epilogue: with three stages the producer is
+  // far enough ahead to have announced it (+0-3 % at N = 1k-2k on an H100;
+  // d = 256's two stages lost 8 % at causal 512, session 16), and not where
+  // the key loop already spills (three groups' 160 registers, d = 128's
+  // 176-key tiles), which the tile carried across the epilogue made spill more.
+  static constexpr bool kEarlyNextTile = kNumMmaWG == 2 && kStages >= 3 && !(kHeadDim == 128 && kBlockN > 128);
 
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
   // (M = queries, N = head dim, K = keys); warp groups tiled along M.
@@ -191,12 +193,6 @@ struct BwdTraits {
   // after a group barrier (the per-warp hand-off measured level, -9 % at
   // causal N = 2k). d = 256 adds dQ with atomics from registers.
   static constexpr bool kWarpDqReduce = kHeadDim == 128;
-  // Threads of a block that issue dQ reduce-adds (each a part of the tile).
-  static constexpr int kDqIssuers = kWarpDqReduce ? 4 * kNumMmaWG : kNumMmaWG;
-  // In-kernel dQ conversion: ring slots, at least one per issuer, so each
-  // issuer's one push in flight has a slot of its own lap.
-  static constexpr int kConvertSlots = 8;
-  static_assert(kConvertSlots >= kDqIssuers);
 
   // How the groups tile the keys-along-M products: along M (keys) or, with
   // kSplitDims, along N (queries of S^T, dP^T; head dims of dK, dV).
@@ -275,13 +271,6 @@ struct BwdTraits {
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
-    // In-kernel dQ conversion (BwdTuning::convert_dq): query tiles whose last
-    // contribution this block added, handed to the producer group's spare
-    // warps through a ring (pushes counted in convert_pushes).
-    uint64_t convert_full[kConvertSlots];
-    uint64_t convert_empty[kConvertSlots];
-    int convert_tile[kConvertSlots];
-    uint32_t convert_pushes;
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
   };

@@ -57,14 +57,6 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
-  // 1: the producer prefetches a tile's Q rows into L2 as soon as it takes
-  // the tile, a few key tiles before the consumers release the Q buffer its
-  // load waits for (compiled only: session 16).
-  int64_t prefetch_q = 0;
-  // 1: each consumer group takes its next tile from the producer's ring and
-  // works out where it lies while its last P V of the tile before runs,
-  // rather than after that tile's epilogue (compiled only: session 16).
-  int64_t early_next_tile = 0;
 };
 const FwdTuning& fwd_tuning();
 
@@ -97,30 +89,8 @@ FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head
   return kVarlen ? h * head_rows + (q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4 : (b * p.heads + h) * head_rows;
 }
 
-// Backward knobs, read once per process from FLASH_EXT_BWD_TUNING as
-// FwdTuning's.
-struct BwdTuning {
-  // Q and dO pipeline stages at d = 128 (2 or 3; other head dims take 2).
-  int64_t stages = 2;
-  // dQ converted inside the main kernel, each query tile by a block that
-  // added to it last, in the producer group's spare warps, instead of by a
-  // kernel of its own (0: off; dense batches at d <= 128).
-  int64_t convert_dq = 0;
-  // 1: each block prefetches into L2 the K and V of the block one wave of
-  // the grid later (one block an SM), whose first loads then need not wait
-  // on DRAM (dense batches; compiled only: session 16).
-  int64_t prefetch_kv = 0;
-};
-const BwdTuning& bwd_tuning();
-
-// After D and lse in the softmax_d workspace: one int per (batch, head,
-// 64-row query tile), the in-kernel dQ conversion's contribution counters.
-FLASH_HOST_DEVICE int64_t bwd_dq_counters_offset(const AttentionBwdParams& p) {
-  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
-}
-
 inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
-  return bwd_dq_counters_offset(p) + p.batch * p.heads * ((p.q_len + 63) / 64);
+  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
 }
 
 }  // namespace flash_ext::cuda::sm90

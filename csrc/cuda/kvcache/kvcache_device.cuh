@@ -66,11 +66,6 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
-// A hint: the 128-byte line at ptr into L2 (no fault, nothing waits on it).
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
-}
-
 __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -178,28 +178,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
   };
 
-  if (args.prefetch_full_cache) {
-    // Before the length is read (and, under PDL, while the kernel before
-    // may still run): this split's first tiles into L2, placed as the
-    // length's code below places them for a full cache (cache_seqlens =
-    // max_len). With a shorter length the lines go unused.
-    constexpr int kPrefetchTiles = 2;
-    const int end_tile = (static_cast<int>(p.page_size) + kBlockN - 1) / kBlockN;
-    const int per_split = (end_tile + num_splits - 1) / num_splits;
-    const int first_row = split * per_split * kBlockN;
-    const int rows = min(static_cast<int>(p.page_size), first_row + min(per_split, kPrefetchTiles) * kBlockN) - first_row;
-    const int lines_per_row = (head_dim * static_cast<int>(sizeof(T)) + 127) / 128;
-    const T* k_rows = static_cast<const T*>(p.k_cache) + b * p.k_cache_stride[0] + kvh * p.k_cache_stride[1] +
-                      first_row * p.k_cache_stride[2];
-    const T* v_rows = static_cast<const T*>(p.v_cache) + b * p.v_cache_stride[0] + kvh * p.v_cache_stride[1] +
-                      first_row * p.v_cache_stride[2];
-    for (int i = tid; i < rows * lines_per_row; i += kThreads) {
-      const int r = i / lines_per_row, line = (i % lines_per_row) * (128 / static_cast<int>(sizeof(T)));
-      prefetch_l2(k_rows + r * p.k_cache_stride[2] + line);
-      prefetch_l2(v_rows + r * p.v_cache_stride[2] + line);
-    }
-  }
-
   grid_dependency_wait();  // q, cache and lengths may come from the previous kernel
 
   // Q first: it does not depend on the length, so its latency overlaps the

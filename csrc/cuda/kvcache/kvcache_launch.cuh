@@ -25,10 +25,6 @@ struct Tuning {
   bool pdl = true;            // programmatic dependent launch where the device has it
   bool fused_combine = true;  // the last split merges (needs p.split_counters)
   bool cluster_merge = true;  // sm90, up to kMaxClusterSplits splits: merge in a cluster
-  // A contiguous cache without appended keys or window: each split
-  // prefetches its first tiles into L2 before reading the length, placed
-  // as for a full cache (compiled only: session 16).
-  bool prefetch_full_cache = false;
 };
 
 // Whether the splits of a group run as one thread-block cluster and merge
@@ -60,7 +56,6 @@ struct KernelArgs {
   int stages = 2;
   float scale_log2 = 1.f;  // softmax scale * log2(e): scores live in base 2
   bool cluster_merge = false;  // the splits form a cluster (merges_in_cluster)
-  bool prefetch_full_cache = false;  // Tuning::prefetch_full_cache, where it applies
   // Soft-capping and ALiBi on unscaled scores s = q.k (as score_mod.cuh):
   // s -> tanh_out * tanh_exp2(s * tanh_in), tanh_in = 0 when off; ALiBi
   // slopes enter times inv_scale.
