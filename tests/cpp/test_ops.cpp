@@ -61,16 +61,22 @@ void test_forward_backward(bool causal, bool with_bias, int64_t group) {
   for (size_t i = 0; i < inputs.size(); ++i) expect_close(name + names[i], got[i], want[i], 1e-9);
 }
 
-void test_bad_input_raises() {
-  const at::Tensor q = at::randn({1, 2, 4, 8}), k3 = at::randn({1, 4, 8});
+// `call` must throw a c10::Error whose message contains `message`.
+void expect_error(const std::string& what, const std::function<void()>& call, const std::string& message) {
   bool raised = false;
   try {
-    flash_ext::attention(q, k3, k3);
+    call();
   } catch (const c10::Error& e) {
-    raised = std::string(e.what()).find("key must be a 4-D tensor") != std::string::npos;
+    raised = std::string(e.what()).find(message) != std::string::npos;
   }
-  std::printf("%-44s %s\n", "3-D key raises a named error", raised ? "ok" : "FAIL");
+  std::printf("%-44s %s\n", what.c_str(), raised ? "ok" : "FAIL");
   if (!raised) ++failures;
+}
+
+void test_bad_input_raises() {
+  const at::Tensor q = at::randn({1, 2, 4, 8}), k3 = at::randn({1, 4, 8});
+  expect_error("3-D key raises a named error", [&] { flash_ext::attention(q, k3, k3); },
+               "key must be a 4-D tensor");
 }
 
 // The SDPA entry point: at::scaled_dot_product_attention's arguments, GQA
@@ -85,14 +91,8 @@ void test_sdpa() {
   const at::Tensor k1 = k.narrow(1, 0, 1), v1 = v.narrow(1, 0, 1);
   expect_close("sdpa one kv head without enable_gqa", flash_ext::scaled_dot_product_attention(q, k1, v1),
                reference(q, k1, v1, false, std::nullopt), 1e-10);
-  bool raised = false;
-  try {
-    flash_ext::scaled_dot_product_attention(q, k, v);
-  } catch (const c10::Error& e) {
-    raised = std::string(e.what()).find("enable_gqa") != std::string::npos;
-  }
-  std::printf("%-44s %s\n", "sdpa gqa without enable_gqa raises", raised ? "ok" : "FAIL");
-  if (!raised) ++failures;
+  expect_error("sdpa gqa without enable_gqa raises", [&] { flash_ext::scaled_dot_product_attention(q, k, v); },
+               "enable_gqa");
 }
 
 void test_kvcache() {
