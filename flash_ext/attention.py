@@ -65,6 +65,15 @@ def _softmax_scale(fn: str, scale: float | None, head_dim: int) -> float:
     return value
 
 
+def _dropout_fallback(dropout_p: float) -> str | None:
+    """Refuses a dropout_p outside [0, 1] (naming it); 1, which PyTorch
+    defines (every weight dropped, output 0), is left to PyTorch's SDPA:
+    the reason to fall back, else None."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    return "dropout_p = 1 (every weight dropped)" if dropout_p == 1.0 else None
+
+
 def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
                        scale: float | None, enable_gqa: bool) -> None:
@@ -103,9 +112,6 @@ def _check_sdpa_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         if enable_gqa and query.shape[-3] % key.shape[-3]:
             raise RuntimeError(f"scaled_dot_product_attention: query heads ({query.shape[-3]}) must be a "
                                f"multiple of key/value heads ({key.shape[-3]}) for grouped-query attention")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     if attn_mask is not None:
         if is_causal:
             raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when "
@@ -201,10 +207,11 @@ def scaled_dot_product_attention(
     if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
         return _nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _check_sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    softmax_scale = _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, attn_mask))
     bias_grad = attn_mask is not None and attn_mask.requires_grad and attn_mask.dtype != torch.bool
-    reason = _sdpa_layout_reason(query, key, value, dropout_p)
+    reason = _dropout_fallback(dropout_p) or _sdpa_layout_reason(query, key, value)
     if reason is None:
         reason = _support.prefill_unsupported_reason(query, key, value, attn_mask, dropout_p, needs_grad,
                                                      bias_grad, scale=scale)
@@ -225,7 +232,6 @@ def scaled_dot_product_attention(
         if attn_mask.dtype not in (torch.bool, query.dtype):
             attn_mask = attn_mask.to(query.dtype)
         mask4 = _mask_as_4d(attn_mask, (*query.shape[:-1], key.shape[-2]))
-    softmax_scale = _softmax_scale("scaled_dot_product_attention", scale, query.shape[-1])
     out, _ = ops.attention(q4, k4, v4, mask4, float(dropout_p), softmax_scale, -1, 0 if is_causal else -1,
                            False, False)
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
@@ -235,11 +241,7 @@ def _nested_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
                  enable_gqa: bool) -> torch.Tensor:
     """SDPA on jagged nested tensors ``(B, H, j, E)`` through the varlen op."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
-    reason = _nested_reason(query, key, value, attn_mask, enable_gqa)
-    if reason is None and dropout_p == 1.0:
-        reason = "dropout_p = 1 (every weight dropped)"
+    reason = _dropout_fallback(dropout_p) or _nested_reason(query, key, value, attn_mask, enable_gqa)
     if reason is None:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, j, H, E), ragged dim 1
         q_values, k_values, v_values = (t.values() for t in (q, k, v))
@@ -308,18 +310,15 @@ def _layout_served(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 or t.shape[-1] == 1
 
 
-def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        dropout_p: float) -> str | None:
+def _sdpa_layout_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
     """Inputs outside the (B, H, N, D) model our kernels use, and the
-    degenerate cases PyTorch defines that no kernel should carry."""
+    degenerate shapes PyTorch defines that no kernel should carry."""
     if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
         return "query and key/value batch dimensions differ (broadcast batch)"
     if query.dim() >= 3 and query.shape[-3] == 1 and key.shape[-3] > 1:
         return "one query head broadcast over several key/value heads"
     if query.shape[-1] == 0 or value.shape[-1] == 0:
         return "a head dim of size 0"
-    if dropout_p == 1.0:
-        return "dropout_p = 1 (every weight dropped)"
     return None
 
 

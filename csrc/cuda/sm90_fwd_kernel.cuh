@@ -556,10 +556,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.wait();
     wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
     turns.pass();
-    int next_tile = tiles;  // (set only with kEarlyNextTile)
-    TileCoord next_coord{};
-    if constexpr (Tr::kEarlyNextTile) {
-      take_tile(next_tile, next_coord);
+    if constexpr (Tr::kEarlyNextTile) {  // t keeps this tile's placement for the epilogue
+      take_tile(tile, coord);
       taken = true;
     }
     warpgroup_wait<0>();
@@ -577,10 +575,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       cutlass::arch::fence_view_async_shared();
       pipeline_k.consumer_release(last);
       if constexpr (Tr::kOInV) pipeline_v.consumer_release(last);
-    }
-    if (taken) {
-      tile = next_tile;
-      coord = next_coord;
     }
   }
   turns.finish();
