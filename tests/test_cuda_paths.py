@@ -334,6 +334,15 @@ for d, causal, n_q, n_k in ((128, False, 1536, 1536), (128, True, 1536, 1536), (
     k, v = (torch.randn(4, n_k, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs += [t.cpu() for t in flash_ext.flash_attn_func(q, k, v, causal=causal, return_lse=True)]
     assert flash_ext.last_cuda_kernel_family() == "sm90"
+# Cluster pairs (cluster_pairs_min_kv): even numbers of query tiles at d = 128
+# and 256, a partial last one, 176-key tiles with a partial last one, several
+# pairs per cluster; an odd number of query tiles keeps single blocks.
+for d, n_q, n_k in ((256, 1000, 1000), (128, 512, 9000), (128, 1100, 1100), (256, 1536, 700)):
+    q = torch.randn(4, 16, n_q, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 16, n_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    outs += [t.cpu() for t in flash_ext.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                        return_lse=True)]
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
 # A packed batch whose tiles include ones past a short sequence's end and a
 # sequence without queries or keys (the tiles the consumers skip).
 cu = torch.tensor([0, 700, 700, 1030, 2600], dtype=torch.int32, device="cuda")
@@ -350,7 +359,8 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid and the order of the tiles, never the arithmetic:
+    the grid, the order of the tiles and whether blocks share K/V loads in
+    cluster pairs, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -360,7 +370,8 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     for name, spec in (("default", ""), ("two_stage", "two_stage_max_kv=100000"),
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
-                       ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0")):
+                       ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
+                       ("cluster_pairs", "cluster_pairs_min_kv=1"), ("no_cluster_pairs", "cluster_pairs_min_kv=0")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)

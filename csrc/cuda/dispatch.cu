@@ -142,6 +142,7 @@ sm90::FwdTuning fwd_tuning_from_environment() {
       {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
       {"pair_major_max_q", &FwdTuning::pair_major_max_q},
       {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
+      {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
   };
   return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
 }

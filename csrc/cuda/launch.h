@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -33,6 +34,65 @@ void launch_1d(const char* what, int head_dim, Kernel kernel, int64_t blocks, in
     err = cudaGetLastError();
   }
   if (err != cudaSuccess) throw fail(std::string("launch failed: ") + cudaGetErrorString(err));
+}
+
+// launch_1d for a grid of thread-block clusters of `cluster` blocks along x
+// (`blocks` a multiple of it).
+template <class Kernel, class... Args>
+void launch_1d_clusters(const char* what, int head_dim, Kernel kernel, int64_t blocks, int cluster, int threads,
+                        int smem, cudaStream_t stream, const Args&... args) {
+  if (blocks == 0) return;
+  const auto fail = [&](const std::string& why) {
+    return std::runtime_error(std::string("flash_ext ") + what + ", head dim " + std::to_string(head_dim) +
+                              "): " + why);
+  };
+  if (blocks > 0x7fffffff || blocks % cluster != 0) throw fail("grid not a whole number of clusters");
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, kernel, args...);
+  }
+  if (err != cudaSuccess) throw fail(std::string("launch failed: ") + cudaGetErrorString(err));
+}
+
+// How many clusters of `cluster` blocks of `kernel` fit on the device at
+// once (a GPC whose SM count is odd leaves an SM out of pairs); asked once
+// per device.
+template <class Kernel>
+int max_active_clusters(Kernel kernel, int cluster, int threads, int smem) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) device = kMaxDevices;
+  if (device < kMaxDevices && known[device].load(std::memory_order_relaxed) > 0) {
+    return known[device].load(std::memory_order_relaxed);
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(cluster));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters <= 0) {
+    (void)cudaGetLastError();  // not sticky; the caller falls back to single blocks
+    return 0;
+  }
+  if (device < kMaxDevices) known[device].store(clusters, std::memory_order_relaxed);
+  return clusters;
 }
 
 }  // namespace flash_ext::cuda

@@ -85,6 +85,15 @@ __device__ __forceinline__ TileCoord tile_coord(const TileSchedule& s, int tile)
   return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, bh / s.heads, bh % s.heads};
 }
 
+// Block `rank` of a cluster of kClusterM takes query tile rank of the
+// schedule's kClusterM-tile step (TileSchedule counts those steps).
+template <int kClusterM>
+__device__ __forceinline__ TileCoord cta_tile_coord(const TileSchedule& s, int tile, int rank) {
+  TileCoord c = tile_coord(s, tile);
+  c.m_block = c.m_block * kClusterM + rank;
+  return c;
+}
+
 template <int kBlockM, int kBlockN, bool kVarlen>
 __device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileCoord& c) {
   QueryTile t;
@@ -145,9 +154,10 @@ struct TileRing {
 };
 
 // The producer's next tile after `tile`: a block's first is its own
-// (blockIdx.x); with a counter the rest go to whichever block asks first, in
-// the schedule's order, else every gridDim.x-th (a round robin); a grid of
-// one block per tile takes no more. The
+// (blockIdx.x, or its cluster's index); with a counter the rest go to
+// whichever block asks first, in the schedule's order, else every grid-th (a
+// round robin; grid: blocks or clusters); a grid of one block per tile takes
+// no more. The
 // shuffle from lane 0, the producer's one thread, to itself tells the
 // compiler the index is warp-uniform, as blockIdx.x is: the tile's values
 // then stay in uniform registers, where TMA wants its coordinates, not in
@@ -156,8 +166,7 @@ struct TileRing {
 // past the first gridDim.x and then one index past the end, so `tiles`
 // increments in all, and the block taking the last one resets it (no block
 // touches it after that).
-__device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
-  const int grid = static_cast<int>(gridDim.x);
+__device__ __forceinline__ int next_tile(int* counter, int tile, int tiles, int grid) {
   if (counter == nullptr) return tile + grid;
   int next = tiles;
   if (grid < tiles) {
@@ -173,6 +182,22 @@ __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles) {
 // what many blocks read in turn.
 __device__ __forceinline__ TMA::CacheHintSm90 l2_read_once() { return TMA::CacheHintSm90::EVICT_FIRST; }
 __device__ __forceinline__ TMA::CacheHintSm90 l2_reused() { return TMA::CacheHintSm90::EVICT_LAST; }
+
+// A consumed stage back to the producer: every consumer thread arrives (one
+// block); in a cluster pair, lane 0 of a group's warp w for block w, the
+// (blocks x groups) arrivals CUTLASS's pipeline counts for a cluster, from
+// fixed lanes (no per-thread state held across the key loop, as the
+// pipeline's own release keeps).
+template <int kClusterM, class Pipeline>
+__device__ __forceinline__ void release_stage(Pipeline& pipeline, typename Pipeline::SharedStorage& storage,
+                                              typename Pipeline::PipelineState state) {
+  if constexpr (kClusterM == 1) {
+    pipeline.consumer_release(state);
+  } else {
+    const uint32_t warp = threadIdx.x / 32 % 4;
+    storage.empty_barrier_[state.index()].arrive(warp, warp < kClusterM && threadIdx.x % 32 == 0);
+  }
+}
 
 // Named barriers (ids past CUTLASS's reserved ones, 8 left): one per consumer
 // warp group for taking turns, one per group for its epilogue, and, where O
@@ -250,6 +275,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   auto& smem = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
   const int warp_group = cutlass::canonical_warp_group_idx();
+  // Cluster pairs: both blocks walk the same tiles of the schedule, block
+  // `rank` taking query tile rank of each pair.
+  constexpr int kClusterM = Tr::kClusterM;
+  const auto rank = [] { return kClusterM > 1 ? static_cast<int>(cute::block_rank_in_cluster()) : 0; };
+  const int grid = static_cast<int>(gridDim.x) / kClusterM;
   using Pipeline = typename Tr::Pipeline;
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Tr::kKVBytes;
@@ -266,9 +296,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       cutlass::arch::ClusterBarrier::init(&smem.tile_empty[slot], kNumMmaWG * 128);
     }
   }
-  Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
-  Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
-  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
+  // In a cluster, a stage is free once both blocks' consumers release it
+  // (each block's loads land in both).
+  Pipeline pipeline_k(smem.pipeline_k, pipe_params, typename Tr::ClusterShape{});
+  Pipeline pipeline_v(smem.pipeline_v, pipe_params, typename Tr::ClusterShape{});
+  // Barriers initialized (fenced by the pipelines) before anyone waits on
+  // them, or, in a cluster, before the other block signals or fills them.
+  if constexpr (kClusterM > 1) {
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Tr::SmemLayoutKV{});
@@ -289,10 +328,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;  // parity of the Q loads
-    for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile, tiles)) {
+    for (int tile = blockIdx.x / kClusterM;; tile = next_tile(p.tile_counter, tile, tiles, grid)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
-      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, tile_coord(schedule, tile));
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
       if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
       const auto q_row0 = make_coord(int32_t(t.seq.q_row0), _0{}), k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
@@ -309,8 +348,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       auto q_parts = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
       auto& tQg = get<0>(q_parts);
       auto& tQs = get<1>(q_parts);
-      auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // In a cluster each block loads its half of a K/V tile into both.
+      const auto kv_rank = [&] {
+        if constexpr (kClusterM > 1) {
+          return rank();
+        } else {
+          return _0{};
+        }
+      }();
+      auto [tKg, tKs] = tma_partition(args.tma_k, kv_rank, Layout<Int<kClusterM>>{}, group_modes<0, 2>(sK),
+                                      group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(args.tma_v, kv_rank, Layout<Int<kClusterM>>{}, group_modes<0, 2>(sV),
+                                      group_modes<0, 2>(gV));
+      constexpr uint16_t kKVMulticast = kClusterM > 1 ? (1u << kClusterM) - 1 : 0;
       // Group w's rows, once it is done with its last tile's.
       const auto load_q = [&](int w) {
         cutlass::arch::ClusterBarrier::wait(&smem.q_empty[w], q_phase ^ 1);
@@ -326,11 +376,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       for (int i = 0; i < key_tiles; ++i) {
         const int n = t.n_block_max - 1 - i;
         pipeline_k.producer_acquire(write);
-        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write), 0, l2_reused()), tKg(_, n),
+        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write), kKVMulticast, l2_reused()), tKg(_, n),
              tKs(_, write.index()));
         if (Tr::kSeparateO ? i < kNumMmaWG : i == 0) load_q(i);
         pipeline_v.producer_acquire(write);
-        copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write), 0, l2_reused()), tVg(_, n),
+        copy(args.tma_v.with(*pipeline_v.producer_get_barrier(write), kKVMulticast, l2_reused()), tVg(_, n),
              tVs(_, write.index()));
         ++write;
         if (!Tr::kSeparateO && i == 0) {
@@ -341,6 +391,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);  // fewer key tiles than groups
       }
       q_phase ^= 1;
+    }
+    if constexpr (kClusterM > 1) {
+      // Stay until both blocks' consumers have released every stage: the
+      // other block still signals this one's barriers until then.
+      pipeline_k.producer_tail(write);
+      pipeline_v.producer_tail(write);
     }
     return;
   }
@@ -460,7 +516,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // of a QueryTile, carried, took registers the key loop then spilled.)
   const auto take_tile = [&](int& tile, TileCoord& c) {
     tile = tile_ring.pop(smem);
-    if (tile < tiles) c = tile_coord(schedule, tile);
+    if (tile < tiles) c = cta_tile_coord<kClusterM>(schedule, tile, rank());
   };
   int tile;
   TileCoord coord;
@@ -524,7 +580,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.pass();
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
-    if (Tr::kSeparateO || n_block_max - 1 > n_block_min) pipeline_k.consumer_release(read);
+    if (Tr::kSeparateO || n_block_max - 1 > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
     mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
     clear(tOrO);
@@ -541,10 +597,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       wgmma<false>(mma_o, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass();
       warpgroup_wait<1>();
-      if (Tr::kSeparateO || n > n_block_min) pipeline_k.consumer_release(read);
+      if (Tr::kSeparateO || n > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
       mask_and_fold(n, cute::false_type{});
       warpgroup_wait<0>();
-      pipeline_v.consumer_release(read_v);
+      release_stage<kClusterM>(pipeline_v, smem.pipeline_v, read_v);
       to_p();
     }
     if constexpr (!Tr::kQInRegs) release_q();  // every Q K^T of the tile has landed
@@ -561,7 +617,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       taken = true;
     }
     warpgroup_wait<0>();
-    if constexpr (!Tr::kOInV) pipeline_v.consumer_release(read);
+    if constexpr (!Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, read);
     if (Tr::kOInV && !other_stages_in_k) staging_tell_other();
     const auto last = read;
     ++read;  // the next tile's first stage
@@ -573,8 +629,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       // overwrites them: each thread fences its reads and arrives itself (a
       // block of one CTA counts every consumer thread).
       cutlass::arch::fence_view_async_shared();
-      pipeline_k.consumer_release(last);
-      if constexpr (Tr::kOInV) pipeline_v.consumer_release(last);
+      // In a cluster a few lanes signal for their group: the group's reads
+      // of O are done first.
+      if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
+      if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
     }
   }
   turns.finish();
@@ -613,7 +672,8 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
       p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
-  return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM)), static_cast<int>(p.heads),
+  // (cluster pairs: steps of kClusterM query tiles, a whole number of them)
+  return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM), static_cast<int>(p.heads),
           static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),
           !left_window_only};
 }
@@ -621,23 +681,35 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
 // kVarlen: the descriptors span the packed (total, dim, heads) tensors as one
 // batch entry (their batch strides are 0); the dispatch guarantees total_q,
 // total_k > 0.
+// Whether a call's query tiles can run in cluster pairs (FwdTraits::
+// kClusterM = 2): the two tiles of a pair see the same keys (no mask or
+// window; dense batches) and every pair is whole (an even number of query
+// tiles), so both blocks walk the same key tiles in the same order.
+template <class Tr>
+bool fwd_pairs_fit(const AttentionFwdParams& p) {
+  return p.cu_seqlens_q == nullptr && !has_window(p.window) && ceil_div64(p.q_len, Tr::kBlockM) % 2 == 0;
+}
+
 template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
   if (tiles == 0) return;  // before building TMA descriptors of empty tensors
+  if (Tr::kClusterM > 1 && (kVarlen || !fwd_pairs_fit<Tr>(p))) {
+    throw std::runtime_error("flash_ext attention forward (sm90): cluster pairs on a call they do not fit");
+  }
   const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
   const int64_t batch = kVarlen ? 1 : p.batch;
   FwdArgs<Tr> args{p, tile_schedule<Tr>(p),
                    make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                                  typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
-                   make_tma_copy(SM90_TMA_LOAD{},
+                   make_tma_copy(typename Tr::TmaKVOp{},
                                  gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
-                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
-                   make_tma_copy(SM90_TMA_LOAD{},
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, Int<Tr::kClusterM>{}),
+                   make_tma_copy(typename Tr::TmaKVOp{},
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
-                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
+                                 Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, Int<Tr::kClusterM>{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
@@ -646,16 +718,27 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   // by simulation, a greedy deal 1.00-1.02x. At d = 256 with a window up to
   // N = 1024, one block per tile: 0.155 ms against the persistent grid's
   // 0.206 at N = 512 causal (H100, benchmarks/NOTES.md).
-  const bool one_per_tile = p.num_sms <= 0 || p.q_len <= fwd_tuning().per_tile_max_q ||
+  // Cluster pairs: as many pairs as fit at once (an odd GPC leaves an SM
+  // out), else one pair per two tiles.
+  const auto kernel = attention_fwd_sm90_kernel<Tr, kVarlen>;
+  const int64_t slots =
+      Tr::kClusterM > 1
+          ? int64_t(max_active_clusters(kernel, Tr::kClusterM, Tr::kNThreads, Tr::kSmemBytes)) * Tr::kClusterM
+          : p.num_sms;
+  const bool one_per_tile = slots <= 0 || p.q_len <= fwd_tuning().per_tile_max_q ||
                             (Tr::kHeadDim == 256 && has_window(p.window) && p.q_len <= 1024);
-  const int64_t grid = one_per_tile || tiles < p.num_sms ? tiles : p.num_sms;
+  const int64_t grid = one_per_tile || tiles < slots ? tiles : slots;
   if (grid < tiles && fwd_deals_tiles_dynamically(p) && p.tile_counter == nullptr) {
     throw std::runtime_error("flash_ext attention forward (sm90): tile_counter workspace missing");
   }
   // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
-  launch_1d("attention forward (sm90", Tr::kHeadDim, attention_fwd_sm90_kernel<Tr, kVarlen>, grid,
-            Tr::kNThreads, Tr::kSmemBytes, stream, args);
+  if constexpr (Tr::kClusterM > 1) {
+    launch_1d_clusters("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kClusterM, Tr::kNThreads,
+                       Tr::kSmemBytes, stream, args);
+  } else {
+    launch_1d("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kNThreads, Tr::kSmemBytes, stream, args);
+  }
 }
 
 }  // namespace flash_ext::cuda::sm90

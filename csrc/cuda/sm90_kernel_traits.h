@@ -32,11 +32,22 @@ using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Eleme
 // tile (ldmatrix) and Q K^T takes them as its A operand (wgmma RS), so the
 // products read only K from shared memory and the Q rows are released at
 // once, the next tile's Q landing during this whole tile.
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, bool kQInRegs_ = false>
+//
+// kClusterM_ = 2: blocks run in pairs (thread-block clusters) on adjacent
+// query tiles of one (batch, head) that see the same keys (no mask, no
+// window, dense batches); each block loads half of every K/V tile and TMA
+// multicasts it to both, so the pair reads each key once from L2 (at 128
+// query rows a block streams 512 bytes of K and V per key it multiplies:
+// ~6 TB/s from L2 at the matmul rate over 132 SMs).
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, bool kQInRegs_ = false,
+          int kClusterM_ = 1>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr bool kQInRegs = kQInRegs_;
+  static constexpr int kClusterM = kClusterM_;
+  static_assert(kClusterM == 1 || kClusterM == 2);
+  using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
   static constexpr int kNumMmaWG = kBlockM / 64;  // each consumer warp group owns 64 query rows
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0 && kBlockN % 16 == 0);
@@ -85,8 +96,9 @@ struct FwdTraits {
   using GmemTensor = TmaGmemTensor<Element>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQWarpGroup{},
                                       Shape<_64, Int<kHeadDim>>{}, _1{}));  // one consumer group's rows
-  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
-                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
+  using TmaKVOp = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
+  using TmaKV = decltype(make_tma_copy(TmaKVOp{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
+                                       Shape<Int<kBlockN>, Int<kHeadDim>>{}, Int<kClusterM>{}));
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   static constexpr uint32_t kQWarpGroupBytes = 64 * kHeadDim * sizeof(Element);
