@@ -414,14 +414,16 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0"])
+@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0", "cluster_pairs_min_kv=1",
+                                  "cluster_pairs_min_kv=1,wide_keys_min_kv=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
     wide_keys_min_kv=1, none under 0), d = 64's 128-row tiles (Q K^T with Q
     in registers) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a
-    packed (varlen) batch."""
+    packed (varlen) batch; so are cluster pairs (cluster_pairs_min_kv: even
+    numbers of query tiles at d = 96, 128 and 256, K/V tiles multicast)."""
     import os
     import subprocess
     import sys
