@@ -478,3 +478,49 @@ def test_hopper_backward_against_float64(d, align, n_q, n_k, heads, kv_heads, ge
     refs = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, r, t in zip("qkv", grads, refs, theirs):
         assert_matches_reference(g, r, torch.bfloat16, t, what=f"d{name} ({align})")
+
+
+_BWD_PAIRS_CHILD = """
+import sys, torch, flash_ext
+torch.manual_seed(0)
+saved = []
+for d, n_q, n_k, heads, kv_heads in ((128, 1000, 1000, 4, 4), (64, 700, 1000, 4, 4), (256, 300, 1000, 2, 2),
+                                     (96, 333, 1200, 2, 2), (128, 500, 500, 8, 2), (128, 640, 1100, 2, 2)):
+    q = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    dout = torch.randn(2, heads, n_q, d, device="cuda", dtype=torch.bfloat16)
+    out = flash_ext.scaled_dot_product_attention(q, k, v, enable_gqa=heads != kv_heads)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    saved.append([t.detach().cpu() for t in (q, k, v, dout, *grads)])
+torch.save(saved, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_backward_cluster_pairs_against_float64(tmp_path):
+    """FLASH_EXT_BWD_TUNING=cluster_pairs_min_q=1: key tiles in cluster pairs
+    sharing their Q and dO loads (even numbers of key tiles at d = 64, 128,
+    256 and a head dim padded to 128, GQA, partial tiles; an odd number keeps
+    single blocks), gradients held to float64; an unknown key is refused."""
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "grads.pt"
+    subprocess.run([sys.executable, "-c", _BWD_PAIRS_CHILD, str(path)], check=True, timeout=120,
+                   env=dict(os.environ, FLASH_EXT_BWD_TUNING="cluster_pairs_min_q=1"))
+    for q, k, v, dout, *grads in torch.load(path):
+        q, k, v = (t.cuda().requires_grad_() for t in (q, k, v))
+        dout = dout.cuda()
+        gqa = q.shape[1] != k.shape[1]
+        theirs = torch.autograd.grad(TORCH_SDPA(q, k, v, enable_gqa=gqa), (q, k, v), dout)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        refs = torch.autograd.grad(reference_attention(q64, k64, v64, enable_gqa=True), (q64, k64, v64),
+                                   dout.double())
+        for name, g, r, t in zip("qkv", grads, refs, theirs):
+            assert_matches_reference(g.cuda(), r, torch.bfloat16, t, what=f"d{name} (d = {q.shape[-1]})")
+    bad = subprocess.run([sys.executable, "-c", _BWD_PAIRS_CHILD, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, FLASH_EXT_BWD_TUNING="pairs=1"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown key 'pairs'" in bad.stderr
