@@ -344,14 +344,6 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 }  // namespace
 
 #if defined(FLASH_EXT_SM90A)
-const sm90::BwdTuning& sm90::bwd_tuning() {
-  static constexpr std::pair<const char*, int64_t BwdTuning::*> kKnobs[] = {
-      {"cluster_pairs_min_q", &BwdTuning::cluster_pairs_min_q},
-  };
-  static const BwdTuning tuning = tuning_from_environment("FLASH_EXT_BWD_TUNING", kKnobs);
-  return tuning;
-}
-
 const sm90::FwdTuning& sm90::fwd_tuning() {
   static const FwdTuning tuning = fwd_tuning_from_environment();
   return tuning;

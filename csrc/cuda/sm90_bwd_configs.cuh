@@ -12,23 +12,13 @@
 
 namespace flash_ext::cuda::sm90 {
 
-// kClusterN: 2 runs the blocks in cluster pairs that share their Q and dO
-// loads (BwdTraits).
-template <int kHeadDim, class Element, int kClusterN = 1>
-using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element, kClusterN>;
+template <int kHeadDim, class Element>
+using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
 // Varlen batches take the dense batches' tiles (their sequences are as long).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
-  using Config = BwdConfig<kHeadDim, ElementOf<kDtype>>;
-  if constexpr (!kVarlen) {
-    const int64_t pairs_min = bwd_tuning().cluster_pairs_min_q;
-    if (pairs_min > 0 && p.q_len >= pairs_min && bwd_pairs_fit<Config>(p)) {
-      launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>, 2>, kVarlen>(p, stream);
-      return;
-    }
-  }
-  launch_attention_bwd<Config, kVarlen>(p, stream);
+  launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>>, kVarlen>(p, stream);
 }
 
 }  // namespace flash_ext::cuda::sm90

@@ -216,19 +216,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Tr::kNumMmaWG * 128;
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
-  // Cluster pairs: a Q or dO stage is free once both blocks' consumers
-  // released it (each block's loads land in both).
-  constexpr int kClusterN = Tr::kClusterN;
-  Pipeline pipeline_q(smem.pipeline_q, pipe_params, typename Tr::ClusterShape{});
-  Pipeline pipeline_do(smem.pipeline_do, pipe_params, typename Tr::ClusterShape{});
-  // Barriers initialized (fenced by the pipelines) before anyone waits on
-  // them, or, in a cluster, before the other block signals or fills them.
-  if constexpr (kClusterN > 1) {
-    cute::cluster_arrive_relaxed();
-    cute::cluster_wait();
-  } else {
-    __syncthreads();
-  }
+  Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Tr::SmemLayoutQ{});
@@ -256,19 +246,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     Tensor gV = local_tile(domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
                            Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
-    // In a cluster pair each block loads half of every Q and dO tile into both.
-    const auto q_rank = [] {
-      if constexpr (kClusterN > 1) {
-        return static_cast<int>(cute::block_rank_in_cluster());
-      } else {
-        return _0{};
-      }
-    }();
-    auto [tQg, tQs] = tma_partition(args.tma_q, q_rank, Layout<Int<kClusterN>>{}, group_modes<0, 2>(sQ),
-                                    group_modes<0, 2>(gQ));
-    auto [tdOg, tdOs] = tma_partition(args.tma_do, q_rank, Layout<Int<kClusterN>>{}, group_modes<0, 2>(sdO),
-                                      group_modes<0, 2>(gdO));
-    constexpr uint16_t kQMulticast = kClusterN > 1 ? (1u << kClusterN) - 1 : 0;
+    auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Tr::kKVBytes);
@@ -288,22 +267,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
         pipeline_q.producer_acquire(write);
         uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
-        copy(args.tma_q.with(*q_bar, kQMulticast, l2_reused()), tQg(_, m_block, h), tQs(_, write.index()));
+        copy(args.tma_q.with(*q_bar, 0, l2_reused()), tQg(_, m_block, h), tQs(_, write.index()));
         SM90_BULK_COPY_G2S::copy(lse_log2 + m_block * kBlockM, q_bar, smem.lse.data() + write.index() * kBlockM,
                                  kBlockM * sizeof(float));
         pipeline_do.producer_acquire(write);
         uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
-        copy(args.tma_do.with(*do_bar, kQMulticast, l2_reused()), tdOg(_, m_block, h), tdOs(_, write.index()));
+        copy(args.tma_do.with(*do_bar, 0, l2_reused()), tdOg(_, m_block, h), tdOs(_, write.index()));
         SM90_BULK_COPY_G2S::copy(dpsum + m_block * kBlockM, do_bar, smem.dpsum.data() + write.index() * kBlockM,
                                  kBlockM * sizeof(float));
         ++write;
       }
-    }
-    if constexpr (kClusterN > 1) {
-      // Stay until both blocks' consumers have released every stage: the
-      // other block still signals this one's barriers until then.
-      pipeline_q.producer_tail(write);
-      pipeline_do.producer_tail(write);
     }
     return;
   }
@@ -438,7 +411,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         wgmma<false>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), acc_dk);
       }
       warpgroup_wait<1>();  // dV and dQ done: dO is free
-      release_stage<kClusterN>(pipeline_do, smem.pipeline_do, read);
+      pipeline_do.consumer_release(read);
 
       // The tile's kBlockM rows are consecutive in dq_accum (padded to whole
       // tiles), so the tile is one run of kBlockM * kHeadDim floats.
@@ -482,7 +455,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         }
       }
       warpgroup_wait<0>();  // dK done: Q and this dS buffer are free
-      release_stage<kClusterN>(pipeline_q, smem.pipeline_q, read);
+      pipeline_q.consumer_release(read);
       ++read;
     }
   }
@@ -568,21 +541,9 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
 // kVarlen: the Q, dO, K and V descriptors span the packed (total, dim,
 // heads) tensors as one batch entry (their batch strides are 0); the
 // dispatch guarantees total_q, total_k > 0.
-// Whether a call's key tiles can run in cluster pairs (BwdTraits::kClusterN
-// = 2): the two tiles of a pair see the same queries (no mask or window;
-// dense batches) and every pair is whole (an even number of key tiles, so
-// no pair spans two heads), so both blocks walk the same query tiles.
-template <class Tr>
-bool bwd_pairs_fit(const AttentionBwdParams& p) {
-  return p.cu_seqlens_q == nullptr && !has_window(p.window) && ceil_div64(p.kv_len, Tr::kBlockN) % 2 == 0;
-}
-
 template <class Tr, bool kVarlen>
 void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Element = typename Tr::Element;
-  if (Tr::kClusterN > 1 && (kVarlen || !bwd_pairs_fit<Tr>(p))) {
-    throw std::runtime_error("flash_ext attention backward (sm90): cluster pairs on a call they do not fit");
-  }
   const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
   static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
   const int64_t head_rows = softmax_head_rows(p);
@@ -602,23 +563,16 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
         p, ws, head_rows,
-        make_tma_copy(typename Tr::TmaQOp{},
-                      gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride), smem_q, TileQ{},
-                      Int<Tr::kClusterN>{}),
-        make_tma_copy(typename Tr::TmaQOp{},
-                      gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride), smem_q, TileQ{},
-                      Int<Tr::kClusterN>{}),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
+                      smem_q, TileQ{}, _1{}),
+        make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),
+                      smem_q, TileQ{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
-    if constexpr (Tr::kClusterN > 1) {
-      launch_1d_clusters("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
-                         Tr::kClusterN, Tr::kNThreads, Tr::kSmemBytes, stream, args);
-    } else {
-      launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
-                Tr::kNThreads, Tr::kSmemBytes, stream, args);
-    }
+    launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
+              Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }
   const int64_t tiles = p.batch * p.heads * ceil_div64(p.q_len, Tr::kBlockM);
   if (tiles > 0) {

@@ -183,6 +183,22 @@ __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles, int 
 __device__ __forceinline__ TMA::CacheHintSm90 l2_read_once() { return TMA::CacheHintSm90::EVICT_FIRST; }
 __device__ __forceinline__ TMA::CacheHintSm90 l2_reused() { return TMA::CacheHintSm90::EVICT_LAST; }
 
+// A consumed stage back to the producer: every consumer thread arrives (one
+// block); in a cluster pair, lane 0 of a group's warp w for block w, the
+// (blocks x groups) arrivals CUTLASS's pipeline counts for a cluster, from
+// fixed lanes (no per-thread state held across the key loop, as the
+// pipeline's own release keeps).
+template <int kClusterM, class Pipeline>
+__device__ __forceinline__ void release_stage(Pipeline& pipeline, typename Pipeline::SharedStorage& storage,
+                                              typename Pipeline::PipelineState state) {
+  if constexpr (kClusterM == 1) {
+    pipeline.consumer_release(state);
+  } else {
+    const uint32_t warp = threadIdx.x / 32 % 4;
+    storage.empty_barrier_[state.index()].arrive(warp, warp < kClusterM && threadIdx.x % 32 == 0);
+  }
+}
+
 // Named barriers (ids past CUTLASS's reserved ones, 8 left): one per consumer
 // warp group for taking turns, one per group for its epilogue, and, where O
 // is staged in the K/V stages (two groups), one per group for "the other

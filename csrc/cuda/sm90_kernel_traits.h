@@ -22,24 +22,6 @@ namespace flash_ext::cuda::sm90 {
 
 using namespace cute;
 
-// A consumed stage back to its producers: every consumer thread arrives (one
-// block); in a cluster of kCluster blocks (at most 4), lane 0 of a group's
-// warp w for block w, the (blocks x groups) arrivals CUTLASS's pipeline
-// counts for a cluster, from fixed lanes (the pipeline's own release holds
-// its per-thread choice in registers across the main loop). A lane may
-// signal once its warp's wgmma batch reading the stage has retired: the
-// batch is the whole group's, issued by every warp after its own reads.
-template <int kCluster, class Pipeline>
-__device__ __forceinline__ void release_stage(Pipeline& pipeline, typename Pipeline::SharedStorage& storage,
-                                              typename Pipeline::PipelineState state) {
-  if constexpr (kCluster == 1) {
-    pipeline.consumer_release(state);
-  } else {
-    const uint32_t warp = threadIdx.x / 32 % 4;
-    storage.empty_barrier_[state.index()].arrive(warp, warp < kCluster && threadIdx.x % 32 == 0);
-  }
-}
-
 // Global tensors as TMA sees them: (seq, dim, head, batch), dim contiguous.
 template <class Element>
 using TmaGmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
@@ -196,16 +178,10 @@ struct FwdTraits {
 //    and dQ (64 + 64 + 64 floats). Each computes S^T, dP^T for half of the
 //    tile's queries and leaves P^T, dS^T in shared memory, where the other
 //    group's dV, dK products (A from shared memory) find them.
-// kClusterN_ = 2: blocks run in cluster pairs on adjacent key tiles of one
-// (batch, kv head) that see the same queries (no mask or window, dense);
-// each loads half of every Q and dO tile and TMA multicasts it to both.
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_, int kClusterN_ = 1>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr int kClusterN = kClusterN_;
-  static_assert(kClusterN == 1 || kClusterN == 2);
-  using ClusterShape = Shape<Int<kClusterN>, _1, _1>;
   static constexpr int kNumMmaWG = 2;
   static constexpr int kNThreads = 128 * (kNumMmaWG + 1);
   static constexpr bool kSplitDims = kHeadDim == 256;
@@ -283,9 +259,8 @@ struct BwdTraits {
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{}, Step<_2, _1, _3>{})));
 
   using GmemTensor = TmaGmemTensor<Element>;
-  using TmaQOp = std::conditional_t<kClusterN == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
-  using TmaQ = decltype(make_tma_copy(TmaQOp{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
-                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, Int<kClusterN>{}));  // also dO
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
+                                      Shape<Int<kBlockM>, Int<kHeadDim>>{}, _1{}));  // also dO
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{},
                                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 

@@ -64,16 +64,6 @@ struct FwdTuning {
 };
 const FwdTuning& fwd_tuning();
 
-// Backward knobs, read once per process from FLASH_EXT_BWD_TUNING as
-// FwdTuning's.
-struct BwdTuning {
-  // Calls without a mask or window, dense, an even number of key tiles and
-  // q_len at least this: the blocks run in cluster pairs on adjacent key
-  // tiles that share their Q and dO loads (BwdTraits::kClusterN; 0: never).
-  int64_t cluster_pairs_min_q = 0;
-};
-const BwdTuning& bwd_tuning();
-
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
 // bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows
