@@ -334,10 +334,10 @@ for d, causal, n_q, n_k in ((128, False, 1536, 1536), (128, True, 1536, 1536), (
     k, v = (torch.randn(4, n_k, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs += [t.cpu() for t in flash_ext.flash_attn_func(q, k, v, causal=causal, return_lse=True)]
     assert flash_ext.last_cuda_kernel_family() == "sm90"
-# Cluster pairs (cluster_pairs_min_kv): even numbers of query tiles at d = 128
-# and 256, a partial last one, 176-key tiles with a partial last one, several
-# pairs per cluster; an odd number of query tiles keeps single blocks.
-for d, n_q, n_k in ((256, 1000, 1000), (128, 512, 9000), (128, 1100, 1100), (256, 1536, 700)):
+# Cluster pairs (d = 128's 176-key tiles, by default from 8192 keys): even
+# numbers of query tiles, partial last query and key tiles, a head dim padded
+# to 128, several pairs per cluster; an odd number keeps single blocks.
+for d, n_q, n_k in ((128, 512, 9000), (96, 250, 8300), (128, 1536, 8192), (128, 1100, 9000)):
     q = torch.randn(4, 16, n_q, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(4, 16, n_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs += [t.cpu() for t in flash_ext.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -414,7 +414,7 @@ torch.save(saved, sys.argv[1])
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0", "cluster_pairs_min_kv=1",
+@pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0",
                                   "cluster_pairs_min_kv=1,wide_keys_min_kv=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
@@ -422,8 +422,9 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
     in registers) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a
-    packed (varlen) batch; so are cluster pairs (cluster_pairs_min_kv: even
-    numbers of query tiles at d = 96, 128 and 256, K/V tiles multicast)."""
+    packed (varlen) batch; so are cluster pairs on 176-key tiles
+    (cluster_pairs_min_kv=1: even numbers of query tiles at d = 96 and 128,
+    K/V tiles multicast)."""
     import os
     import subprocess
     import sys

@@ -29,20 +29,22 @@ using ElementOf = std::conditional_t<kDtype == ScalarKind::kBFloat16, cutlass::b
 // +1-1.5 % at N = 512 and causal 2k in both rounds of session 15's A/B
 // (H100). At d = 128 the 32 registers spilled (60-80 bytes, local loads in
 // the key loop) and ran 0-5 % slower.
-// kClusterM: 2 runs the blocks in cluster pairs sharing their K/V loads
-// (FwdTraits), at d = 128 and 256 (d = 64's 192-row tiles read half as much
-// per product already).
-template <int kHeadDim, bool kNarrow, class Element, int kClusterM = 1>
+template <int kHeadDim, bool kNarrow, class Element>
 using FwdConfig = std::conditional_t<
     kHeadDim == 64, FwdTraits<64, kNarrow ? 128 : 192, 128, 3, Element, kNarrow>,
-    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element, false, kClusterM>,
-                       FwdTraits<256, 128, 80, 2, Element, false, kClusterM>>>;
+    std::conditional_t<kHeadDim == 128, FwdTraits<128, 128, 128, kNarrow ? 2 : 3, Element>,
+                       FwdTraits<256, 128, 80, 2, Element>>>;
 
 // d = 128 without a window, long rows (FwdTuning::wide_keys_min_kv): 176-key
 // tiles in 2 stages, fewer per-tile costs (O's rescale, the row reductions,
 // the turn) per key. They spill ~70 bytes, in the masking path mostly.
 // Measured (session 11): 3-9 % slower up to N = 2048; within 1 % at 4k and
 // 8k and +2 % at 16k on an H200; +4 % at 8k on an H100.
+// kClusterM = 2: the blocks in cluster pairs sharing their K/V loads
+// (FwdTraits; FwdTuning::cluster_pairs_min_kv). Measured (session 17, H100,
+// three alternating rounds): +2 % at 8k, +3 % at 16k, the same cycles in
+// ncu at a 4 % higher SM clock (half the L2 traffic under the power cap);
+// pairs of 128-key tiles lost 1 % at 2k, and d = 256's ran -3..+2 %.
 template <class Element, int kClusterM = 1>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>;
 
@@ -63,15 +65,12 @@ template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
   const bool windowed = has_window(p.window);
-  const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;
-  // Both configurations have 128-row tiles at d = 128 and 256.
-  const bool pairs = !kVarlen && kHeadDim >= 128 && pairs_min > 0 && p.kv_len >= pairs_min &&
-                     fwd_pairs_fit<FwdConfig<kHeadDim, false, Element>>(p);
   if constexpr (kHeadDim == 128) {
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
       if constexpr (!kVarlen) {
-        if (pairs) {
+        const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;
+        if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigWideKeys<Element, 2>>(p)) {
           launch_attention_fwd<FwdConfigWideKeys<Element, 2>, kVarlen>(p, stream);
           return;
         }
@@ -82,12 +81,6 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   const bool narrow = kHeadDim == 128 ? windowed || p.kv_len <= fwd_tuning().two_stage_max_kv
                                       : kHeadDim == 64 && d64_narrow_tiles(p, windowed);
-  if constexpr (kHeadDim >= 128 && !kVarlen) {
-    if (pairs && !narrow) {
-      launch_attention_fwd<FwdConfig<kHeadDim, false, Element, 2>, kVarlen>(p, stream);
-      return;
-    }
-  }
   if (narrow) {
     launch_attention_fwd<FwdConfig<kHeadDim, true, Element>, kVarlen>(p, stream);
   } else {

@@ -57,10 +57,11 @@ struct FwdTuning {
   // 512 with one, but -2..-4 % at causal 1024-2048.
   int64_t pair_major_max_q = 2048;
   int64_t pair_major_max_q_causal = 512;
-  // d = 128 and 256 calls without a mask or window, dense, an even number of
-  // query tiles and kv_len at least this: the blocks run in cluster pairs
-  // that share their K/V loads (FwdTraits::kClusterM; 0: never).
-  int64_t cluster_pairs_min_kv = 0;
+  // d = 128 calls on 176-key tiles (wide_keys_min_kv), dense, without a
+  // mask or window, with an even number of query tiles and kv_len at least
+  // this: the blocks run in cluster pairs that share their K/V loads
+  // (FwdTraits::kClusterM; 0: never).
+  int64_t cluster_pairs_min_kv = 8192;
 };
 const FwdTuning& fwd_tuning();
 
