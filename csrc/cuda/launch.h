@@ -88,7 +88,7 @@ int max_active_clusters(Kernel kernel, int cluster, int threads, int smem) {
   int clusters = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters <= 0) {
-    (void)cudaGetLastError();  // not sticky; the caller falls back to single blocks
+    (void)cudaGetLastError();  // not sticky; the caller then launches a cluster per pair of tiles
     return 0;
   }
   if (device < kMaxDevices) known[device].store(clusters, std::memory_order_relaxed);

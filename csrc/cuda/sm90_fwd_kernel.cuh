@@ -183,11 +183,13 @@ __device__ __forceinline__ int next_tile(int* counter, int tile, int tiles, int 
 __device__ __forceinline__ TMA::CacheHintSm90 l2_read_once() { return TMA::CacheHintSm90::EVICT_FIRST; }
 __device__ __forceinline__ TMA::CacheHintSm90 l2_reused() { return TMA::CacheHintSm90::EVICT_LAST; }
 
-// A consumed stage back to the producer: every consumer thread arrives (one
+// A consumed stage back to the producers: every consumer thread arrives (one
 // block); in a cluster pair, lane 0 of a group's warp w for block w, the
 // (blocks x groups) arrivals CUTLASS's pipeline counts for a cluster, from
-// fixed lanes (no per-thread state held across the key loop, as the
-// pipeline's own release keeps).
+// fixed lanes (the pipeline's own release holds its per-thread choice in
+// registers across the key loop). A lane may signal once its warp's wgmma
+// batch reading the stage has retired: the batch is the whole group's,
+// issued by every warp after its own reads.
 template <int kClusterM, class Pipeline>
 __device__ __forceinline__ void release_stage(Pipeline& pipeline, typename Pipeline::SharedStorage& storage,
                                               typename Pipeline::PipelineState state) {
