@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tuning_variants import run_variants, variants_from
+
+# The extension is built in place in the repo root; scripts run from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROWS = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024)]
 DEFAULT_VARIANTS = {"default": "", "no_cluster": "cluster_merge=0",

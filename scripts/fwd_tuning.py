@@ -17,8 +17,12 @@ import argparse
 import itertools
 import json
 import sys
+from pathlib import Path
 
 from tuning_variants import run_variants, variants_from
+
+# The extension is built in place in the repo root; scripts run from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_major_max_q_causal=0"}
 TOKENS, HIDDEN = 16384, 2048

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# The extension is built in place in the repo root; scripts run from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flash_ext
 

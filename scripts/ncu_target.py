@@ -12,8 +12,12 @@ benchmarks/bench_prefill.py; decode: bf16, 32 query heads on 8 KV heads,
 d = 128, as in benchmarks/bench_decode.py.
 """
 import sys
+from pathlib import Path
 
 import torch
+
+# The extension is built in place in the repo root; scripts run from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flash_ext
 

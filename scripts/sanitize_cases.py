@@ -10,8 +10,13 @@ that every output element was written."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+# The extension is built in place in the repo root; scripts run from scripts/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flash_ext
 
