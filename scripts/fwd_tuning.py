@@ -1,13 +1,20 @@
-"""The Hopper forward under FLASH_EXT_FWD_TUNING variants, one process each
-(the variable is read once per process), beside cuDNN's forward timed in the
-same processes: bf16, benchmarks/bench_prefill.py's shapes (batch * n = 16k
-tokens, heads * d = 2048), triton's do_bench median as the prefill bench.
+"""The Hopper forward under FLASH_EXT_FWD_TUNING variants beside cuDNN's
+forward, in one process: for each setting the variants take turns
+(flash_ext._C._set_fwd_tuning) for --rounds rounds on the same tensors, so
+drift over time and the placement of one process's tensors weigh on every
+variant alike (separate processes of one build differed by up to 8 % on
+the same row in sessions 12 and 17). bf16, benchmarks/bench_prefill.py's
+shapes (batch * n = 16k tokens, heads * d = 2048), triton's do_bench median
+as the prefill bench.
 
     python scripts/fwd_tuning.py [--variant NAME=SPEC ...] [--head-dims D..] [--seqlens N..] [--causal 0 1]
+                                 [--rounds R]
 
 SPEC as FLASH_EXT_FWD_TUNING (csrc/cuda/sm90_launch.h, FwdTuning), e.g.
-"two_stage_max_kv=4096,per_tile_max_q=1024" or "wide_keys_min_kv=1". Prints forward TFLOP/s per
-setting and variant, cuDNN's (the best of its runs), and each variant's
+"two_stage_max_kv=4096,per_tile_max_q=1024" or "wide_keys_min_kv=1"; each
+replaces all the knobs ("" is the built-in defaults, whatever the
+environment says). Prints per setting and variant the median forward
+TFLOP/s over the rounds and their spread, cuDNN's median, and each variant's
 largest relative error against cuDNN's output, so a variant that computes
 something else shows.
 """
@@ -15,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
+import statistics
 import sys
 from pathlib import Path
-
-from tuning_variants import run_variants, variants_from
 
 # The extension is built in place in the repo root; scripts run from scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,14 +33,16 @@ DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_maj
 TOKENS, HIDDEN = 16384, 2048
 
 
-def measure(settings: list[tuple[int, int, int]]) -> dict[str, list[float]]:
-    """setting -> [ours TFLOP/s, cuDNN TFLOP/s, relative error of ours against cuDNN]."""
+def measure(settings: list[tuple[int, int, int]], variants: dict[str, str],
+            rounds: int) -> dict[tuple[int, int, int], dict[str, list[float]]]:
+    """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [relative error]}."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
     import flash_ext
+    set_tuning = flash_ext._C._set_fwd_tuning
     results = {}
     for d, causal, n in settings:
         batch, heads = max(1, TOKENS // n), HIDDEN // d
@@ -50,9 +57,17 @@ def measure(settings: list[tuple[int, int, int]]) -> dict[str, list[float]]:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
 
         reference = cudnn().float()
-        err = ((ours().float() - reference).norm() / reference.norm()).item()
-        ms = [do_bench(fn, warmup=25, rep=100, return_mode="median") for fn in (ours, cudnn)]
-        results[f"{d} {causal} {n}"] = [round(flops / t / 1e9, 1) for t in ms] + [err]
+        row: dict[str, list[float]] = {name: [] for name in [*variants, "cuDNN"]}
+        for name, spec in variants.items():
+            set_tuning(spec)
+            row[name + " err"] = [((ours().float() - reference).norm() / reference.norm()).item()]
+        for _ in range(rounds):
+            for name, spec in variants.items():
+                set_tuning(spec)
+                row[name].append(flops / do_bench(ours, warmup=25, rep=100, return_mode="median") / 1e9)
+            row["cuDNN"].append(flops / do_bench(cudnn, warmup=25, rep=100, return_mode="median") / 1e9)
+        results[(d, causal, n)] = row
+    set_tuning("")
     return results
 
 
@@ -62,22 +77,20 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--causal", type=int, nargs="+", choices=(0, 1), default=[0, 1])
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every variant per setting")
     args = parser.parse_args()
-    settings = list(itertools.product(args.head_dims, args.causal, args.seqlens))
-    if args.child:
-        print(json.dumps(measure(settings)))
-        return
-    child = [sys.executable, __file__, "--child", "--head-dims", *map(str, args.head_dims),
-             "--seqlens", *map(str, args.seqlens), "--causal", *map(str, args.causal)]
-    table = run_variants("FLASH_EXT_FWD_TUNING", variants_from(args.variant, DEFAULT_VARIANTS), child)
-    print(f"{'d causal n':>12} | " + " | ".join(f"{name:>10}" for name in table) + " |  cuDNN")
-    for row in next(iter(table.values())):
-        cudnn = max(t[row][1] for t in table.values())
-        cells = (f"{t[row][0]:10.0f}" for t in table.values())
-        print(f"{row:>12} | " + " | ".join(cells) + f" | {cudnn:6.0f}")
-    worst = {name: max(r[2] for r in t.values()) for name, t in table.items()}
-    print("forward TFLOP/s per variant; largest relative error against cuDNN: "
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    table = measure(list(itertools.product(args.head_dims, args.causal, args.seqlens)), variants, args.rounds)
+    names = [*variants, "cuDNN"]
+    print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names))
+    for (d, causal, n), row in table.items():
+        cells = (f"{statistics.median(row[name]):6.0f} ({min(row[name]):4.0f}-{max(row[name]):4.0f})"
+                 for name in names)
+        print(f"{d:4d} {causal} {n:5d} | " + " | ".join(cells))
+    worst = {name: max(row[name + " err"][0] for row in table.values()) for name in variants}
+    print(f"forward TFLOP/s: median (min-max) of {args.rounds} rounds; largest relative error against cuDNN: "
           + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
 
 

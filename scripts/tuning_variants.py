@@ -1,7 +1,7 @@
 """Running one measurement under several settings of a tuning variable
-(FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING), one process each: the
-kernels read the variable once per process. Shared by fwd_tuning.py and
-decode_tuning.py."""
+(FLASH_EXT_DECODE_TUNING), one process each: the kernels read the variable
+once per process. Used by decode_tuning.py (fwd_tuning.py alternates its
+settings in one process)."""
 from __future__ import annotations
 
 import json

@@ -389,6 +389,35 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
     assert bad.returncode != 0 and "wants key=N with N >= 0, got 'per_tile_max_q=lots'" in bad.stderr
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_forward_tuning_set_in_process():
+    """flash_ext._C._set_fwd_tuning (scripts/fwd_tuning.py alternates variants
+    with it) replaces the knobs for the next calls: single blocks instead of
+    cluster pairs give the same bits; a bad spec raises ValueError naming the
+    key and changes nothing; "" restores the defaults."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 16, 512, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 16, 9000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    set_tuning = flash_ext._C._set_fwd_tuning
+    try:
+        set_tuning("")
+        pairs = flash_ext.scaled_dot_product_attention(q, k, v)
+        set_tuning("cluster_pairs_min_kv=0")
+        single = flash_ext.scaled_dot_product_attention(q, k, v)
+        assert torch.equal(pairs, single)
+        with pytest.raises(ValueError, match="unknown key 'stages'"):
+            set_tuning("stages=2")
+        with pytest.raises(ValueError, match="wants key=N with N >= 0"):
+            set_tuning("cluster_pairs_min_kv=-1")
+        with pytest.raises(TypeError):
+            set_tuning(3)
+        assert torch.equal(flash_ext.scaled_dot_product_attention(q, k, v), single)  # still the last good spec
+    finally:
+        set_tuning("")
+    assert torch.equal(flash_ext.scaled_dot_product_attention(q, k, v), pairs)
+
+
 _TILE_VARIANTS_CHILD = """
 import sys, torch, flash_ext
 saved = []

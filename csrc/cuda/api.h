@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "../common/params.h"
 
 namespace flash_ext::cuda {
@@ -47,5 +49,12 @@ int64_t kvcache_split_groups(const KVCacheParams& params);
 // The family whose attention kernel was launched last (forward or backward,
 // any thread: backward runs on autograd's device thread).
 const char* last_kernel_family();
+
+// Replaces the Hopper forward's knobs by `spec`'s (FLASH_EXT_FWD_TUNING's
+// syntax, defaults for the keys it leaves out; "" restores the defaults), so
+// timing scripts can alternate settings in one process. For benchmarks:
+// not synchronized with calls on other threads. Throws std::invalid_argument
+// on a bad spec (nothing changed) or without Hopper kernels.
+void set_fwd_tuning(const std::string& spec);
 
 }  // namespace flash_ext::cuda

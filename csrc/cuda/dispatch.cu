@@ -134,17 +134,21 @@ BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
 }
 
 #if defined(FLASH_EXT_SM90A)
-sm90::FwdTuning fwd_tuning_from_environment() {
-  using sm90::FwdTuning;
-  static constexpr std::pair<const char*, int64_t FwdTuning::*> kKnobs[] = {
-      {"two_stage_max_kv", &FwdTuning::two_stage_max_kv},
-      {"per_tile_max_q", &FwdTuning::per_tile_max_q},
-      {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
-      {"pair_major_max_q", &FwdTuning::pair_major_max_q},
-      {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
-      {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
-  };
-  return tuning_from_environment("FLASH_EXT_FWD_TUNING", kKnobs);
+using sm90::FwdTuning;
+constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
+    {"two_stage_max_kv", &FwdTuning::two_stage_max_kv},
+    {"per_tile_max_q", &FwdTuning::per_tile_max_q},
+    {"wide_keys_min_kv", &FwdTuning::wide_keys_min_kv},
+    {"pair_major_max_q", &FwdTuning::pair_major_max_q},
+    {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
+    {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
+};
+
+// The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then
+// whatever set_fwd_tuning last set.
+FwdTuning& current_fwd_tuning() {
+  static FwdTuning tuning = tuning_from_environment("FLASH_EXT_FWD_TUNING", kFwdKnobs);
+  return tuning;
 }
 
 // TMA cannot address a stride-0 (broadcast) dimension.
@@ -344,12 +348,16 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 }  // namespace
 
 #if defined(FLASH_EXT_SM90A)
-const sm90::FwdTuning& sm90::fwd_tuning() {
-  static const FwdTuning tuning = fwd_tuning_from_environment();
-  return tuning;
-}
-
+const sm90::FwdTuning& sm90::fwd_tuning() { return current_fwd_tuning(); }
 #endif
+
+void set_fwd_tuning(const std::string& spec) {
+#if defined(FLASH_EXT_SM90A)
+  current_fwd_tuning() = tuning_from_spec("FLASH_EXT_FWD_TUNING", spec, kFwdKnobs);  // throws before assigning
+#else
+  throw std::invalid_argument("flash_ext: no Hopper kernels were built, so there is no forward tuning to set");
+#endif
+}
 
 const char* fwd_unsupported_reason(const AttentionFwdParams& params, int device_major, int device_minor) {
   const Family* f = find_family(device_major, device_minor);

@@ -1,6 +1,7 @@
 // Run-time knobs that the timing scripts set through the environment
-// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING): "key=N,key=N,...", a bare
-// key meaning N = 1. Host code only.
+// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING) or, for the forward, in
+// the process (flash_ext._C._set_fwd_tuning): "key=N,key=N,...", a bare key
+// meaning N = 1. Host code only.
 #pragma once
 
 #include <cstdint>
@@ -12,14 +13,12 @@
 
 namespace flash_ext::cuda {
 
-// Calls set(key, N) for each item of the variable's value (nothing when it
-// is unset). A value that is not a whole number >= 0, or a key set() does
-// not take (it returns false), throws, naming the variable, the item and
-// the keys in `known`.
+// Calls set(key, N) for each item of `spec` (variable: the knobs' name in
+// errors). A value that is not a whole number >= 0, or a key set() does not
+// take (it returns false), throws, naming the variable, the item and the
+// keys in `known`.
 template <class Set>
-void read_tuning_spec(const char* variable, const char* known, const Set& set) {
-  const char* spec = std::getenv(variable);
-  if (spec == nullptr) return;
+void parse_tuning_spec(const char* variable, const std::string& spec, const char* known, const Set& set) {
   std::istringstream items(spec);
   std::string item;
   while (std::getline(items, item, ',')) {
@@ -46,14 +45,22 @@ void read_tuning_spec(const char* variable, const char* known, const Set& set) {
   }
 }
 
-// A Tuning struct of int64_t knobs from `variable`, each key naming one field
-// (`knobs`: name and member); unset, the struct's defaults.
+// parse_tuning_spec of the variable's value (nothing when it is unset).
+template <class Set>
+void read_tuning_spec(const char* variable, const char* known, const Set& set) {
+  if (const char* spec = std::getenv(variable)) parse_tuning_spec(variable, spec, known, set);
+}
+
+// A Tuning struct of int64_t knobs from `spec` (the value of `variable`),
+// each key naming one field (`knobs`: name and member); the struct's
+// defaults for the rest.
 template <class Tuning, size_t N>
-Tuning tuning_from_environment(const char* variable, const std::pair<const char*, int64_t Tuning::*> (&knobs)[N]) {
+Tuning tuning_from_spec(const char* variable, const std::string& spec,
+                        const std::pair<const char*, int64_t Tuning::*> (&knobs)[N]) {
   std::string known;
   for (const auto& [name, field] : knobs) known += (known.empty() ? "" : ", ") + std::string(name);
   Tuning t;
-  read_tuning_spec(variable, known.c_str(), [&](const std::string& key, int64_t n) {
+  parse_tuning_spec(variable, spec, known.c_str(), [&](const std::string& key, int64_t n) {
     for (const auto& [name, field] : knobs) {
       if (key == name) {
         t.*field = n;
@@ -63,6 +70,13 @@ Tuning tuning_from_environment(const char* variable, const std::pair<const char*
     return false;
   });
   return t;
+}
+
+// tuning_from_spec of the variable's value; unset, the struct's defaults.
+template <class Tuning, size_t N>
+Tuning tuning_from_environment(const char* variable, const std::pair<const char*, int64_t Tuning::*> (&knobs)[N]) {
+  const char* spec = std::getenv(variable);
+  return tuning_from_spec(variable, spec == nullptr ? std::string() : std::string(spec), knobs);
 }
 
 }  // namespace flash_ext::cuda
