@@ -17,13 +17,13 @@ PyObject* last_cuda_kernel_family(PyObject*, PyObject*) {
   return PyUnicode_FromString(flash_ext::cuda::last_kernel_family());
 }
 
-// _set_fwd_tuning(spec) -> None: flash_ext::cuda::set_fwd_tuning; a bad
-// spec raises ValueError with its message.
-PyObject* set_fwd_tuning(PyObject*, PyObject* arg) {
+// set(spec) for a str spec; a bad spec raises ValueError with its message.
+template <void (*set)(const std::string&)>
+PyObject* set_tuning(PyObject*, PyObject* arg) {
   const char* spec = PyUnicode_AsUTF8(arg);
   if (spec == nullptr) return nullptr;  // not a str: TypeError set
   try {
-    flash_ext::cuda::set_fwd_tuning(spec);
+    set(spec);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
@@ -34,8 +34,10 @@ PyObject* set_fwd_tuning(PyObject*, PyObject* arg) {
 PyMethodDef methods[] = {
     {"_last_cuda_kernel_family", last_cuda_kernel_family, METH_NOARGS,
      "kernel family of the last CUDA attention launch"},
-    {"_set_fwd_tuning", set_fwd_tuning, METH_O,
+    {"_set_fwd_tuning", set_tuning<flash_ext::cuda::set_fwd_tuning>, METH_O,
      "replace the Hopper forward's FLASH_EXT_FWD_TUNING knobs in this process (timing scripts)"},
+    {"_set_decode_tuning", set_tuning<flash_ext::cuda::set_decode_tuning>, METH_O,
+     "replace the split-KV decoding's FLASH_EXT_DECODE_TUNING knobs in this process (timing scripts)"},
     {nullptr, nullptr, 0, nullptr},
 };
 constexpr long kWithCuda = 1;

@@ -186,6 +186,33 @@ torch.save([t.cpu() for pair in outs for t in pair], r"{tmp_path}/" + __import__
         torch.testing.assert_close(lse_a, lse_b, rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_decode_tuning_set_in_process():
+    # flash_ext._C._set_decode_tuning (scripts/decode_tuning.py alternates
+    # variants with it) replaces the knobs for the next calls: the separate
+    # combine kernel merges 9 splits bit for bit as the fused merge does, 4
+    # splits within rounding of the cluster merge; a bad spec raises
+    # ValueError naming the key and changes nothing; "" restores the defaults.
+    q, k, v, lens = _decode_case(2, [4000, 1234], seed=5)
+    set_tuning = flash_ext._C._set_decode_tuning
+
+    def calls() -> list[torch.Tensor]:
+        return [flash_ext.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, num_splits=s) for s in (9, 4)]
+
+    try:
+        set_tuning("")
+        fused = calls()
+        set_tuning("fused_combine=0,pdl=0,stages=2,cluster_merge=0")
+        separate = calls()
+        assert torch.equal(fused[0], separate[0])
+        torch.testing.assert_close(fused[1].float(), separate[1].float(), rtol=1e-2, atol=2e-3)
+        with pytest.raises(ValueError, match="unknown key 'splits'"):
+            set_tuning("splits=3")
+        assert torch.equal(calls()[0], separate[0])  # still the last good spec
+    finally:
+        set_tuning("")
+    assert all(torch.equal(a, b) for a, b in zip(calls(), fused))
+
+
 def test_cuda_no_memory_growth_over_10000_calls():
     q, k, v = _qkv((1, 4, 64, 64), (1, 4, 64, 64), requires_grad=True)
     for _ in range(50):

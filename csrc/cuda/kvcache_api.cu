@@ -78,28 +78,41 @@ bool strides_ok(const int64_t (&stride)[3], bool step0, bool step1, bool step2) 
 
 }  // namespace
 
-Tuning tuning_from_environment() {
-  static const Tuning tuning = [] {
-    Tuning t;
-    read_tuning_spec("FLASH_EXT_DECODE_TUNING", "stages, pdl, fused_combine, cluster_merge",
-                     [&](const std::string& key, int64_t n) {
-                       if (key == "stages") {
-                         t.stages = static_cast<int>(std::min<int64_t>(n, kMaxStages + 1));  // out of range: refused
-                       } else if (key == "pdl") {
-                         t.pdl = n != 0;
-                       } else if (key == "fused_combine") {
-                         t.fused_combine = n != 0;
-                       } else if (key == "cluster_merge") {
-                         t.cluster_merge = n != 0;
-                       } else {
-                         return false;
-                       }
-                       return true;
-                     });
-    return t;
+namespace {
+
+// A Tuning from a FLASH_EXT_DECODE_TUNING spec, the defaults for the keys
+// it leaves out.
+Tuning tuning_from_spec(const std::string& spec) {
+  Tuning t;
+  parse_tuning_spec("FLASH_EXT_DECODE_TUNING", spec, "stages, pdl, fused_combine, cluster_merge",
+                    [&](const std::string& key, int64_t n) {
+                      if (key == "stages") {
+                        t.stages = static_cast<int>(std::min<int64_t>(n, kMaxStages + 1));  // out of range: refused
+                      } else if (key == "pdl") {
+                        t.pdl = n != 0;
+                      } else if (key == "fused_combine") {
+                        t.fused_combine = n != 0;
+                      } else if (key == "cluster_merge") {
+                        t.cluster_merge = n != 0;
+                      } else {
+                        return false;
+                      }
+                      return true;
+                    });
+  return t;
+}
+
+Tuning& mutable_tuning() {
+  static Tuning tuning = [] {
+    const char* spec = std::getenv("FLASH_EXT_DECODE_TUNING");
+    return tuning_from_spec(spec == nullptr ? std::string() : std::string(spec));
   }();
   return tuning;
 }
+
+}  // namespace
+
+const Tuning& current_tuning() { return mutable_tuning(); }
 
 bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning) {
   return tuning.cluster_merge && device_major == 9 && num_splits >= 2 && num_splits <= kMaxClusterSplits;
@@ -155,6 +168,10 @@ void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream) {
 
 }  // namespace kvcache
 
+void set_decode_tuning(const std::string& spec) {
+  kvcache::mutable_tuning() = kvcache::tuning_from_spec(spec);  // throws before assigning
+}
+
 const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major, int device_minor) {
   if (device_major < 8 || device_major > 9 || (device_major == 9 && device_minor != 0)) {
     return "the CUDA decoding kernels are built for sm_80 (and its 8.x relatives) and sm_90";
@@ -198,7 +215,7 @@ const char* kvcache_unsupported_reason(const KVCacheParams& p, int device_major,
 }
 
 bool kvcache_merges_in_cluster(const KVCacheParams& p, int device_major) {
-  return kvcache::merges_in_cluster(p.num_splits, device_major, kvcache::tuning_from_environment());
+  return kvcache::merges_in_cluster(p.num_splits, device_major, kvcache::current_tuning());
 }
 
 int choose_num_splits(const KVCacheParams& p, int num_sms, int device_major) {
@@ -219,7 +236,7 @@ int choose_num_splits(const KVCacheParams& p, int num_sms, int device_major) {
   // counter, the last block's reads); a merge inside a cluster costs little.
   // Split counts that would leave a split empty are skipped; ties go to
   // fewer splits.
-  const kvcache::Tuning& tuning = kvcache::tuning_from_environment();
+  const kvcache::Tuning& tuning = kvcache::current_tuning();
   int best = 1;
   int64_t best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t s = 1; s <= std::min<int64_t>(tiles, 128); ++s) {
@@ -242,7 +259,7 @@ int64_t kvcache_split_groups(const KVCacheParams& p) {
 }
 
 void run_kvcache_fwd(const KVCacheParams& params, cudaStream_t stream) {
-  kvcache::run(params, kvcache::tuning_from_environment(), stream);
+  kvcache::run(params, kvcache::current_tuning(), stream);
 }
 
 }  // namespace flash_ext::cuda

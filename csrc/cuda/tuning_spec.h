@@ -1,7 +1,7 @@
 // Run-time knobs that the timing scripts set through the environment
-// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING) or, for the forward, in
-// the process (flash_ext._C._set_fwd_tuning): "key=N,key=N,...", a bare key
-// meaning N = 1. Host code only.
+// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING) or in the process
+// (flash_ext._C._set_fwd_tuning, _set_decode_tuning): "key=N,key=N,...", a
+// bare key meaning N = 1. Host code only.
 #pragma once
 
 #include <cstdint>
@@ -43,12 +43,6 @@ void parse_tuning_spec(const char* variable, const std::string& spec, const char
                                   "' (known: " + known + ")");
     }
   }
-}
-
-// parse_tuning_spec of the variable's value (nothing when it is unset).
-template <class Set>
-void read_tuning_spec(const char* variable, const char* known, const Set& set) {
-  if (const char* spec = std::getenv(variable)) parse_tuning_spec(variable, spec, known, set);
 }
 
 // A Tuning struct of int64_t knobs from `spec` (the value of `variable`),

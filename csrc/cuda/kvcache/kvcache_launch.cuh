@@ -75,8 +75,9 @@ template <typename T>
 void launch_combine(const KVCacheParams& p, bool pdl, cudaStream_t stream);
 
 // The defaults, overridden for benchmarks by FLASH_EXT_DECODE_TUNING, e.g.
-// "stages=3,pdl=0,fused_combine=0" (read once per process).
-Tuning tuning_from_environment();
+// "stages=3,pdl=0,fused_combine=0" (read at the first call), or later by
+// set_decode_tuning (api.h).
+const Tuning& current_tuning();
 
 // run_kvcache_fwd with explicit tuning.
 void run(const KVCacheParams& p, const Tuning& tuning, cudaStream_t stream);
