@@ -103,10 +103,7 @@ Tuning tuning_from_spec(const std::string& spec) {
 }
 
 Tuning& mutable_tuning() {
-  static Tuning tuning = [] {
-    const char* spec = std::getenv("FLASH_EXT_DECODE_TUNING");
-    return tuning_from_spec(spec == nullptr ? std::string() : std::string(spec));
-  }();
+  static Tuning tuning = tuning_from_spec(environment_spec("FLASH_EXT_DECODE_TUNING"));
   return tuning;
 }
 

@@ -680,18 +680,18 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
           !left_window_only};
 }
 
+// Whether a call's query tiles can run in Tr's clusters (FwdTraits::
+// kClusterM): the tiles of a cluster see the same keys (no mask or window;
+// dense batches) and every cluster is whole (a multiple of kClusterM query
+// tiles), so its blocks walk the same key tiles in the same order.
+template <class Tr>
+bool fwd_pairs_fit(const AttentionFwdParams& p) {
+  return p.cu_seqlens_q == nullptr && !has_window(p.window) && ceil_div64(p.q_len, Tr::kBlockM) % Tr::kClusterM == 0;
+}
+
 // kVarlen: the descriptors span the packed (total, dim, heads) tensors as one
 // batch entry (their batch strides are 0); the dispatch guarantees total_q,
 // total_k > 0.
-// Whether a call's query tiles can run in cluster pairs (FwdTraits::
-// kClusterM = 2): the two tiles of a pair see the same keys (no mask or
-// window; dense batches) and every pair is whole (an even number of query
-// tiles), so both blocks walk the same key tiles in the same order.
-template <class Tr>
-bool fwd_pairs_fit(const AttentionFwdParams& p) {
-  return p.cu_seqlens_q == nullptr && !has_window(p.window) && ceil_div64(p.q_len, Tr::kBlockM) % 2 == 0;
-}
-
 template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
@@ -735,12 +735,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
-  if constexpr (Tr::kClusterM > 1) {
-    launch_1d_clusters("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kClusterM, Tr::kNThreads,
-                       Tr::kSmemBytes, stream, args);
-  } else {
-    launch_1d("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kNThreads, Tr::kSmemBytes, stream, args);
-  }
+  launch_1d_clusters("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kClusterM, Tr::kNThreads,
+                     Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90

@@ -66,11 +66,16 @@ Tuning tuning_from_spec(const char* variable, const std::string& spec,
   return t;
 }
 
-// tuning_from_spec of the variable's value; unset, the struct's defaults.
+// The variable's value ("" when it is unset: every knob at its default).
+inline std::string environment_spec(const char* variable) {
+  const char* spec = std::getenv(variable);
+  return spec == nullptr ? std::string() : std::string(spec);
+}
+
+// tuning_from_spec of the variable's value.
 template <class Tuning, size_t N>
 Tuning tuning_from_environment(const char* variable, const std::pair<const char*, int64_t Tuning::*> (&knobs)[N]) {
-  const char* spec = std::getenv(variable);
-  return tuning_from_spec(variable, spec == nullptr ? std::string() : std::string(spec), knobs);
+  return tuning_from_spec(variable, environment_spec(variable), knobs);
 }
 
 }  // namespace flash_ext::cuda
