@@ -359,8 +359,9 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the order of the tiles and whether blocks share K/V loads in
-    cluster pairs, never the arithmetic:
+    the grid, the order of the tiles, whether blocks share K/V loads in
+    cluster pairs and prefetch their next tile into L2 (taking it early from
+    the tile counter), never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -371,7 +372,9 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
                        ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
-                       ("no_cluster_pairs", "cluster_pairs_min_kv=0")):
+                       ("no_cluster_pairs", "cluster_pairs_min_kv=0"),
+                       ("prefetch", "prefetch_next_q=1,prefetch_next_kv=3"),
+                       ("prefetch_kv_single", "prefetch_next_kv=1,cluster_pairs_min_kv=0")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)
