@@ -49,6 +49,9 @@ struct BwdArgs {
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
+  // Blocks ahead whose K and V tiles a block prefetches into L2 as it starts
+  // (BwdTuning::prefetch_ahead; 0: none).
+  int prefetch_ahead;
 };
 
 // Named barriers: both consumer groups (dS written; at the end, K and V
@@ -254,6 +257,27 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     // K and V: read once, by this block; Q and dO: by every key tile's block.
     copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
     copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
+    // The K and V tiles of the block `prefetch_ahead` launches later (about
+    // a wave of blocks later with one block per SM) into L2, so that block
+    // starts on L2's latency rather than DRAM's.
+    if (const int64_t ahead = int64_t(blockIdx.x) + args.prefetch_ahead;
+        args.prefetch_ahead > 0 && ahead < int64_t(gridDim.x)) {
+      const int64_t n_block_a = ahead % n_blocks, bk_a = ahead / n_blocks;
+      const int64_t b_a = bk_a / p.kv_heads, hk_a = bk_a % p.kv_heads;
+      const SequenceBounds seq_a = sequence_bounds<kVarlen>(p, b_a);
+      if (!kVarlen || n_block_a * kBlockN < seq_a.kv_len) {
+        const auto k_row0_a = make_coord(int32_t(seq_a.k_row0), _0{});
+        const int64_t tma_b_a = kVarlen ? 0 : b_a;
+        Tensor gK_a = local_tile(domain_offset(k_row0_a, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk_a, tma_b_a)),
+                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_a, _0{}));
+        Tensor gV_a = local_tile(domain_offset(k_row0_a, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk_a, tma_b_a)),
+                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_a, _0{}));
+        cute::prefetch(args.tma_k, get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                                        group_modes<0, 2>(gK_a))));
+        cute::prefetch(args.tma_v, get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                                        group_modes<0, 2>(gV_a))));
+      }
+    }
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -570,7 +594,8 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
-                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
+                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
+        static_cast<int>(std::min<int64_t>(bwd_tuning().prefetch_ahead, 1 << 20))};
     launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
               Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }

@@ -70,6 +70,14 @@ struct FwdTuning {
 };
 const FwdTuning& fwd_tuning();
 
+// Backward knobs, as FwdTuning's (FLASH_EXT_BWD_TUNING; in the process
+// flash_ext._C._set_bwd_tuning).
+struct BwdTuning {
+  // Blocks ahead whose K and V a starting block prefetches into L2 (0: none).
+  int64_t prefetch_ahead = 0;
+};
+const BwdTuning& bwd_tuning();
+
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
 // bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows
