@@ -39,9 +39,11 @@ DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_maj
 TOKENS, HIDDEN = 16384, 2048
 
 
-def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], rounds: int,
-            backward: bool = False) -> dict[tuple[int, int, int], dict[str, list[float]]]:
-    """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [relative error]}."""
+def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], rounds: int, backward: bool,
+            report: Callable[[tuple[int, int, int], dict[str, list[float]]], None]
+            ) -> dict[tuple[int, int, int], dict[str, list[float]]]:
+    """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [relative error]};
+    report(setting, row) as each setting is done (a run stopped early keeps what it printed)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -83,6 +85,7 @@ def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], roun
                 row[name].append(flops / do_bench(ours, warmup=25, rep=100, return_mode="median") / 1e9)
             row["cuDNN"].append(flops / do_bench(cudnn, warmup=25, rep=100, return_mode="median") / 1e9)
         results[(d, causal, n)] = row
+        report((d, causal, n), row)
     set_tuning("")
     return results
 
@@ -100,17 +103,20 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     variants = (dict(v.split("=", 1) for v in args.variant) if args.variant
                 else {"default": ""} if args.backward else DEFAULT_VARIANTS)
-    table = measure(list(itertools.product(args.head_dims, args.causal, args.seqlens)), variants, args.rounds,
-                    args.backward)
     names = [*variants, "cuDNN"]
-    print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names))
-    for (d, causal, n), row in table.items():
+    print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names), flush=True)
+
+    def report(setting: tuple[int, int, int], row: dict[str, list[float]]) -> None:
+        d, causal, n = setting
         cells = (f"{statistics.median(row[name]):6.0f} ({min(row[name]):4.0f}-{max(row[name]):4.0f})"
                  for name in names)
-        print(f"{d:4d} {causal} {n:5d} | " + " | ".join(cells))
+        print(f"{d:4d} {causal} {n:5d} | " + " | ".join(cells), flush=True)
+
+    table = measure(list(itertools.product(args.head_dims, args.causal, args.seqlens)), variants, args.rounds,
+                    args.backward, report)
     worst = {name: max(row[name + " err"][0] for row in table.values()) for name in variants}
-    print(f"{'backward' if args.backward else 'forward'} TFLOP/s: median (min-max) of {args.rounds} rounds; largest relative error against cuDNN: "
-          + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
+    print(f"{'backward' if args.backward else 'forward'} TFLOP/s: median (min-max) of {args.rounds} rounds; "
+          "largest relative error against cuDNN: " + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
 
 
 if __name__ == "__main__":
