@@ -369,13 +369,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         }
       }
     };
-    const bool prefetch = args.prefetch_q || args.prefetch_kv > 0;
+    const bool prefetching = args.prefetch_q || args.prefetch_kv > 0;
     // With prefetches the next tile is taken as this one starts (from the
     // counter, a tile earlier than without).
     int tile = blockIdx.x / kClusterM, next = tiles;
     for (bool first = true;; first = false) {
-      if (!first) tile = prefetch ? next : next_tile(p.tile_counter, tile, tiles, grid);
-      if (prefetch && tile < tiles) next = next_tile(p.tile_counter, tile, tiles, grid);
+      if (!first) tile = prefetching ? next : next_tile(p.tile_counter, tile, tiles, grid);
+      if (prefetching && tile < tiles) next = next_tile(p.tile_counter, tile, tiles, grid);
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         if (!Tr::kSeparateO && i == 0) {
           for (int w = 1; w < kNumMmaWG; ++w) load_q(w);
         }
-        if (prefetch && i == 0 && next < tiles) prefetch_tile(next);
+        if (prefetching && i == 0 && next < tiles) prefetch_tile(next);
       }
       if constexpr (Tr::kSeparateO) {
         for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);  // fewer key tiles than groups
