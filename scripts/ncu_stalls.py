@@ -6,6 +6,7 @@ samples per opcode.
 
     python3 scripts/ncu_stalls.py --kernel regex:attention_fwd --skip 1 --out DIR -- 128 512 0
     python3 scripts/ncu_stalls.py --kernel regex:^attention_kernel --skip 2 --out DIR -- decode 1 32768
+    python3 scripts/ncu_stalls.py --csv DIR/stalls_sass.csv      # the summary again, from the CSV
 
 Arguments after ``--`` go to ncu_target.py, which runs the prefill forward
 twice (``--skip 1``) and the decode three times (``--skip 2``). Writes DIR/<name>.ncu-rep and
@@ -18,6 +19,7 @@ import argparse
 import collections
 import csv
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,17 +81,69 @@ def summarize(page: str, top: int) -> None:
             name = max(stall_names, key=lambda n: number(r[col[n]]))
             worst = f"  (most: {name} {number(r[col[name]]):.0f})"
         print(f"{share:5.1f}%  {r[address]:>8}  {r[col['Source']][:70]}{worst}")
+    if "Address" in col:
+        print_loops(body, col, total_name, total)
+
+
+def print_loops(body: list[list[str]], col: dict[str, int], total_name: str, total: float) -> None:
+    """Samples inside and outside the kernel's tensor-core loops: each backward
+    branch spans a loop; those holding HGMMA and at most half the code (not the
+    barrier retry stubs placed at the end, which branch back across
+    everything) are the main loops, and what lies outside them is a tile's
+    start and end, the setup and the producer."""
+    rows = []
+    for r in body:
+        try:
+            rows.append((int(r[col["Address"]], 16), r[col["Source"]], number(r[col[total_name]])))
+        except ValueError:
+            continue
+    rows.sort()
+    if not rows:
+        return
+    position = {addr: i for i, (addr, _, _) in enumerate(rows)}
+    loops = []
+    for i, (addr, source, _) in enumerate(rows):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-fA-F]+)", source)
+        target = int(m[1], 16) if m else None
+        if target is None or target >= addr or target not in position:
+            continue
+        first = position[target]
+        inside = rows[first:i + 1]
+        if len(inside) <= len(rows) // 2 and any("HGMMA" in src for _, src, _ in inside):
+            loops.append((first, i))
+    covered = set()
+    print("tensor-core loops (backward branches around HGMMA):")
+    for first, last in sorted(set(loops)):
+        inside = rows[first:last + 1]
+        samples = sum(s for _, _, s in inside)
+        hgmma = sum("HGMMA" in src for _, src, _ in inside)
+        covered.update(range(first, last + 1))
+        print(f"  {rows[first][0]:#x}-{rows[last][0]:#x}: {len(inside)} instructions, {hgmma} HGMMA, "
+              f"{100 * samples / total:.1f}% of samples")
+    outside = sum(s for i, (_, _, s) in enumerate(rows) if i not in covered)
+    print(f"  outside them: {100 * outside / total:.1f}% of samples")
+    dealloc = next((i for i, (_, src, _) in enumerate(rows) if "USETMAXREG.DEALLOC" in src), None)
+    if dealloc is not None:
+        after = sum(s for _, _, s in rows[dealloc:])
+        print(f"  from USETMAXREG.DEALLOC on (the producer, where the compiler placed it last): "
+              f"{100 * after / total:.1f}%")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", required=True, help="ncu --kernel-name (e.g. regex:attention_fwd)")
+    parser.add_argument("--kernel", help="ncu --kernel-name (e.g. regex:attention_fwd)")
+    parser.add_argument("--csv", type=Path, help="summarize this source-page CSV of an earlier run instead")
     parser.add_argument("--skip", type=int, default=1, help="launches of that kernel to skip (warm-up)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the report and the CSV")
+    parser.add_argument("--out", type=Path, help="folder for the report and the CSV")
     parser.add_argument("--name", default="stalls", help="file name stem in --out")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("target", nargs="*", help="arguments of ncu_target.py (after --)")
     args = parser.parse_args()
+    if args.csv:
+        summarize(args.csv.read_text(), args.top)
+        return
+    if not args.kernel or not args.out:
+        parser.error("--kernel and --out are needed to profile (or --csv to summarize)")
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{args.name}.ncu-rep"
     profile(args.kernel, args.skip, report, args.target)
