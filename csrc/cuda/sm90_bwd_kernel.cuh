@@ -239,16 +239,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}, _0{});
-    const auto k_row0 = make_coord(int32_t(seq.k_row0), _0{});
     // (kBlockM, kHeadDim, query tile, head) views, partitioned once.
     Tensor gQ = local_tile(domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, _, tma_b)),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
     Tensor gdO = local_tile(domain_offset(q_row0, args.tma_do.get_tma_tensor(q_shape)(_, _, _, tma_b)),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
-    Tensor gK = local_tile(domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
-    Tensor gV = local_tile(domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    // Key tile n_block_ of kv head hk_ of sequence b_ (bounds seq_) as K's or V's TMA coordinates.
+    const auto key_tile = [&](const auto& tma, const SequenceBounds& seq_, int64_t b_, int64_t hk_, int64_t n_block_) {
+      return local_tile(domain_offset(make_coord(int32_t(seq_.k_row0), _0{}),
+                                      tma.get_tma_tensor(kv_shape)(_, _, hk_, kVarlen ? 0 : b_)),
+                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_, _0{}));
+    };
+    Tensor gK = key_tile(args.tma_k, seq, b, hk, n_block);
+    Tensor gV = key_tile(args.tma_v, seq, b, hk, n_block);
     auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -266,12 +269,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       const int64_t b_a = bk_a / p.kv_heads, hk_a = bk_a % p.kv_heads;
       const SequenceBounds seq_a = sequence_bounds<kVarlen>(p, b_a);
       if (!kVarlen || n_block_a * kBlockN < seq_a.kv_len) {
-        const auto k_row0_a = make_coord(int32_t(seq_a.k_row0), _0{});
-        const int64_t tma_b_a = kVarlen ? 0 : b_a;
-        Tensor gK_a = local_tile(domain_offset(k_row0_a, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk_a, tma_b_a)),
-                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_a, _0{}));
-        Tensor gV_a = local_tile(domain_offset(k_row0_a, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk_a, tma_b_a)),
-                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_a, _0{}));
+        Tensor gK_a = key_tile(args.tma_k, seq_a, b_a, hk_a, n_block_a);
+        Tensor gV_a = key_tile(args.tma_v, seq_a, b_a, hk_a, n_block_a);
         cute::prefetch(args.tma_k, get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
                                                         group_modes<0, 2>(gK_a))));
         cute::prefetch(args.tma_v, get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
