@@ -1,0 +1,69 @@
+"""A fixed cost per query tile and a steady rate, fitted to a prefill sweep's
+forward rows: how much of each row is per-tile overhead rather than work.
+
+For each implementation and (d, causal), over the sequence lengths, the
+forward time of a row is modelled as rounds * (c + w / r): 128-row query
+tiles (the Hopper forward's tile at d = 128 and 256; d = 64's long rows use
+192, so its c is per 128 rows of queries), rounds = tiles / SMs (the tail
+ignored), w = the FLOPs of one tile, c = a fixed cost per tile (its start
+and end: loads not yet hidden, the pipeline's fill and drain, the epilogue)
+and r = one SM's steady rate. A least-squares fit of time / rounds against
+w gives c and r; the table prints them with the share of each row's time
+that c takes. Rows come from benchmarks/bench_prefill.py's JSON
+(RESULTS_FORMAT.md ``prefill``).
+
+    python scripts/tile_cost.py benchmarks/results/h100-80gb-hbm3/prefill.json [--sms 132]
+        [--impls flash_ext sdpa_cudnn]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+TILE_ROWS = 128
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares y = c + s * x: (c, s)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x if var_x else 0.0
+    return mean_y - slope * mean_x, slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors of the GPU (H100 and H200: 132)")
+    parser.add_argument("--impls", nargs="+", default=["flash_ext", "sdpa_cudnn"])
+    args = parser.parse_args()
+    rows = json.loads(args.results.read_text())["rows"]
+    groups: dict[tuple[str, int, bool], list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["impl"] in args.impls and row.get("fwd_ms"):
+            groups[(row["impl"], row["d"], bool(row["causal"]))].append(row)
+    print(f"fixed cost c per {TILE_ROWS}-row query tile and steady rate r (whole GPU) fitted over N; "
+          "then c's share of each row's forward time")
+    for (impl, d, causal), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        if len(group) < 2:
+            continue
+        points, shares = [], []
+        for row in sorted(group, key=lambda r: r["n"]):
+            tiles = -(-row["n"] // TILE_ROWS) * row["batch"] * row["heads"]
+            flops = 4 * row["batch"] * row["heads"] * row["n"] ** 2 * d / (2 if causal else 1)
+            rounds = tiles / args.sms
+            points.append((flops / tiles, row["fwd_ms"] * 1e3 / rounds))  # (FLOPs, us) per tile
+        c_us, us_per_flop = fit(points)
+        rate = args.sms / us_per_flop / 1e6 if us_per_flop > 0 else float("nan")  # TFLOP/s
+        for row, (_, per_tile_us) in zip(sorted(group, key=lambda r: r["n"]), points):
+            shares.append(f"{row['n']}: {100 * c_us / per_tile_us:3.0f}%")
+        print(f"d={d:3d} causal={int(causal)} {impl:>10}: c = {c_us:5.2f} us, r = {rate:4.0f} TFLOP/s | "
+              + ", ".join(shares))
+
+
+if __name__ == "__main__":
+    main()
