@@ -8,7 +8,7 @@ shapes (batch * n = 16k tokens, heads * d = 2048), triton's do_bench median
 as the prefill bench.
 
     python scripts/fwd_tuning.py [--variant NAME=SPEC ...] [--head-dims D..] [--seqlens N..] [--causal 0 1]
-                                 [--rounds R] [--backward]
+                                 [--rounds R]
 
 SPEC as FLASH_EXT_FWD_TUNING (csrc/cuda/sm90_launch.h, FwdTuning), e.g.
 "two_stage_max_kv=4096,per_tile_max_q=1024" or "wide_keys_min_kv=1"; each
@@ -16,12 +16,7 @@ replaces all the knobs ("" is the built-in defaults, whatever the
 environment says). Prints per setting and variant the median forward
 TFLOP/s over the rounds and their spread, cuDNN's median, and each variant's
 largest relative error against cuDNN's output, so a variant that computes
-something else shows.
-
---backward times the Hopper backward instead (autograd.grad of one forward's
-graph, kept), its variants FLASH_EXT_BWD_TUNING specs
-(flash_ext._C._set_bwd_tuning; csrc/cuda/sm90_launch.h, BwdTuning), the
-error that of dQ, TFLOP/s counted as 2.5x the forward's FLOPs.
+something else shows. Each setting's row is printed as it is done.
 """
 from __future__ import annotations
 
@@ -39,7 +34,7 @@ DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_maj
 TOKENS, HIDDEN = 16384, 2048
 
 
-def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], rounds: int, backward: bool,
+def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], rounds: int,
             report: Callable[[tuple[int, int, int], dict[str, list[float]]], None]
             ) -> dict[tuple[int, int, int], dict[str, list[float]]]:
     """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [relative error]};
@@ -50,29 +45,19 @@ def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], roun
     from triton.testing import do_bench
 
     import flash_ext
-    set_tuning = flash_ext._C._set_bwd_tuning if backward else flash_ext._C._set_fwd_tuning
+    set_tuning = flash_ext._C._set_fwd_tuning
     results = {}
     for d, causal, n in settings:
         batch, heads = max(1, TOKENS // n), HIDDEN // d
-        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-                   for _ in range(3))
-        flops = 4 * batch * heads * n * n * d / (2 if causal else 1) * (2.5 if backward else 1)
+        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
 
-        def ours_forward() -> torch.Tensor:
+        def ours() -> torch.Tensor:
             return flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
 
-        def cudnn_forward() -> torch.Tensor:
+        def cudnn() -> torch.Tensor:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
-
-        def backward_of(forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-            out = forward()
-            grad = torch.randn(out.shape, device="cuda", dtype=out.dtype,
-                               generator=torch.Generator("cuda").manual_seed(1))
-            return lambda: torch.autograd.grad(out, q, grad, retain_graph=True)[0]
-
-        ours = backward_of(ours_forward) if backward else ours_forward
-        cudnn = backward_of(cudnn_forward) if backward else cudnn_forward
 
         reference = cudnn().float()
         row: dict[str, list[float]] = {name: [] for name in [*variants, "cuDNN"]}
@@ -97,12 +82,10 @@ def main() -> None:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--causal", type=int, nargs="+", choices=(0, 1), default=[0, 1])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every variant per setting")
-    parser.add_argument("--backward", action="store_true", help="time the backward under BwdTuning variants")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    variants = (dict(v.split("=", 1) for v in args.variant) if args.variant
-                else {"default": ""} if args.backward else DEFAULT_VARIANTS)
+    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
     names = [*variants, "cuDNN"]
     print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names), flush=True)
 
@@ -113,9 +96,9 @@ def main() -> None:
         print(f"{d:4d} {causal} {n:5d} | " + " | ".join(cells), flush=True)
 
     table = measure(list(itertools.product(args.head_dims, args.causal, args.seqlens)), variants, args.rounds,
-                    args.backward, report)
+                    report)
     worst = {name: max(row[name + " err"][0] for row in table.values()) for name in variants}
-    print(f"{'backward' if args.backward else 'forward'} TFLOP/s: median (min-max) of {args.rounds} rounds; "
+    print(f"forward TFLOP/s: median (min-max) of {args.rounds} rounds; "
           "largest relative error against cuDNN: " + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
 
 

@@ -359,9 +359,8 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the order of the tiles, whether blocks share K/V loads in
-    cluster pairs and prefetch their next tile into L2 (taking it early from
-    the tile counter), never the arithmetic:
+    the grid, the order of the tiles and whether blocks share K/V loads in
+    cluster pairs, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -372,9 +371,7 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
                        ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
-                       ("no_cluster_pairs", "cluster_pairs_min_kv=0"),
-                       ("prefetch", "prefetch_next_q=1,prefetch_next_kv=3"),
-                       ("prefetch_kv_single", "prefetch_next_kv=1,cluster_pairs_min_kv=0")):
+                       ("no_cluster_pairs", "cluster_pairs_min_kv=0")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)
@@ -419,46 +416,6 @@ def test_hopper_forward_tuning_set_in_process():
     finally:
         set_tuning("")
     assert torch.equal(flash_ext.scaled_dot_product_attention(q, k, v), pairs)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-def test_hopper_backward_tuning_set_in_process():
-    """flash_ext._C._set_bwd_tuning replaces the Hopper backward's knobs: L2
-    prefetches of later blocks' K and V (dense and varlen, more blocks than
-    SMs) leave dK and dV bit for bit and dQ (summed by atomics, in any order)
-    within rounding; a bad spec raises ValueError naming the key."""
-    torch.manual_seed(0)
-    set_tuning = flash_ext._C._set_bwd_tuning
-    cu = torch.tensor([0, 700, 700, 1030, 2600], dtype=torch.int32, device="cuda")
-    dense = [torch.randn(4, 1100, 8, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-             for d in (128, 128, 128)]
-    packed = [torch.randn(2600, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-
-    def grads() -> list[torch.Tensor]:
-        out = []
-        for causal in (False, True):
-            o = flash_ext.flash_attn_func(*dense, causal=causal)
-            out += torch.autograd.grad(o, dense, torch.ones_like(o))
-            o = flash_ext.flash_attn_varlen_func(*packed, cu, cu, 1570, 1570, causal=causal)
-            out += torch.autograd.grad(o, packed, torch.ones_like(o))
-        assert flash_ext.last_cuda_kernel_family() == "sm90"
-        return out
-
-    try:
-        set_tuning("")
-        reference = grads()
-        for spec in ("prefetch_ahead=1", "prefetch_ahead=132", "prefetch_ahead=100000"):
-            set_tuning(spec)
-            for i, (a, b) in enumerate(zip(grads(), reference)):
-                if i % 3 == 0:  # dQ
-                    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
-                else:
-                    assert torch.equal(a, b), (spec, i)
-        with pytest.raises(ValueError, match="unknown key 'ahead'"):
-            set_tuning("ahead=2")
-    finally:
-        set_tuning("")
 
 
 _TILE_VARIANTS_CHILD = """

@@ -142,25 +142,12 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"pair_major_max_q", &FwdTuning::pair_major_max_q},
     {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
     {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
-    {"prefetch_next_q", &FwdTuning::prefetch_next_q},
-    {"prefetch_next_kv", &FwdTuning::prefetch_next_kv},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then
 // whatever set_fwd_tuning last set.
 FwdTuning& current_fwd_tuning() {
   static FwdTuning tuning = tuning_from_environment("FLASH_EXT_FWD_TUNING", kFwdKnobs);
-  return tuning;
-}
-
-using sm90::BwdTuning;
-constexpr std::pair<const char*, int64_t BwdTuning::*> kBwdKnobs[] = {
-    {"prefetch_ahead", &BwdTuning::prefetch_ahead},
-};
-
-// The backward's, the same way (FLASH_EXT_BWD_TUNING, set_bwd_tuning).
-BwdTuning& current_bwd_tuning() {
-  static BwdTuning tuning = tuning_from_environment("FLASH_EXT_BWD_TUNING", kBwdKnobs);
   return tuning;
 }
 
@@ -362,7 +349,6 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 
 #if defined(FLASH_EXT_SM90A)
 const sm90::FwdTuning& sm90::fwd_tuning() { return current_fwd_tuning(); }
-const sm90::BwdTuning& sm90::bwd_tuning() { return current_bwd_tuning(); }
 #endif
 
 void set_fwd_tuning(const std::string& spec) {
@@ -370,14 +356,6 @@ void set_fwd_tuning(const std::string& spec) {
   current_fwd_tuning() = tuning_from_spec("FLASH_EXT_FWD_TUNING", spec, kFwdKnobs);  // throws before assigning
 #else
   throw std::invalid_argument("flash_ext: no Hopper kernels were built, so there is no forward tuning to set");
-#endif
-}
-
-void set_bwd_tuning(const std::string& spec) {
-#if defined(FLASH_EXT_SM90A)
-  current_bwd_tuning() = tuning_from_spec("FLASH_EXT_BWD_TUNING", spec, kBwdKnobs);
-#else
-  throw std::invalid_argument("flash_ext: no Hopper kernels were built, so there is no backward tuning to set");
 #endif
 }
 

@@ -49,9 +49,6 @@ struct BwdArgs {
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
-  // Blocks ahead whose K and V tiles a block prefetches into L2 as it starts
-  // (BwdTuning::prefetch_ahead; 0: none).
-  int prefetch_ahead;
 };
 
 // Named barriers: both consumer groups (dS written; at the end, K and V
@@ -239,19 +236,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     const auto q_row0 = make_coord(int32_t(seq.q_row0), _0{}, _0{});
+    const auto k_row0 = make_coord(int32_t(seq.k_row0), _0{});
     // (kBlockM, kHeadDim, query tile, head) views, partitioned once.
     Tensor gQ = local_tile(domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, _, tma_b)),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
     Tensor gdO = local_tile(domain_offset(q_row0, args.tma_do.get_tma_tensor(q_shape)(_, _, _, tma_b)),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
-    // Key tile n_block_ of kv head hk_ of sequence b_ (bounds seq_) as K's or V's TMA coordinates.
-    const auto key_tile = [&](const auto& tma, const SequenceBounds& seq_, int64_t b_, int64_t hk_, int64_t n_block_) {
-      return local_tile(domain_offset(make_coord(int32_t(seq_.k_row0), _0{}),
-                                      tma.get_tma_tensor(kv_shape)(_, _, hk_, kVarlen ? 0 : b_)),
-                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block_, _0{}));
-    };
-    Tensor gK = key_tile(args.tma_k, seq, b, hk, n_block);
-    Tensor gV = key_tile(args.tma_v, seq, b, hk, n_block);
+    Tensor gK = local_tile(domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     auto [tQg, tQs] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
     auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -260,23 +254,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     // K and V: read once, by this block; Q and dO: by every key tile's block.
     copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
     copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
-    // The K and V tiles of the block `prefetch_ahead` launches later (about
-    // a wave of blocks later with one block per SM) into L2, so that block
-    // starts on L2's latency rather than DRAM's.
-    if (const int64_t ahead = int64_t(blockIdx.x) + args.prefetch_ahead;
-        args.prefetch_ahead > 0 && ahead < int64_t(gridDim.x)) {
-      const int64_t n_block_a = ahead % n_blocks, bk_a = ahead / n_blocks;
-      const int64_t b_a = bk_a / p.kv_heads, hk_a = bk_a % p.kv_heads;
-      const SequenceBounds seq_a = sequence_bounds<kVarlen>(p, b_a);
-      if (!kVarlen || n_block_a * kBlockN < seq_a.kv_len) {
-        Tensor gK_a = key_tile(args.tma_k, seq_a, b_a, hk_a, n_block_a);
-        Tensor gV_a = key_tile(args.tma_v, seq_a, b_a, hk_a, n_block_a);
-        cute::prefetch(args.tma_k, get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                                        group_modes<0, 2>(gK_a))));
-        cute::prefetch(args.tma_v, get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                                        group_modes<0, 2>(gV_a))));
-      }
-    }
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -593,8 +570,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.k, kv_rows, p.head_dim, p.kv_heads, batch, p.k_stride),
                       typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
-                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{}),
-        static_cast<int>(std::min<int64_t>(bwd_tuning().prefetch_ahead, 1 << 20))};
+                      typename Tr::SmemLayoutKV{}, TileKV{}, _1{})};
     launch_1d("attention backward (sm90", Tr::kHeadDim, attention_bwd_sm90_kernel<Tr, kVarlen>, blocks,
               Tr::kNThreads, Tr::kSmemBytes, stream, args);
   }

@@ -121,10 +121,6 @@ struct FwdArgs {
   // rematerializes rather than keep a register; the FP64 compare stalled at
   // N = 512 in ncu).
   float scale, scale_log2;
-  // L2 prefetches of the block's next tile (FwdTuning::prefetch_next_q,
-  // prefetch_next_kv): its Q rows, and its first `prefetch_kv` K and V tiles.
-  bool prefetch_q;
-  int prefetch_kv;
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -334,53 +330,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;  // parity of the Q loads
-    // (64, kHeadDim, consumer group)
-    Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
-    // Tile t's Q rows (64, kHeadDim, 64-row block) and K, V tiles
-    // (kBlockN, kHeadDim, key tile) as TMA coordinates.
-    const auto global_tiles = [&](const QueryTile& t) {
+    for (int tile = blockIdx.x / kClusterM;; tile = next_tile(p.tile_counter, tile, tiles, grid)) {
+      tile_ring.push(smem, tile);
+      if (tile >= tiles) break;
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
+      if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
       const auto q_row0 = make_coord(int32_t(t.seq.q_row0), _0{}), k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
       Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, t.h, tma_b));
       Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
       Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
-      return cute::make_tuple(local_tile(mQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{})),
-                              local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{})),
-                              local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{})));
-    };
-    // The next tile's Q rows and first K/V tiles into L2 while this tile
-    // runs: its loads then wait on L2, not on DRAM, at the tile boundary
-    // (Q is read once, by this block; K/V are the next head's at short rows).
-    const auto prefetch_tile = [&](int tile) {
-      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
-      if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) return;
-      auto [gQ, gK, gV] = global_tiles(t);
-      auto tQg = get<0>(tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ)));
-      if (args.prefetch_q) {
-        for (int w = 0; w < kNumMmaWG; ++w) cute::prefetch(args.tma_q, tQg(_, t.m_block * kNumMmaWG + w));
-      }
-      if constexpr (kClusterM == 1) {  // (multicast loads have no prefetch form; pairs read K/V once anyway)
-        auto tKg = get<0>(tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK)));
-        auto tVg = get<0>(tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV)));
-        const int n_end = max(t.n_block_max - args.prefetch_kv, t.n_block_min);
-        for (int n = t.n_block_max - 1; n >= n_end; --n) {
-          cute::prefetch(args.tma_k, tKg(_, n));
-          cute::prefetch(args.tma_v, tVg(_, n));
-        }
-      }
-    };
-    const bool prefetching = args.prefetch_q || args.prefetch_kv > 0;
-    // With prefetches the next tile is taken as this one starts (from the
-    // counter, a tile earlier than without).
-    int tile = blockIdx.x / kClusterM, next = tiles;
-    for (bool first = true;; first = false) {
-      if (!first) tile = prefetching ? next : next_tile(p.tile_counter, tile, tiles, grid);
-      if (prefetching && tile < tiles) next = next_tile(p.tile_counter, tile, tiles, grid);
-      tile_ring.push(smem, tile);
-      if (tile >= tiles) break;
-      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
-      if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
-      auto [gQ, gK, gV] = global_tiles(t);
+      // (64, kHeadDim, 64-row block) and (kBlockN, kHeadDim, key tile)
+      Tensor gQ = local_tile(mQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      // (64, kHeadDim, consumer group)
+      Tensor sQg = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(_, _0{}));
       // (not a structured binding: load_q captures these, which C++17 does not allow of one)
       auto q_parts = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQg), group_modes<0, 2>(gQ));
       auto& tQg = get<0>(q_parts);
@@ -423,7 +388,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         if (!Tr::kSeparateO && i == 0) {
           for (int w = 1; w < kNumMmaWG; ++w) load_q(w);
         }
-        if (prefetching && i == 0 && next < tiles) prefetch_tile(next);
       }
       if constexpr (Tr::kSeparateO) {
         for (int w = key_tiles; w < kNumMmaWG; ++w) load_q(w);  // fewer key tiles than groups
@@ -748,9 +712,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, Int<Tr::kClusterM>{}),
-                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
-                   fwd_tuning().prefetch_next_q != 0,
-                   static_cast<int>(std::min<int64_t>(fwd_tuning().prefetch_next_kv, 1 << 20))};
+                   static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

@@ -62,21 +62,8 @@ struct FwdTuning {
   // this: the blocks run in cluster pairs that share their K/V loads
   // (FwdTraits::kClusterM; 0: never).
   int64_t cluster_pairs_min_kv = 8192;
-  // L2 prefetches of a block's next tile as it starts a tile (the next tile
-  // then taken a tile earlier from the counter): its Q rows (0/1), its first
-  // prefetch_next_kv K and V tiles (single blocks; 0: none).
-  int64_t prefetch_next_q = 0;
-  int64_t prefetch_next_kv = 0;
 };
 const FwdTuning& fwd_tuning();
-
-// Backward knobs, as FwdTuning's (FLASH_EXT_BWD_TUNING; in the process
-// flash_ext._C._set_bwd_tuning).
-struct BwdTuning {
-  // Blocks ahead whose K and V a starting block prefetches into L2 (0: none).
-  int64_t prefetch_ahead = 0;
-};
-const BwdTuning& bwd_tuning();
 
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
