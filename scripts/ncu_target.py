@@ -4,6 +4,11 @@ decodes, for Nsight Compute:
     ncu --kernel-name regex:attention_ --launch-skip 2 --launch-count 4 \\
         --section SpeedOfLight --section WarpStateStats ... python3 scripts/ncu_target.py [d] [n] [causal]
     ncu --kernel-name regex:^attention_kernel --launch-skip 2 --launch-count 1 ... python3 scripts/ncu_target.py decode [batch] [kv_len]
+    ncu --section LaunchStats --section Occupancy python3 scripts/ncu_target.py 128 512 0 cudnn
+
+The last form runs PyTorch's cuDNN backend instead, forward only, twice
+(its kernels' names are cuDNN's: profile them all): how it launches (block
+shape, shared memory, registers, blocks an SM) is what ncu can tell of it.
 
 ncu matches a kernel's own name, without its namespace (the decode kernel
 is kvcache::attention_kernel). The first iteration(s) warm up (skipped by
@@ -37,6 +42,16 @@ d = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
 causal = len(sys.argv) > 3 and sys.argv[3] == "1"
 batch, heads = max(1, 16384 // n), 2048 // d
+if len(sys.argv) > 4 and sys.argv[4] == "cudnn":
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for _ in range(2):
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.cuda.synchronize()
+    print(f"ran cuDNN's forward d={d} n={n} causal={causal}")
+    sys.exit(0)
 q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
            for _ in range(3))
 for _ in range(2):
