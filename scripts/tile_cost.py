@@ -35,6 +35,21 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+def tile_model(group: list[dict], d: int, causal: bool, sms: int) -> tuple[float, float, list[tuple[int, float]]]:
+    """(c in us, r in TFLOP/s, [(n, us per tile)]) fitted to one implementation's
+    rows at one (d, causal), sorted by n."""
+    points, per_tile = [], []
+    for row in sorted(group, key=lambda r: r["n"]):
+        tiles = -(-row["n"] // TILE_ROWS) * row["batch"] * row["heads"]
+        flops = 4 * row["batch"] * row["heads"] * row["n"] ** 2 * d / (2 if causal else 1)
+        us = row["fwd_ms"] * 1e3 / (tiles / sms)
+        points.append((flops / tiles, us))
+        per_tile.append((row["n"], us))
+    c_us, us_per_flop = fit(points)
+    rate = sms / us_per_flop / 1e6 if us_per_flop > 0 else float("nan")
+    return c_us, rate, per_tile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
@@ -51,16 +66,8 @@ def main() -> None:
     for (impl, d, causal), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         if len(group) < 2:
             continue
-        points, shares = [], []
-        for row in sorted(group, key=lambda r: r["n"]):
-            tiles = -(-row["n"] // TILE_ROWS) * row["batch"] * row["heads"]
-            flops = 4 * row["batch"] * row["heads"] * row["n"] ** 2 * d / (2 if causal else 1)
-            rounds = tiles / args.sms
-            points.append((flops / tiles, row["fwd_ms"] * 1e3 / rounds))  # (FLOPs, us) per tile
-        c_us, us_per_flop = fit(points)
-        rate = args.sms / us_per_flop / 1e6 if us_per_flop > 0 else float("nan")  # TFLOP/s
-        for row, (_, per_tile_us) in zip(sorted(group, key=lambda r: r["n"]), points):
-            shares.append(f"{row['n']}: {100 * c_us / per_tile_us:3.0f}%")
+        c_us, rate, per_tile = tile_model(group, d, causal, args.sms)
+        shares = [f"{n}: {100 * c_us / us:3.0f}%" for n, us in per_tile]
         print(f"d={d:3d} causal={int(causal)} {impl:>10}: c = {c_us:5.2f} us, r = {rate:4.0f} TFLOP/s | "
               + ", ".join(shares))
 
