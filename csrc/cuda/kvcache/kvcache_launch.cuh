@@ -28,7 +28,7 @@ struct Tuning {
   bool fused_combine = true;  // the last split merges (needs p.split_counters)
   bool cluster_merge = true;  // sm90, up to cluster_max splits: merge in a cluster
   // Most splits merged in a cluster, 2..kMaxClusterSplits: past the portable
-  // 8, a cluster spans up to 16 blocks (8 SMs at two blocks each).
+  // 8, a cluster spans up to 16 blocks of one GPC (non-portable size).
   int cluster_max = kPortableClusterSplits;
 };
 
