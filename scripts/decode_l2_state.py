@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flash_ext
+from decode_latency import FLUSH_BYTES
 
-FLUSH_BYTES = 256 * 1024 * 1024
 HEADS, KV_HEADS, DIM = 32, 8, 128
 
 

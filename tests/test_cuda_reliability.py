@@ -216,8 +216,10 @@ def test_cuda_decode_tuning_set_in_process():
 def test_cuda_decode_clusters_past_the_portable_size():
     # FLASH_EXT_DECODE_TUNING's cluster_max=16 merges up to 16 splits in a
     # thread-block cluster (Hopper's non-portable size): within rounding of
-    # the separate combine kernel, with a sequence shorter than some splits'
-    # first key (those splits see no key); out-of-range values are refused.
+    # the merge through global memory (cluster_merge=0: the last split
+    # merges), with a sequence shorter than some splits' first key (those
+    # splits see no key), and with the split count chosen (num_splits=0)
+    # from clusters of 16; out-of-range values are refused.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("clusters are a Hopper feature")
     q, k, v, lens = _decode_case(3, [4000, 1234, 100], seed=6)
