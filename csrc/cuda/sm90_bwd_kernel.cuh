@@ -30,6 +30,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cutlass/arch/memory.h>
+
 #include <cstdint>
 
 #include "attention_bwd_kernel.cuh"
@@ -314,8 +316,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   clear(acc_dk);
   clear(acc_dv);
 
-  // S^T-shaped accumulators (dS^T; with kSplitDims also P^T) -> shared memory.
-  auto r2s_ds = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
+  // S^T-shaped accumulators (dS^T; with kSplitDims also P^T) -> shared
+  // memory by stmatrix (8 consecutive queries are 16 contiguous bytes of
+  // dS). CuTe's generic copy compiled to 4-byte generic stores, each with a
+  // 64-bit address held in registers across the key loop.
+  auto r2s_ds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
   auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
   Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
 
@@ -465,7 +470,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   CUTE_UNROLL
   for (int e = 0; e < size(acc_dk); ++e) acc_dk(e) *= static_cast<float>(p.scale);
   cutlass::arch::NamedBarrier::sync(256, kDsBarrier);
-  auto r2s_kv = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_dkv);
+  auto r2s_kv = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_dkv);
   auto r2s_kv_thr = r2s_kv.get_thread_slice(tid);
   Tensor dk_elem = convert_to<Element>(acc_dk);
   Tensor dv_elem = convert_to<Element>(acc_dv);
@@ -478,8 +483,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   for (int i = tid % 128; i < kRows * kChunks; i += 128) {
     const int r = row0 + i / kChunks, c = col0 + (i % kChunks) * 8;
     if (r < key_rows && c < p.head_dim) {
-      *reinterpret_cast<uint4*>(dk + r * p.dk_stride[2] + c) = *reinterpret_cast<const uint4*>(&sK(r, c));
-      *reinterpret_cast<uint4*>(dv + r * p.dv_stride[2] + c) = *reinterpret_cast<const uint4*>(&sV(r, c));
+      uint4 dk_chunk, dv_chunk;  // shared-memory loads (a generic pointer compiled to generic ones)
+      cutlass::arch::shared_load<16>(&dk_chunk, cast_smem_ptr_to_uint(&sK(r, c)));
+      cutlass::arch::shared_load<16>(&dv_chunk, cast_smem_ptr_to_uint(&sV(r, c)));
+      *reinterpret_cast<uint4*>(dk + r * p.dk_stride[2] + c) = dk_chunk;
+      *reinterpret_cast<uint4*>(dv + r * p.dv_stride[2] + c) = dv_chunk;
     }
   }
   // The last dQ reductions complete before the block exits.

@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
+#include <cutlass/arch/memory.h>
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <cstdint>
@@ -116,6 +117,7 @@ struct FwdArgs {
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
+  typename Tr::TmaO tma_o;  // dense batches (varlen ones store O row by row)
   // p.scale and p.scale * log2(e) as floats, converted on the host: from the
   // double, the kernel re-converted it in every epilogue (the compiler
   // rematerializes rather than keep a register; the FP64 compare stalled at
@@ -458,9 +460,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const auto staging_tell_other = [&] { cutlass::arch::NamedBarrier::arrive(256, kStagingBarrier + other_wg); };
   const auto staging_wait_other = [&] { cutlass::arch::NamedBarrier::sync(256, kStagingBarrier + turns.wg); };
   // Tile t's lse and this group's 64 rows of O (normalized by `sm`, the
-  // tile's softmax): O through shared memory (`staging`, this group's rows),
-  // then 16-byte row-contiguous stores. Storing O from registers instead (4
-  // bytes a thread) ran 4-34 % slower on an H100 (benchmarks/NOTES.md).
+  // tile's softmax): O through shared memory (`staging`, this group's rows;
+  // stmatrix), then to global memory by one TMA store (dense batches), or
+  // by 16-byte row-contiguous stores that stop at the sequence's end
+  // (varlen: a TMA box would run into the next sequence's rows). Storing O
+  // from registers instead (4 bytes a thread) ran 4-34 % slower on an H100
+  // (benchmarks/NOTES.md); the staging's copies, written as plain C++
+  // through CuTe's generic copy, compiled to generic 4-byte stores and
+  // 16-byte loads with 64-bit addresses (ST.E / LD.E: ~20 % of the
+  // consumers' ncu samples at N = 512, more than a key tile).
   // Row m0 of tile t's output; o_stride[0] is 0 for varlen.
   const auto out_rows = [&](const QueryTile& t) {
     return static_cast<Element*>(p.out) + t.b * p.o_stride[0] + t.h * p.o_stride[1] +
@@ -489,21 +497,41 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
         if (r < t.rows) lse_out[r] = lse[mi];
       }
     }
-    Element* out = out_rows(t) + turns.wg * 64 * p.o_stride[2];
     const int rows = t.rows - turns.wg * 64;
     Tensor sO = make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQWarpGroup{});
     // The group's accumulators as one group's product lays them out.
-    auto r2s = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{},
-                                 typename Tr::TiledMmaOGroup{});
+    auto r2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Tr::TiledMmaOGroup{});
     auto r2s_thr = r2s.get_thread_slice(tid % 128);
     Tensor o_elem = convert_to<Element>(tOrO);
     copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-    constexpr int kChunks = kHeadDim / 8;
-    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-      const int r = i / kChunks, c = (i % kChunks) * 8;
-      if (r < rows && c < p.head_dim) {
-        *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = *reinterpret_cast<const uint4*>(&sO(r, c));
+    if constexpr (!kVarlen) {
+      // Every thread's stmatrix visible to TMA (async proxy) before the store.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      if (tid % 128 == 0 && rows > 0) {
+        const auto o_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
+        Tensor gO = local_tile(args.tma_o.get_tma_tensor(o_shape)(_, _, t.h, t.b), Shape<_64, Int<kHeadDim>>{},
+                               make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
+        auto tma_o = args.tma_o.get_slice(_0{});
+        copy(args.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
+        tma_store_arrive();
+        // The staging is read before this thread releases it (its K/V stage
+        // to the producer, or the O buffer to the next tile's epilogue,
+        // which the group reaches only through turn barriers this thread
+        // takes part in).
+        tma_store_wait<0>();
+      }
+    } else {
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      Element* out = out_rows(t) + turns.wg * 64 * p.o_stride[2];
+      constexpr int kChunks = kHeadDim / 8;
+      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+        const int r = i / kChunks, c = (i % kChunks) * 8;
+        if (r < rows && c < p.head_dim) {
+          uint4 chunk;
+          cutlass::arch::shared_load<16>(&chunk, cast_smem_ptr_to_uint(&sO(r, c)));
+          *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = chunk;
+        }
       }
     }
   };
@@ -627,10 +655,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     if constexpr (!Tr::kSeparateO) staging_wait_other();
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
-      // O read out of the stages (generic proxy) before TMA (async proxy)
-      // overwrites them: each thread fences its reads and arrives itself (a
+      // O read out of the stages (by TMA, waited for in store_tile; by the
+      // varlen stores, generic proxy) before TMA loads (async proxy)
+      // overwrite them: each thread fences its reads and arrives itself (a
       // block of one CTA counts every consumer thread).
-      cutlass::arch::fence_view_async_shared();
+      if constexpr (kVarlen) cutlass::arch::fence_view_async_shared();
       // In a cluster a few lanes signal for their group: the group's reads
       // of O are done first.
       if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
@@ -712,6 +741,9 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.v, kv_rows, p.head_dim, p.kv_heads, batch, p.v_stride),
                                  take<0, 2>(typename Tr::SmemLayoutKV{}),
                                  Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>{}, Int<Tr::kClusterM>{}),
+                   make_tma_copy(SM90_TMA_STORE{},
+                                 gmem_tensor<Tr>(p.out, q_rows, p.head_dim, p.heads, batch, p.o_stride),
+                                 typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E)};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks

@@ -97,6 +97,8 @@ struct FwdTraits {
   using GmemTensor = TmaGmemTensor<Element>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQWarpGroup{},
                                       Shape<_64, Int<kHeadDim>>{}, _1{}));  // one consumer group's rows
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensor{}, SmemLayoutQWarpGroup{},
+                                      Shape<_64, Int<kHeadDim>>{}, _1{}));  // one consumer group's rows
   using TmaKVOp = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
   using TmaKV = decltype(make_tma_copy(TmaKVOp{}, GmemTensor{}, take<0, 2>(SmemLayoutKV{}),
                                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, Int<kClusterM>{}));
