@@ -30,6 +30,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/memory.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/fast_math.h>
 
 #include <cstdint>
 
@@ -59,6 +60,14 @@ using sm80::rowcol;
 struct TileSchedule {
   int m_blocks, heads, batch_heads, section;
   bool last_rows_heaviest;  // false only when a left window alone bounds the keys
+  // tile_coord's divisors as multiply-shifts, set up on the host: the
+  // consumers place their next tile between a tile's last P V and its
+  // epilogue, where three integer divisions (~20 instructions each, MUFU.RCP
+  // among them) outlasted the product (4 % of their ncu samples at N = 512).
+  cutlass::FastDivmod section_tiles;  // section * m_blocks
+  cutlass::FastDivmod section_pairs;  // section
+  cutlass::FastDivmod last_pairs;     // the last section's pairs (fewer where section does not divide batch_heads)
+  cutlass::FastDivmod head_count;     // heads
   __host__ __device__ int tiles() const { return m_blocks * batch_heads; }
 };
 
@@ -79,11 +88,12 @@ struct TileCoord {
 };
 
 __device__ __forceinline__ TileCoord tile_coord(const TileSchedule& s, int tile) {
-  const int section0 = tile / (s.section * s.m_blocks) * s.section;
-  const int pairs = min(s.section, s.batch_heads - section0);
-  const int in_section = tile - section0 * s.m_blocks;
-  const int m = in_section / pairs, bh = section0 + in_section % pairs;
-  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, bh / s.heads, bh % s.heads};
+  int section_index, in_section, m, pair, b, h;
+  s.section_tiles(section_index, in_section, tile);
+  const int section0 = section_index * s.section;
+  (section0 + s.section > s.batch_heads ? s.last_pairs : s.section_pairs)(m, pair, in_section);
+  s.head_count(b, h, section0 + pair);
+  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, h};
 }
 
 // Block `rank` of a cluster of kClusterM takes query tile rank of the
@@ -704,9 +714,18 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   // (cluster pairs: steps of kClusterM query tiles, a whole number of them)
-  return {static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM), static_cast<int>(p.heads),
-          static_cast<int>(batch_heads), static_cast<int>(section < batch_heads ? section : batch_heads),
-          !left_window_only};
+  const int m_blocks = static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM);
+  const int pairs = static_cast<int>(section < batch_heads ? section : batch_heads);
+  const int last_pairs = static_cast<int>(batch_heads - (batch_heads - 1) / pairs * pairs);
+  return {m_blocks,
+          static_cast<int>(p.heads),
+          static_cast<int>(batch_heads),
+          pairs,
+          !left_window_only,
+          cutlass::FastDivmod(pairs * m_blocks),
+          cutlass::FastDivmod(pairs),
+          cutlass::FastDivmod(last_pairs),
+          cutlass::FastDivmod(static_cast<int>(p.heads))};
 }
 
 // Whether a call's query tiles can run in Tr's clusters (FwdTraits::
