@@ -10,7 +10,9 @@ do_bench (L2 flushed, as the anchors) eagerly and as a replayed CUDA graph
 
 SPEC as FLASH_EXT_DECODE_TUNING (csrc/cuda/kvcache/kvcache_launch.cuh), e.g.
 "fused_combine=0,stages=2"; each replaces all the knobs ("" is the built-in
-defaults, whatever the environment says). Prints per row and variant the
+defaults, whatever the environment says). The built-in defaults always run
+too, first, as "default" (a comparison needs its baseline in the same
+process). Prints per row and variant the
 medians over the rounds: eager µs, graph µs and eager GB/s (K and V bytes
 read once).
 """
@@ -75,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)} if args.variant else DEFAULT_VARIANTS
     table = measure(variants, args.rounds)
     print(f"{'batch x kv_len':>15} | " + " | ".join(f"{name:>24}" for name in variants))
     for row, per_variant in table.items():

@@ -13,7 +13,8 @@ as the prefill bench.
 SPEC as FLASH_EXT_FWD_TUNING (csrc/cuda/sm90_launch.h, FwdTuning), e.g.
 "two_stage_max_kv=4096,per_tile_max_q=1024" or "wide_keys_min_kv=1"; each
 replaces all the knobs ("" is the built-in defaults, whatever the
-environment says). Prints per setting and variant the median forward
+environment says). The built-in defaults always run too, first, as
+"default" (a comparison needs its baseline in the same process). Prints per setting and variant the median forward
 TFLOP/s over the rounds and their spread, cuDNN's median, and each variant's
 largest relative error against cuDNN's output, so a variant that computes
 something else shows. Each setting's row is printed as it is done.
@@ -85,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
+    variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)} if args.variant else DEFAULT_VARIANTS
     names = [*variants, "cuDNN"]
     print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names), flush=True)
 
