@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROWS = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (64, 1024)]
 DEFAULT_VARIANTS = {"default": "", "no_cluster": "cluster_merge=0",
-                    "separate_combine": "fused_combine=0,cluster_merge=0", "clusters_of_16": "cluster_max=16"}
+                    "separate_combine": "fused_combine=0,cluster_merge=0"}
 
 
 def measure(variants: dict[str, str], rounds: int) -> dict[str, dict[str, tuple[float, float]]]:

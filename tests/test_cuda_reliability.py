@@ -213,37 +213,6 @@ def test_cuda_decode_tuning_set_in_process():
     assert all(torch.equal(a, b) for a, b in zip(calls(), fused))
 
 
-def test_cuda_decode_clusters_past_the_portable_size():
-    # FLASH_EXT_DECODE_TUNING's cluster_max=16 merges up to 16 splits in a
-    # thread-block cluster (Hopper's non-portable size): within rounding of
-    # the merge through global memory (cluster_merge=0: the last split
-    # merges), with a sequence shorter than some splits' first key (those
-    # splits see no key), and with the split count chosen (num_splits=0)
-    # from clusters of 16; out-of-range values are refused.
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("clusters are a Hopper feature")
-    q, k, v, lens = _decode_case(3, [4000, 1234, 100], seed=6)
-    set_tuning = flash_ext._C._set_decode_tuning
-
-    def calls() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [flash_ext.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens, num_splits=s, return_lse=True)
-                for s in (9, 12, 16, 0)]
-
-    try:
-        set_tuning("cluster_max=16")
-        wide = calls()
-        set_tuning("cluster_merge=0")
-        separate = calls()
-        with pytest.raises(ValueError, match=r"cluster_max must be in \[2, 16\], got 17"):
-            set_tuning("cluster_max=17")
-    finally:
-        set_tuning("")
-    for (out_a, lse_a), (out_b, lse_b) in zip(wide, separate):
-        torch.testing.assert_close(out_a.float(), out_b.float(), rtol=1e-2, atol=2e-3)
-        torch.testing.assert_close(lse_a, lse_b, rtol=1e-5, atol=1e-5)
-        assert out_a.float().abs().max() > 0.1, "an all-zero output would compare close to a tiny one"
-
-
 def test_cuda_no_memory_growth_over_10000_calls():
     q, k, v = _qkv((1, 4, 64, 64), (1, 4, 64, 64), requires_grad=True)
     for _ in range(50):

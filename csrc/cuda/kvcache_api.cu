@@ -84,7 +84,7 @@ namespace {
 // it leaves out.
 Tuning tuning_from_spec(const std::string& spec) {
   Tuning t;
-  parse_tuning_spec("FLASH_EXT_DECODE_TUNING", spec, "stages, pdl, fused_combine, cluster_merge, cluster_max",
+  parse_tuning_spec("FLASH_EXT_DECODE_TUNING", spec, "stages, pdl, fused_combine, cluster_merge",
                     [&](const std::string& key, int64_t n) {
                       if (key == "stages") {
                         t.stages = static_cast<int>(std::min<int64_t>(n, kMaxStages + 1));  // out of range: refused
@@ -94,13 +94,6 @@ Tuning tuning_from_spec(const std::string& spec) {
                         t.fused_combine = n != 0;
                       } else if (key == "cluster_merge") {
                         t.cluster_merge = n != 0;
-                      } else if (key == "cluster_max") {
-                        if (n < 2 || n > kMaxClusterSplits) {
-                          throw std::invalid_argument(
-                              "flash_ext: FLASH_EXT_DECODE_TUNING's cluster_max must be in [2, " +
-                              std::to_string(kMaxClusterSplits) + "], got " + std::to_string(n));
-                        }
-                        t.cluster_max = static_cast<int>(n);
                       } else {
                         return false;
                       }
@@ -119,7 +112,7 @@ Tuning& mutable_tuning() {
 const Tuning& current_tuning() { return mutable_tuning(); }
 
 bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning) {
-  return tuning.cluster_merge && device_major == 9 && num_splits >= 2 && num_splits <= tuning.cluster_max;
+  return tuning.cluster_merge && device_major == 9 && num_splits >= 2 && num_splits <= kMaxClusterSplits;
 }
 
 void check_cuda(cudaError_t err, const char* what) {

@@ -14,7 +14,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <type_traits>
 
 #include "../softcap.cuh"
 #include "kvcache_combine.cuh"
@@ -142,47 +141,36 @@ __global__ void __launch_bounds__(kThreads, 2)
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every split's rows are in its shared memory
     const int chunks = head_dim / 8;
-    // The merge of up to kSplits splits, unrolled over them.
-    const auto merge = [&](auto splits_bound) {
-      constexpr int kSplits = decltype(splits_bound)::value;
-      for (int i = tid * num_splits + split; i < rows_here * chunks; i += kThreads * num_splits) {
-        const int r = i / chunks, c = i % chunks;
-        float lse_s[kSplits];
-        float max_lse = kNegInf;
+    for (int i = tid * num_splits + split; i < rows_here * chunks; i += kThreads * num_splits) {
+      const int r = i / chunks, c = i % chunks;
+      float lse_s[kMaxClusterSplits];
+      float max_lse = kNegInf;
 #pragma unroll
-        for (int sp = 0; sp < kSplits; ++sp) {
-          lse_s[sp] = sp < num_splits ? cluster.map_shared_rank(s_lse, sp)[r] : kNegInf;
-          max_lse = fmaxf(max_lse, lse_s[sp]);
-        }
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        float sum = 0.f;
-        if (max_lse != kNegInf) {
-#pragma unroll
-          for (int sp = 0; sp < kSplits; ++sp) {
-            // A split without visible keys wrote no rows: skipped, never multiplied.
-            if (lse_s[sp] == kNegInf) continue;
-            const float w = expf(lse_s[sp] - max_lse);
-            const float* src = cluster.map_shared_rank(s_o, sp) + r * Cfg::kOStride + c * 8;
-            const float4 lo = *reinterpret_cast<const float4*>(src);
-            const float4 hi = *reinterpret_cast<const float4*>(src + 4);
-            sum += w;
-            acc[0] += w * lo.x; acc[1] += w * lo.y; acc[2] += w * lo.z; acc[3] += w * lo.w;
-            acc[4] += w * hi.x; acc[5] += w * hi.y; acc[6] += w * hi.z; acc[7] += w * hi.w;
-          }
-        }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        *reinterpret_cast<uint4*>(out_ptr(r) + c * 8) =
-            make_uint4(Element<T>::pack(acc[0] * inv, acc[1] * inv), Element<T>::pack(acc[2] * inv, acc[3] * inv),
-                       Element<T>::pack(acc[4] * inv, acc[5] * inv), Element<T>::pack(acc[6] * inv, acc[7] * inv));
-        if (c == 0) p.lse[out_row(r)] = max_lse == kNegInf ? kNegInf : max_lse + logf(sum);
+      for (int sp = 0; sp < kMaxClusterSplits; ++sp) {
+        lse_s[sp] = sp < num_splits ? cluster.map_shared_rank(s_lse, sp)[r] : kNegInf;
+        max_lse = fmaxf(max_lse, lse_s[sp]);
       }
-    };
-    // Clusters past the portable size (Tuning::cluster_max) in a loop of
-    // their own, so the portable ones keep their short one.
-    if (num_splits <= kPortableClusterSplits) {
-      merge(std::integral_constant<int, kPortableClusterSplits>{});
-    } else {
-      merge(std::integral_constant<int, kMaxClusterSplits>{});
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float sum = 0.f;
+      if (max_lse != kNegInf) {
+#pragma unroll
+        for (int sp = 0; sp < kMaxClusterSplits; ++sp) {
+          // A split without visible keys wrote no rows: skipped, never multiplied.
+          if (lse_s[sp] == kNegInf) continue;
+          const float w = expf(lse_s[sp] - max_lse);
+          const float* src = cluster.map_shared_rank(s_o, sp) + r * Cfg::kOStride + c * 8;
+          const float4 lo = *reinterpret_cast<const float4*>(src);
+          const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+          sum += w;
+          acc[0] += w * lo.x; acc[1] += w * lo.y; acc[2] += w * lo.z; acc[3] += w * lo.w;
+          acc[4] += w * hi.x; acc[5] += w * hi.y; acc[6] += w * hi.z; acc[7] += w * hi.w;
+        }
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      *reinterpret_cast<uint4*>(out_ptr(r) + c * 8) =
+          make_uint4(Element<T>::pack(acc[0] * inv, acc[1] * inv), Element<T>::pack(acc[2] * inv, acc[3] * inv),
+                     Element<T>::pack(acc[4] * inv, acc[5] * inv), Element<T>::pack(acc[6] * inv, acc[7] * inv));
+      if (c == 0) p.lse[out_row(r)] = max_lse == kNegInf ? kNegInf : max_lse + logf(sum);
     }
     cluster.sync();  // no block leaves while a peer may still read its shared memory
 #else
@@ -608,10 +596,6 @@ void launch_layout(const KernelArgs& args, bool pdl, cudaStream_t stream) {
     attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
   }
   if (args.cluster_merge) {  // one cluster per group: its splits, along y
-    if (args.p.num_splits > kPortableClusterSplits) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                 "allowing the attention kernel clusters past the portable size");
-    }
     attributes[num_attributes].id = cudaLaunchAttributeClusterDimension;
     attributes[num_attributes++].val.clusterDim = {1, static_cast<unsigned>(args.p.num_splits), 1};
   }

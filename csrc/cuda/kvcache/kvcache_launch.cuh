@@ -15,10 +15,8 @@ namespace flash_ext::cuda::kvcache {
 constexpr int kBlockN = 64;
 constexpr int kThreads = 128;  // four warps
 constexpr int kMaxStages = 6;
-// Most splits merged inside a thread-block cluster: the portable cluster
-// size, and the largest Hopper allows with the non-portable size attribute.
-constexpr int kPortableClusterSplits = 8;
-constexpr int kMaxClusterSplits = 16;
+// Most splits merged inside a thread-block cluster (the portable cluster size).
+constexpr int kMaxClusterSplits = 8;
 
 // Knobs with defaults that FLASH_EXT_DECODE_TUNING overrides, so that
 // scripts/decode_tuning.py can time the choices side by side.
@@ -26,15 +24,12 @@ struct Tuning {
   int stages = 0;             // cp.async pipeline depth, 2..kMaxStages; 0 = by head dim
   bool pdl = true;            // programmatic dependent launch where the device has it
   bool fused_combine = true;  // the last split merges (needs p.split_counters)
-  bool cluster_merge = true;  // sm90, up to cluster_max splits: merge in a cluster
-  // Most splits merged in a cluster, 2..kMaxClusterSplits: past the portable
-  // 8, a cluster spans up to 16 blocks of one GPC (non-portable size).
-  int cluster_max = kPortableClusterSplits;
+  bool cluster_merge = true;  // sm90, up to kMaxClusterSplits splits: merge in a cluster
 };
 
 // Whether the splits of a group run as one thread-block cluster and merge
 // through distributed shared memory: no partials in global memory, no
-// counters, no last-block hand-off. Hopper, 2..tuning.cluster_max splits.
+// counters, no last-block hand-off. Hopper, 2..kMaxClusterSplits splits.
 bool merges_in_cluster(int64_t num_splits, int device_major, const Tuning& tuning);
 
 using flash_ext::FastDivmod;  // common/fast_divmod.h
