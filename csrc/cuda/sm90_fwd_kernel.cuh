@@ -30,10 +30,10 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/memory.h>
 #include <cutlass/arch/reg_reconfig.h>
-#include <cutlass/fast_math.h>
 
 #include <cstdint>
 
+#include "common/fast_divmod.h"
 #include "common/mask.h"
 #include "common/params.h"
 #include "launch.h"
@@ -60,14 +60,15 @@ using sm80::rowcol;
 struct TileSchedule {
   int m_blocks, heads, batch_heads, section;
   bool last_rows_heaviest;  // false only when a left window alone bounds the keys
-  // tile_coord's divisors as multiply-shifts, set up on the host: the
-  // consumers place their next tile between a tile's last P V and its
-  // epilogue, where three integer divisions (~20 instructions each, MUFU.RCP
-  // among them) outlasted the product (4 % of their ncu samples at N = 512).
-  cutlass::FastDivmod section_tiles;  // section * m_blocks
-  cutlass::FastDivmod section_pairs;  // section
-  cutlass::FastDivmod last_pairs;     // the last section's pairs (fewer where section does not divide batch_heads)
-  cutlass::FastDivmod head_count;     // heads
+  // tile_coord's divisors as multiply-highs (common/fast_divmod.h), set up
+  // on the host: the consumers place their next tile between a tile's last
+  // P V and its epilogue, where three integer divisions (~20 instructions
+  // each, MUFU.RCP among them) outlasted the product (4 % of their ncu
+  // samples at N = 512).
+  FastDivmod section_tiles;  // section * m_blocks
+  FastDivmod section_pairs;  // section
+  FastDivmod last_pairs;     // the last section's pairs (fewer where section does not divide batch_heads)
+  FastDivmod head_count;     // heads
   __host__ __device__ int tiles() const { return m_blocks * batch_heads; }
 };
 
@@ -88,12 +89,14 @@ struct TileCoord {
 };
 
 __device__ __forceinline__ TileCoord tile_coord(const TileSchedule& s, int tile) {
-  int section_index, in_section, m, pair, b, h;
-  s.section_tiles(section_index, in_section, tile);
+  const int section_index = static_cast<int>(s.section_tiles.div(tile));
+  const int in_section = tile - section_index * s.section * s.m_blocks;
   const int section0 = section_index * s.section;
-  (section0 + s.section > s.batch_heads ? s.last_pairs : s.section_pairs)(m, pair, in_section);
-  s.head_count(b, h, section0 + pair);
-  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, h};
+  const FastDivmod& pairs = section0 + s.section > s.batch_heads ? s.last_pairs : s.section_pairs;
+  const int m = static_cast<int>(pairs.div(in_section));
+  const int bh = section0 + in_section - m * static_cast<int>(pairs.divisor);
+  const int b = static_cast<int>(s.head_count.div(bh));
+  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, bh - b * s.heads};
 }
 
 // Block `rank` of a cluster of kClusterM takes query tile rank of the
@@ -722,10 +725,10 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
           static_cast<int>(batch_heads),
           pairs,
           !left_window_only,
-          cutlass::FastDivmod(pairs * m_blocks),
-          cutlass::FastDivmod(pairs),
-          cutlass::FastDivmod(last_pairs),
-          cutlass::FastDivmod(static_cast<int>(p.heads))};
+          FastDivmod(pairs * m_blocks),
+          FastDivmod(pairs),
+          FastDivmod(last_pairs),
+          FastDivmod(static_cast<int>(p.heads))};
 }
 
 // Whether a call's query tiles can run in Tr's clusters (FwdTraits::
