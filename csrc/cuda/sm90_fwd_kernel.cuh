@@ -33,7 +33,6 @@
 
 #include <cstdint>
 
-#include "common/fast_divmod.h"
 #include "common/mask.h"
 #include "common/params.h"
 #include "launch.h"
@@ -41,6 +40,7 @@
 #include "sm90_kernel_traits.h"
 #include "sm90_launch.h"
 #include "softmax.cuh"
+#include "tile_schedule.h"
 #include "tile_utils.cuh"
 
 namespace flash_ext::cuda::sm90 {
@@ -51,27 +51,6 @@ using sm80::convert_to;
 using sm80::mask_window;
 using sm80::rowcol;
 
-// Work tiles in the order the blocks take them (the first gridDim.x one
-// each, the rest through the tile counter): sections of `section` (batch,
-// head) pairs whose K and V fit in L2 together, so the blocks running at
-// once share them; inside a section the query tile varies slowest, heaviest
-// (seeing the most keys) first, so the tiles are dealt longest first and the
-// light ones fill in at the end.
-struct TileSchedule {
-  int m_blocks, heads, batch_heads, section;
-  bool last_rows_heaviest;  // false only when a left window alone bounds the keys
-  // tile_coord's divisors as multiply-highs (common/fast_divmod.h), set up
-  // on the host: the consumers place their next tile between a tile's last
-  // P V and its epilogue, where three integer divisions (~20 instructions
-  // each, MUFU.RCP among them) outlasted the product (4 % of their ncu
-  // samples at N = 512).
-  FastDivmod section_tiles;  // section * m_blocks
-  FastDivmod section_pairs;  // section
-  FastDivmod last_pairs;     // the last section's pairs (fewer where section does not divide batch_heads)
-  FastDivmod head_count;     // heads
-  __host__ __device__ int tiles() const { return m_blocks * batch_heads; }
-};
-
 // One work tile: query rows [m0, m0 + rows) of sequence b, head h, and the key
 // tiles [n_block_min, n_block_max) any of them sees. rows <= 0: a varlen tile
 // past its sequence's end.
@@ -81,23 +60,6 @@ struct QueryTile {
   int rows, n_block_min, n_block_max;
   SequenceBounds seq;
 };
-
-// Where tile `tile` lies in the schedule: its query tile, batch entry, head
-// (the integer divisions of placing a tile).
-struct TileCoord {
-  int m_block, b, h;
-};
-
-__device__ __forceinline__ TileCoord tile_coord(const TileSchedule& s, int tile) {
-  const int section_index = static_cast<int>(s.section_tiles.div(tile));
-  const int in_section = tile - section_index * s.section * s.m_blocks;
-  const int section0 = section_index * s.section;
-  const FastDivmod& pairs = section0 + s.section > s.batch_heads ? s.last_pairs : s.section_pairs;
-  const int m = static_cast<int>(pairs.div(in_section));
-  const int bh = section0 + in_section - m * static_cast<int>(pairs.divisor);
-  const int b = static_cast<int>(s.head_count.div(bh));
-  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, bh - b * s.heads};
-}
 
 // Block `rank` of a cluster of kClusterM takes query tile rank of the
 // schedule's kClusterM-tile step (TileSchedule counts those steps).
@@ -717,18 +679,9 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
   // (cluster pairs: steps of kClusterM query tiles, a whole number of them)
-  const int m_blocks = static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM);
-  const int pairs = static_cast<int>(section < batch_heads ? section : batch_heads);
-  const int last_pairs = static_cast<int>(batch_heads - (batch_heads - 1) / pairs * pairs);
-  return {m_blocks,
-          static_cast<int>(p.heads),
-          static_cast<int>(batch_heads),
-          pairs,
-          !left_window_only,
-          FastDivmod(pairs * m_blocks),
-          FastDivmod(pairs),
-          FastDivmod(last_pairs),
-          FastDivmod(static_cast<int>(p.heads))};
+  return make_tile_schedule(static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM),
+                            static_cast<int>(p.heads), static_cast<int>(batch_heads),
+                            static_cast<int>(section < batch_heads ? section : batch_heads), !left_window_only);
 }
 
 // Whether a call's query tiles can run in Tr's clusters (FwdTraits::

@@ -9,6 +9,7 @@
 
 #include "common/fast_divmod.h"
 #include "common/mask.h"
+#include "cuda/tile_schedule.h"
 #include "flash_ext.h"
 
 namespace {
@@ -178,6 +179,43 @@ void test_fully_visible_tiles() {
   if (wrong != 0) ++failures;
 }
 
+// The Hopper forward's tile placement (cuda/tile_schedule.h, multiply-high
+// divisions) against the same schedule in plain division: every tile of
+// schedules with sections that do and do not divide the (batch, head) pairs,
+// one-pair sections and one-section schedules, both row orders.
+void test_tile_schedule() {
+  int64_t wrong = 0, checked = 0;
+  for (int m_blocks : {1, 3, 4, 32, 129}) {
+    for (int heads : {1, 3, 16, 32}) {
+      for (int batch : {1, 2, 7}) {
+        const int batch_heads = batch * heads;
+        for (int section : {1, 2, 5, 16, batch_heads, batch_heads + 3}) {
+          for (bool last_rows_heaviest : {false, true}) {
+            const auto s = flash_ext::cuda::sm90::make_tile_schedule(m_blocks, heads, batch_heads, section,
+                                                                     last_rows_heaviest);
+            const int pairs = section < batch_heads ? section : batch_heads;
+            for (int tile = 0; tile < s.tiles(); ++tile) {
+              const int section0 = tile / (pairs * m_blocks) * pairs;
+              const int in_section = tile - section0 * m_blocks;
+              const int section_pairs = pairs < batch_heads - section0 ? pairs : batch_heads - section0;
+              const int m = in_section / section_pairs, bh = section0 + in_section % section_pairs;
+              const flash_ext::cuda::sm90::TileCoord c = flash_ext::cuda::sm90::tile_coord(s, tile);
+              ++checked;
+              if (c.m_block != (last_rows_heaviest ? m_blocks - 1 - m : m) || c.b != bh / heads ||
+                  c.h != bh % heads) {
+                ++wrong;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper forward tile placement", static_cast<long long>(wrong),
+              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
+  if (wrong != 0) ++failures;
+}
+
 }  // namespace
 
 int main() {
@@ -193,6 +231,7 @@ int main() {
   test_kvcache();
   test_fast_divmod();
   test_fully_visible_tiles();
+  test_tile_schedule();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
   return failures == 0 ? 0 : 1;
 }
