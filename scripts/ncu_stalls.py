@@ -1,8 +1,11 @@
 """Where a kernel's warps wait, per SASS instruction: runs Nsight Compute's
 warp-state sampling on one launch of ``scripts/ncu_target.py``, exports the
 source page (SASS with the samples of each instruction) as CSV, and prints
-the instructions and the stall reasons holding the most samples, and the
-samples per opcode.
+the instructions and the stall reasons holding the most samples, the
+samples per opcode, and the samples per execution-count group (each
+instruction's executions per warp place it: per launch, per tile, per
+key-loop pass; the producer apart), which is what located the forward's
+per-tile cost in session 19.
 
     python3 scripts/ncu_stalls.py --kernel regex:attention_fwd --skip 1 --out DIR -- 128 512 0
     python3 scripts/ncu_stalls.py --kernel regex:^attention_kernel --skip 2 --out DIR -- decode 1 32768
@@ -19,7 +22,6 @@ import argparse
 import collections
 import csv
 import io
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,52 +83,62 @@ def summarize(page: str, top: int) -> None:
             name = max(stall_names, key=lambda n: number(r[col[n]]))
             worst = f"  (most: {name} {number(r[col[name]]):.0f})"
         print(f"{share:5.1f}%  {r[address]:>8}  {r[col['Source']][:70]}{worst}")
-    if "Address" in col:
-        print_loops(body, col, total_name, total)
+    print_groups(body, col, total_name, total)
 
 
-def print_loops(body: list[list[str]], col: dict[str, int], total_name: str, total: float) -> None:
-    """Samples inside and outside the kernel's tensor-core loops: each backward
-    branch spans a loop; those holding HGMMA and at most half the code (not the
-    barrier retry stubs placed at the end, which branch back across
-    everything) are the main loops, and what lies outside them is a tile's
-    start and end, the setup and the producer."""
+# Opcodes worth naming in a group of instructions: tensor-core products, the
+# exponentials, barriers and mbarrier waits, TMA and bulk copies, shared and
+# generic memory operations (a generic ST.E / LD.E on shared memory is a
+# missed address space, session 19).
+NOTABLE = ("HGMMA", "MUFU.EX2", "BAR", "SYNCS", "UTMALDG", "UTMASTG", "UBLKCP", "UBLKRED", "STSM", "LDSM", "STS",
+           "LDS", "STG", "LDG", "ST.E", "LD.E", "ATOM", "RED")
+
+
+def execution_groups(rows: list[tuple[int, str, float, float]]) -> list[dict]:
+    """The kernel's instructions grouped by how many times each ran (ncu's
+    Instructions Executed, per warp): a group is one level of the code, e.g.
+    per tile and warp, per key-loop pass, per launch. rows: (address, SASS,
+    samples, executions). Each group: its execution count, instructions,
+    samples, whether it lies in the producer (from USETMAXREG.DEALLOC on,
+    where the compiler places the producer's code), and its notable opcodes.
+    Largest share of samples first."""
+    rows = sorted(rows)
+    dealloc = next((addr for addr, src, _, _ in rows if "USETMAXREG.DEALLOC" in src), None)
+    groups: dict[tuple[float, bool], dict] = {}
+    for addr, src, samples, executed in rows:
+        producer = dealloc is not None and addr >= dealloc
+        g = groups.setdefault((executed, producer), {"executed": executed, "producer": producer, "instructions": 0,
+                                                    "samples": 0.0, "opcodes": collections.Counter()})
+        g["instructions"] += 1
+        g["samples"] += samples
+        words = src.split()
+        opcode = words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "")
+        for name in NOTABLE:
+            if opcode == name or opcode.startswith(name + "."):
+                g["opcodes"][name] += 1
+                break
+    return sorted(groups.values(), key=lambda g: -g["samples"])
+
+
+def print_groups(body: list[list[str]], col: dict[str, int], total_name: str, total: float) -> None:
+    """Samples per execution-count group (execution_groups), the largest."""
+    executed_name = next((n for n in col if n == "Instructions Executed"), None)
+    if executed_name is None or "Address" not in col:
+        return
     rows = []
     for r in body:
         try:
-            rows.append((int(r[col["Address"]], 16), r[col["Source"]], number(r[col[total_name]])))
+            rows.append((int(r[col["Address"]], 16), r[col["Source"]], number(r[col[total_name]]),
+                         number(r[col[executed_name]])))
         except ValueError:
             continue
-    rows.sort()
-    if not rows:
-        return
-    position = {addr: i for i, (addr, _, _) in enumerate(rows)}
-    loops = []
-    for i, (addr, source, _) in enumerate(rows):
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-fA-F]+)", source)
-        target = int(m[1], 16) if m else None
-        if target is None or target >= addr or target not in position:
-            continue
-        first = position[target]
-        inside = rows[first:i + 1]
-        if len(inside) <= len(rows) // 2 and any("HGMMA" in src for _, src, _ in inside):
-            loops.append((first, i))
-    covered = set()
-    print("tensor-core loops (backward branches around HGMMA):")
-    for first, last in sorted(set(loops)):
-        inside = rows[first:last + 1]
-        samples = sum(s for _, _, s in inside)
-        hgmma = sum("HGMMA" in src for _, src, _ in inside)
-        covered.update(range(first, last + 1))
-        print(f"  {rows[first][0]:#x}-{rows[last][0]:#x}: {len(inside)} instructions, {hgmma} HGMMA, "
-              f"{100 * samples / total:.1f}% of samples")
-    outside = sum(s for i, (_, _, s) in enumerate(rows) if i not in covered)
-    print(f"  outside them: {100 * outside / total:.1f}% of samples")
-    dealloc = next((i for i, (_, src, _) in enumerate(rows) if "USETMAXREG.DEALLOC" in src), None)
-    if dealloc is not None:
-        after = sum(s for _, _, s in rows[dealloc:])
-        print(f"  from USETMAXREG.DEALLOC on (the producer, where the compiler placed it last): "
-              f"{100 * after / total:.1f}%")
+    print("samples by execution count (one group per level of the code: per launch, per tile, per loop pass):")
+    for g in execution_groups(rows)[:12]:
+        if g["samples"] / total < 0.002:
+            break
+        opcodes = ", ".join(f"{name} {n}" for name, n in g["opcodes"].most_common())
+        print(f"  {g['executed']:>10.0f} x {'producer' if g['producer'] else 'others':8} {g['instructions']:5d} "
+              f"instructions {100 * g['samples'] / total:5.1f}%  {opcodes}")
 
 
 def main() -> None:

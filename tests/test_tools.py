@@ -41,3 +41,36 @@ def test_tile_cost_recovers_the_cost_per_tile_and_the_rate(causal, backward):
     assert fitted_c == pytest.approx(c_us, rel=1e-6)
     assert fitted_rate == pytest.approx(rate, rel=1e-6)
     assert [n for n, _ in per_tile] == sorted(row["n"] for row in rows)
+
+
+def test_ncu_stalls_groups_instructions_by_execution_count():
+    # A made-up kernel: setup once per warp, a tile loop (per tile), a key
+    # loop (per pass) and the producer's code after USETMAXREG.DEALLOC; the
+    # groups' sizes, samples, producer flags and opcodes are known.
+    ncu_stalls = _load("ncu_stalls")
+    rng = random.Random(3)
+    rows, want = [], {}
+    layout = [(8, False, 12, ["S2R", "SHFL.IDX"]),
+              (4096, False, 30, ["HGMMA.64x128x16.F32.BF16", "MUFU.EX2", "@P0 BAR.SYNC.DEFER_BLOCKING", "FMUL"]),
+              (1024, False, 20, ["STSM.16.M88.4", "SYNCS.ARRIVE.TRANS64", "ST.E"]),
+              (9, True, 1, ["USETMAXREG.DEALLOC.CTAPOOL"]),
+              (256, True, 10, ["UTMALDG.4D", "SYNCS.PHASECHK.TRANS64.TRYWAIT"])]
+    address = 0
+    for executed, producer, count, opcodes in layout:
+        for i in range(count):
+            samples = float(rng.randint(0, 50))
+            rows.append((address, f"{opcodes[i % len(opcodes)]} R1, R2", samples, float(executed)))
+            entry = want.setdefault((executed, producer), [0, 0.0])
+            entry[0] += 1
+            entry[1] += samples
+            address += 16
+    rng.shuffle(rows)
+    groups = ncu_stalls.execution_groups(rows)
+    got = {(g["executed"], g["producer"]): [g["instructions"], g["samples"]] for g in groups}
+    assert got == want
+    assert [g["samples"] for g in groups] == sorted((g["samples"] for g in groups), reverse=True)
+    per_pass = next(g for g in groups if g["executed"] == 4096)
+    assert per_pass["opcodes"] == {"HGMMA": 8, "MUFU.EX2": 8, "BAR": 7}
+    per_tile = next(g for g in groups if g["executed"] == 1024)
+    assert per_tile["opcodes"] == {"STSM": 7, "SYNCS": 7, "ST.E": 6}
+    assert next(g for g in groups if g["executed"] == 256)["producer"]
