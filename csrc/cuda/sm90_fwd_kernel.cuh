@@ -92,7 +92,7 @@ struct FwdArgs {
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
-  typename Tr::TmaO tma_o;  // dense batches (varlen ones store O row by row)
+  typename Tr::TmaO tma_o;  // O (varlen: a sequence's whole 64-row groups; its last rows go row by row)
   // p.scale and p.scale * log2(e) as floats, converted on the host: from the
   // double, the kernel re-converted it in every epilogue (the compiler
   // rematerializes rather than keep a register; the FP64 compare stalled at
@@ -436,9 +436,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const auto staging_wait_other = [&] { cutlass::arch::NamedBarrier::sync(256, kStagingBarrier + turns.wg); };
   // Tile t's lse and this group's 64 rows of O (normalized by `sm`, the
   // tile's softmax): O through shared memory (`staging`, this group's rows;
-  // stmatrix), then to global memory by one TMA store (dense batches), or
-  // by 16-byte row-contiguous stores that stop at the sequence's end
-  // (varlen: a TMA box would run into the next sequence's rows). Storing O
+  // stmatrix), then to global memory by one TMA store, or, for a varlen
+  // sequence's last rows, by 16-byte row-contiguous stores that stop at the
+  // sequence's end (a TMA box would run into the next sequence's). Storing O
   // from registers instead (4 bytes a thread) ran 4-34 % slower on an H100
   // (benchmarks/NOTES.md); the staging's copies, written as plain C++
   // through CuTe's generic copy, compiled to generic 4-byte stores and
@@ -473,20 +473,33 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
     }
     const int rows = t.rows - turns.wg * 64;
-    Tensor sO = make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQWarpGroup{});
+    // Varlen: the staging's addresses rebuilt here rather than hoisted out of
+    // the key loop, where d = 64's three groups spilled them (ptxas: 168 /
+    // 252 bytes against 128 / 172; the dense kernels spill as little either way).
+    Tensor sO = [&] {
+      if constexpr (kVarlen) {
+        return opaque_smem_tensor(staging, typename Tr::SmemLayoutQWarpGroup{});
+      } else {
+        return make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQWarpGroup{});
+      }
+    }();
     // The group's accumulators as one group's product lays them out.
     auto r2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Tr::TiledMmaOGroup{});
     auto r2s_thr = r2s.get_thread_slice(tid % 128);
     Tensor o_elem = convert_to<Element>(tOrO);
     copy(r2s, r2s_thr.retile_S(o_elem), r2s_thr.partition_D(sO));
-    if constexpr (!kVarlen) {
+    if (!kVarlen || rows >= 64) {  // (varlen: the group's rows all in the sequence)
       // Every thread's stmatrix visible to TMA (async proxy) before the store.
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
       if (tid % 128 == 0 && rows > 0) {
-        const auto o_shape = make_shape(int32_t(p.q_len), int32_t(p.head_dim), int32_t(p.heads), int32_t(p.batch));
-        Tensor gO = local_tile(args.tma_o.get_tma_tensor(o_shape)(_, _, t.h, t.b), Shape<_64, Int<kHeadDim>>{},
-                               make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
+        // Varlen: one batch entry of packed rows, from the sequence's first
+        // (as the producer's Q loads).
+        const auto o_shape = make_shape(int32_t(kVarlen ? p.total_q : p.q_len), int32_t(p.head_dim),
+                                        int32_t(p.heads), int32_t(kVarlen ? 1 : p.batch));
+        Tensor mO = domain_offset(make_coord(int32_t(t.seq.q_row0), _0{}),
+                                  args.tma_o.get_tma_tensor(o_shape)(_, _, t.h, kVarlen ? 0 : t.b));
+        Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDim>>{}, make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
         auto tma_o = args.tma_o.get_slice(_0{});
         copy(args.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
         tma_store_arrive();
@@ -630,8 +643,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     if constexpr (!Tr::kSeparateO) staging_wait_other();
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
-      // O read out of the stages (by TMA, waited for in store_tile; by the
-      // varlen stores, generic proxy) before TMA loads (async proxy)
+      // O read out of the stages (by TMA, waited for in store_tile; by a
+      // varlen tile's row stores, generic proxy) before TMA loads (async proxy)
       // overwrite them: each thread fences its reads and arrives itself (a
       // block of one CTA counts every consumer thread).
       if constexpr (kVarlen) cutlass::arch::fence_view_async_shared();
