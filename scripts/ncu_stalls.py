@@ -122,14 +122,13 @@ def execution_groups(rows: list[tuple[int, str, float, float]]) -> list[dict]:
 
 def print_groups(body: list[list[str]], col: dict[str, int], total_name: str, total: float) -> None:
     """Samples per execution-count group (execution_groups), the largest."""
-    executed_name = next((n for n in col if n == "Instructions Executed"), None)
-    if executed_name is None or "Address" not in col:
+    if "Instructions Executed" not in col or "Address" not in col:
         return
     rows = []
     for r in body:
         try:
             rows.append((int(r[col["Address"]], 16), r[col["Source"]], number(r[col[total_name]]),
-                         number(r[col[executed_name]])))
+                         number(r[col["Instructions Executed"]])))
         except ValueError:
             continue
     print("samples by execution count (one group per level of the code: per launch, per tile, per loop pass):")

@@ -294,16 +294,23 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // Every consumer thread sees the tiles the producer announces, in its order,
   // ending with one >= tiles; each side skips the same ones.
   TileRing<Tr::kTileSlots> tile_ring;
+  // Varlen: one batch entry spanning the packed rows, a sequence's tiles
+  // offset by its first row (as the descriptors in launch_attention_fwd).
+  const int64_t batch = kVarlen ? 1 : p.batch;
+  // Tile t's head of Q or O (tma_q's or tma_o's tensor) from its sequence's
+  // first row: (rows, dim).
+  const auto head_rows = [&](const auto& tma, const QueryTile& t) {
+    const auto shape = make_shape(int32_t(kVarlen ? p.total_q : p.q_len), int32_t(p.head_dim), int32_t(p.heads),
+                                  int32_t(batch));
+    return domain_offset(make_coord(int32_t(t.seq.q_row0), _0{}),
+                         tma.get_tma_tensor(shape)(_, _, t.h, kVarlen ? 0 : t.b));
+  };
 
   if (warp_group == 0) {
     // ---- producer
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
-    // Varlen: one batch entry spanning the packed rows, a sequence's tiles
-    // offset by its first row (as the descriptors in launch_attention_fwd).
-    const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
-    const int64_t batch = kVarlen ? 1 : p.batch;
-    const auto q_shape = make_shape(int32_t(q_rows), int32_t(p.head_dim), int32_t(p.heads), int32_t(batch));
+    const int64_t kv_rows = kVarlen ? p.total_k : p.kv_len;
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;  // parity of the Q loads
@@ -313,8 +320,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
       if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
-      const auto q_row0 = make_coord(int32_t(t.seq.q_row0), _0{}), k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
-      Tensor mQ = domain_offset(q_row0, args.tma_q.get_tma_tensor(q_shape)(_, _, t.h, tma_b));
+      const auto k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
+      Tensor mQ = head_rows(args.tma_q, t);
       Tensor mK = domain_offset(k_row0, args.tma_k.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
       Tensor mV = domain_offset(k_row0, args.tma_v.get_tma_tensor(kv_shape)(_, _, hk, tma_b));
       // (64, kHeadDim, 64-row block) and (kBlockN, kHeadDim, key tile)
@@ -493,13 +500,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
       if (tid % 128 == 0 && rows > 0) {
-        // Varlen: one batch entry of packed rows, from the sequence's first
-        // (as the producer's Q loads).
-        const auto o_shape = make_shape(int32_t(kVarlen ? p.total_q : p.q_len), int32_t(p.head_dim),
-                                        int32_t(p.heads), int32_t(kVarlen ? 1 : p.batch));
-        Tensor mO = domain_offset(make_coord(int32_t(t.seq.q_row0), _0{}),
-                                  args.tma_o.get_tma_tensor(o_shape)(_, _, t.h, kVarlen ? 0 : t.b));
-        Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDim>>{}, make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
+        Tensor gO = local_tile(head_rows(args.tma_o, t), Shape<_64, Int<kHeadDim>>{},
+                               make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
         auto tma_o = args.tma_o.get_slice(_0{});
         copy(args.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
         tma_store_arrive();
