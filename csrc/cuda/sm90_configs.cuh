@@ -59,6 +59,15 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
   return p.q_len <= (windowed ? 2048 : 1024);
 }
 
+// Cluster pairs on a varlen batch: a sequence of an odd number T of query
+// tiles computes T + 1, the last past its end (skips_tile), so pairs pay on
+// long sequences only, where the shared K/V loads gained 2-4 % at 8k-16k on
+// dense batches (sessions 17 and 20): by default sequences averaging 2048
+// rows (16 tiles) or more (FwdTuning::cluster_pairs_min_mean_q).
+inline bool varlen_pairs_pay(const AttentionFwdParams& p) {
+  return p.total_q >= p.batch * fwd_tuning().cluster_pairs_min_mean_q;
+}
+
 // Varlen batches take the dense batches' tiles (their sequences are as long;
 // kv_len is the longest's).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
@@ -68,12 +77,11 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim == 128) {
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
-      if constexpr (!kVarlen) {
-        const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;
-        if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigWideKeys<Element, 2>>(p)) {
-          launch_attention_fwd<FwdConfigWideKeys<Element, 2>, kVarlen>(p, stream);
-          return;
-        }
+      const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;
+      if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigWideKeys<Element, 2>>(p) &&
+          (!kVarlen || varlen_pairs_pay(p))) {
+        launch_attention_fwd<FwdConfigWideKeys<Element, 2>, kVarlen>(p, stream);
+        return;
       }
       launch_attention_fwd<FwdConfigWideKeys<Element>, kVarlen>(p, stream);
       return;

@@ -70,6 +70,20 @@ __device__ __forceinline__ TileCoord cta_tile_coord(const TileSchedule& s, int t
   return c;
 }
 
+// Whether both sides of the block skip tile t: a varlen tile past its
+// sequence's end. In a cluster pair only when the pair's first tile is past
+// it too: the pair's blocks load each key tile together, so a second tile
+// past the end walks the keys beside its partner and stores nothing (its
+// rows are <= 0).
+template <int kClusterM, int kBlockM, bool kVarlen>
+__device__ __forceinline__ bool skips_tile(const QueryTile& t) {
+  if constexpr (kVarlen) {
+    return t.m0 - (t.m_block % kClusterM) * kBlockM >= t.seq.q_len;
+  } else {
+    return false;
+  }
+}
+
 template <int kBlockM, int kBlockN, bool kVarlen>
 __device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileCoord& c) {
   QueryTile t;
@@ -318,7 +332,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
       const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
-      if ((kVarlen && t.rows <= 0) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
+      if (skips_tile<kClusterM, kBlockM, kVarlen>(t) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
       const auto k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
       Tensor mQ = head_rows(args.tma_q, t);
@@ -555,7 +569,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     }
     if (tile >= tiles) break;
     const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
-    if (kVarlen && t.rows <= 0) continue;
+    if (skips_tile<kClusterM, kBlockM, kVarlen>(t)) continue;
     if (t.n_block_max <= t.n_block_min) {
       store_empty_tile(t);
       continue;
@@ -693,19 +707,22 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
       p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
-  // (cluster pairs: steps of kClusterM query tiles, a whole number of them)
-  return make_tile_schedule(static_cast<int>(ceil_div64(p.q_len, Tr::kBlockM) / Tr::kClusterM),
+  // (cluster pairs: steps of kClusterM query tiles; varlen: the last may end
+  // past the longest sequence)
+  return make_tile_schedule(static_cast<int>(ceil_div64(ceil_div64(p.q_len, Tr::kBlockM), Tr::kClusterM)),
                             static_cast<int>(p.heads), static_cast<int>(batch_heads),
                             static_cast<int>(section < batch_heads ? section : batch_heads), !left_window_only);
 }
 
 // Whether a call's query tiles can run in Tr's clusters (FwdTraits::
-// kClusterM): the tiles of a cluster see the same keys (no mask or window;
-// dense batches) and every cluster is whole (a multiple of kClusterM query
-// tiles), so its blocks walk the same key tiles in the same order.
+// kClusterM): the tiles of a cluster see the same keys (no mask or window),
+// so its blocks walk the same key tiles in the same order. Dense batches:
+// every cluster whole (a multiple of kClusterM query tiles). Varlen: a
+// sequence's last pair may end past it (skips_tile).
 template <class Tr>
 bool fwd_pairs_fit(const AttentionFwdParams& p) {
-  return p.cu_seqlens_q == nullptr && !has_window(p.window) && ceil_div64(p.q_len, Tr::kBlockM) % Tr::kClusterM == 0;
+  return !has_window(p.window) &&
+         (p.cu_seqlens_q != nullptr || ceil_div64(p.q_len, Tr::kBlockM) % Tr::kClusterM == 0);
 }
 
 // kVarlen: the descriptors span the packed (total, dim, heads) tensors as one
@@ -713,9 +730,11 @@ bool fwd_pairs_fit(const AttentionFwdParams& p) {
 // total_k > 0.
 template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  const int64_t tiles = ceil_div64(p.q_len, Tr::kBlockM) * p.batch * p.heads;
+  // Query tiles in whole steps of the schedule (tile_schedule).
+  const int64_t tiles =
+      ceil_div64(ceil_div64(p.q_len, Tr::kBlockM), Tr::kClusterM) * Tr::kClusterM * p.batch * p.heads;
   if (tiles == 0) return;  // before building TMA descriptors of empty tensors
-  if (Tr::kClusterM > 1 && (kVarlen || !fwd_pairs_fit<Tr>(p))) {
+  if (Tr::kClusterM > 1 && !fwd_pairs_fit<Tr>(p)) {
     throw std::runtime_error("flash_ext attention forward (sm90): cluster pairs on a call they do not fit");
   }
   const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
