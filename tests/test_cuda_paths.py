@@ -421,35 +421,36 @@ def test_hopper_forward_tuning_set_in_process():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_varlen_cluster_pairs_match_single_blocks():
-    """Varlen batches on cluster pairs (long sequences by default) compute
-    what single blocks do, bit for bit, including a sequence's last pair
-    that ends past it (its second tile walks the keys and must store
-    nothing into the next sequence's rows), and sequences shorter than the
-    longest, empty, or of two tiles."""
+    """Varlen batches of long sequences of equal lengths run on cluster pairs
+    and compute what single blocks do, bit for bit, including each
+    sequence's last pair, which ends past it (its second tile walks the keys
+    beside its partner and must store nothing into the next sequence's
+    rows). Unequal lengths deal their tiles to whichever block asks first,
+    which pairs cannot share: they stay on single blocks, under any knob."""
     torch.manual_seed(0)
-    lens = [8200, 0, 130, 9000, 2200]  # query tiles 65, 0, 2, 71, 18
-    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
-    total = int(cu[-1])
-    q, k, v = (torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     set_tuning = flash_ext._C._set_fwd_tuning
-    outputs = {}
-    try:
-        for name, spec in (("pairs", ""), ("pairs_any", "cluster_pairs_min_mean_q=0"),
-                           ("single", "cluster_pairs_min_kv=0")):
-            set_tuning(spec)
-            out = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))
-            assert flash_ext.last_cuda_kernel_family() == "sm90"
-            outputs[name] = out
-    finally:
-        set_tuning("")
-    assert torch.isfinite(outputs["single"]).all()
-    assert torch.equal(outputs["pairs"], outputs["single"])
-    assert torch.equal(outputs["pairs_any"], outputs["single"])
-    # One sequence against float64, so agreeing with single blocks means right.
-    a, b = int(cu[4]), int(cu[5])
-    seq_q, seq_k, seq_v = (t[a:b].transpose(0, 1).double() for t in (q, k, v))
-    expected = torch.softmax(seq_q @ seq_k.transpose(-1, -2) / 128 ** 0.5, dim=-1) @ seq_v
-    torch.testing.assert_close(outputs["pairs"][a:b].transpose(0, 1).double(), expected, rtol=2e-2, atol=1e-2)
+    # 65 query tiles a sequence (odd), 3 * 66 * 4 tiles: more than the grid.
+    # Then unequal lengths: 65, 0, 2, 71 and 18 tiles.
+    for lens in ([8200, 8200, 8200], [8200, 0, 130, 9000, 2200]):
+        cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+        q, k, v = (torch.randn(int(cu[-1]), 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        outputs = {}
+        try:
+            for name, spec in (("default", ""), ("any_length", "cluster_pairs_min_mean_q=0"),
+                               ("single", "cluster_pairs_min_kv=0")):
+                set_tuning(spec)
+                outputs[name] = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))
+                assert flash_ext.last_cuda_kernel_family() == "sm90"
+        finally:
+            set_tuning("")
+        assert torch.isfinite(outputs["single"]).all()
+        assert torch.equal(outputs["default"], outputs["single"]), lens
+        assert torch.equal(outputs["any_length"], outputs["single"]), lens
+        # The last sequence against float64, so agreeing with single blocks means right.
+        a = int(cu[-2])
+        seq_q, seq_k, seq_v = (t[a:].transpose(0, 1).double() for t in (q, k, v))
+        expected = torch.softmax(seq_q @ seq_k.transpose(-1, -2) / 128 ** 0.5, dim=-1) @ seq_v
+        torch.testing.assert_close(outputs["default"][a:].transpose(0, 1).double(), expected, rtol=2e-2, atol=1e-2)
 
 
 _TILE_VARIANTS_CHILD = """
@@ -465,8 +466,8 @@ for d, n_q, n_k, causal in ((128, 1000, 1000, False), (128, 77, 3000, False), (1
     out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert flash_ext.last_cuda_kernel_family() == "sm90"
     saved.append([causal] + [t.cpu() for t in (q, k, v, out)])
-# A packed batch (varlen kernels), saved per sequence in the layout above:
-# 3, 8, 0 and 1 query tiles (in cluster pairs: odd counts end past a sequence).
+# A packed batch (varlen kernels) with an empty sequence, saved per sequence
+# in the layout above.
 cu = torch.tensor([0, 300, 1300, 1300, 1377], dtype=torch.int32, device="cuda")
 q, k, v = (torch.randn(1377, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 out = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, 1000, 1000)
@@ -479,7 +480,7 @@ torch.save(saved, sys.argv[1])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0",
-                                  "cluster_pairs_min_kv=1,wide_keys_min_kv=1,cluster_pairs_min_mean_q=1"])
+                                  "cluster_pairs_min_kv=1,wide_keys_min_kv=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 8192 keys; all calls under
     wide_keys_min_kv=1, none under 0), d = 64's 128-row tiles (Q K^T with Q
@@ -488,8 +489,7 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
     with lengths that leave partial tiles, a head dim padded to 128 and a
     packed (varlen) batch; so are cluster pairs on 176-key tiles
     (cluster_pairs_min_kv=1: even numbers of query tiles at d = 96 and 128,
-    K/V tiles multicast; the packed batch's odd, empty and one-tile
-    sequences too)."""
+    K/V tiles multicast)."""
     import os
     import subprocess
     import sys

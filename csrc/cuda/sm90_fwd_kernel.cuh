@@ -716,12 +716,15 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
 
 // Whether a call's query tiles can run in Tr's clusters (FwdTraits::
 // kClusterM): the tiles of a cluster see the same keys (no mask or window),
-// so its blocks walk the same key tiles in the same order. Dense batches:
-// every cluster whole (a multiple of kClusterM query tiles). Varlen: a
-// sequence's last pair may end past it (skips_tile).
+// so its blocks walk the same key tiles in the same order, and its blocks
+// take the same steps of the schedule, which a counter dealing tiles to
+// whichever block asks first (fwd_deals_tiles_dynamically: windows, varlen
+// sequences of unequal lengths) would not give them. Dense batches: every
+// cluster whole (a multiple of kClusterM query tiles). Varlen: a sequence's
+// last pair may end past it (skips_tile).
 template <class Tr>
 bool fwd_pairs_fit(const AttentionFwdParams& p) {
-  return !has_window(p.window) &&
+  return !has_window(p.window) && !fwd_deals_tiles_dynamically(p) &&
          (p.cu_seqlens_q != nullptr || ceil_div64(p.q_len, Tr::kBlockM) % Tr::kClusterM == 0);
 }
 
