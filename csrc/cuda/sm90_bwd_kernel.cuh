@@ -182,13 +182,31 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
 
   // Key tile 0 first: under a causal mask it sees the most query rows.
   // Varlen: p.kv_len is the longest sequence's; tiles past this one's end exit.
-  const int64_t n_blocks = ceil_div64(p.kv_len, kBlockN);
-  const int64_t n_block = int64_t(blockIdx.x) % n_blocks;
-  const int64_t bk = int64_t(blockIdx.x) / n_blocks;
-  const int64_t b = bk / p.kv_heads, hk = bk % p.kv_heads;
-  const int64_t group = p.heads / p.kv_heads;
+  // The block's place in 32-bit divisions (the grid is below 2^31 blocks,
+  // launch_1d): in 64 bits they were ~160 instructions ahead of the loads
+  // of the sequence's bounds, on every block of a grid of short blocks.
+  const uint32_t n_blocks = static_cast<uint32_t>(ceil_div64(p.kv_len, kBlockN));
+  const uint32_t bk = blockIdx.x / n_blocks, kv_heads = static_cast<uint32_t>(p.kv_heads);
+  const int64_t n_block = blockIdx.x - bk * n_blocks;
+  const int64_t b = bk / kv_heads, hk = bk - bk / kv_heads * kv_heads;
+  const int64_t group = static_cast<uint32_t>(p.heads) / kv_heads;  // (int32 in the TMA descriptors)
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
+
+  // Barriers set up while the bounds load (varlen), before any use of them:
+  // a block that exits below has waited on none of them.
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  using Pipeline = typename Tr::Pipeline;
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Tr::kQStageBytes;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Tr::kNumMmaWG * 128;
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
+  Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
+  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
+
   if (kVarlen && n0 >= seq.kv_len) return;
   const int key_rows = static_cast<int>(seq.kv_len - n0 < kBlockN ? seq.kv_len - n0 : kBlockN);
   const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
@@ -209,18 +227,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   }
   // Both roles walk the query tiles of each head of the group in turn.
   const int64_t h_begin = hk * group, h_end = h_begin + group;
-
-  const int warp_group = cutlass::canonical_warp_group_idx();
-  using Pipeline = typename Tr::Pipeline;
-  typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = Tr::kQStageBytes;
-  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = Tr::kNumMmaWG * 128;
-  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
-  Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
-  Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
-  __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Tr::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Tr::SmemLayoutQ{});
