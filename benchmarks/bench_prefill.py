@@ -13,10 +13,12 @@ for the softmax and backward): where those would pass 8 GB its row is an
 error saying it was skipped. Rows per RESULTS_FORMAT.md ``prefill``.
 
     python benchmarks/bench_prefill.py [--quick] [--dry-run] [--smoke] [--no-flex] [--head-dims D..] [--seqlens N..]
+                                       [--impls NAME..] [--rounds R]
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 from typing import Any, Callable
 
 import torch
@@ -117,7 +119,11 @@ def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int, wit
 
 
 def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] | str], device: torch.device,
-                smoke: bool, flex_bwd: bool, backward: bool = True) -> list[dict[str, Any]]:
+                smoke: bool, flex_bwd: bool, backward: bool = True, rounds: int = 1) -> list[dict[str, Any]]:
+    """One row per implementation. With rounds > 1 the implementations take
+    turns, each round timing every one once, and a row keeps the medians:
+    one kernel timed in separate passes moved by 5-10 % on an H100 (sessions
+    19-20), so a ratio wants both sides timed close together."""
     d, causal, n = setting
     batch, heads = shape(d, n, smoke)
     q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -125,12 +131,14 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
     grad = torch.randn_like(q)
     fwd_flops = flops_fwd(batch, heads, n, d, causal)
     rows: list[dict[str, Any]] = []
+    timed: list[tuple[dict[str, Any], Callable[..., torch.Tensor]]] = []
     reference: torch.Tensor | None = None
     ours_out: torch.Tensor | None = None
     for name, fwd in impls.items():
         row: dict[str, Any] = dict(impl=name, dtype="bfloat16", d=d, causal=causal, n=n, batch=batch, heads=heads)
+        rows.append(row)
         if isinstance(fwd, str):  # refused before running: the reason is the row's error
-            rows.append({**row, "error": fwd})
+            row["error"] = fwd
             continue
         if name == OURS_SM80:
             set_cuda_path("sm80")
@@ -140,22 +148,42 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
                 ours_out = out
             elif reference is None and not common.is_ours(name):
                 reference = out
-            row["fwd_ms"] = common.time_ms(lambda: fwd(q, k, v), device)
-            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+            timed.append((row, fwd))
         except Exception as err:  # a refused setting is a row, not the end of the sweep
             row["error"] = common.error_text(err)
-        if backward and "error" not in row and (name != "flex" or flex_bwd):
-            try:
-                fwd_bwd = common.time_ms(lambda: fwd(q, k, v).backward(grad), device, grad_to_none=(q, k, v))
-                row["fwd_bwd_ms"] = fwd_bwd
-                row["bwd_ms"] = fwd_bwd - row["fwd_ms"]
-                row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
-            except Exception as err:  # keep the forward's numbers
-                row["error"] = "backward: " + common.error_text(err)
         if name == OURS_SM80:
             set_cuda_path(None)
-        q.grad = k.grad = v.grad = None
-        rows.append(row)
+    fwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
+    fwd_bwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
+    for _ in range(rounds):
+        for row, fwd in timed:
+            if "error" in row and not row["error"].startswith("backward: "):
+                continue
+            if row["impl"] == OURS_SM80:
+                set_cuda_path("sm80")
+            try:
+                fwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v), device))
+            except Exception as err:
+                row["error"] = common.error_text(err)
+            if backward and "error" not in row and (row["impl"] != "flex" or flex_bwd):
+                try:
+                    fwd_bwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v).backward(grad), device,
+                                                              grad_to_none=(q, k, v)))
+                except Exception as err:  # keep the forward's numbers
+                    row["error"] = "backward: " + common.error_text(err)
+            if row["impl"] == OURS_SM80:
+                set_cuda_path(None)
+            q.grad = k.grad = v.grad = None
+    for row, _ in timed:
+        if fwd_ms[id(row)] and ("error" not in row or row["error"].startswith("backward: ")):
+            row["fwd_ms"] = statistics.median(fwd_ms[id(row)])
+            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+            if "error" not in row and fwd_bwd_ms[id(row)]:
+                row["fwd_bwd_ms"] = statistics.median(fwd_bwd_ms[id(row)])
+                row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+                row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
+            if rounds > 1:
+                row["rounds"] = rounds
     if ours_out is not None and reference is not None:
         err = ((ours_out.float() - reference.float()).norm() / reference.float().norm()).item()
         rows[0]["rel_err"] = err
@@ -176,7 +204,11 @@ def main() -> None:
                         help="only these implementations (flash_ext, flash_ext_sm80, sdpa_cudnn, flex, ...)")
     parser.add_argument("--no-backward", action="store_true",
                         help="time the forward only (A/B runs of forward variants take half the time)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="the implementations of a setting take turns this many times (medians)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     device = torch.device(args.device) if args.device else common.default_device()
     settings = [(d, causal, n) for d, causal, n in sweep(args.quick, args.smoke)
                 if (not args.head_dims or d in args.head_dims) and (not args.seqlens or n in args.seqlens)]
@@ -215,7 +247,8 @@ def main() -> None:
                                 math_skip(*shape(d, n, args.smoke), n))
         if args.impls:
             impls = {name: fwd for name, fwd in impls.items() if name in args.impls}
-        rows += run_setting(setting, impls, device, args.smoke, flex_bwd, backward=not args.no_backward)
+        rows += run_setting(setting, impls, device, args.smoke, flex_bwd, backward=not args.no_backward,
+                            rounds=args.rounds)
         common.write_results(path, header, rows)
     print("\n".join(common.compare({**header, "rows": rows})))
     print(f"wrote {common.shown(path)} and .md")
