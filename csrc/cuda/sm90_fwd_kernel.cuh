@@ -70,11 +70,11 @@ __device__ __forceinline__ TileCoord cta_tile_coord(const TileSchedule& s, int t
   return c;
 }
 
-// Whether both sides of the block skip tile t: a varlen tile past its
-// sequence's end. In a cluster pair only when the pair's first tile is past
-// it too: the pair's blocks load each key tile together, so a second tile
-// past the end walks the keys beside its partner and stores nothing (its
-// rows are <= 0).
+// Whether a block's producer and consumers skip tile t: a varlen tile past
+// its sequence's end. In a cluster pair only when the pair's first tile is
+// past it too: the pair's blocks load each key tile together, so a second
+// tile past the end walks the keys beside its partner and stores nothing
+// (its rows are <= 0).
 template <int kClusterM, int kBlockM, bool kVarlen>
 __device__ __forceinline__ bool skips_tile(const QueryTile& t) {
   if constexpr (kVarlen) {
