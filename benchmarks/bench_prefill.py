@@ -153,11 +153,14 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
             row["error"] = common.error_text(err)
         if name == OURS_SM80:
             set_cuda_path(None)
+    # Per timed row: forward and forward+backward times; a failed forward
+    # drops the row from later rounds, a failed backward only its backward.
     fwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
     fwd_bwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
+    fwd_failed: set[int] = set()
     for _ in range(rounds):
         for row, fwd in timed:
-            if "error" in row and not row["error"].startswith("backward: "):
+            if id(row) in fwd_failed:
                 continue
             if row["impl"] == OURS_SM80:
                 set_cuda_path("sm80")
@@ -165,6 +168,7 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
                 fwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v), device))
             except Exception as err:
                 row["error"] = common.error_text(err)
+                fwd_failed.add(id(row))
             if backward and "error" not in row and (row["impl"] != "flex" or flex_bwd):
                 try:
                     fwd_bwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v).backward(grad), device,
@@ -175,7 +179,7 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
                 set_cuda_path(None)
             q.grad = k.grad = v.grad = None
     for row, _ in timed:
-        if fwd_ms[id(row)] and ("error" not in row or row["error"].startswith("backward: ")):
+        if id(row) not in fwd_failed:
             row["fwd_ms"] = statistics.median(fwd_ms[id(row)])
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
             if "error" not in row and fwd_bwd_ms[id(row)]:

@@ -3,7 +3,7 @@ the same batch as dense tensors, in one process: the three take turns for
 --rounds rounds (FLASH_EXT_FWD_TUNING knobs set in process), bf16, d = 128,
 16 heads, no mask; prints each one's median forward TFLOP/s and its range
 of milliseconds. "single" turns the varlen pairs off through
-cluster_pairs_min_mean_q (csrc/cuda/sm90_launch.h), so it is the kernel
+cluster_pairs_varlen_min_q (csrc/cuda/sm90_launch.h), so it is the kernel
 varlen batches took before session 20.
 
     python scripts/varlen_pairs.py [--shapes 1x8192 1x16384 2x8192] [--rounds 5]
@@ -40,7 +40,7 @@ def main() -> None:
         dense = tuple(t.view(batch, seq, HEADS, HEAD_DIM) for t in (q, k, v))
         calls = {
             "pairs": ("", lambda: flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, seq, seq)),
-            "single": ("cluster_pairs_min_mean_q=2147483647",
+            "single": ("cluster_pairs_varlen_min_q=2147483647",
                        lambda: flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, seq, seq)),
             "dense": ("", lambda: flash_ext.flash_attn_func(*dense)),
         }

@@ -436,7 +436,7 @@ def test_hopper_varlen_cluster_pairs_match_single_blocks():
         q, k, v = (torch.randn(int(cu[-1]), 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         outputs = {}
         try:
-            for name, spec in (("default", ""), ("any_length", "cluster_pairs_min_mean_q=0"),
+            for name, spec in (("default", ""), ("any_length", "cluster_pairs_varlen_min_q=0"),
                                ("single", "cluster_pairs_min_kv=0")):
                 set_tuning(spec)
                 outputs[name] = flash_ext.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))

@@ -142,7 +142,7 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"pair_major_max_q", &FwdTuning::pair_major_max_q},
     {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
     {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
-    {"cluster_pairs_min_mean_q", &FwdTuning::cluster_pairs_min_mean_q},
+    {"cluster_pairs_varlen_min_q", &FwdTuning::cluster_pairs_varlen_min_q},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

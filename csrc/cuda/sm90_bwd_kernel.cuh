@@ -187,8 +187,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // of the sequence's bounds, on every block of a grid of short blocks.
   const uint32_t n_blocks = static_cast<uint32_t>(ceil_div64(p.kv_len, kBlockN));
   const uint32_t bk = blockIdx.x / n_blocks, kv_heads = static_cast<uint32_t>(p.kv_heads);
+  const uint32_t b32 = bk / kv_heads;
   const int64_t n_block = blockIdx.x - bk * n_blocks;
-  const int64_t b = bk / kv_heads, hk = bk - bk / kv_heads * kv_heads;
+  const int64_t b = b32, hk = bk - b32 * kv_heads;
   const int64_t group = static_cast<uint32_t>(p.heads) / kv_heads;  // (int32 in the TMA descriptors)
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);

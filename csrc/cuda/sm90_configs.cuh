@@ -59,14 +59,14 @@ inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
   return p.q_len <= (windowed ? 2048 : 1024);
 }
 
-// Cluster pairs on a varlen batch (equal lengths: fwd_pairs_fit): a
-// sequence of an odd number T of query tiles computes T + 1, the last past
-// its end (skips_tile), so pairs pay on long sequences only, where the
-// shared K/V loads gained 2-4 % at 8k-16k on dense batches (sessions 17 and
-// 20): by default 2048 rows (16 tiles) or more a sequence
-// (FwdTuning::cluster_pairs_min_mean_q, on the mean).
+// Cluster pairs on a varlen batch (equal lengths, so q_len is every
+// sequence's: fwd_pairs_fit): a sequence of an odd number T of query tiles
+// computes T + 1, the last past its end (skips_tile), so pairs pay on long
+// sequences only, where the shared K/V loads gained 2-4 % at 8k-16k on
+// dense batches (sessions 17 and 20): by default 2048 rows (16 tiles) or
+// more (FwdTuning::cluster_pairs_varlen_min_q).
 inline bool varlen_pairs_pay(const AttentionFwdParams& p) {
-  return p.total_q >= p.batch * fwd_tuning().cluster_pairs_min_mean_q;
+  return p.q_len >= fwd_tuning().cluster_pairs_varlen_min_q;
 }
 
 // Varlen batches take the dense batches' tiles (their sequences are as long;

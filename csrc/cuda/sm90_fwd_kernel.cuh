@@ -689,6 +689,13 @@ typename Tr::GmemTensor gmem_tensor(const void* ptr, int64_t seq, int64_t dim, i
                                  tma_stride(stride[0], batch)));
 }
 
+// Steps of the schedule per (batch, head) pair: kClusterM query tiles each
+// (varlen cluster pairs: the last may end past the longest sequence).
+template <class Tr>
+int64_t query_steps(const AttentionFwdParams& p) {
+  return ceil_div64(ceil_div64(p.q_len, Tr::kBlockM), Tr::kClusterM);
+}
+
 // Sections of (batch, head) pairs whose K and V take at most kL2Bytes (about
 // two thirds of an H100's L2), whole GQA groups each (consecutive heads share
 // their K and V). Short rows (FwdTuning::pair_major_max_q*) in sections of
@@ -707,9 +714,7 @@ TileSchedule tile_schedule(const AttentionFwdParams& p) {
       p.q_len <= (has_window(p.window) ? fwd_tuning().pair_major_max_q_causal : fwd_tuning().pair_major_max_q);
   const int64_t section = pair_major ? 1 : kv_heads_per_section * (p.heads / p.kv_heads);
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
-  // (cluster pairs: steps of kClusterM query tiles; varlen: the last may end
-  // past the longest sequence)
-  return make_tile_schedule(static_cast<int>(ceil_div64(ceil_div64(p.q_len, Tr::kBlockM), Tr::kClusterM)),
+  return make_tile_schedule(static_cast<int>(query_steps<Tr>(p)),
                             static_cast<int>(p.heads), static_cast<int>(batch_heads),
                             static_cast<int>(section < batch_heads ? section : batch_heads), !left_window_only);
 }
@@ -733,9 +738,7 @@ bool fwd_pairs_fit(const AttentionFwdParams& p) {
 // total_k > 0.
 template <class Tr, bool kVarlen>
 void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  // Query tiles in whole steps of the schedule (tile_schedule).
-  const int64_t tiles =
-      ceil_div64(ceil_div64(p.q_len, Tr::kBlockM), Tr::kClusterM) * Tr::kClusterM * p.batch * p.heads;
+  const int64_t tiles = query_steps<Tr>(p) * Tr::kClusterM * p.batch * p.heads;
   if (tiles == 0) return;  // before building TMA descriptors of empty tensors
   if (Tr::kClusterM > 1 && !fwd_pairs_fit<Tr>(p)) {
     throw std::runtime_error("flash_ext attention forward (sm90): cluster pairs on a call they do not fit");

@@ -62,11 +62,11 @@ struct FwdTuning {
   // this: the blocks run in cluster pairs that share their K/V loads
   // (FwdTraits::kClusterM; 0: never).
   int64_t cluster_pairs_min_kv = 8192;
-  // Varlen batches of equal lengths take those cluster pairs when their
-  // sequences have at least this many query rows (0: any). A sequence with
-  // an odd number of query tiles computes one more, past its end
-  // (sm90_configs.cuh).
-  int64_t cluster_pairs_min_mean_q = 2048;
+  // Varlen batches (of equal lengths: fwd_pairs_fit) take those cluster
+  // pairs when their sequences have at least this many query rows (0: any).
+  // A sequence with an odd number of query tiles computes one more, past its
+  // end (sm90_configs.cuh).
+  int64_t cluster_pairs_varlen_min_q = 2048;
 };
 const FwdTuning& fwd_tuning();
 
