@@ -3,9 +3,9 @@
 //      float32 arrays padded to whole query tiles (bwd_preprocess_kernel), so
 //      the main kernel loads a tile of each with one bulk copy;
 //   2. one block per (key tile, batch * kv_head): warp group 0 is the
-//      producer (one thread: TMA of K and V once, V after the first Q, then
-//      Q + lse and dO + D of every query tile of every query head of the GQA
-//      group through two kStages-deep pipelines); consumer group w owns keys [64 w, 64 w + 64)
+//      producer (one thread: TMA of K and V once, then Q + lse and dO + D of
+//      every query tile of every query head of the GQA group through two
+//      kStages-deep pipelines); consumer group w owns keys [64 w, 64 w + 64)
 //      of the tile and computes, per query tile,
 //        S^T = K Q^T, dP^T = V dO^T                 (wgmma, operands in smem)
 //        P^T = exp2(S^T scale log2(e) - lse), dS^T = P^T (dP^T - D)
@@ -203,10 +203,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Tr::kNumMmaWG * 128;
-  if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full, 1);
-    cutlass::arch::ClusterTransactionBarrier::init(&smem.v_full, 1);
-  }
+  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&smem.kv_full, 1);
   Pipeline pipeline_q(smem.pipeline_q, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_do(smem.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barriers initialized (fenced by the pipelines) before anyone waits on them
@@ -262,14 +259,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     auto [tdOg, tdOs] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
     auto [tKg, tKs] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVg, tVs] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-    // K and V: read once, by this block; Q and dO: by every key tile's
-    // block. The first S^T = K Q^T needs K and Q, not V: the loads go K,
-    // Q, V, dO, each on its own barrier, so a block's first product starts
-    // before all of its 64 KB of keys and values have landed (every block
-    // of a wave loads them from memory at once).
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.k_full, Tr::kKVTileBytes);
-    copy(args.tma_k.with(smem.k_full, 0, l2_read_once()), tKg, tKs);
-    bool v_pending = true;
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full, Tr::kKVBytes);
+    // K and V: read once, by this block; Q and dO: by every key tile's block.
+    copy(args.tma_k.with(smem.kv_full, 0, l2_read_once()), tKg, tKs);
+    copy(args.tma_v.with(smem.kv_full, 0, l2_read_once()), tVg, tVs);
 
     auto write = cutlass::make_producer_start_state<Pipeline>();
     // Not unrolled: the producer lives in kProducerRegs registers.
@@ -286,11 +279,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
         copy(args.tma_q.with(*q_bar, 0, l2_reused()), tQg(_, m_block, h), tQs(_, write.index()));
         SM90_BULK_COPY_G2S::copy(lse_log2 + m_block * kBlockM, q_bar, smem.lse.data() + write.index() * kBlockM,
                                  kBlockM * sizeof(float));
-        if (v_pending) {
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.v_full, Tr::kKVTileBytes);
-          copy(args.tma_v.with(smem.v_full, 0, l2_read_once()), tVg, tVs);
-          v_pending = false;
-        }
         pipeline_do.producer_acquire(write);
         uint64_t* do_bar = pipeline_do.producer_get_barrier(write);
         copy(args.tma_do.with(*do_bar, 0, l2_reused()), tdOg(_, m_block, h), tdOs(_, write.index()));
@@ -358,7 +346,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const int full_end = int(clamp_row(full.end, m_block_min, m_block_max));
 
   typename Pipeline::PipelineState read;
-  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full, 0);
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
   int buffer = 0;
   for (int64_t h = h_begin; h < h_end; ++h) {
     for (int m_block = m_block_min; m_block < m_block_max; ++m_block, buffer ^= 1) {
@@ -369,8 +357,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       wgmma<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
       pipeline_do.consumer_wait(read);
-      // V landed (once: past the first tile the completed phase passes at once).
-      cutlass::arch::ClusterTransactionBarrier::wait(&smem.v_full, 0);
       Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
       wgmma<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
 

@@ -271,7 +271,7 @@ struct BwdTraits {
   // A stage of Q carries the tile's lse (log2 units) and one of dO its D,
   // kBlockM floats each, on the same barrier.
   static constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element) + kBlockM * sizeof(float);
-  static constexpr uint32_t kKVTileBytes = kBlockN * kHeadDim * sizeof(Element);  // K's, or V's
+  static constexpr uint32_t kKVBytes = 2 * kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
@@ -285,8 +285,7 @@ struct BwdTraits {
     cute::array_aligned<float, kSplitDims ? 1 : kBlockM * kHeadDim, 128> dq;  // in dq_tile_offset's order
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
-    alignas(16) uint64_t k_full;  // mbarriers: K landed, V landed
-    uint64_t v_full;
+    alignas(16) uint64_t kv_full;  // mbarrier: K and V landed
     typename Pipeline::SharedStorage pipeline_q;
     typename Pipeline::SharedStorage pipeline_do;
   };
