@@ -2,6 +2,7 @@
 answer is known."""
 import importlib.util
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -74,3 +76,69 @@ def test_ncu_stalls_groups_instructions_by_execution_count():
     per_tile = next(g for g in groups if g["executed"] == 1024)
     assert per_tile["opcodes"] == {"STSM": 7, "SYNCS": 7, "ST.E": 6}
     assert next(g for g in groups if g["executed"] == 256)["producer"]
+
+
+def _made_up_sass(loop_spills: int, rng: random.Random) -> tuple[str, str, list[int]]:
+    """nvdisasm text (line info, labels) of two functions: `other`, without
+    tensor-core code, and `kernel`, whose outer loop holds an inner loop that
+    issues HGMMA with `loop_spills` local accesses spread in it, plus STL/LDL
+    outside it; and the matching -plr -lrm count text. Returns both and the
+    inner loop's (first, last, instruction count)."""
+    lines, live_lines = [], []
+    address = 0
+
+    def emit(text: str, source: int) -> None:
+        nonlocal address
+        lines.append(f'\t//## File "/src/kernel.cuh", line {source}')
+        lines.append(f"        /*{address:04x}*/                   {text} ;   /* 0x0000 */")
+        live_lines.append(f"        /*{address:04x}*/                   {text} ;   // | {100 + address // 16 % 50} |")
+        address += 16
+
+    for name in ("_Z5otherv", "_Z6kernelv"):
+        header = f'\t.section\t.text.{name},"ax",@progbits'
+        lines.append(header)
+        live_lines.append(header)
+        address = 0
+        if name == "_Z5otherv":
+            for _ in range(5):
+                emit("FADD R1, R2, R3", 10)
+            emit("STL [R1], R2", 11)
+            emit("EXIT", 12)
+            continue
+        emit("STL [R1+0x4], R7", 20)                 # before the loops: not counted
+        lines.append(".L_x_0:")                        # outer loop head
+        emit("IMAD R2, R3, R4, RZ", 21)
+        lines.append(".L_x_1:")                        # inner loop head
+        first = address
+        body = ["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "FFMA R5, R6, R7, R8", "MUFU.EX2 R9, R9"]
+        body += ["LDL R10, [R1+0x8]"] * loop_spills
+        rng.shuffle(body)
+        for i, text in enumerate(body):
+            emit(text, 30 + i)
+        emit("@P0 BRA `(.L_x_1)", 40)
+        last = address - 16
+        emit("LDL R2, [R1+0x4]", 41)                 # in the outer loop only
+        emit("@P1 BRA `(.L_x_0)", 42)
+        emit("EXIT", 43)
+    return "\n".join(lines), "\n".join(live_lines), [first, last, len(body) + 1]
+
+
+@pytest.mark.parametrize("loop_spills", [0, 3])
+def test_loop_spills_finds_the_innermost_tensor_core_loop(loop_spills):
+    """The loop reported is the smallest backward branch around an HGMMA;
+    only the spills inside it count; the live-register column is read per
+    instruction."""
+    loop_spills_tool = _load("loop_spills")
+    sass, live_text, (first, last, count) = _made_up_sass(loop_spills, random.Random())
+    functions = loop_spills_tool.parse_disassembly(sass)
+    assert sorted(functions) == ["_Z5otherv", "_Z6kernelv"]
+    assert loop_spills_tool.innermost_mma_loop(functions["_Z5otherv"]) is None
+    kernel = functions["_Z6kernelv"]
+    assert loop_spills_tool.innermost_mma_loop(kernel) == (first, last)
+    live = loop_spills_tool.parse_live_counts(live_text)["_Z6kernelv"]
+    assert live[first] == 100 + first // 16 % 50
+    lines = loop_spills_tool.report(kernel, live)
+    assert lines[0].endswith(f"{count} instructions, {loop_spills} local loads/stores")
+    spill_lines = [line for line in lines[1:] if "LDL" in line]
+    assert len(spill_lines) == loop_spills and all("kernel.cuh:" in line for line in spill_lines)
+    assert f"{live[first]} at the loop head" in lines[-1]
