@@ -1,6 +1,6 @@
 """Local-memory traffic and register pressure in the tensor-core loops of our
-CUDA kernels, read from the SASS: for each kernel, its innermost loop that
-issues wgmma (HGMMA) or mma (HMMA), the loop's instruction count, the spill
+CUDA kernels, read from the SASS: for each kernel, its innermost loops that
+issue wgmma (HGMMA) or mma (HMMA), each loop's instruction count, the spill
 loads and stores (LDL/STL) inside it with their source lines, and the live
 registers at the loop's head and at their peak. ptxas's "bytes spill" says
 how much spills somewhere; this says whether it is on the hot path, which
@@ -79,18 +79,26 @@ def parse_disassembly(text: str) -> dict[str, Function]:
     return {name: f for name, f in functions.items() if f.instrs}
 
 
-def innermost_mma_loop(fn: Function) -> tuple[int, int] | None:
-    """(first, last) address of the smallest backward-branch range that holds
-    a tensor-core instruction, or None."""
+def mma_loops(fn: Function) -> list[tuple[int, int]]:
+    """(first, last) addresses of the innermost loops that hold a tensor-core
+    instruction: backward-branch ranges around an HGMMA/HMMA that overlap
+    no smaller such range (a kernel may have several: masked and unmasked
+    key loops), in address order."""
     mma = [i.address for i in fn.instrs if re.search(r"\bHG?MMA\b", i.text)]
-    loops = []
+    loops = set()
     for i in fn.instrs:
         if "BRA" not in i.text or not (m := _TARGET.search(i.text)) or m[1] not in fn.labels:
             continue
         head = fn.labels[m[1]]
         if head < i.address and any(head <= a <= i.address for a in mma):
-            loops.append((head, i.address))
-    return min(loops, key=lambda r: r[1] - r[0]) if loops else None
+            loops.add((head, i.address))
+    # Smallest first; a range overlapping a kept one (an enclosing loop, or
+    # one of a rotated loop's several back branches) is not reported.
+    inner: list[tuple[int, int]] = []
+    for r in sorted(loops, key=lambda r: r[1] - r[0]):
+        if not any(r[0] <= k[1] and k[0] <= r[1] for k in inner):
+            inner.append(r)
+    return sorted(inner)
 
 
 def parse_live_counts(text: str) -> dict[str, dict[int, int]]:
@@ -109,18 +117,19 @@ def parse_live_counts(text: str) -> dict[str, dict[int, int]]:
 
 def report(fn: Function, live: dict[int, int]) -> list[str]:
     lines = []
-    loop = innermost_mma_loop(fn)
-    if loop is None:
+    for first, last in mma_loops(fn):
+        body = [i for i in fn.instrs if first <= i.address <= last]
+        local = [i for i in body if re.search(r"\b(LDL|STL)\b", i.text)]
+        lines.append(f"  loop {first:#x}-{last:#x}: {len(body)} instructions, {len(local)} local loads/stores")
+        for i in local:
+            lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
+        if live:
+            lines.append(f"    live registers: {live.get(first, '?')} at the loop head, "
+                         f"{max(live.get(i.address, 0) for i in body)} at most in it")
+    if not lines:
         return ["  no tensor-core loop"]
-    first, last = loop
-    body = [i for i in fn.instrs if first <= i.address <= last]
-    local = [i for i in body if re.search(r"\b(LDL|STL)\b", i.text)]
-    lines.append(f"  loop {first:#x}-{last:#x}: {len(body)} instructions, {len(local)} local loads/stores")
-    for i in local:
-        lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
     if live:
-        lines.append(f"  live registers: {live.get(first, '?')} at the loop head, "
-                     f"{max(live.get(i.address, 0) for i in body)} at most in the loop, {max(live.values())} in the kernel")
+        lines.append(f"  live registers at most in the kernel: {max(live.values())}")
     return lines
 
 

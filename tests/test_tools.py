@@ -132,13 +132,49 @@ def test_loop_spills_finds_the_innermost_tensor_core_loop(loop_spills):
     sass, live_text, (first, last, count) = _made_up_sass(loop_spills, random.Random())
     functions = loop_spills_tool.parse_disassembly(sass)
     assert sorted(functions) == ["_Z5otherv", "_Z6kernelv"]
-    assert loop_spills_tool.innermost_mma_loop(functions["_Z5otherv"]) is None
+    assert loop_spills_tool.mma_loops(functions["_Z5otherv"]) == []
+    assert loop_spills_tool.report(functions["_Z5otherv"], {}) == ["  no tensor-core loop"]
     kernel = functions["_Z6kernelv"]
-    assert loop_spills_tool.innermost_mma_loop(kernel) == (first, last)
+    assert loop_spills_tool.mma_loops(kernel) == [(first, last)]
     live = loop_spills_tool.parse_live_counts(live_text)["_Z6kernelv"]
     assert live[first] == 100 + first // 16 % 50
     lines = loop_spills_tool.report(kernel, live)
     assert lines[0].endswith(f"{count} instructions, {loop_spills} local loads/stores")
     spill_lines = [line for line in lines[1:] if "LDL" in line]
     assert len(spill_lines) == loop_spills and all("kernel.cuh:" in line for line in spill_lines)
-    assert f"{live[first]} at the loop head" in lines[-1]
+    assert f"{live[first]} at the loop head" in lines[-2]
+    assert lines[-1].endswith(str(max(live.values())))
+
+
+def test_loop_spills_reports_each_innermost_tensor_core_loop():
+    """Two sibling loops with HGMMA (a masked and an unmasked key loop) inside
+    an outer one: both are reported, the outer one is not; a loop without
+    tensor-core instructions is not either."""
+    loop_spills_tool = _load("loop_spills")
+    rng = random.Random()
+    spills = [rng.randint(0, 3), rng.randint(0, 3)]
+    text, address, want = ['\t.section\t.text._Z1kv,"ax",@progbits'], 0, []
+
+    def emit(instr: str) -> int:
+        nonlocal address
+        text.append(f"        /*{address:04x}*/                   {instr} ;")
+        address += 16
+        return address - 16
+
+    text.append(".L_x_9:")
+    emit("IADD3 R1, R1, 1, RZ")
+    for loop, n in enumerate(spills):
+        text.append(f".L_x_{loop}:")
+        first = emit("HGMMA.64x128x16.F32.BF16 R24, R8, gdesc[UR4], R24")
+        for _ in range(n):
+            emit("LDL R3, [R1]")
+        last = emit(f"@P{loop} BRA `(.L_x_{loop})")
+        want.append((first, last))
+    text.append(".L_x_7:")
+    emit("STL [R1], R3")
+    emit("@P3 BRA `(.L_x_7)")  # a loop without tensor-core work
+    emit("@P2 BRA `(.L_x_9)")
+    fn = loop_spills_tool.parse_disassembly("\n".join(text))["_Z1kv"]
+    assert loop_spills_tool.mma_loops(fn) == want
+    lines = [line for line in loop_spills_tool.report(fn, {}) if line.startswith("  loop")]
+    assert [int(line.split(", ")[1].split()[0]) for line in lines] == spills
