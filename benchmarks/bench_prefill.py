@@ -17,8 +17,10 @@ error saying it was skipped. Rows per RESULTS_FORMAT.md ``prefill``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -87,9 +89,18 @@ class Flex:
 OURS_SM80 = "flash_ext_sm80"
 
 
-def set_cuda_path(name: str | None) -> None:
+@contextlib.contextmanager
+def cuda_path_of(impl: str) -> Iterator[None]:
+    """Our sm80 kernels for OURS_SM80's calls; the automatic choice otherwise."""
+    if impl != OURS_SM80:
+        yield
+        return
     import flash_ext
-    flash_ext.set_cuda_path(name)
+    flash_ext.set_cuda_path("sm80")
+    try:
+        yield
+    finally:
+        flash_ext.set_cuda_path(None)
 
 
 def hopper_kernels(flash_ext: Any) -> bool:
@@ -106,7 +117,7 @@ def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int, wit
     impls[common.OURS] = ((lambda q, k, v: flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal))
                           if flash_ext else "flash_ext could not be imported")
     if flash_ext and hopper_kernels(flash_ext):
-        # Our portable kernels on the same GPU, for the notes (run under set_cuda_path("sm80")).
+        # Our portable kernels on the same GPU, for the notes (run under cuda_path_of).
         impls[OURS_SM80] = impls[common.OURS]
     for name, backend in SDPA_BACKENDS.items():
         def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend = backend) -> torch.Tensor:
@@ -121,9 +132,8 @@ def implementations(flash_ext: Any, flex: Flex | None, causal: bool, n: int, wit
 def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] | str], device: torch.device,
                 smoke: bool, flex_bwd: bool, backward: bool = True, rounds: int = 1) -> list[dict[str, Any]]:
     """One row per implementation. With rounds > 1 the implementations take
-    turns, each round timing every one once, and a row keeps the medians:
-    one kernel timed in separate passes moved by 5-10 % on an H100 (sessions
-    19-20), so a ratio wants both sides timed close together."""
+    turns (common.in_turns) and a row keeps the medians, so a ratio's two
+    sides are timed close together."""
     d, causal, n = setting
     batch, heads = shape(d, n, smoke)
     q, k, v = (torch.randn(batch, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -140,10 +150,9 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
         if isinstance(fwd, str):  # refused before running: the reason is the row's error
             row["error"] = fwd
             continue
-        if name == OURS_SM80:
-            set_cuda_path("sm80")
         try:
-            out = fwd(q, k, v).detach()
+            with cuda_path_of(name):
+                out = fwd(q, k, v).detach()
             if name == common.OURS:
                 ours_out = out
             elif reference is None and not common.is_ours(name):
@@ -151,43 +160,38 @@ def run_setting(setting: Setting, impls: dict[str, Callable[..., torch.Tensor] |
             timed.append((row, fwd))
         except Exception as err:  # a refused setting is a row, not the end of the sweep
             row["error"] = common.error_text(err)
-        if name == OURS_SM80:
-            set_cuda_path(None)
-    # Per timed row: forward and forward+backward times; a failed forward
-    # drops the row from later rounds, a failed backward only its backward.
-    fwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
-    fwd_bwd_ms: dict[int, list[float]] = {id(row): [] for row, _ in timed}
-    fwd_failed: set[int] = set()
-    for _ in range(rounds):
-        for row, fwd in timed:
-            if id(row) in fwd_failed:
-                continue
-            if row["impl"] == OURS_SM80:
-                set_cuda_path("sm80")
-            try:
-                fwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v), device))
-            except Exception as err:
-                row["error"] = common.error_text(err)
-                fwd_failed.add(id(row))
-            if backward and "error" not in row and (row["impl"] != "flex" or flex_bwd):
-                try:
-                    fwd_bwd_ms[id(row)].append(common.time_ms(lambda: fwd(q, k, v).backward(grad), device,
-                                                              grad_to_none=(q, k, v)))
-                except Exception as err:  # keep the forward's numbers
-                    row["error"] = "backward: " + common.error_text(err)
-            if row["impl"] == OURS_SM80:
-                set_cuda_path(None)
+
+    def times_of(row: dict[str, Any], fwd: Callable[..., torch.Tensor]) -> Callable[[], dict[str, float]]:
+        """One round of a row: its forward and forward+backward times. A
+        failed backward is the row's error and is not timed again; the
+        forward's numbers stay."""
+        def once() -> dict[str, float]:
+            with cuda_path_of(row["impl"]):
+                times = {"fwd_ms": common.time_ms(lambda: fwd(q, k, v), device)}
+                if backward and "error" not in row and (row["impl"] != "flex" or flex_bwd):
+                    try:
+                        times["fwd_bwd_ms"] = common.time_ms(lambda: fwd(q, k, v).backward(grad), device,
+                                                             grad_to_none=(q, k, v))
+                    except Exception as err:
+                        row["error"] = "backward: " + common.error_text(err)
             q.grad = k.grad = v.grad = None
+            return times
+        return once
+
+    runs, errors = common.in_turns({id(row): times_of(row, fwd) for row, fwd in timed}, rounds)
     for row, _ in timed:
-        if id(row) not in fwd_failed:
-            row["fwd_ms"] = statistics.median(fwd_ms[id(row)])
-            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
-            if "error" not in row and fwd_bwd_ms[id(row)]:
-                row["fwd_bwd_ms"] = statistics.median(fwd_bwd_ms[id(row)])
-                row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
-                row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
-            if rounds > 1:
-                row["rounds"] = rounds
+        if id(row) in errors:  # a failed forward: no numbers
+            row["error"] = errors[id(row)]
+            continue
+        row["fwd_ms"] = statistics.median(run["fwd_ms"] for run in runs[id(row)])
+        row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+        fwd_bwd = [run["fwd_bwd_ms"] for run in runs[id(row)] if "fwd_bwd_ms" in run]
+        if "error" not in row and fwd_bwd:
+            row["fwd_bwd_ms"] = statistics.median(fwd_bwd)
+            row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+            row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] / 1e9
+        if rounds > 1:
+            row["rounds"] = rounds
     if ours_out is not None and reference is not None:
         err = ((ours_out.float() - reference.float()).norm() / reference.float().norm()).item()
         rows[0]["rel_err"] = err

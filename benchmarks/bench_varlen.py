@@ -8,9 +8,10 @@ heads, causal and not; the ratio varlen / batched; and, for reference, a
 ragged batch of the same token count (lengths seq/2 .. 3 seq/2). Timed as
 the other benchmarks (triton do_bench medians, L2 flushed between runs), so
 the host's per-call overhead hides behind the GPU work as in a training step.
-The three layouts of a setting take turns for --rounds rounds and each
-reports its median: the same kernel timed in separate passes moved by up to
-7 % on an H100 (session 20), more than the 5 % this compares against.
+The three layouts of a setting take turns for --rounds rounds
+(common.in_turns) and each reports its median: the same kernel timed in
+separate passes moved by up to 7 % on an H100 (session 20), more than the
+5 % this compares against.
 
     python benchmarks/bench_varlen.py [--quick] [--rounds R] [--out-dir DIR]
 """
@@ -81,19 +82,14 @@ def main() -> None:
         base = {"impl": "flash_ext", "dtype": "bfloat16", "d": HEAD_DIM, "heads": HEADS, "batch": batch, "n": seq,
                 "causal": int(causal)}
         setting_rows = [{**base, "layout": layout, "rounds": args.rounds} for layout in calls]
-        measured: dict[str, list[dict[str, Any]]] = {layout: [] for layout in calls}
-        for _ in range(args.rounds):
-            for row, (layout, (call, inputs)) in zip(setting_rows, calls.items()):
-                if "error" in row:
-                    continue
-                try:
-                    measured[layout].append(timings(flash_ext, call, inputs, device))
-                except Exception as err:
-                    row["error"] = common.error_text(err)
+        measured, errors = common.in_turns(
+            {layout: (lambda call=call, inputs=inputs: timings(flash_ext, call, inputs, device))
+             for layout, (call, inputs) in calls.items()}, args.rounds)
         for row in setting_rows:
-            runs = measured[row["layout"]]
-            if "error" in row or not runs:
+            if row["layout"] in errors:
+                row["error"] = errors[row["layout"]]
                 continue
+            runs = measured[row["layout"]]
             row.update({key: runs[-1][key] for key in ("fwd_family", "bwd_family")})
             for key in ("fwd_ms", "fwd_bwd_ms"):
                 times = [run[key] for run in runs]

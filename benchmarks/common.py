@@ -128,6 +128,29 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25, 
     return statistics.median(times)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def in_turns(calls: dict[K, Callable[[], V]], rounds: int) -> tuple[dict[K, list[V]], dict[K, str]]:
+    """Each call once per round, in order, for ``rounds`` rounds: timings of
+    several implementations or layouts taken close together (one kernel
+    timed in separate passes drifted by 5-10 % on an H100, sessions 19-20).
+    Returns each call's results and, for a call that raised, its error
+    text; a call that raised is left out of the later rounds."""
+    results: dict[K, list[V]] = {key: [] for key in calls}
+    errors: dict[K, str] = {}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            if key in errors:
+                continue
+            try:
+                results[key].append(call())
+            except Exception as err:  # a refused call is a row's error, not the end of the sweep
+                errors[key] = error_text(err)
+    return results, errors
+
+
 def _reset_grads(tensors: Sequence[torch.Tensor] | None) -> None:
     for t in tensors or ():
         t.grad = None

@@ -178,3 +178,28 @@ def test_loop_spills_reports_each_innermost_tensor_core_loop():
     assert loop_spills_tool.mma_loops(fn) == want
     lines = [line for line in loop_spills_tool.report(fn, {}) if line.startswith("  loop")]
     assert [int(line.split(", ")[1].split()[0]) for line in lines] == spills
+
+
+def test_in_turns_takes_turns_and_drops_a_call_that_raised():
+    """benchmarks/common.in_turns: every call once per round in order; a call
+    that raises keeps its error, its earlier results, and no later turn."""
+    spec = importlib.util.spec_from_file_location("bench_common", SCRIPTS.parent / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    rounds, fail_at = random.randint(2, 5), random.randint(1, 2)
+    order = []
+
+    def call(key: str):
+        def run() -> int:
+            order.append(key)
+            if key == "b" and order.count("b") == fail_at:
+                raise RuntimeError("refused")
+            return len(order)
+        return run
+
+    results, errors = common.in_turns({"a": call("a"), "b": call("b"), "c": call("c")}, rounds)
+    assert order[:3] == ["a", "b", "c"]
+    assert order.count("a") == order.count("c") == rounds and order.count("b") == fail_at
+    assert errors == {"b": "RuntimeError: refused"}
+    assert len(results["b"]) == fail_at - 1 and len(results["a"]) == rounds
+    assert results["a"] == sorted(results["a"])  # in round order
