@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
     }
     if (col == 0 && in_tiles) {
       const float l = valid ? p.lse[h * seq.lse_head_stride + seq.lse_row0 + i] : -INFINITY;
-      const int64_t out_row = softmax_row0<kVarlen>(p, head_rows, seq.q_row0, b, h) + i;
+      const int64_t out_row = softmax_row0<kVarlen>(p, head_rows, seq.q_row0, seq.q_len, b, h) + i;
       dpsum[out_row] = acc;
       lse_log2[out_row] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
     }
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
     CUTE_NO_UNROLL
     for (int64_t h = h_begin; h < h_end; ++h) {
       // lse and D of query tile m_block of head h: kBlockM floats at offset m_block * kBlockM.
-      const int64_t row0 = softmax_row0<kVarlen>(p, args.softmax_head_rows, seq.q_row0, b, h);
+      const int64_t row0 = softmax_row0<kVarlen>(p, args.softmax_head_rows, seq.q_row0, seq.q_len, b, h);
       const float* lse_log2 = lse_log2_ptr(p, args.softmax_head_rows) + row0;
       const float* dpsum = dpsum_ptr(p) + row0;
       CUTE_NO_UNROLL

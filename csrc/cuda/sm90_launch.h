@@ -77,26 +77,29 @@ const FwdTuning& fwd_tuning();
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
-// Rows of padding per varlen sequence: a query tile (up to 128 rows) that
-// starts inside the sequence stays inside its rows, and each sequence's
-// first row is rounded up to a multiple of 4 floats for the 16-byte aligned
-// bulk copies of the tiles' D and lse.
+// Rows of padding per varlen sequence and head: each head's rows padded to
+// whole 128-row tiles (a query tile that starts inside the sequence stays
+// inside them), and each sequence's first row rounded up to a multiple of 4
+// floats for the 16-byte aligned bulk copies of the tiles' D and lse.
 constexpr int64_t kVarlenSoftmaxPad = 132;
 
 // Rows per head of each of D and lse: dense, the query length padded to
-// whole 128-row tiles, per (batch, head); varlen, every sequence of the
-// head with its padding.
+// whole 128-row tiles, per (batch, head); varlen, every sequence with its
+// padding (laid out sequence-major, as sm80::dq_accum_row0).
 FLASH_HOST_DEVICE int64_t softmax_head_rows(const AttentionBwdParams& p) {
   return p.cu_seqlens_q != nullptr ? (p.total_q + kVarlenSoftmaxPad * p.batch + 3) / 4 * 4
                                    : (p.q_len + 127) / 128 * 128;
 }
 
-// Row of query 0 of (batch b, head h); q_row0 is the sequence's first
-// packed row (kVarlen: p has cu_seqlens).
+// Row of query 0 of (batch b, head h); q_row0 and q_len are the sequence's
+// first packed row and length (kVarlen: p has cu_seqlens). Varlen: sequence
+// b's heads in turn from heads * (its first row, padded and aligned), each
+// head's rows padded to whole 128-row tiles.
 template <bool kVarlen>
-FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0, int64_t b,
-                                       int64_t h) {
-  return kVarlen ? h * head_rows + (q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4 : (b * p.heads + h) * head_rows;
+FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0,
+                                       int64_t q_len, int64_t b, int64_t h) {
+  return kVarlen ? p.heads * ((q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4) + h * ((q_len + 127) / 128 * 128)
+                 : (b * p.heads + h) * head_rows;
 }
 
 inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
