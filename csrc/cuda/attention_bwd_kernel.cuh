@@ -15,6 +15,7 @@
 #include <string>
 
 #include "common/mask.h"
+#include "bwd_workspace.h"
 #include "common/params.h"
 #include "kernel_traits.h"
 #include "launch.h"
@@ -22,44 +23,6 @@
 #include "tile_utils.cuh"
 
 namespace flash_ext::cuda::sm80 {
-
-// Rows of dq_accum are padded to this multiple so atomics need no row test.
-constexpr int kDqRowPad = 128;
-
-// Layout of the float32 workspace: dq_accum (batch*heads, padded q_len,
-// head_dim_inst), or for varlen heads * (total_q + batch * kDqRowPad) rows of
-// head_dim_inst (no padding to the longest sequence), sequence-major:
-// sequence b's heads from row heads * (cu_seqlens_q[b] + b * kDqRowPad), each
-// head's rows padded to whole kDqRowPad tiles (which fits: the padding per
-// sequence is kDqRowPad rows a head). Head-major, as FlashAttention-2 lays it
-// out, the blocks at work at any time touched every head's part of a
-// workspace hundreds of MB long, and the varlen backward's three kernels ran
-// 4-12 % slower than the same dense batch's (session 22); then, when
-// deterministic, one int semaphore per (batch*heads, query tile) counting the
-// key tiles already added. dispatch.cu's sm80_workspace sizes it alike.
-struct DqWorkspace {
-  int64_t q_rows;  // rows per head (and batch unless varlen)
-  int64_t dims;    // instantiated head dim
-  int64_t floats;  // dq part
-  int64_t semaphores;
-};
-
-inline DqWorkspace dq_workspace(const AttentionBwdParams& p, int head_dim_inst, int block_m) {
-  DqWorkspace w;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  w.q_rows = varlen ? p.total_q + p.batch * kDqRowPad : (p.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad;
-  w.dims = head_dim_inst;
-  w.floats = (varlen ? 1 : p.batch) * p.heads * w.q_rows * w.dims;
-  w.semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
-  return w;
-}
-
-// dq_accum row of query 0 of (batch b, head h).
-__device__ __forceinline__ int64_t dq_accum_row0(bool varlen, const AttentionBwdParams& p, const DqWorkspace& w,
-                                                 const SequenceBounds& seq, int64_t b, int64_t h) {
-  return varlen ? p.heads * (seq.q_row0 + b * kDqRowPad) + h * ((seq.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad)
-                : (b * p.heads + h) * w.q_rows;
-}
 
 // sum(dO * O) over dims [col, col + 8) of query row `row` of (b, h).
 template <class Element>

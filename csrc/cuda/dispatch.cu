@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "api.h"
+#include "bwd_workspace.h"
 #include "sm80_launch.h"
 #include "tuning_spec.h"
 #if defined(FLASH_EXT_SM90A)
@@ -122,15 +123,10 @@ void sm80_bwd(const AttentionBwdParams& p, cudaStream_t s) {
   }
 }
 
-// Matches dq_workspace in attention_bwd_kernel.cuh (kDqRowPad = 128).
 BwdWorkspace sm80_workspace(const AttentionBwdParams& p) {
-  const int64_t inst = sm80::head_dim_instance(p.head_dim);
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t q_rows = varlen ? p.total_q + p.batch * 128 : (p.q_len + 127) / 128 * 128;
-  const int64_t block_m = sm80::bwd_block_m(static_cast<int>(inst));
-  const int64_t semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
-  return {static_cast<size_t>((varlen ? 1 : p.batch) * p.heads * q_rows * inst + semaphores),
-          static_cast<size_t>(p.batch * p.heads * p.q_len)};
+  const int inst = sm80::head_dim_instance(p.head_dim);
+  const sm80::DqWorkspace ws = sm80::dq_workspace(p, inst, sm80::bwd_block_m(inst));
+  return {static_cast<size_t>(ws.floats + ws.semaphores), static_cast<size_t>(p.batch * p.heads * p.q_len)};
 }
 
 #if defined(FLASH_EXT_SM90A)
@@ -229,7 +225,7 @@ bool sm90_bwd_serves(const AttentionBwdParams& p) {
 
 // The dq accumulator has sm80's size (without deterministic semaphores),
 // each query tile in the sm90 kernel's own order; softmax_d holds D and lse
-// per query row (sm90_launch.h's softmax_head_rows).
+// per query row (bwd_workspace.h's softmax_head_rows).
 BwdWorkspace sm90_workspace(const AttentionBwdParams& p) {
   BwdWorkspace w = sm80_workspace(p);
   if (sm90_bwd_serves(p)) {

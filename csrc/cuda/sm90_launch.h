@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include "bwd_workspace.h"
 #include "common/macros.h"
 #include "common/mask.h"
 #include "common/params.h"
@@ -73,37 +74,8 @@ const FwdTuning& fwd_tuning();
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
 // bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows
-// laid out by softmax_head_rows and softmax_row0.
+// laid out by softmax_head_rows and softmax_row0 (bwd_workspace.h).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& params, cudaStream_t stream);
-
-// Rows of padding per varlen sequence and head: each head's rows padded to
-// whole 128-row tiles (a query tile that starts inside the sequence stays
-// inside them), and each sequence's first row rounded up to a multiple of 4
-// floats for the 16-byte aligned bulk copies of the tiles' D and lse.
-constexpr int64_t kVarlenSoftmaxPad = 132;
-
-// Rows per head of each of D and lse: dense, the query length padded to
-// whole 128-row tiles, per (batch, head); varlen, every sequence with its
-// padding (laid out sequence-major, as sm80::dq_accum_row0).
-FLASH_HOST_DEVICE int64_t softmax_head_rows(const AttentionBwdParams& p) {
-  return p.cu_seqlens_q != nullptr ? (p.total_q + kVarlenSoftmaxPad * p.batch + 3) / 4 * 4
-                                   : (p.q_len + 127) / 128 * 128;
-}
-
-// Row of query 0 of (batch b, head h); q_row0 and q_len are the sequence's
-// first packed row and length (kVarlen: p has cu_seqlens). Varlen: sequence
-// b's heads in turn from heads * (its first row, padded and aligned), each
-// head's rows padded to whole 128-row tiles.
-template <bool kVarlen>
-FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0,
-                                       int64_t q_len, int64_t b, int64_t h) {
-  return kVarlen ? p.heads * ((q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4) + h * ((q_len + 127) / 128 * 128)
-                 : (b * p.heads + h) * head_rows;
-}
-
-inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
-  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
-}
 
 }  // namespace flash_ext::cuda::sm90

@@ -2,6 +2,7 @@
 // float64 reference, forward and gradients (autograd through the C++ kernel).
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "common/fast_divmod.h"
 #include "common/mask.h"
+#include "cuda/bwd_workspace.h"
 #include "cuda/tile_schedule.h"
 #include "flash_ext.h"
 
@@ -216,6 +218,69 @@ void test_tile_schedule() {
   if (wrong != 0) ++failures;
 }
 
+// The backward's workspace layouts (cuda/bwd_workspace.h): every (sequence,
+// head)'s run of whole 128-row tiles of dq_accum and of the Hopper
+// pre-pass's D/lse rows lies inside its buffer, 16-byte aligned where bulk
+// copies read it, and apart from every other run; dense and varlen batches
+// (ragged, empty sequences, lengths off the tile size), and varlen bounds
+// that are wrong (decreasing, past the tensor), where the runs must still
+// stay inside the buffers.
+void test_bwd_workspace_layout() {
+  using flash_ext::cuda::sm80::dq_accum_row0;
+  using flash_ext::cuda::sm90::softmax_row0;
+  int64_t wrong = 0, checked = 0;
+  const auto tiles = [](int64_t rows) { return (rows + 127) / 128 * 128; };
+  // Runs [begin, end) inside [0, size); when `apart`, no two overlap.
+  const auto check_runs = [&](std::vector<std::pair<int64_t, int64_t>> runs, int64_t size, int64_t align,
+                              bool apart) {
+    std::sort(runs.begin(), runs.end());
+    for (size_t i = 0; i < runs.size(); ++i) {
+      ++checked;
+      const bool inside = runs[i].first >= 0 && runs[i].second <= size && runs[i].first % align == 0;
+      const bool overlaps = apart && i > 0 && runs[i].first < runs[i - 1].second && runs[i].first < runs[i].second;
+      if (!inside || overlaps) ++wrong;
+    }
+  };
+  const std::vector<std::vector<int32_t>> cases = {
+      {0, 512, 1024, 1536}, {0, 100, 100, 357, 360, 1000}, {0, 0, 0}, {0, 1, 130, 258, 259},
+      {0, 300, 200, 700},   {0, 5000, 40, 60},             {-7, 64, 64, 128}};
+  for (const auto& cu : cases) {
+    for (bool varlen : {false, true}) {
+      for (int64_t heads : {1, 3, 16}) {
+        flash_ext::AttentionBwdParams p;
+        p.batch = static_cast<int64_t>(cu.size()) - 1;
+        p.heads = p.kv_heads = heads;
+        int64_t max_len = 0;
+        for (size_t b = 0; b + 1 < cu.size(); ++b) max_len = std::max<int64_t>(max_len, cu[b + 1] - cu[b]);
+        p.q_len = p.kv_len = max_len;
+        const bool valid = std::is_sorted(cu.begin(), cu.end()) && cu.front() == 0;
+        if (varlen) {
+          p.cu_seqlens_q = p.cu_seqlens_k = cu.data();
+          p.total_q = p.total_k = valid ? cu.back() : 1000;
+        }
+        const flash_ext::cuda::sm80::DqWorkspace ws = flash_ext::cuda::sm80::dq_workspace(p, 128, 64);
+        const int64_t head_rows = flash_ext::cuda::sm90::softmax_head_rows(p);
+        std::vector<std::pair<int64_t, int64_t>> dq_runs, softmax_runs;
+        for (int64_t b = 0; b < p.batch; ++b) {
+          const flash_ext::SequenceBounds seq = flash_ext::sequence_bounds(p, b);
+          for (int64_t h = 0; h < heads; ++h) {
+            const int64_t dq0 = dq_accum_row0(varlen, p, ws, seq, b, h);
+            dq_runs.emplace_back(dq0, dq0 + tiles(seq.q_len));
+            const int64_t s0 = varlen ? softmax_row0<true>(p, head_rows, seq.q_row0, seq.q_len, b, h)
+                                      : softmax_row0<false>(p, head_rows, seq.q_row0, seq.q_len, b, h);
+            softmax_runs.emplace_back(s0, s0 + tiles(seq.q_len));
+          }
+        }
+        check_runs(dq_runs, ws.floats / ws.dims, 1, valid);
+        check_runs(softmax_runs, flash_ext::cuda::sm90::bwd_softmax_d_floats(p) / 2, 4, valid);
+      }
+    }
+  }
+  std::printf("%-44s %lld of %lld wrong %s\n", "backward workspace runs", static_cast<long long>(wrong),
+              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
+  if (wrong != 0) ++failures;
+}
+
 }  // namespace
 
 int main() {
@@ -232,6 +297,7 @@ int main() {
   test_fast_divmod();
   test_fully_visible_tiles();
   test_tile_schedule();
+  test_bwd_workspace_layout();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
   return failures == 0 ? 0 : 1;
 }

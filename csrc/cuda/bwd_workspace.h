@@ -1,0 +1,92 @@
+// Layouts of the backward's float32 workspaces, plain C++ (host and device):
+// dq_accum, which both kernel families add dQ into, and the Hopper pre-pass's
+// D and lse rows. The C++ tests check that the (sequence, head) runs they
+// place stay inside their buffers and apart.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/mask.h"
+#include "common/params.h"
+
+namespace flash_ext::cuda {
+
+namespace sm80 {
+
+// Rows of dq_accum are padded to this multiple so atomics need no row test.
+constexpr int kDqRowPad = 128;
+
+// Layout of the float32 workspace: dq_accum (batch*heads, padded q_len,
+// head_dim_inst), or for varlen heads * (total_q + batch * kDqRowPad) rows of
+// head_dim_inst (no padding to the longest sequence), sequence-major:
+// sequence b's heads from row heads * (cu_seqlens_q[b] + b * kDqRowPad), each
+// head's rows padded to whole kDqRowPad tiles (which fits: the padding per
+// sequence is kDqRowPad rows a head). Head-major, as FlashAttention-2 lays it
+// out, the blocks at work at any time touched every head's part of a
+// workspace hundreds of MB long, and the varlen backward's three kernels ran
+// 4-12 % slower than the same dense batch's (session 22); then, when
+// deterministic, one int semaphore per (batch*heads, query tile) counting the
+// key tiles already added.
+struct DqWorkspace {
+  int64_t q_rows;  // rows per head (and batch unless varlen)
+  int64_t dims;    // instantiated head dim
+  int64_t floats;  // dq part
+  int64_t semaphores;
+};
+
+inline DqWorkspace dq_workspace(const AttentionBwdParams& p, int head_dim_inst, int block_m) {
+  DqWorkspace w;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  w.q_rows = varlen ? p.total_q + p.batch * kDqRowPad : (p.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad;
+  w.dims = head_dim_inst;
+  w.floats = (varlen ? 1 : p.batch) * p.heads * w.q_rows * w.dims;
+  w.semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
+  return w;
+}
+
+// dq_accum row of query 0 of (batch b, head h).
+FLASH_HOST_DEVICE int64_t dq_accum_row0(bool varlen, const AttentionBwdParams& p, const DqWorkspace& w,
+                                        const SequenceBounds& seq, int64_t b, int64_t h) {
+  return varlen ? p.heads * (seq.q_row0 + b * kDqRowPad) + h * ((seq.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad)
+                : (b * p.heads + h) * w.q_rows;
+}
+
+}  // namespace sm80
+
+namespace sm90 {
+
+// Rows of padding per varlen sequence and head: each head's rows padded to
+// whole 128-row tiles (a query tile that starts inside the sequence stays
+// inside them), and each sequence's first row rounded up to a multiple of 4
+// floats for the 16-byte aligned bulk copies of the tiles' D and lse.
+constexpr int64_t kVarlenSoftmaxPad = 132;
+
+// Rows per head of each of D and lse: dense, the query length padded to
+// whole 128-row tiles, per (batch, head); varlen, every sequence with its
+// padding (laid out sequence-major, as sm80::dq_accum_row0).
+FLASH_HOST_DEVICE int64_t softmax_head_rows(const AttentionBwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? (p.total_q + kVarlenSoftmaxPad * p.batch + 3) / 4 * 4
+                                   : (p.q_len + 127) / 128 * 128;
+}
+
+// Row of query 0 of (batch b, head h); q_row0 and q_len are the sequence's
+// first packed row and length (kVarlen: p has cu_seqlens). Varlen: sequence
+// b's heads in turn from heads * (its first row, padded and aligned), each
+// head's rows padded to whole 128-row tiles.
+template <bool kVarlen>
+FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0,
+                                       int64_t q_len, int64_t b, int64_t h) {
+  return kVarlen ? p.heads * ((q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4) + h * ((q_len + 127) / 128 * 128)
+                 : (b * p.heads + h) * head_rows;
+}
+
+// Floats of the pre-pass's workspace: D, then lse, each of softmax_head_rows
+// rows per head (and batch, unless varlen).
+inline int64_t bwd_softmax_d_floats(const AttentionBwdParams& p) {
+  return 2 * (p.cu_seqlens_q != nullptr ? 1 : p.batch) * p.heads * softmax_head_rows(p);
+}
+
+}  // namespace sm90
+
+}  // namespace flash_ext::cuda
