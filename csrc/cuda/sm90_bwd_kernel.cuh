@@ -72,6 +72,17 @@ constexpr uint32_t kDqBarrier = 1;
 constexpr int kQueryStagger = FLASH_EXT_SM90_BWD_QUERY_STAGGER;
 static_assert(kQueryStagger >= 1 && kQueryStagger <= 64);
 
+// Experiment (session 22, compiled only): the dQ conversion drops each tile
+// of dq_accum from L2 once read (discard.global.L2: no write-back, nothing
+// reads it again). The main kernel's reduce-adds leave up to L2's size of
+// dirty evict-last dq_accum lines behind, which reach DRAM as write-backs
+// during the conversion or after it. 0 (the default) compiles to the plain
+// conversion. Build B of an A/B with AB_FLAGS=-DFLASH_EXT_SM90_DQ_DISCARD=1.
+#ifndef FLASH_EXT_SM90_DQ_DISCARD
+#define FLASH_EXT_SM90_DQ_DISCARD 0
+#endif
+constexpr bool kDiscardDqAccum = FLASH_EXT_SM90_DQ_DISCARD != 0;
+
 // Where the pre-pass leaves D and lse: softmax_head_rows rows per head
 // (and batch, unless varlen) each, D first.
 __host__ __device__ __forceinline__ float* dpsum_ptr(const AttentionBwdParams& p) { return p.softmax_d; }
@@ -563,6 +574,14 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
       }
     }
     __syncthreads();
+    if constexpr (kDiscardDqAccum) {
+      // Every thread's loads of the tile are done (their values staged). The
+      // tile is kBlockM * kHeadDim floats from a 256-byte boundary.
+      constexpr int kLines = kBlockM * kHeadDim * int(sizeof(float)) / 128;
+      for (int line = tid; line < kLines; line += kThreads) {
+        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(src + line * (128 / sizeof(float))) : "memory");
+      }
+    }
     const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
     Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
                    (seq.q_row0 + m0) * p.dq_stride[2];
