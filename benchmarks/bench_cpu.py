@@ -3,14 +3,15 @@
 GPT-2-like shapes (12 heads, head dim 64, causal), float32, bfloat16 and float16,
 forward alone (no autograd) and forward+backward. Rows per RESULTS_FORMAT.md
 ``cpu``; wall-clock medians with the process's thread count. The
-implementations take turns, ROUNDS times per setting, and each row is the
-median over its rounds: a shared machine's speed drifts by up to 2x from one
+implementations take turns, ROUNDS times per setting (common.in_turns), and
+each row is the median over its rounds: a shared machine's speed drifts by up to 2x from one
 minute to the next, which back-to-back timing would credit to one side.
 
     python benchmarks/bench_cpu.py [--quick] [--dry-run] [--threads N]
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 from typing import Any, Callable
@@ -54,6 +55,10 @@ def measure(impl: Callable[..., torch.Tensor], dtype: torch.dtype, batch: int, n
     return fwd_ms, fwd_bwd_ms
 
 
+def not_imported() -> tuple[float, float]:
+    raise RuntimeError("flash_ext could not be imported")
+
+
 def main() -> None:
     parser = common.base_parser(__doc__)
     parser.add_argument("--threads", type=int, default=None,
@@ -76,18 +81,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     rep_ms = 50 if args.quick else 150
     for dt, b, n in common.progress(settings, len(settings), "cpu"):
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in impls}
-        errors: dict[str, str] = {}
-        for _ in range(ROUNDS):
-            for name, impl in impls.items():
-                if name in errors:
-                    continue
-                try:
-                    if impl is None:
-                        raise RuntimeError("flash_ext could not be imported")
-                    times[name].append(measure(impl, DTYPES[dt], b, n, rep_ms))
-                except Exception as err:  # a refused setting is a row, not the end of the sweep
-                    errors[name] = common.error_text(err)
+        calls = {name: functools.partial(measure, impl, DTYPES[dt], b, n, rep_ms) if impl else not_imported
+                 for name, impl in impls.items()}
+        times, errors = common.in_turns(calls, ROUNDS)
         for name in impls:
             row: dict[str, Any] = dict(impl=name, dtype=dt, batch=b, heads=HEADS, n=n, d=HEAD_DIM, causal=True)
             if name in errors:

@@ -14,8 +14,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/mask.h"
 #include "bwd_workspace.h"
+#include "common/mask.h"
 #include "common/params.h"
 #include "kernel_traits.h"
 #include "launch.h"

@@ -12,6 +12,9 @@
 
 namespace flash_ext::cuda {
 
+// `rows` rounded up to whole tiles of `tile` rows (rows >= 0).
+FLASH_HOST_DEVICE int64_t whole_tiles(int64_t rows, int64_t tile) { return (rows + tile - 1) / tile * tile; }
+
 namespace sm80 {
 
 // Rows of dq_accum are padded to this multiple so atomics need no row test.
@@ -38,7 +41,7 @@ struct DqWorkspace {
 inline DqWorkspace dq_workspace(const AttentionBwdParams& p, int head_dim_inst, int block_m) {
   DqWorkspace w;
   const bool varlen = p.cu_seqlens_q != nullptr;
-  w.q_rows = varlen ? p.total_q + p.batch * kDqRowPad : (p.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad;
+  w.q_rows = varlen ? p.total_q + p.batch * kDqRowPad : whole_tiles(p.q_len, kDqRowPad);
   w.dims = head_dim_inst;
   w.floats = (varlen ? 1 : p.batch) * p.heads * w.q_rows * w.dims;
   w.semaphores = p.deterministic ? p.batch * p.heads * ((p.q_len + block_m - 1) / block_m) : 0;
@@ -48,7 +51,7 @@ inline DqWorkspace dq_workspace(const AttentionBwdParams& p, int head_dim_inst, 
 // dq_accum row of query 0 of (batch b, head h).
 FLASH_HOST_DEVICE int64_t dq_accum_row0(bool varlen, const AttentionBwdParams& p, const DqWorkspace& w,
                                         const SequenceBounds& seq, int64_t b, int64_t h) {
-  return varlen ? p.heads * (seq.q_row0 + b * kDqRowPad) + h * ((seq.q_len + kDqRowPad - 1) / kDqRowPad * kDqRowPad)
+  return varlen ? p.heads * (seq.q_row0 + b * kDqRowPad) + h * whole_tiles(seq.q_len, kDqRowPad)
                 : (b * p.heads + h) * w.q_rows;
 }
 
@@ -56,28 +59,30 @@ FLASH_HOST_DEVICE int64_t dq_accum_row0(bool varlen, const AttentionBwdParams& p
 
 namespace sm90 {
 
-// Rows of padding per varlen sequence and head: each head's rows padded to
-// whole 128-row tiles (a query tile that starts inside the sequence stays
-// inside them), and each sequence's first row rounded up to a multiple of 4
-// floats for the 16-byte aligned bulk copies of the tiles' D and lse.
-constexpr int64_t kVarlenSoftmaxPad = 132;
+// D and lse rows come in whole tiles of kSoftmaxTileRows (the largest query
+// tile), so a query tile that starts inside a sequence stays inside its rows.
+constexpr int64_t kSoftmaxTileRows = 128;
+// Rows of padding per varlen sequence and head: the tile padding, and each
+// sequence's first row rounded up to a multiple of 4 floats for the 16-byte
+// aligned bulk copies of the tiles' D and lse.
+constexpr int64_t kVarlenSoftmaxPad = kSoftmaxTileRows + 4;
 
 // Rows per head of each of D and lse: dense, the query length padded to
 // whole 128-row tiles, per (batch, head); varlen, every sequence with its
 // padding (laid out sequence-major, as sm80::dq_accum_row0).
 FLASH_HOST_DEVICE int64_t softmax_head_rows(const AttentionBwdParams& p) {
-  return p.cu_seqlens_q != nullptr ? (p.total_q + kVarlenSoftmaxPad * p.batch + 3) / 4 * 4
-                                   : (p.q_len + 127) / 128 * 128;
+  return p.cu_seqlens_q != nullptr ? whole_tiles(p.total_q + kVarlenSoftmaxPad * p.batch, 4)
+                                   : whole_tiles(p.q_len, kSoftmaxTileRows);
 }
 
 // Row of query 0 of (batch b, head h); q_row0 and q_len are the sequence's
 // first packed row and length (kVarlen: p has cu_seqlens). Varlen: sequence
 // b's heads in turn from heads * (its first row, padded and aligned), each
-// head's rows padded to whole 128-row tiles.
+// head's rows padded to whole tiles.
 template <bool kVarlen>
 FLASH_HOST_DEVICE int64_t softmax_row0(const AttentionBwdParams& p, int64_t head_rows, int64_t q_row0,
                                        int64_t q_len, int64_t b, int64_t h) {
-  return kVarlen ? p.heads * ((q_row0 + kVarlenSoftmaxPad * b + 3) / 4 * 4) + h * ((q_len + 127) / 128 * 128)
+  return kVarlen ? p.heads * whole_tiles(q_row0 + kVarlenSoftmaxPad * b, 4) + h * whole_tiles(q_len, kSoftmaxTileRows)
                  : (b * p.heads + h) * head_rows;
 }
 

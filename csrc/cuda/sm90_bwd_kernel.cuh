@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
   constexpr int kLanes = kHeadDim / 8, kRowsPerWarp = 32 / kLanes;
   const int lane = threadIdx.x % 32, col = lane % kLanes * 8;
   // (batch, head, row) with rows up to the longest sequence's, padded.
-  const int64_t padded = (p.q_len + 127) / 128 * 128;
+  const int64_t padded = whole_tiles(p.q_len, kSoftmaxTileRows);
   const int64_t rows = p.batch * p.heads * padded;
   float* dpsum = dpsum_ptr(p);
   float* lse_log2 = lse_log2_ptr(p, head_rows);
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
     float acc = valid && col < p.v_head_dim ? sm80::out_dout_dot8<Element>(p, b, h, seq.q_row0 + i, col) : 0.f;
     CUTE_UNROLL
     for (int s = kLanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-    const bool in_tiles = in_range && i < (seq.q_len + 127) / 128 * 128;
+    const bool in_tiles = in_range && i < whole_tiles(seq.q_len, kSoftmaxTileRows);
     if (in_tiles) {
       // Row i's kHeadDim floats: the rows of a tile together cover its run,
       // whatever order dq_tile_offset keeps inside it.
@@ -604,7 +604,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
   static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
   const int64_t head_rows = softmax_head_rows(p);
-  const int64_t rows = p.batch * p.heads * ((p.q_len + 127) / 128 * 128);
+  const int64_t rows = p.batch * p.heads * whole_tiles(p.q_len, kSoftmaxTileRows);
   if (rows > 0) {
     const int64_t rows_per_block = 8 * (256 / Tr::kHeadDim);  // 8 warps
     bwd_preprocess_kernel<Element, Tr::kHeadDim, kVarlen>
