@@ -59,30 +59,6 @@ struct BwdArgs {
 constexpr uint32_t kDsBarrier = 0;
 constexpr uint32_t kDqBarrier = 1;
 
-// Experiment (session 22, compiled only): a key tile's block walks its query
-// tiles from one of kQueryStagger starting points spread over them (block n
-// from the (n mod S)-th), round to the one before. From the first tile
-// alike, the blocks at work at once (64 per head at N = 8k) reduce-add dQ
-// into the same query tile at about the same moment; staggered, S groups of
-// them spread over S tiles. 1 (the default) compiles to the plain walk.
-// Build B of an A/B with AB_FLAGS=-DFLASH_EXT_SM90_BWD_QUERY_STAGGER=8.
-#ifndef FLASH_EXT_SM90_BWD_QUERY_STAGGER
-#define FLASH_EXT_SM90_BWD_QUERY_STAGGER 1
-#endif
-constexpr int kQueryStagger = FLASH_EXT_SM90_BWD_QUERY_STAGGER;
-static_assert(kQueryStagger >= 1 && kQueryStagger <= 64);
-
-// Experiment (session 22, compiled only): the dQ conversion drops each tile
-// of dq_accum from L2 once read (discard.global.L2: no write-back, nothing
-// reads it again). The main kernel's reduce-adds leave up to L2's size of
-// dirty evict-last dq_accum lines behind, which reach DRAM as write-backs
-// during the conversion or after it. 0 (the default) compiles to the plain
-// conversion. Build B of an A/B with AB_FLAGS=-DFLASH_EXT_SM90_DQ_DISCARD=1.
-#ifndef FLASH_EXT_SM90_DQ_DISCARD
-#define FLASH_EXT_SM90_DQ_DISCARD 0
-#endif
-constexpr bool kDiscardDqAccum = FLASH_EXT_SM90_DQ_DISCARD != 0;
-
 // Where the pre-pass leaves D and lse: softmax_head_rows rows per head
 // (and batch, unless varlen) each, D first.
 __host__ __device__ __forceinline__ float* dpsum_ptr(const AttentionBwdParams& p) { return p.softmax_d; }
@@ -237,14 +213,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   const KeyRange qrange = sm80::visible_query_range(seq.window, n0, n0 + key_rows, seq.q_len);
   const int m_block_min = static_cast<int>(qrange.begin / kBlockM);
   const int m_block_max = static_cast<int>(ceil_div64(qrange.end, kBlockM));
-  // Both roles walk m over [m_first, m_end), query tile wrapped(m)
-  // (kQueryStagger; unstaggered, the plain walk over [m_block_min, m_block_max)).
-  const int m_count = m_block_max - m_block_min;
-  const int m_first =
-      kQueryStagger > 1 ? m_block_min + static_cast<int>(n_block % kQueryStagger) * m_count / kQueryStagger
-                        : m_block_min;
-  const int m_end = m_first + m_count;
-  const auto wrapped = [&](int m) { return kQueryStagger > 1 && m >= m_block_max ? m - m_count : m; };
 
   // Rows n0 + r of this sequence; dk_stride[0] is 0 for varlen.
   Element* dk = static_cast<Element*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] +
@@ -305,8 +273,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       const float* lse_log2 = lse_log2_ptr(p, args.softmax_head_rows) + row0;
       const float* dpsum = dpsum_ptr(p) + row0;
       CUTE_NO_UNROLL
-      for (int m = m_first; m < m_end; ++m) {
-        const int m_block = wrapped(m);
+      for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
         pipeline_q.producer_acquire(write);
         uint64_t* q_bar = pipeline_q.producer_get_barrier(write);
         copy(args.tma_q.with(*q_bar, 0, l2_reused()), tQg(_, m_block, h), tQs(_, write.index()));
@@ -382,8 +349,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);
   int buffer = 0;
   for (int64_t h = h_begin; h < h_end; ++h) {
-    for (int m = m_first; m < m_end; ++m, buffer ^= 1) {
-      const int m_block = wrapped(m);
+    for (int m_block = m_block_min; m_block < m_block_max; ++m_block, buffer ^= 1) {
       const int64_t m0 = int64_t(m_block) * kBlockM;
       const int stage = read.index();
 
@@ -574,14 +540,6 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
       }
     }
     __syncthreads();
-    if constexpr (kDiscardDqAccum) {
-      // Every thread's loads of the tile are done (their values staged). The
-      // tile is kBlockM * kHeadDim floats from a 256-byte boundary.
-      constexpr int kLines = kBlockM * kHeadDim * int(sizeof(float)) / 128;
-      for (int line = tid; line < kLines; line += kThreads) {
-        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(src + line * (128 / sizeof(float))) : "memory");
-      }
-    }
     const int rows = static_cast<int>(seq.q_len - m0 < kBlockM ? seq.q_len - m0 : kBlockM);
     Element* dst = static_cast<Element*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] +
                    (seq.q_row0 + m0) * p.dq_stride[2];
