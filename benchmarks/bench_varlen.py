@@ -4,8 +4,9 @@ varlen within 5 % of a padding-free batched call of the same shape).
 For each (batch, seq): ``flash_attn_func`` on (batch, seq, heads, dim) and
 ``flash_attn_varlen_func`` on the same tokens packed as (batch * seq, heads,
 dim) with equal lengths, forward and forward+backward, bf16, d = 128 (or
---head-dims) with heads = 2048 / d as the prefill benchmark, causal and not; the ratio varlen / batched; and, for reference, a
-ragged batch of the same token count (lengths seq/2 .. 3 seq/2). Timed as
+--head-dims) with heads = 2048 / d as in the prefill benchmark, causal and
+not; the ratio varlen / batched; and, for reference, a ragged batch of the
+same token count (lengths seq/2 .. 3 seq/2). Timed as
 the other benchmarks (triton do_bench medians, L2 flushed between runs), so
 the host's per-call overhead hides behind the GPU work as in a training step.
 The three layouts of a setting take turns for --rounds rounds
