@@ -310,3 +310,28 @@ def test_low_precision_keys_off_word_boundaries(layout, device, gen):
     ref = grad_list(outs[2], (q, k, v), dout.double())
     for name, g, t, r in zip("qkv", ours, theirs, ref):
         assert_matches_reference(g, r, dtype, t, what=f"d{name}")
+
+
+@pytest.mark.parametrize("interface", ["flash_attn_func", "flash_attn_varlen_func"])
+def test_backward_fills_no_zeros_for_the_lse(interface, gen):
+    """The log-sum-exp output has no gradient: autograd must not materialize
+    one (a float32 zeros tensor of the lse's size filled on every backward),
+    and the gradients stay those of the reference."""
+    q, k, v = (randn((2, 48, 4, 32), torch.float32, "cpu", gen).requires_grad_() for _ in range(3))
+    grad = randn((2, 48, 4, 32), torch.float32, "cpu", gen)
+    if interface == "flash_attn_func":
+        out = flash_ext.flash_attn_func(q, k, v, causal=True)
+    else:  # the same two sequences packed
+        cu = torch.tensor([0, 48, 96], dtype=torch.int32)
+        packed = (t.reshape(96, 4, 32) for t in (q, k, v))
+        out = flash_ext.flash_attn_varlen_func(*packed, cu, cu, 48, 48, causal=True).reshape(2, 48, 4, 32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(grad)
+    zero_fills = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::fill_")]
+    assert zero_fills == [], zero_fills
+    ref_q, ref_k, ref_v = (to_bshd(t.detach().double()).requires_grad_() for t in (q, k, v))
+    expected = torch.autograd.grad(reference_attention(ref_q, ref_k, ref_v, is_causal=True),
+                                   (ref_q, ref_k, ref_v), to_bshd(grad.double()))
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), expected):
+        torch.testing.assert_close(got.double(), to_bshd(want), rtol=GRAD_TOL[torch.float32][0],
+                                   atol=GRAD_TOL[torch.float32][1], msg=lambda m, name=name: f"d{name}: {m}")

@@ -79,6 +79,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     SavedOptions{dropout_p, scale, softcap, window_left, window_right, bottom_right, deterministic}.save(ctx);
     ctx->saved_data["bias_requires_grad"] = mask.defined() && mask.requires_grad();
     ctx->mark_non_differentiable({lse});
+    // lse has no gradient to pass on; materialized, autograd would fill a
+    // float32 zeros tensor of its size for every backward (readable_grad
+    // covers an output gradient autograd leaves undefined).
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
 
@@ -160,6 +164,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
     SavedOptions{dropout_p, scale, softcap, window_left, window_right, bottom_right, deterministic}.save(ctx);
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // as AttentionFunction's
     return {out, lse};
   }
 
