@@ -226,10 +226,12 @@ void test_tile_schedule() {
 // that are wrong (decreasing, past the tensor), where the runs must still
 // stay inside the buffers.
 void test_bwd_workspace_layout() {
+  using flash_ext::cuda::whole_tiles;
   using flash_ext::cuda::sm80::dq_accum_row0;
+  using flash_ext::cuda::sm80::kDqRowPad;
+  using flash_ext::cuda::sm90::kSoftmaxTileRows;
   using flash_ext::cuda::sm90::softmax_row0;
   int64_t wrong = 0, checked = 0;
-  const auto tiles = [](int64_t rows) { return (rows + 127) / 128 * 128; };
   // Runs [begin, end) inside [0, size); when `apart`, no two overlap.
   const auto check_runs = [&](std::vector<std::pair<int64_t, int64_t>> runs, int64_t size, int64_t align,
                               bool apart) {
@@ -265,10 +267,10 @@ void test_bwd_workspace_layout() {
           const flash_ext::SequenceBounds seq = flash_ext::sequence_bounds(p, b);
           for (int64_t h = 0; h < heads; ++h) {
             const int64_t dq0 = dq_accum_row0(varlen, p, ws, seq, b, h);
-            dq_runs.emplace_back(dq0, dq0 + tiles(seq.q_len));
+            dq_runs.emplace_back(dq0, dq0 + whole_tiles(seq.q_len, kDqRowPad));
             const int64_t s0 = varlen ? softmax_row0<true>(p, head_rows, seq.q_row0, seq.q_len, b, h)
                                       : softmax_row0<false>(p, head_rows, seq.q_row0, seq.q_len, b, h);
-            softmax_runs.emplace_back(s0, s0 + tiles(seq.q_len));
+            softmax_runs.emplace_back(s0, s0 + whole_tiles(seq.q_len, kSoftmaxTileRows));
           }
         }
         check_runs(dq_runs, ws.floats / ws.dims, 1, valid);
