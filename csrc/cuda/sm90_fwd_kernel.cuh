@@ -91,7 +91,7 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, con
   t.b = c.b;
   t.h = c.h;
   t.m0 = int64_t(t.m_block) * kBlockM;
-  t.seq = sequence_bounds<kVarlen>(p, t.b);
+  t.seq = sequence_bounds<kVarlen, int32_t>(p, t.b);  // (the dispatch bounds the rows by 2^31)
   t.rows = static_cast<int>(t.seq.q_len - t.m0 < kBlockM ? t.seq.q_len - t.m0 : kBlockM);
   const KeyRange keys = visible_key_range(t.seq.window, t.m0, t.m0 + t.rows, t.seq.kv_len);
   t.n_block_min = static_cast<int>(keys.begin / kBlockN);
@@ -494,11 +494,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
     }
     const int rows = t.rows - turns.wg * 64;
-    // Varlen: the staging's addresses rebuilt here rather than hoisted out of
-    // the key loop, where d = 64's three groups spilled them (ptxas: 168 /
-    // 252 bytes against 128 / 172; the dense kernels spill as little either way).
+    // Varlen 176-key tiles: the staging's addresses rebuilt here rather than
+    // hoisted out of the key loop, where they spilled (ptxas: 88 / 92 bytes
+    // against 68 / 68). Elsewhere the opaque pointer cost more than it saved:
+    // the compiler then re-read the shared-memory base (S2UR) at the head of
+    // every key-loop pass (d = 64, 128-row tiles: 9 instructions a pass, and
+    // ncu's samples in the loop 4 % above the dense kernel's; session 24).
     Tensor sO = [&] {
-      if constexpr (kVarlen) {
+      if constexpr (kVarlen && kBlockN > 128) {
         return opaque_smem_tensor(staging, typename Tr::SmemLayoutQWarpGroup{});
       } else {
         return make_tensor(make_smem_ptr(staging), typename Tr::SmemLayoutQWarpGroup{});
@@ -537,6 +540,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
           *reinterpret_cast<uint4*>(out + r * p.o_stride[2] + c) = chunk;
         }
       }
+      // These generic reads of the staging before the TMA loads (async
+      // proxy) that may overwrite it (O staged in a K/V stage): each thread
+      // fences its own.
+      cutlass::arch::fence_view_async_shared();
     }
   };
 
@@ -660,10 +667,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
       // O read out of the stages (by TMA, waited for in store_tile; by a
-      // varlen tile's row stores, generic proxy) before TMA loads (async proxy)
-      // overwrite them: each thread fences its reads and arrives itself (a
-      // block of one CTA counts every consumer thread).
-      if constexpr (kVarlen) cutlass::arch::fence_view_async_shared();
+      // varlen tile's row stores, fenced there) before TMA loads overwrite
+      // them: each thread arrives itself (a block of one CTA counts every
+      // consumer thread).
       // In a cluster a few lanes signal for their group: the group's reads
       // of O are done first.
       if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
