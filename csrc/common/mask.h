@@ -109,7 +109,8 @@ struct SequenceBounds {
   VisibilityWindow window;
 };
 
-FLASH_HOST_DEVICE int64_t clamp_row(int64_t x, int64_t lo, int64_t hi) {
+template <class Index>
+FLASH_HOST_DEVICE Index clamp_row(Index x, Index lo, Index hi) {
   return x < lo ? lo : x > hi ? hi : x;
 }
 
@@ -124,13 +125,12 @@ FLASH_HOST_DEVICE SequenceBounds sequence_bounds(const AttentionFwdParams& p, in
   if (!kMayBeVarlen || p.cu_seqlens_q == nullptr) {
     return {0, 0, p.q_len, p.kv_len, b * p.heads * p.q_len, p.q_len, p.window};
   }
-  const auto clamp = [](Index x, Index lo, Index hi) { return x < lo ? lo : x > hi ? hi : x; };
   const Index total_q = static_cast<Index>(p.total_q), total_k = static_cast<Index>(p.total_k);
+  const Index q0 = clamp_row<Index>(p.cu_seqlens_q[b], 0, total_q);
+  const Index k0 = clamp_row<Index>(p.cu_seqlens_k[b], 0, total_k);
+  const Index q_len = clamp_row<Index>(p.cu_seqlens_q[b + 1], q0, total_q) - q0;
+  const Index kv_len = clamp_row<Index>(p.cu_seqlens_k[b + 1], k0, total_k) - k0;
   const Index max_q = static_cast<Index>(p.q_len), max_k = static_cast<Index>(p.kv_len);
-  const Index q0 = clamp(p.cu_seqlens_q[b], 0, total_q);
-  const Index k0 = clamp(p.cu_seqlens_k[b], 0, total_k);
-  const Index q_len = clamp(p.cu_seqlens_q[b + 1], q0, total_q) - q0;
-  const Index kv_len = clamp(p.cu_seqlens_k[b + 1], k0, total_k) - k0;
   SequenceBounds s{q0, k0, q_len < max_q ? q_len : max_q, kv_len < max_k ? kv_len : max_k, q0, p.total_q, p.window};
   if (p.bottom_right) s.window.diagonal_offset = static_cast<Index>(s.kv_len) - static_cast<Index>(s.q_len);
   return s;

@@ -342,8 +342,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // Query tiles [full_first, full_end) see all of this key tile unmasked:
   // two ints tested per query tile, not the window's 64-bit bounds.
   const TileRange full = fully_visible_query_tiles(seq.window, n0, n0 + kBlockN, seq.kv_len, kBlockM);
-  const int full_first = int(clamp_row(full.first, m_block_min, m_block_max));
-  const int full_end = int(clamp_row(full.end, m_block_min, m_block_max));
+  const int full_first = int(clamp_row<int64_t>(full.first, m_block_min, m_block_max));
+  const int full_end = int(clamp_row<int64_t>(full.end, m_block_min, m_block_max));
 
   typename Pipeline::PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.kv_full, 0);

@@ -596,8 +596,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // tile rather than the window's 64-bit bounds (a chain of compares and
     // branches before every fold).
     const TileRange full = fully_visible_tiles(window(), m0, m0 + kBlockM, kv_len(), kBlockN);
-    const int full_first = int(clamp_row(full.first, n_block_min, n_block_max));
-    const int full_end = int(clamp_row(full.end, n_block_min, n_block_max));
+    const int full_first = int(clamp_row<int64_t>(full.first, n_block_min, n_block_max));
+    const int full_end = int(clamp_row<int64_t>(full.end, n_block_min, n_block_max));
     sm80::OnlineSoftmax<kRows, 4> softmax;
     float corr[kRows];
     auto mask_and_fold = [&](int n, auto first) {
