@@ -64,4 +64,73 @@ FLASH_HOST_DEVICE TileCoord tile_coord(const TileSchedule& s, int tile) {
   return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, bh - b * s.heads};
 }
 
+// The split tail (stream-K): a non-causal call of T equal tiles of K key
+// tiles on G blocks (clusters) takes ceil(T / G) rounds, the last one part
+// empty. Split, the first `whole_tiles` tiles (a multiple of G) run as
+// before, and a second launch takes the G + T % G after them (all T, under
+// 2G), cut along their keys into G equal runs of key tiles, one a block, so
+// that every block ends at about the same time. A run is up to three pieces
+// (a tile's end, a whole tile, a tile's start); with at least K key tiles a
+// run, a tile is cut at most once. Its first part (key tiles from the last,
+// as the key loop walks them) is its block's last piece, its second part the
+// next block's first: that one hands its partial result over early, and the
+// first part's block takes it in at its end and stores the tile.
+// Work ids, the ints the second launch's producer hands its consumers:
+// whole_tiles + 3 * block + piece, and work_end for "no more".
+struct SplitTail {
+  int whole_tiles = 0, work_end = 0;
+  int key_tiles = 0;    // K
+  int split_iters = 0;  // (T - whole_tiles) * K key tiles in the runs
+  FastDivmod grid;      // G
+  FastDivmod keys;      // K
+  FLASH_HOST_DEVICE bool splits() const { return whole_tiles < work_end; }
+};
+
+// The split of `tiles` tiles of `key_tiles` key tiles on `grid` blocks, or
+// none (splits() false) where it cannot pay: a full last round, one nearly
+// full (under an eighth empty: the hand-over and the extra tile boundary
+// cost more), runs of a few key tiles, or run bounds past int32.
+inline SplitTail split_tail(int tiles, int key_tiles, int grid) {
+  SplitTail s;
+  s.whole_tiles = s.work_end = tiles;
+  const int rest = grid > 0 ? tiles % grid : 0;
+  if (grid <= 0 || tiles <= grid || rest == 0 || int64_t(rest) * 8 > int64_t(grid) * 7 || key_tiles < 4) return s;
+  const int split_tiles = tiles >= 2 * grid ? grid + rest : tiles;
+  const int64_t iters = int64_t(split_tiles) * key_tiles;
+  if (iters * (grid + 1) >= (int64_t(1) << 31)) return s;
+  s.whole_tiles = tiles - split_tiles;
+  s.work_end = s.whole_tiles + 3 * grid;
+  s.key_tiles = key_tiles;
+  s.split_iters = static_cast<int>(iters);
+  s.grid = FastDivmod(static_cast<uint32_t>(grid));
+  s.keys = FastDivmod(static_cast<uint32_t>(key_tiles));
+  return s;
+}
+
+// Block `block`'s first work id, and the one after `work`.
+FLASH_HOST_DEVICE int first_piece(const SplitTail& s, int block) { return s.whole_tiles + 3 * block; }
+FLASH_HOST_DEVICE int next_piece(const SplitTail& s, int work) {
+  return (work - s.whole_tiles) % 3 < 2 ? work + 1 : s.work_end;
+}
+
+// What work id `work` (in [whole_tiles, work_end)) computes: key tiles
+// [n_begin, n_end) of tile `tile`, empty (n_begin >= n_end) where the run
+// has no such piece.
+struct WorkPiece {
+  int tile, n_begin, n_end;
+};
+
+FLASH_HOST_DEVICE WorkPiece work_piece(const SplitTail& s, int work) {
+  const int index = work - s.whole_tiles, block = index / 3, piece = index - 3 * block;
+  const int begin = static_cast<int>(s.grid.div(static_cast<uint32_t>(block * s.split_iters)));
+  const int end = static_cast<int>(s.grid.div(static_cast<uint32_t>((block + 1) * s.split_iters)));
+  const int tile = static_cast<int>(s.keys.div(static_cast<uint32_t>(begin))) + piece;
+  const int first = tile * s.key_tiles;
+  // The run's key tiles [begin, end) in this tile, counted from its last
+  // key tile (the key loop's order).
+  const int lo = begin > first ? begin - first : 0;
+  const int hi = end - first < s.key_tiles ? end - first : s.key_tiles;
+  return {s.whole_tiles + tile, s.key_tiles - hi, s.key_tiles - lo};
+}
+
 }  // namespace flash_ext::cuda::sm90
