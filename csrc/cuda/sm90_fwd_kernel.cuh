@@ -107,8 +107,8 @@ __device__ __forceinline__ TileCoord work_coord(const TileSchedule& s, const Spl
 }
 
 // What a work id's block does with its tile's O: stores it (a whole tile),
-// hands it to the block before (the second part of a split tile), or takes
-// the next block's in first (the first part).
+// hands it to the previous run's block (the second part of a split tile),
+// or takes the next run's in first (the first part).
 enum class PieceEnd : int { kStore, kHandOver, kTakeIn };
 
 // A split piece keeps its part of the tile's key tiles, and says how it
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;  // parity of the Q loads
     const int block = blockIdx.x / kClusterM;
-    for (int tile = kSplitTail ? first_piece(split, block) : block;;
+    for (int tile = kSplitTail ? first_piece(split, grid - 1 - block) : block;;
          tile = kSplitTail ? next_piece(split, tile) : next_tile(p.tile_counter, tile, tiles, grid)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
@@ -629,7 +629,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     if (lane == 0) ReadyFlag::red_release(ready_flag(blockIdx.x), 1);
   };
   const auto merge_partial = [&](auto& sm) {
-    const int from = blockIdx.x + kClusterM;  // the next block (cluster), the same rank
+    const int from = blockIdx.x - kClusterM;  // the next run's block (cluster), the same rank
     if (lane == 0) {
       int* flag = ready_flag(from);
       while (ReadyFlag::ld_acquire(flag) == 0) {

@@ -72,11 +72,14 @@ FLASH_HOST_DEVICE TileCoord tile_coord(const TileSchedule& s, int tile) {
 // that every block ends at about the same time. A run is up to three pieces
 // (a tile's end, a whole tile, a tile's start); with at least K key tiles a
 // run, a tile is cut at most once. Its first part (key tiles from the last,
-// as the key loop walks them) is its block's last piece, its second part the
-// next block's first: that one hands its partial result over early, and the
-// first part's block takes it in at its end and stores the tile.
+// as the key loop walks them) is its run's last piece, its second part the
+// next run's first: that one hands its partial result over early, and the
+// first part's block takes it in at its end and stores the tile. Run r goes
+// to block G - 1 - r, so a block waits only for a block of a lower index,
+// which the GPU starts no later: with fewer blocks resident than the grid
+// (another stream's kernel, MPS) the waits still end.
 // Work ids, the ints the second launch's producer hands its consumers:
-// whole_tiles + 3 * block + piece, and work_end for "no more".
+// whole_tiles + 3 * run + piece, and work_end for "no more".
 struct SplitTail {
   int whole_tiles = 0, work_end = 0;
   int key_tiles = 0;    // K
@@ -107,8 +110,8 @@ inline SplitTail split_tail(int tiles, int key_tiles, int grid) {
   return s;
 }
 
-// Block `block`'s first work id, and the one after `work`.
-FLASH_HOST_DEVICE int first_piece(const SplitTail& s, int block) { return s.whole_tiles + 3 * block; }
+// Run `run`'s first work id, and the one after `work`.
+FLASH_HOST_DEVICE int first_piece(const SplitTail& s, int run) { return s.whole_tiles + 3 * run; }
 FLASH_HOST_DEVICE int next_piece(const SplitTail& s, int work) {
   return (work - s.whole_tiles) % 3 < 2 ? work + 1 : s.work_end;
 }
@@ -121,9 +124,9 @@ struct WorkPiece {
 };
 
 FLASH_HOST_DEVICE WorkPiece work_piece(const SplitTail& s, int work) {
-  const int index = work - s.whole_tiles, block = index / 3, piece = index - 3 * block;
-  const int begin = static_cast<int>(s.grid.div(static_cast<uint32_t>(block * s.split_iters)));
-  const int end = static_cast<int>(s.grid.div(static_cast<uint32_t>((block + 1) * s.split_iters)));
+  const int index = work - s.whole_tiles, run = index / 3, piece = index - 3 * run;
+  const int begin = static_cast<int>(s.grid.div(static_cast<uint32_t>(run * s.split_iters)));
+  const int end = static_cast<int>(s.grid.div(static_cast<uint32_t>((run + 1) * s.split_iters)));
   const int tile = static_cast<int>(s.keys.div(static_cast<uint32_t>(begin))) + piece;
   const int first = tile * s.key_tiles;
   // The run's key tiles [begin, end) in this tile, counted from its last

@@ -220,9 +220,9 @@ void test_tile_schedule() {
 
 // The Hopper forward's split tail (cuda/tile_schedule.h): its pieces cover
 // every key tile of the split tiles once; a tile is cut at most once, its
-// second part the next block's first piece (handed over early) and its first
-// part the block's last (taken in at its end); every block's run within one
-// key tile of the mean; and no split where the last round is full, nearly
+// second part the next run's first piece (handed over early) and its first
+// part the run's last (taken in at its end); every run within one key tile
+// of the mean; and no split where the last round is full, nearly
 // full, or the runs would be short.
 void test_split_tail() {
   using flash_ext::cuda::sm90::SplitTail;
@@ -246,34 +246,34 @@ void test_split_tail() {
         check(s.whole_tiles % grid == 0 && s.whole_tiles < tiles && tiles - s.whole_tiles >= grid);
         const int split_tiles = tiles - s.whole_tiles;
         std::vector<int> covered(static_cast<size_t>(split_tiles) * key_tiles, 0);
-        std::vector<int> first_block(split_tiles, -1), cuts(split_tiles, 0);
+        std::vector<int> first_run(split_tiles, -1), cuts(split_tiles, 0);
         const int64_t mean = int64_t(split_tiles) * key_tiles / grid;
-        for (int block = 0; block < grid; ++block) {
+        for (int run = 0; run < grid; ++run) {
           std::vector<flash_ext::cuda::sm90::WorkPiece> pieces;
-          int work = flash_ext::cuda::sm90::first_piece(s, block), count = 0;
+          int work = flash_ext::cuda::sm90::first_piece(s, run), count = 0;
           for (; work < s.work_end && count < 4; work = flash_ext::cuda::sm90::next_piece(s, work), ++count) {
             const auto piece = flash_ext::cuda::sm90::work_piece(s, work);
             if (piece.n_begin < piece.n_end) pieces.push_back(piece);
           }
           check(count == 3 && work == s.work_end);
-          int64_t run = 0;
+          int64_t run_keys = 0;
           for (size_t i = 0; i < pieces.size(); ++i) {
             const auto& piece = pieces[i];
             const int t = piece.tile - s.whole_tiles;
             check(t >= 0 && t < split_tiles && piece.n_begin >= 0 && piece.n_end <= key_tiles);
             if (t < 0 || t >= split_tiles || piece.n_begin < 0 || piece.n_end > key_tiles) continue;
             for (int n = piece.n_begin; n < piece.n_end; ++n) ++covered[static_cast<size_t>(t) * key_tiles + n];
-            run += piece.n_end - piece.n_begin;
+            run_keys += piece.n_end - piece.n_begin;
             const bool hands_over = piece.n_end < key_tiles, takes_in = piece.n_begin > 0;
             check(!(hands_over && takes_in));
-            if (hands_over) check(i == 0 && block > 0);                  // the block's first piece
-            if (takes_in) check(i + 1 == pieces.size() && block + 1 < grid);  // its last
+            if (hands_over) check(i == 0 && run > 0);                    // the run's first piece
+            if (takes_in) check(i + 1 == pieces.size() && run + 1 < grid);  // its last
             if (hands_over || takes_in) ++cuts[t];
-            // The part taken in comes from the next block, the same tile.
-            if (takes_in) first_block[t] = block;
-            if (hands_over) check(first_block[t] == block - 1);
+            // The part taken in comes from the next run, the same tile.
+            if (takes_in) first_run[t] = run;
+            if (hands_over) check(first_run[t] == run - 1);
           }
-          check(run >= mean && run <= mean + 1);
+          check(run_keys >= mean && run_keys <= mean + 1);
         }
         for (int c : covered) check(c == 1);
         for (int c : cuts) check(c == 0 || c == 2);
