@@ -468,7 +468,8 @@ _SPLIT_TAIL_CASES = [
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("case", _SPLIT_TAIL_CASES, ids=lambda c: "d{}-b{}-h{}-q{}-k{}{}".format(*c[:5], "-single" if c[5] else ""))
+@pytest.mark.parametrize("case", _SPLIT_TAIL_CASES,
+                         ids=lambda c: "d{}-b{}-h{}-q{}-k{}{}".format(*c[:5], "-single" if c[5] else ""))
 def test_hopper_forward_split_tail(case, gen):
     """The split tail (split_tail_min_kv: a grid's last tiles cut by their
     keys between blocks, one block handing its partial result to the block

@@ -108,19 +108,20 @@ __device__ __forceinline__ TileCoord work_coord(const TileSchedule& s, const Spl
 
 // What a work id's block does with its tile's O: stores it (a whole tile),
 // hands it to the previous run's block (the second part of a split tile),
-// or takes the next run's in first (the first part).
-enum class PieceEnd : int { kStore, kHandOver, kTakeIn };
+// or takes the next run's in first (the first part); or nothing, for an
+// empty piece (a run may have fewer than three).
+enum class PieceEnd : int { kStore, kHandOver, kTakeIn, kSkip };
 
 // A split piece keeps its part of the tile's key tiles, and says how it
-// ends; empty pieces (a block's run may have fewer than three) end the
-// tile's walk at once (n_block_max <= n_block_min), so the producer loads
-// nothing and the consumers skip it. Shuffled from lane 0, as the tile's
+// ends. An empty one leaves no key tile (n_block_max <= n_block_min), so the
+// producer loads nothing for it. Shuffled from lane 0, as the tile's
 // coordinates. `lanes`: the warp's calling lanes (the producer's one
 // thread: 1).
 __device__ __forceinline__ PieceEnd keep_piece_keys(QueryTile& t, const SplitTail& split, int work, unsigned lanes) {
   const WorkPiece piece = work_piece(split, work);
   t.n_block_min = __shfl_sync(lanes, piece.n_begin, 0);
   t.n_block_max = __shfl_sync(lanes, piece.n_end, 0);
+  if (t.n_block_max <= t.n_block_min) return PieceEnd::kSkip;
   return t.n_block_max < split.key_tiles ? PieceEnd::kHandOver
                                          : t.n_block_min > 0 ? PieceEnd::kTakeIn : PieceEnd::kStore;
 }
@@ -639,17 +640,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
     const float* part = partial_of(from);
     const float* stats = part + 64 * kHeadDim;
-    float mine[kRows], theirs[kRows];
+    float max_other[kRows], sum_other[kRows], mine[kRows], theirs[kRows];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      const float max_other = __ldcg(stats + mi * 128 + lane), sum_other = __ldcg(stats + (kRows + mi) * 128 + lane);
-      const float m = fmaxf(sm.row_max[mi], max_other);
-      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;  // as OnlineSoftmax::fold
-      mine[mi] = exp2f(fmaf(sm.row_max[mi], scale_log2, -m_scaled));
-      theirs[mi] = exp2f(fmaf(max_other, scale_log2, -m_scaled));
-      sm.row_max[mi] = m;
-      sm.row_sum[mi] = fmaf(sm.row_sum[mi], mine[mi], sum_other * theirs[mi]);
+      max_other[mi] = __ldcg(stats + mi * 128 + lane);
+      sum_other[mi] = __ldcg(stats + (kRows + mi) * 128 + lane);
     }
+    sm.merge(max_other, sum_other, scale_log2, mine, theirs);
     CUTE_UNROLL
     for (int c = 0; c < kOElems / 4; ++c) {
       const float4 chunk = __ldcg(reinterpret_cast<const float4*>(part) + c * 128 + lane);
@@ -693,7 +690,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
     const PieceEnd piece_end = kSplitTail ? keep_piece_keys(t, split, tile, 0xffffffffu) : PieceEnd::kStore;
     if (skips_tile<kClusterM, kBlockM, kVarlen>(t)) continue;
-    if (piece_end != PieceEnd::kStore && t.n_block_max <= t.n_block_min) continue;  // an empty piece
+    if (piece_end == PieceEnd::kSkip) continue;
     if (t.n_block_max <= t.n_block_min) {
       store_empty_tile(t);
       continue;
@@ -912,12 +909,12 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
   // Equal tiles whose last round would run part empty, where the glue gave
-  // the workspace: the whole rounds, then a launch of the last tiles split
-  // between the blocks by their keys (SplitTail).
-  const int64_t split_min_kv = fwd_tuning().split_tail_min_kv;
+  // the workspace (fwd_split_workspace: the knob's calls): the whole rounds,
+  // then a launch of the last tiles split between the blocks by their keys
+  // (SplitTail).
   if constexpr (!kVarlen) {
-    if (grid < tiles && !fwd_deals_tiles_dynamically(p) && split_min_kv > 0 && p.kv_len >= split_min_kv &&
-        p.fwd_partial != nullptr && p.fwd_partial_ready != nullptr && grid <= p.num_sms) {
+    if (p.fwd_partial != nullptr && p.fwd_partial_ready != nullptr && grid < tiles && grid <= p.num_sms &&
+        !fwd_deals_tiles_dynamically(p)) {
       args.split = split_tail(schedule.tiles(), static_cast<int>(ceil_div64(p.kv_len, Tr::kBlockN)),
                               static_cast<int>(grid / Tr::kClusterM));
       args.tile_end = args.split.whole_tiles;
