@@ -36,6 +36,8 @@ PyMethodDef methods[] = {
      "kernel family of the last CUDA attention launch"},
     {"_set_fwd_tuning", set_tuning<flash_ext::cuda::set_fwd_tuning>, METH_O,
      "replace the Hopper forward's FLASH_EXT_FWD_TUNING knobs in this process (timing scripts)"},
+    {"_set_bwd_tuning", set_tuning<flash_ext::cuda::set_bwd_tuning>, METH_O,
+     "replace the Hopper backward's FLASH_EXT_BWD_TUNING knobs in this process (timing scripts)"},
     {"_set_decode_tuning", set_tuning<flash_ext::cuda::set_decode_tuning>, METH_O,
      "replace the split-KV decoding's FLASH_EXT_DECODE_TUNING knobs in this process (timing scripts)"},
     {nullptr, nullptr, 0, nullptr},

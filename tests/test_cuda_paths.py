@@ -559,6 +559,51 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_backward_block_order_in_process(gen):
+    """flash_ext._C._set_bwd_tuning's masked_section_rounds reorders the
+    backward's blocks under a mask (sections of pairs, heaviest key tiles
+    first; 0: pair by pair) and never their arithmetic: dK and dV, which one
+    block computes whole, equal the default's bit for bit, dQ (float32 adds
+    in another order) within rounding. Causal with GQA at 4k (14 pairs of
+    32 key tiles: sections of 3 pairs by L2 after a first of 2), then two
+    small shapes against float64: causal with GQA, and a left-only window,
+    whose heaviest key tiles are the last."""
+    set_tuning = flash_ext._C._set_bwd_tuning
+    cases = [(7, 4, 2, 4096, 4096, (-1, 0), False), (5, 6, 3, 1000, 1000, (-1, 0), True),
+             (3, 4, 4, 1300, 1100, (300, -1), True)]
+    for batch, heads, kv_heads, n_q, n_k, window, against_float64 in cases:
+        q = randn((batch, n_q, heads, 128), torch.bfloat16, "cuda", gen, requires_grad=True)
+        k = randn((batch, n_k, kv_heads, 128), torch.bfloat16, "cuda", gen, requires_grad=True)
+        v = randn((batch, n_k, kv_heads, 128), torch.bfloat16, "cuda", gen, requires_grad=True)
+        dout = randn((batch, n_q, heads, 128), torch.bfloat16, "cuda", gen)
+        grads = {}
+        try:
+            for spec in ("", "masked_section_rounds=0", "masked_section_rounds=1", "masked_section_rounds=7"):
+                set_tuning(spec)
+                out = flash_ext.flash_attn_func(q, k, v, window_size=window)
+                grads[spec] = torch.autograd.grad(out, (q, k, v), dout)
+                assert flash_ext.last_cuda_kernel_family() == "sm90"
+            with pytest.raises(ValueError, match="unknown key 'rounds'"):
+                set_tuning("rounds=2")
+        finally:
+            set_tuning("")
+        for spec, (dq, dk, dv) in grads.items():
+            assert torch.equal(dk, grads[""][1]) and torch.equal(dv, grads[""][2]), spec
+            torch.testing.assert_close(dq, grads[""][0], rtol=1e-2, atol=1e-3)
+        if not against_float64:
+            continue
+        ref = reference_attention(to_bshd(q), to_bshd(k), to_bshd(v), window=window, bottom_right=True,
+                                  enable_gqa=True)
+        refs = grad_list(to_bshd(ref), (q, k, v), dout.double())
+        vis = window_visible(n_q, n_k, window[0], window[1], True, device="cuda")
+        torch_grads = grad_list(to_bshd(_torch_visible(to_bshd(q), to_bshd(k), to_bshd(v), vis, True)), (q, k, v),
+                                dout)
+        for name, g, r, t in zip("qkv", grads[""], refs, torch_grads):
+            assert_matches_reference(g, r, torch.bfloat16, t, what=f"d{name} window {window}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("d,align,n_q,n_k,heads,kv_heads", [
     (128, None, 1000, 1000, 4, 4), (128, "top", 700, 700, 4, 4), (128, None, 500, 500, 8, 2),
     (96, None, 300, 1111, 2, 2), (64, "top", 600, 900, 4, 4), (128, "bottom", 400, 200, 2, 2),

@@ -90,7 +90,8 @@ struct AttentionFwdParams {
 
   // CUDA: multiprocessors of the device, set by the glue from PyTorch's
   // cached device properties (the persistent Hopper forward launches one
-  // block per SM; 0 launches one per tile).
+  // block per SM, 0 one per tile; the Hopper backward orders its blocks by
+  // rounds of num_sms, 0 pair by pair).
   int num_sms = 0;
   // CUDA: one int32, zero before each call that wants it
   // (fwd_needs_tile_counter) and left zero by it: the persistent Hopper

@@ -65,6 +65,8 @@ const char* last_kernel_family();
 // not synchronized with calls on other threads. Throws std::invalid_argument
 // on a bad spec (nothing changed) or without Hopper kernels.
 void set_fwd_tuning(const std::string& spec);
+// The same for the Hopper backward's FLASH_EXT_BWD_TUNING knobs.
+void set_bwd_tuning(const std::string& spec);
 // The same for the split-KV decoding's FLASH_EXT_DECODE_TUNING knobs.
 void set_decode_tuning(const std::string& spec);
 

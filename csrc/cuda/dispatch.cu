@@ -149,6 +149,16 @@ FwdTuning& current_fwd_tuning() {
   return tuning;
 }
 
+using sm90::BwdTuning;
+constexpr std::pair<const char*, int64_t BwdTuning::*> kBwdKnobs[] = {
+    {"masked_section_rounds", &BwdTuning::masked_section_rounds},
+};
+
+BwdTuning& current_bwd_tuning() {
+  static BwdTuning tuning = tuning_from_environment("FLASH_EXT_BWD_TUNING", kBwdKnobs);
+  return tuning;
+}
+
 // TMA cannot address a stride-0 (broadcast) dimension.
 bool nonzero_strides(const int64_t (&stride)[3], int64_t d0, int64_t d1, int64_t d2) {
   return strides_all(stride, d0, d1, d2, [](int64_t s) { return s != 0; });
@@ -360,6 +370,7 @@ const char* no_family_reason(const Family* f, int major, int minor) {
 
 #if defined(FLASH_EXT_SM90A)
 const sm90::FwdTuning& sm90::fwd_tuning() { return current_fwd_tuning(); }
+const sm90::BwdTuning& sm90::bwd_tuning() { return current_bwd_tuning(); }
 #endif
 
 void set_fwd_tuning(const std::string& spec) {
@@ -367,6 +378,14 @@ void set_fwd_tuning(const std::string& spec) {
   current_fwd_tuning() = tuning_from_spec("FLASH_EXT_FWD_TUNING", spec, kFwdKnobs);  // throws before assigning
 #else
   throw std::invalid_argument("flash_ext: no Hopper kernels were built, so there is no forward tuning to set");
+#endif
+}
+
+void set_bwd_tuning(const std::string& spec) {
+#if defined(FLASH_EXT_SM90A)
+  current_bwd_tuning() = tuning_from_spec("FLASH_EXT_BWD_TUNING", spec, kBwdKnobs);  // throws before assigning
+#else
+  throw std::invalid_argument("flash_ext: no Hopper kernels were built, so there is no backward tuning to set");
 #endif
 }
 

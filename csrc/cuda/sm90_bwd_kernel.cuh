@@ -47,6 +47,7 @@ struct BwdArgs {
   AttentionBwdParams p;
   DqWorkspace ws;
   int64_t softmax_head_rows;
+  KeyTileOrder order;  // blockIdx.x -> (key tile, batch entry, kv head)
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -180,17 +181,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
 
-  // Key tile 0 first: under a causal mask it sees the most query rows.
-  // Varlen: p.kv_len is the longest sequence's; tiles past this one's end exit.
-  // The block's place in 32-bit divisions (the grid is below 2^31 blocks,
-  // launch_1d): in 64 bits they were ~160 instructions ahead of the loads
-  // of the sequence's bounds, on every block of a grid of short blocks.
-  const uint32_t n_blocks = static_cast<uint32_t>(ceil_div64(p.kv_len, kBlockN));
-  const uint32_t bk = blockIdx.x / n_blocks, kv_heads = static_cast<uint32_t>(p.kv_heads);
-  const uint32_t b32 = bk / kv_heads;
-  const int64_t n_block = blockIdx.x - bk * n_blocks;
-  const int64_t b = b32, hk = bk - b32 * kv_heads;
-  const int64_t group = static_cast<uint32_t>(p.heads) / kv_heads;  // (int32 in the TMA descriptors)
+  // The block's key tile (args.order: heaviest first under a mask). Varlen:
+  // p.kv_len is the longest sequence's; tiles past this one's end exit. In
+  // 32-bit multiply-highs (the grid is below 2^31 blocks, launch_1d): 64-bit
+  // divisions were ~160 instructions ahead of the loads of the sequence's
+  // bounds, on every block of a grid of short blocks.
+  const KeyTileCoord place = key_tile_coord(args.order, static_cast<int>(blockIdx.x));
+  const int64_t n_block = place.n_block, b = place.b, hk = place.hk;
+  const int64_t group = static_cast<uint32_t>(p.heads) / static_cast<uint32_t>(p.kv_heads);  // (int32 in the TMA descriptors)
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
 
@@ -553,6 +551,34 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   }
 }
 
+// The blocks' order (KeyTileOrder). Equal key tiles (no mask or window) go
+// pair by pair, the pair's tiles running together over its Q, dO and dQ
+// rows. Under a mask, sections of pairs with about two rounds of tiles
+// (BwdTuning::masked_section_rounds * num_sms), so that the section's light
+// tiles fill in at its end,
+// and of pairs whose Q, dO and dQ accumulator rows take at most kL2Bytes
+// (the blocks running at once span a section or two, and each pair's rows
+// are read and reduced into by all its key tiles).
+template <class Tr>
+KeyTileOrder key_tile_order(const AttentionBwdParams& p, int n_blocks) {
+  constexpr int64_t kL2Bytes = int64_t(32) << 20;
+  int64_t section = 1;
+  const int64_t rounds = bwd_tuning().masked_section_rounds;
+  if (has_window(p.window) && p.num_sms > 0 && rounds > 0) {
+    const int64_t q_len = p.q_len > 0 ? p.q_len : 1;
+    const int64_t row_bytes = Tr::kHeadDim * int64_t(2 * sizeof(typename Tr::Element) + sizeof(float)) +
+                              2 * int64_t(sizeof(float));  // Q, dO, dQ accumulator; lse, D
+    const int64_t pair_bytes = (p.heads / p.kv_heads) * q_len * row_bytes;
+    const int64_t fit = pair_bytes < kL2Bytes ? kL2Bytes / pair_bytes : 1;
+    const int64_t filling = ceil_div64(rounds * p.num_sms, n_blocks);
+    section = filling < fit ? filling : fit;
+  }
+  const int64_t pairs = p.batch * p.kv_heads;
+  const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
+  return make_key_tile_order(n_blocks, static_cast<int>(p.kv_heads), static_cast<int>(p.batch),
+                             static_cast<int>(section < pairs ? section : pairs), !left_window_only);
+}
+
 // kVarlen: the Q, dO, K and V descriptors span the packed (total, dim,
 // heads) tensors as one batch entry (their batch strides are 0); the
 // dispatch guarantees total_q, total_k > 0.
@@ -569,7 +595,8 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
         <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows, ws);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }
-  const int64_t blocks = ceil_div64(p.kv_len, Tr::kBlockN) * p.batch * p.kv_heads;
+  const int64_t n_blocks = ceil_div64(p.kv_len, Tr::kBlockN);
+  const int64_t blocks = n_blocks * p.batch * p.kv_heads;
   if (blocks > 0) {  // before building TMA descriptors of empty tensors
     using TileQ = Shape<Int<Tr::kBlockM>, Int<Tr::kHeadDim>>;
     using TileKV = Shape<Int<Tr::kBlockN>, Int<Tr::kHeadDim>>;
@@ -577,7 +604,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
     const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
     const int64_t batch = kVarlen ? 1 : p.batch;
     BwdArgs<Tr> args{
-        p, ws, head_rows,
+        p, ws, head_rows, key_tile_order<Tr>(p, static_cast<int>(n_blocks)),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                       smem_q, TileQ{}, _1{}),
         make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.dout, q_rows, p.head_dim, p.heads, batch, p.do_stride),

@@ -83,6 +83,15 @@ constexpr int64_t fwd_partial_floats_per_block(int head_dim) {
 }
 constexpr int kFwdPartialFlagsPerBlock = 3;
 
+// Backward knobs, as FwdTuning's, from FLASH_EXT_BWD_TUNING.
+struct BwdTuning {
+  // Under a mask or window, the blocks go in sections of pairs holding
+  // about this many rounds of num_sms key tiles (KeyTileOrder; 0: pair by
+  // pair, as equal tiles).
+  int64_t masked_section_rounds = 2;
+};
+const BwdTuning& bwd_tuning();
+
 // Backward at head dims 64, 128 and 256 (instances), kVarlen as run_fwd's
 // (instantiated in sm90_bwd_varlen_*). It wants a softmax_d workspace of
 // bwd_softmax_d_floats floats: D and lse (log2 units) per query row, rows

@@ -1,6 +1,7 @@
-// The Hopper forward's order of work tiles (query tile, batch entry, head),
-// host and device: the kernel places each tile with tile_coord, and the C++
-// tests check the placement against plain division.
+// The Hopper kernels' order of work tiles, host and device: the forward's
+// (query tile, batch entry, head) and the backward's (key tile, batch entry,
+// kv head). The kernels place each tile with tile_coord / key_tile_coord,
+// and the C++ tests check the placement against plain division.
 #pragma once
 
 #include <cstdint>
@@ -134,6 +135,66 @@ FLASH_HOST_DEVICE WorkPiece work_piece(const SplitTail& s, int work) {
   const int lo = begin > first ? begin - first : 0;
   const int hi = end - first < s.key_tiles ? end - first : s.key_tiles;
   return {s.whole_tiles + tile, s.key_tiles - hi, s.key_tiles - lo};
+}
+
+// The backward's key tiles, one block each, which the GPU starts in block
+// order as SMs free up. Under a mask that gives them unequal weights (a
+// causal key tile 0 sees every query, the last one a few), blocks in
+// sections of (batch, kv head) pairs, the key tile varying slowest inside a
+// section, heaviest first: the light tiles of a section's end fill in
+// beside its heavy ones, and the grid ends on light tiles. Pair by pair
+// instead (sections of one pair), the grid's last pairs start their
+// heaviest tiles in its last round: by a simulation of that greedy start
+// 5-7 % idle at d = 128 causal N = 1k-8k on 132 SMs, 1-2 % in sections
+// (benchmarks/NOTES.md, session 26). The first section takes the pairs that
+// the others leave (fewer): a short section last would end the grid on its
+// few pairs' heavy tiles. Built by make_key_tile_order.
+struct KeyTileOrder {
+  int n_blocks, section, first_pairs;
+  bool first_keys_heaviest;  // false only when a left window alone bounds the queries of a key
+  FastDivmod first_section_pairs;  // first_pairs
+  FastDivmod section_tiles;        // section * n_blocks
+  FastDivmod section_pairs;        // section
+  FastDivmod kv_head_count;        // kv heads
+};
+
+// n_blocks key tiles per pair, batch * kv_heads pairs, sections of `section`
+// pairs (clamped to [1, pairs]); all positive, the tiles below 2^31.
+inline KeyTileOrder make_key_tile_order(int n_blocks, int kv_heads, int batch, int section,
+                                        bool first_keys_heaviest) {
+  const int pairs = batch * kv_heads;
+  const int pairs_a_section = section < 1 ? 1 : section < pairs ? section : pairs;
+  const int first_pairs = pairs - (pairs - 1) / pairs_a_section * pairs_a_section;
+  return {n_blocks,
+          pairs_a_section,
+          first_pairs,
+          first_keys_heaviest,
+          FastDivmod(static_cast<uint32_t>(first_pairs)),
+          FastDivmod(static_cast<uint32_t>(pairs_a_section * n_blocks)),
+          FastDivmod(static_cast<uint32_t>(pairs_a_section)),
+          FastDivmod(static_cast<uint32_t>(kv_heads))};
+}
+
+// Where block `tile` lies: its key tile, batch entry and kv head.
+struct KeyTileCoord {
+  int n_block, b, hk;
+};
+
+FLASH_HOST_DEVICE KeyTileCoord key_tile_coord(const KeyTileOrder& o, int tile) {
+  const int first_tiles = o.first_pairs * o.n_blocks;
+  int pair0 = 0, in_section = tile;
+  const FastDivmod* pairs = &o.first_section_pairs;
+  if (tile >= first_tiles) {
+    const int later = tile - first_tiles;
+    const int section_index = static_cast<int>(o.section_tiles.div(static_cast<uint32_t>(later)));
+    in_section = later - section_index * o.section * o.n_blocks;
+    pair0 = o.first_pairs + section_index * o.section;
+    pairs = &o.section_pairs;
+  }
+  const int step = static_cast<int>(pairs->div(static_cast<uint32_t>(in_section)));
+  const int pair = pair0 + in_section - step * static_cast<int>(pairs->divisor);
+  const int b = static_cast<int>(o.kv_head_count.div(static_cast<uint32_t>(pair)));
+  return {o.first_keys_heaviest ? step : o.n_blocks - 1 - step, b, pair - b * static_cast<int>(o.kv_head_count.divisor)};
 }
 
 }  // namespace flash_ext::cuda::sm90

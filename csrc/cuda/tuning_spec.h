@@ -1,6 +1,6 @@
 // Run-time knobs that the timing scripts set through the environment
-// (FLASH_EXT_FWD_TUNING, FLASH_EXT_DECODE_TUNING) or in the process
-// (flash_ext._C._set_fwd_tuning, _set_decode_tuning): "key=N,key=N,...", a
+// (FLASH_EXT_FWD_TUNING, FLASH_EXT_BWD_TUNING, FLASH_EXT_DECODE_TUNING) or in
+// the process (flash_ext._C._set_fwd_tuning, _set_bwd_tuning, _set_decode_tuning): "key=N,key=N,...", a
 // bare key meaning N = 1. Host code only.
 #pragma once
 

@@ -124,6 +124,7 @@ void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
 
 void run_attention_bwd(const at::Tensor& q, AttentionBwdParams& params) {
   require_supported(q, params, flash_ext::cuda::bwd_unsupported_reason);
+  params.num_sms = at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
   const flash_ext::cuda::BwdWorkspace sizes = flash_ext::cuda::bwd_workspace(params);
   const auto f32 = q.options().dtype(at::kFloat);
   const int64_t dq_accum_floats = static_cast<int64_t>(sizes.dq_accum_floats);

@@ -218,6 +218,54 @@ void test_tile_schedule() {
   if (wrong != 0) ++failures;
 }
 
+// The Hopper backward's block order (cuda/tile_schedule.h, multiply-high
+// divisions) against the same order in plain division: sections of
+// `section` pairs after a first one of the pairs left over, the key tile
+// slowest inside a section, heaviest first; and every (key tile, batch
+// entry, kv head) placed exactly once.
+void test_key_tile_order() {
+  int64_t wrong = 0, checked = 0;
+  for (int n_blocks : {1, 3, 16, 129}) {
+    for (int kv_heads : {1, 3, 16}) {
+      for (int batch : {1, 2, 7}) {
+        const int pairs = batch * kv_heads;
+        for (int section : {0, 1, 2, 5, 9, pairs, pairs + 3}) {
+          for (bool first_keys_heaviest : {false, true}) {
+            const auto o = flash_ext::cuda::sm90::make_key_tile_order(n_blocks, kv_heads, batch, section,
+                                                                      first_keys_heaviest);
+            const int size = section < 1 ? 1 : section < pairs ? section : pairs;
+            const int first = pairs - (pairs - 1) / size * size;
+            std::vector<int> seen(static_cast<size_t>(n_blocks) * pairs, 0);
+            for (int tile = 0; tile < n_blocks * pairs; ++tile) {
+              int pair0 = 0, in_section = tile, section_pairs = first;
+              if (tile >= first * n_blocks) {
+                const int later = tile - first * n_blocks;
+                pair0 = first + later / (size * n_blocks) * size;
+                in_section = later % (size * n_blocks);
+                section_pairs = size;
+              }
+              const int step = in_section / section_pairs, pair = pair0 + in_section % section_pairs;
+              const int n = first_keys_heaviest ? step : n_blocks - 1 - step;
+              const flash_ext::cuda::sm90::KeyTileCoord c = flash_ext::cuda::sm90::key_tile_coord(o, tile);
+              ++checked;
+              const bool placed = c.n_block >= 0 && c.n_block < n_blocks && c.b >= 0 && c.b < batch &&
+                                  c.hk >= 0 && c.hk < kv_heads;
+              if (!placed || c.n_block != n || c.b != pair / kv_heads || c.hk != pair % kv_heads) {
+                ++wrong;
+              }
+              if (placed) ++seen[(static_cast<size_t>(c.b) * kv_heads + c.hk) * n_blocks + c.n_block];
+            }
+            for (int count : seen) wrong += count != 1;
+          }
+        }
+      }
+    }
+  }
+  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper backward block order", static_cast<long long>(wrong),
+              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
+  if (wrong != 0) ++failures;
+}
+
 // The Hopper forward's split tail (cuda/tile_schedule.h): its pieces cover
 // every key tile of the split tiles once; a tile is cut at most once, its
 // second part the next run's first piece (handed over early) and its first
@@ -367,6 +415,7 @@ int main() {
   test_fast_divmod();
   test_fully_visible_tiles();
   test_tile_schedule();
+  test_key_tile_order();
   test_split_tail();
   test_bwd_workspace_layout();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
