@@ -559,6 +559,20 @@ def test_hopper_forward_tile_variants(tmp_path, spec):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+def test_hopper_forward_sections_short_first(gen):
+    """The persistent forward's tiles in L2 sections whose first is short:
+    d = 256 causal at 4k, 10 heads, whose K and V (4 MB a head) make
+    sections of 8 pairs, so a first section of 2 then one of 8; against
+    float64."""
+    q, k, v = (randn((1, 10, 4096, 256), torch.bfloat16, "cuda", gen) for _ in range(3))
+    out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    ref = reference_attention(q, k, v, is_causal=True)
+    assert_matches_reference(out, ref, torch.bfloat16, TORCH_SDPA(q, k, v, is_causal=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_backward_block_order_in_process(gen):
     """flash_ext._C._set_bwd_tuning's masked_section_rounds reorders the
     backward's blocks under a mask (sections of pairs, heaviest key tiles

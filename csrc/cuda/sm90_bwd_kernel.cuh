@@ -47,7 +47,7 @@ struct BwdArgs {
   AttentionBwdParams p;
   DqWorkspace ws;
   int64_t softmax_head_rows;
-  KeyTileOrder order;  // blockIdx.x -> (key tile, batch entry, kv head)
+  TileSchedule order;  // blockIdx.x -> (key tile, batch entry, kv head)
   typename Tr::TmaQ tma_q;
   typename Tr::TmaQ tma_do;
   typename Tr::TmaKV tma_k;
@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // 32-bit multiply-highs (the grid is below 2^31 blocks, launch_1d): 64-bit
   // divisions were ~160 instructions ahead of the loads of the sequence's
   // bounds, on every block of a grid of short blocks.
-  const KeyTileCoord place = key_tile_coord(args.order, static_cast<int>(blockIdx.x));
-  const int64_t n_block = place.n_block, b = place.b, hk = place.hk;
+  const TileCoord place = tile_coord(args.order, static_cast<int>(blockIdx.x));
+  const int64_t n_block = place.m_block, b = place.b, hk = place.h;
   const int64_t group = static_cast<uint32_t>(p.heads) / static_cast<uint32_t>(p.kv_heads);  // (int32 in the TMA descriptors)
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);
@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   }
 }
 
-// The blocks' order (KeyTileOrder). Equal key tiles (no mask or window) go
+// The blocks' order (TileSchedule of key tiles). Equal key tiles (no mask or window) go
 // pair by pair, the pair's tiles running together over its Q, dO and dQ
 // rows. Under a mask, sections of pairs with about two rounds of tiles
 // (BwdTuning::masked_section_rounds * num_sms), so that the section's light
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
 // (the blocks running at once span a section or two, and each pair's rows
 // are read and reduced into by all its key tiles).
 template <class Tr>
-KeyTileOrder key_tile_order(const AttentionBwdParams& p, int n_blocks) {
+TileSchedule key_tile_order(const AttentionBwdParams& p, int n_blocks) {
   constexpr int64_t kL2Bytes = int64_t(32) << 20;
   int64_t section = 1;
   const int64_t rounds = bwd_tuning().masked_section_rounds;
@@ -575,8 +575,8 @@ KeyTileOrder key_tile_order(const AttentionBwdParams& p, int n_blocks) {
   }
   const int64_t pairs = p.batch * p.kv_heads;
   const bool left_window_only = p.window.window_left >= 0 && p.window.window_right < 0;
-  return make_key_tile_order(n_blocks, static_cast<int>(p.kv_heads), static_cast<int>(p.batch),
-                             static_cast<int>(section < pairs ? section : pairs), !left_window_only);
+  return make_tile_schedule(n_blocks, static_cast<int>(p.kv_heads), static_cast<int>(pairs),
+                            static_cast<int>(section < pairs ? section : pairs), left_window_only);
 }
 
 // kVarlen: the Q, dO, K and V descriptors span the packed (total, dim,

@@ -86,7 +86,7 @@ constexpr int kFwdPartialFlagsPerBlock = 3;
 // Backward knobs, as FwdTuning's, from FLASH_EXT_BWD_TUNING.
 struct BwdTuning {
   // Under a mask or window, the blocks go in sections of pairs holding
-  // about this many rounds of num_sms key tiles (KeyTileOrder; 0: pair by
+  // about this many rounds of num_sms key tiles (TileSchedule; 0: pair by
   // pair, as equal tiles).
   int64_t masked_section_rounds = 2;
 };

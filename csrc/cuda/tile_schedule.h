@@ -1,7 +1,7 @@
 // The Hopper kernels' order of work tiles, host and device: the forward's
 // (query tile, batch entry, head) and the backward's (key tile, batch entry,
-// kv head). The kernels place each tile with tile_coord / key_tile_coord,
-// and the C++ tests check the placement against plain division.
+// kv head). The kernels place each tile with tile_coord, and the C++ tests
+// check the placement against plain division.
 #pragma once
 
 #include <cstdint>
@@ -11,58 +11,72 @@
 
 namespace flash_ext::cuda::sm90 {
 
-// Work tiles in the order the blocks take them (the first gridDim.x one
-// each, the rest through the tile counter): sections of `section` (batch,
-// head) pairs whose K and V fit in L2 together, so the blocks running at
-// once share them; inside a section the query tile varies slowest, heaviest
-// (seeing the most keys) first, so the tiles are dealt longest first and the
-// light ones fill in at the end. Built by make_tile_schedule.
+// Work tiles in the order the blocks take them: the forward's query tiles
+// (the first gridDim.x one each, the rest through the tile counter) and the
+// backward's key tiles (one block each, which the GPU starts in block order
+// as SMs free up). Sections of `section` (batch, head) pairs (the backward's
+// (batch, kv head)), so that the blocks running at once share what the
+// section's pairs read; inside a section the step (the pair's query or key
+// tile) varies slowest, heaviest first under a mask, so the tiles are dealt
+// longest first and the light ones fill in at the end. The first section
+// takes the pairs the others leave (fewer): a short section last would end
+// the grid on its few pairs' heavy tiles (by a simulation of the greedy
+// deal, 5-24 % idle on shapes such as 3 x 12 heads at 2k, causal;
+// benchmarks/NOTES.md, session 26). Built by make_tile_schedule.
 struct TileSchedule {
-  int m_blocks, heads, batch_heads, section;
-  bool last_rows_heaviest;  // false only when a left window alone bounds the keys
+  int steps, heads, batch_heads, section, first_pairs;
+  // Steps from the pair's last tile down: the heaviest first where the last
+  // tiles see the most (the forward under a causal mask; the backward under
+  // a left window alone).
+  bool descending;
   // tile_coord's divisors as multiply-highs, set up on the host: the
-  // consumers place their next tile between a tile's last P V and its
-  // epilogue, where three integer divisions (~20 instructions each, MUFU.RCP
-  // among them) outlasted the product (4 % of their ncu samples at N = 512).
-  FastDivmod section_tiles;  // section * m_blocks
-  FastDivmod section_pairs;  // section
-  FastDivmod last_pairs;     // the last section's pairs (fewer where section does not divide batch_heads)
-  FastDivmod head_count;     // heads
-  FLASH_HOST_DEVICE int tiles() const { return m_blocks * batch_heads; }
+  // forward's consumers place their next tile between a tile's last P V and
+  // its epilogue, where three integer divisions (~20 instructions each,
+  // MUFU.RCP among them) outlasted the product (4 % of their ncu samples at
+  // N = 512).
+  FastDivmod first_section_pairs;  // first_pairs
+  FastDivmod section_tiles;        // section * steps
+  FastDivmod section_pairs;        // section
+  FastDivmod head_count;           // heads
+  FLASH_HOST_DEVICE int tiles() const { return steps * batch_heads; }
 };
 
-// m_blocks query tiles (steps) per (batch, head) pair, batch_heads pairs,
-// `section` pairs a section (clamped to batch_heads); all positive, and
-// m_blocks * batch_heads below 2^31.
-inline TileSchedule make_tile_schedule(int m_blocks, int heads, int batch_heads, int section,
-                                       bool last_rows_heaviest) {
-  const int pairs = section < batch_heads ? section : batch_heads;
-  const int last_pairs = batch_heads - (batch_heads - 1) / pairs * pairs;
-  return {m_blocks,
+// `steps` per pair, batch_heads pairs, `section` pairs a section (clamped
+// to [1, batch_heads]); all positive, and steps * batch_heads below 2^31.
+inline TileSchedule make_tile_schedule(int steps, int heads, int batch_heads, int section, bool descending) {
+  const int pairs = section < 1 ? 1 : section < batch_heads ? section : batch_heads;
+  const int first_pairs = batch_heads - (batch_heads - 1) / pairs * pairs;
+  return {steps,
           heads,
           batch_heads,
           pairs,
-          last_rows_heaviest,
-          FastDivmod(static_cast<uint32_t>(pairs * m_blocks)),
+          first_pairs,
+          descending,
+          FastDivmod(static_cast<uint32_t>(first_pairs)),
+          FastDivmod(static_cast<uint32_t>(pairs * steps)),
           FastDivmod(static_cast<uint32_t>(pairs)),
-          FastDivmod(static_cast<uint32_t>(last_pairs)),
           FastDivmod(static_cast<uint32_t>(heads))};
 }
 
-// Where tile `tile` lies in the schedule: its query tile, batch entry, head.
+// Where tile `tile` lies in the schedule: its step (query or key tile),
+// batch entry, head.
 struct TileCoord {
   int m_block, b, h;
 };
 
 FLASH_HOST_DEVICE TileCoord tile_coord(const TileSchedule& s, int tile) {
-  const int section_index = static_cast<int>(s.section_tiles.div(tile));
-  const int in_section = tile - section_index * s.section * s.m_blocks;
-  const int section0 = section_index * s.section;
-  const FastDivmod& pairs = section0 + s.section > s.batch_heads ? s.last_pairs : s.section_pairs;
-  const int m = static_cast<int>(pairs.div(in_section));
-  const int bh = section0 + in_section - m * static_cast<int>(pairs.divisor);
-  const int b = static_cast<int>(s.head_count.div(bh));
-  return {s.last_rows_heaviest ? s.m_blocks - 1 - m : m, b, bh - b * s.heads};
+  // As if the first section were whole, with section - first_pairs pairs
+  // before the first: one division finds the section.
+  const int lead = (s.section - s.first_pairs) * s.steps;
+  const int section_index = static_cast<int>(s.section_tiles.div(static_cast<uint32_t>(tile + lead)));
+  const bool first = section_index == 0;
+  const int in_section = tile + (first ? 0 : lead) - section_index * s.section * s.steps;
+  const int section0 = first ? 0 : section_index * s.section - (s.section - s.first_pairs);
+  const FastDivmod& pairs = first ? s.first_section_pairs : s.section_pairs;
+  const int step = static_cast<int>(pairs.div(static_cast<uint32_t>(in_section)));
+  const int bh = section0 + in_section - step * static_cast<int>(pairs.divisor);
+  const int b = static_cast<int>(s.head_count.div(static_cast<uint32_t>(bh)));
+  return {s.descending ? s.steps - 1 - step : step, b, bh - b * s.heads};
 }
 
 // The split tail (stream-K): a non-causal call of T equal tiles of K key
@@ -135,66 +149,6 @@ FLASH_HOST_DEVICE WorkPiece work_piece(const SplitTail& s, int work) {
   const int lo = begin > first ? begin - first : 0;
   const int hi = end - first < s.key_tiles ? end - first : s.key_tiles;
   return {s.whole_tiles + tile, s.key_tiles - hi, s.key_tiles - lo};
-}
-
-// The backward's key tiles, one block each, which the GPU starts in block
-// order as SMs free up. Under a mask that gives them unequal weights (a
-// causal key tile 0 sees every query, the last one a few), blocks in
-// sections of (batch, kv head) pairs, the key tile varying slowest inside a
-// section, heaviest first: the light tiles of a section's end fill in
-// beside its heavy ones, and the grid ends on light tiles. Pair by pair
-// instead (sections of one pair), the grid's last pairs start their
-// heaviest tiles in its last round: by a simulation of that greedy start
-// 5-7 % idle at d = 128 causal N = 1k-8k on 132 SMs, 1-2 % in sections
-// (benchmarks/NOTES.md, session 26). The first section takes the pairs that
-// the others leave (fewer): a short section last would end the grid on its
-// few pairs' heavy tiles. Built by make_key_tile_order.
-struct KeyTileOrder {
-  int n_blocks, section, first_pairs;
-  bool first_keys_heaviest;  // false only when a left window alone bounds the queries of a key
-  FastDivmod first_section_pairs;  // first_pairs
-  FastDivmod section_tiles;        // section * n_blocks
-  FastDivmod section_pairs;        // section
-  FastDivmod kv_head_count;        // kv heads
-};
-
-// n_blocks key tiles per pair, batch * kv_heads pairs, sections of `section`
-// pairs (clamped to [1, pairs]); all positive, the tiles below 2^31.
-inline KeyTileOrder make_key_tile_order(int n_blocks, int kv_heads, int batch, int section,
-                                        bool first_keys_heaviest) {
-  const int pairs = batch * kv_heads;
-  const int pairs_a_section = section < 1 ? 1 : section < pairs ? section : pairs;
-  const int first_pairs = pairs - (pairs - 1) / pairs_a_section * pairs_a_section;
-  return {n_blocks,
-          pairs_a_section,
-          first_pairs,
-          first_keys_heaviest,
-          FastDivmod(static_cast<uint32_t>(first_pairs)),
-          FastDivmod(static_cast<uint32_t>(pairs_a_section * n_blocks)),
-          FastDivmod(static_cast<uint32_t>(pairs_a_section)),
-          FastDivmod(static_cast<uint32_t>(kv_heads))};
-}
-
-// Where block `tile` lies: its key tile, batch entry and kv head.
-struct KeyTileCoord {
-  int n_block, b, hk;
-};
-
-FLASH_HOST_DEVICE KeyTileCoord key_tile_coord(const KeyTileOrder& o, int tile) {
-  const int first_tiles = o.first_pairs * o.n_blocks;
-  int pair0 = 0, in_section = tile;
-  const FastDivmod* pairs = &o.first_section_pairs;
-  if (tile >= first_tiles) {
-    const int later = tile - first_tiles;
-    const int section_index = static_cast<int>(o.section_tiles.div(static_cast<uint32_t>(later)));
-    in_section = later - section_index * o.section * o.n_blocks;
-    pair0 = o.first_pairs + section_index * o.section;
-    pairs = &o.section_pairs;
-  }
-  const int step = static_cast<int>(pairs->div(static_cast<uint32_t>(in_section)));
-  const int pair = pair0 + in_section - step * static_cast<int>(pairs->divisor);
-  const int b = static_cast<int>(o.kv_head_count.div(static_cast<uint32_t>(pair)));
-  return {o.first_keys_heaviest ? step : o.n_blocks - 1 - step, b, pair - b * static_cast<int>(o.kv_head_count.divisor)};
 }
 
 }  // namespace flash_ext::cuda::sm90

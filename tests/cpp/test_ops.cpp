@@ -181,79 +181,42 @@ void test_fully_visible_tiles() {
   if (wrong != 0) ++failures;
 }
 
-// The Hopper forward's tile placement (cuda/tile_schedule.h, multiply-high
-// divisions) against the same schedule in plain division: every tile of
-// schedules with sections that do and do not divide the (batch, head) pairs,
-// one-pair sections and one-section schedules, both row orders.
+// The Hopper kernels' tile placement (cuda/tile_schedule.h, multiply-high
+// divisions) against the same schedule in plain division: sections of
+// `section` pairs after a first one of the pairs left over, the step
+// slowest inside a section, either way round; every (step, batch entry,
+// head) placed exactly once. Sections that do and do not divide the pairs,
+// one-pair sections (and 0, clamped to 1), one-section schedules.
 void test_tile_schedule() {
   int64_t wrong = 0, checked = 0;
-  for (int m_blocks : {1, 3, 4, 32, 129}) {
+  for (int steps : {1, 3, 4, 32, 129}) {
     for (int heads : {1, 3, 16, 32}) {
       for (int batch : {1, 2, 7}) {
         const int batch_heads = batch * heads;
-        for (int section : {1, 2, 5, 16, batch_heads, batch_heads + 3}) {
-          for (bool last_rows_heaviest : {false, true}) {
-            const auto s = flash_ext::cuda::sm90::make_tile_schedule(m_blocks, heads, batch_heads, section,
-                                                                     last_rows_heaviest);
-            const int pairs = section < batch_heads ? section : batch_heads;
+        for (int section : {0, 1, 2, 5, 9, 16, batch_heads, batch_heads + 3}) {
+          for (bool descending : {false, true}) {
+            const auto s = flash_ext::cuda::sm90::make_tile_schedule(steps, heads, batch_heads, section, descending);
+            const int size = section < 1 ? 1 : section < batch_heads ? section : batch_heads;
+            const int first = batch_heads - (batch_heads - 1) / size * size;
+            std::vector<int> seen(static_cast<size_t>(steps) * batch_heads, 0);
             for (int tile = 0; tile < s.tiles(); ++tile) {
-              const int section0 = tile / (pairs * m_blocks) * pairs;
-              const int in_section = tile - section0 * m_blocks;
-              const int section_pairs = pairs < batch_heads - section0 ? pairs : batch_heads - section0;
-              const int m = in_section / section_pairs, bh = section0 + in_section % section_pairs;
+              int section0 = 0, in_section = tile, section_pairs = first;
+              if (tile >= first * steps) {
+                const int later = tile - first * steps;
+                section0 = first + later / (size * steps) * size;
+                in_section = later % (size * steps);
+                section_pairs = size;
+              }
+              const int step = in_section / section_pairs, bh = section0 + in_section % section_pairs;
               const flash_ext::cuda::sm90::TileCoord c = flash_ext::cuda::sm90::tile_coord(s, tile);
               ++checked;
-              if (c.m_block != (last_rows_heaviest ? m_blocks - 1 - m : m) || c.b != bh / heads ||
+              const bool placed = c.m_block >= 0 && c.m_block < steps && c.b >= 0 && c.b < batch && c.h >= 0 &&
+                                  c.h < heads;
+              if (!placed || c.m_block != (descending ? steps - 1 - step : step) || c.b != bh / heads ||
                   c.h != bh % heads) {
                 ++wrong;
               }
-            }
-          }
-        }
-      }
-    }
-  }
-  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper forward tile placement", static_cast<long long>(wrong),
-              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
-  if (wrong != 0) ++failures;
-}
-
-// The Hopper backward's block order (cuda/tile_schedule.h, multiply-high
-// divisions) against the same order in plain division: sections of
-// `section` pairs after a first one of the pairs left over, the key tile
-// slowest inside a section, heaviest first; and every (key tile, batch
-// entry, kv head) placed exactly once.
-void test_key_tile_order() {
-  int64_t wrong = 0, checked = 0;
-  for (int n_blocks : {1, 3, 16, 129}) {
-    for (int kv_heads : {1, 3, 16}) {
-      for (int batch : {1, 2, 7}) {
-        const int pairs = batch * kv_heads;
-        for (int section : {0, 1, 2, 5, 9, pairs, pairs + 3}) {
-          for (bool first_keys_heaviest : {false, true}) {
-            const auto o = flash_ext::cuda::sm90::make_key_tile_order(n_blocks, kv_heads, batch, section,
-                                                                      first_keys_heaviest);
-            const int size = section < 1 ? 1 : section < pairs ? section : pairs;
-            const int first = pairs - (pairs - 1) / size * size;
-            std::vector<int> seen(static_cast<size_t>(n_blocks) * pairs, 0);
-            for (int tile = 0; tile < n_blocks * pairs; ++tile) {
-              int pair0 = 0, in_section = tile, section_pairs = first;
-              if (tile >= first * n_blocks) {
-                const int later = tile - first * n_blocks;
-                pair0 = first + later / (size * n_blocks) * size;
-                in_section = later % (size * n_blocks);
-                section_pairs = size;
-              }
-              const int step = in_section / section_pairs, pair = pair0 + in_section % section_pairs;
-              const int n = first_keys_heaviest ? step : n_blocks - 1 - step;
-              const flash_ext::cuda::sm90::KeyTileCoord c = flash_ext::cuda::sm90::key_tile_coord(o, tile);
-              ++checked;
-              const bool placed = c.n_block >= 0 && c.n_block < n_blocks && c.b >= 0 && c.b < batch &&
-                                  c.hk >= 0 && c.hk < kv_heads;
-              if (!placed || c.n_block != n || c.b != pair / kv_heads || c.hk != pair % kv_heads) {
-                ++wrong;
-              }
-              if (placed) ++seen[(static_cast<size_t>(c.b) * kv_heads + c.hk) * n_blocks + c.n_block];
+              if (placed) ++seen[(static_cast<size_t>(c.b) * heads + c.h) * steps + c.m_block];
             }
             for (int count : seen) wrong += count != 1;
           }
@@ -261,7 +224,7 @@ void test_key_tile_order() {
       }
     }
   }
-  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper backward block order", static_cast<long long>(wrong),
+  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper tile placement", static_cast<long long>(wrong),
               static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
   if (wrong != 0) ++failures;
 }
@@ -415,7 +378,6 @@ int main() {
   test_fast_divmod();
   test_fully_visible_tiles();
   test_tile_schedule();
-  test_key_tile_order();
   test_split_tail();
   test_bwd_workspace_layout();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
