@@ -551,14 +551,14 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   }
 }
 
-// The blocks' order (TileSchedule of key tiles). Equal key tiles (no mask or window) go
-// pair by pair, the pair's tiles running together over its Q, dO and dQ
-// rows. Under a mask, sections of pairs with about two rounds of tiles
-// (BwdTuning::masked_section_rounds * num_sms), so that the section's light
-// tiles fill in at its end,
-// and of pairs whose Q, dO and dQ accumulator rows take at most kL2Bytes
-// (the blocks running at once span a section or two, and each pair's rows
-// are read and reduced into by all its key tiles).
+// The blocks' order (a TileSchedule of key tiles). Equal key tiles (no mask
+// or window) go pair by pair, the pair's tiles running together over its
+// Q, dO and dQ rows. Under a mask, in sections of pairs holding about two
+// rounds of tiles (BwdTuning::masked_section_rounds * num_sms), so that a
+// section's light tiles fill in at its end, and whose Q, dO and dQ
+// accumulator rows take at most kL2Bytes (the blocks running at once span
+// a section or two, and each pair's rows are read and reduced into by all
+// its key tiles).
 template <class Tr>
 TileSchedule key_tile_order(const AttentionBwdParams& p, int n_blocks) {
   constexpr int64_t kL2Bytes = int64_t(32) << 20;

@@ -43,8 +43,11 @@ struct TileSchedule {
 
 // `steps` per pair, batch_heads pairs, `section` pairs a section (clamped
 // to [1, batch_heads]); all positive, and steps * batch_heads below 2^31.
+// One section where tile_coord's offset tiles would pass 2^31 (the
+// multiply-highs' range).
 inline TileSchedule make_tile_schedule(int steps, int heads, int batch_heads, int section, bool descending) {
-  const int pairs = section < 1 ? 1 : section < batch_heads ? section : batch_heads;
+  const bool in_range = int64_t(steps) * (int64_t(batch_heads) + section) < (int64_t(1) << 31);
+  const int pairs = !in_range ? batch_heads : section < 1 ? 1 : section < batch_heads ? section : batch_heads;
   const int first_pairs = batch_heads - (batch_heads - 1) / pairs * pairs;
   return {steps,
           heads,

@@ -224,6 +224,15 @@ void test_tile_schedule() {
       }
     }
   }
+  // Sections whose offset tiles would pass 2^31 become one section (and
+  // tile_coord's tile + lead stays in the multiply-highs' range).
+  const auto huge = flash_ext::cuda::sm90::make_tile_schedule(1 << 20, 3, 1500, 1000, false);
+  const auto last = flash_ext::cuda::sm90::tile_coord(huge, huge.tiles() - 1);
+  ++checked;
+  if (huge.section != 1500 || huge.first_pairs != 1500 || last.m_block != (1 << 20) - 1 || last.b != 499 ||
+      last.h != 2) {
+    ++wrong;
+  }
   std::printf("%-44s %lld of %lld wrong %s\n", "Hopper tile placement", static_cast<long long>(wrong),
               static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
   if (wrong != 0) ++failures;
