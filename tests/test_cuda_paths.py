@@ -453,57 +453,6 @@ def test_hopper_varlen_cluster_pairs_match_single_blocks():
         torch.testing.assert_close(outputs["default"][a:].transpose(0, 1).double(), expected, rtol=2e-2, atol=1e-2)
 
 
-# (head dim, batch, heads, n_q, n_k, knobs besides the split's): on a GPU of
-# 132 SMs each leaves the persistent grid's last round part empty, so the
-# last tiles run split by their keys: all tiles under two rounds (144, 160,
-# 176 tiles), whole rounds then the split (640 tiles), cluster pairs (160
-# pair steps on 66 clusters) and their single blocks; partial query and key
-# tiles, a head dim padded to 128, d = 64's 192-row and d = 256's 80-key tiles.
-_SPLIT_TAIL_CASES = [
-    (128, 1, 9, 2048, 2098, ""), (128, 2, 10, 1000, 1536, ""), (96, 2, 10, 1000, 1536, ""),
-    (64, 1, 16, 2000, 2000, ""), (256, 2, 10, 1024, 1000, ""), (128, 2, 20, 2048, 2048, ""),
-    (128, 4, 10, 1024, 8300, ""), (128, 4, 10, 1024, 8300, "cluster_pairs_min_kv=0"),
-]
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
-@pytest.mark.parametrize("case", _SPLIT_TAIL_CASES,
-                         ids=lambda c: "d{}-b{}-h{}-q{}-k{}{}".format(*c[:5], "-single" if c[5] else ""))
-def test_hopper_forward_split_tail(case, gen):
-    """The split tail (split_tail_min_kv: a grid's last tiles cut by their
-    keys between blocks, one block handing its partial result to the block
-    before) against float64, output and lse, on every row: twice in a row,
-    since each call must leave the hand-over's ready flags as it found them
-    (zero); and level with the unsplit kernels (the same sums, merged in
-    another order)."""
-    d, batch, heads, n_q, n_k, knobs = case
-    q = randn((batch, n_q, heads, d), torch.bfloat16, "cuda", gen)
-    k, v = (randn((batch, n_k, heads, d), torch.bfloat16, "cuda", gen) for _ in range(2))
-    set_tuning = flash_ext._C._set_fwd_tuning
-    try:
-        set_tuning(",".join(filter(None, [knobs, "split_tail_min_kv=0"])))
-        whole, whole_lse = flash_ext.flash_attn_func(q, k, v, return_lse=True)
-        set_tuning(",".join(filter(None, [knobs, "split_tail_min_kv=1"])))
-        runs = [flash_ext.flash_attn_func(q, k, v, return_lse=True) for _ in range(2)]
-        assert flash_ext.last_cuda_kernel_family() == "sm90"
-    finally:
-        set_tuning("")
-    scale = d ** -0.5
-    for b in range(batch):
-        for h in range(heads):
-            scores = q[b, :, h].double() @ k[b, :, h].double().T * scale
-            expected = torch.softmax(scores, dim=-1) @ v[b, :, h].double()
-            expected_lse = torch.logsumexp(scores, dim=-1)
-            for out, lse in runs:
-                torch.testing.assert_close(out[b, :, h].double(), expected, rtol=2e-2, atol=1e-2)
-                torch.testing.assert_close(lse[b, h].double(), expected_lse, rtol=0, atol=1e-3)
-    for out, lse in runs:
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, whole, rtol=1e-2, atol=4e-3)
-        torch.testing.assert_close(lse, whole_lse, rtol=0, atol=1e-4)
-
-
 _TILE_VARIANTS_CHILD = """
 import sys, torch, flash_ext
 saved = []

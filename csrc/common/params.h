@@ -99,14 +99,6 @@ struct AttentionFwdParams {
   // one per stream (calls on a stream run in order), and a graph under
   // capture its own.
   int* tile_counter = nullptr;
-  // CUDA, the persistent Hopper forward's split tail (fwd_split_workspace):
-  // when set, a non-causal call whose tiles leave the grid's last round part
-  // empty may share its last tiles' keys between blocks, which hand over
-  // their partial results through fwd_partial (float32, uninitialized) and a
-  // ready flag each in fwd_partial_ready (int32, zero before the call, left
-  // zero by it, like tile_counter).
-  float* fwd_partial = nullptr;
-  int* fwd_partial_ready = nullptr;
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

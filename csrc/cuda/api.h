@@ -32,15 +32,6 @@ BwdWorkspace bwd_workspace(const AttentionBwdParams& params);
 // Whether the forward wants params.tile_counter (an int32, zero before the
 // call, which the call leaves zero).
 bool fwd_needs_tile_counter(const AttentionFwdParams& params);
-// The workspace of the Hopper forward's split tail (params.fwd_partial,
-// fwd_partial_ready), for params with num_sms set: float32 elements and
-// int32 ready flags (zero before the call, which leaves them zero); both 0
-// where the call cannot split.
-struct FwdSplitWorkspace {
-  size_t partial_floats = 0;
-  size_t ready_flags = 0;
-};
-FwdSplitWorkspace fwd_split_workspace(const AttentionFwdParams& params);
 
 void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 void run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);

@@ -139,7 +139,6 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
     {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
     {"cluster_pairs_varlen_min_q", &FwdTuning::cluster_pairs_varlen_min_q},
-    {"split_tail_min_kv", &FwdTuning::split_tail_min_kv},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then
@@ -199,17 +198,6 @@ bool sm90_fwd_serves(const AttentionFwdParams& p) {
 // The persistent Hopper forward deals unequal tiles through the counter.
 bool sm90_fwd_tile_counter(const AttentionFwdParams& p) {
   return sm90_fwd_serves(p) && sm90::fwd_deals_tiles_dynamically(p);
-}
-
-// A slot per block for the split tail (launch_attention_fwd decides; this
-// bounds): dense calls without a window from the knob's kv_len.
-FwdSplitWorkspace sm90_fwd_split_workspace(const AttentionFwdParams& p) {
-  const int64_t min_kv = sm90::fwd_tuning().split_tail_min_kv;
-  if (!sm90_fwd_serves_dense(p) || has_window(p.window) || min_kv == 0 || p.kv_len < min_kv || p.num_sms <= 0) {
-    return {};
-  }
-  const int64_t per_block = sm90::fwd_partial_floats_per_block(sm90::head_dim_instance(p.head_dim));
-  return {static_cast<size_t>(p.num_sms * per_block), static_cast<size_t>(p.num_sms) * sm90::kFwdPartialFlagsPerBlock};
 }
 
 template <int kHeadDim, bool kVarlen>
@@ -288,7 +276,6 @@ struct Family {
   const char* (*bwd_reason)(const AttentionBwdParams&, int, int);
   BwdWorkspace (*workspace)(const AttentionBwdParams&);
   bool (*fwd_tile_counter)(const AttentionFwdParams&);
-  FwdSplitWorkspace (*fwd_split_workspace)(const AttentionFwdParams&);
   void (*fwd)(const AttentionFwdParams&, cudaStream_t);
   void (*bwd)(const AttentionBwdParams&, cudaStream_t);
 };
@@ -298,11 +285,10 @@ struct Family {
 constexpr Family kFamilies[] = {
 #if defined(FLASH_EXT_SM90A)
     {"sm90", [](int major, int) { return major == 9; }, sm80_fwd_reason, sm80_bwd_reason, sm90_workspace,
-     sm90_fwd_tile_counter, sm90_fwd_split_workspace, sm90_fwd, sm90_bwd},
+     sm90_fwd_tile_counter, sm90_fwd, sm90_bwd},
 #endif
     {"sm80", [](int major, int) { return major >= 8; }, sm80_fwd_reason, sm80_bwd_reason, sm80_workspace,
-     [](const AttentionFwdParams&) { return false; }, [](const AttentionFwdParams&) { return FwdSplitWorkspace{}; },
-     sm80_fwd, sm80_bwd},
+     [](const AttentionFwdParams&) { return false; }, sm80_fwd, sm80_bwd},
 };
 
 constexpr const char* kBuiltFamilies =
@@ -407,10 +393,6 @@ BwdWorkspace bwd_workspace(const AttentionBwdParams& params) {
 
 bool fwd_needs_tile_counter(const AttentionFwdParams& params) {
   return family_for_current_device().fwd_tile_counter(params);
-}
-
-FwdSplitWorkspace fwd_split_workspace(const AttentionFwdParams& params) {
-  return family_for_current_device().fwd_split_workspace(params);
 }
 
 void run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {

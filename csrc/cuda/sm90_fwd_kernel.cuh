@@ -30,7 +30,6 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/memory.h>
 #include <cutlass/arch/reg_reconfig.h>
-#include <cutlass/barrier.h>
 
 #include <cstdint>
 
@@ -100,40 +99,10 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, con
   return t;
 }
 
-// Tile `tile`'s placement, or, in the split tail's launch, work id tile's.
-template <int kClusterM, bool kSplitTail>
-__device__ __forceinline__ TileCoord work_coord(const TileSchedule& s, const SplitTail& split, int tile, int rank) {
-  return cta_tile_coord<kClusterM>(s, kSplitTail ? work_piece(split, tile).tile : tile, rank);
-}
-
-// What a work id's block does with its tile's O: stores it (a whole tile),
-// hands it to the previous run's block (the second part of a split tile),
-// or takes the next run's in first (the first part); or nothing, for an
-// empty piece (a run may have fewer than three).
-enum class PieceEnd : int { kStore, kHandOver, kTakeIn, kSkip };
-
-// A split piece keeps its part of the tile's key tiles, and says how it
-// ends. An empty one leaves no key tile (n_block_max <= n_block_min), so the
-// producer loads nothing for it. Shuffled from lane 0, as the tile's
-// coordinates. `lanes`: the warp's calling lanes (the producer's one
-// thread: 1).
-__device__ __forceinline__ PieceEnd keep_piece_keys(QueryTile& t, const SplitTail& split, int work, unsigned lanes) {
-  const WorkPiece piece = work_piece(split, work);
-  t.n_block_min = __shfl_sync(lanes, piece.n_begin, 0);
-  t.n_block_max = __shfl_sync(lanes, piece.n_end, 0);
-  if (t.n_block_max <= t.n_block_min) return PieceEnd::kSkip;
-  return t.n_block_max < split.key_tiles ? PieceEnd::kHandOver
-                                         : t.n_block_min > 0 ? PieceEnd::kTakeIn : PieceEnd::kStore;
-}
-
 template <class Tr>
 struct FwdArgs {
   AttentionFwdParams p;
   TileSchedule schedule;
-  // The first launch's tiles end at tile_end (schedule.tiles(), or the split
-  // tail's whole_tiles); the split tail's launch takes split's pieces.
-  int tile_end;
-  SplitTail split;
   typename Tr::TmaQ tma_q;
   typename Tr::TmaKV tma_k;
   typename Tr::TmaKV tma_v;
@@ -286,9 +255,7 @@ struct Turns {
 
 // kVarlen: p has cu_seqlens (compiled apart so dense batches keep every
 // bound a params field, see sequence_bounds).
-// kSplitTail: the launch of a split tail's pieces (SplitTail), after the one
-// of its whole tiles.
-template <class Tr, bool kVarlen, bool kSplitTail>
+template <class Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(const __grid_constant__ FwdArgs<Tr> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Element = typename Tr::Element;
@@ -296,9 +263,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   constexpr int kNumMmaWG = Tr::kNumMmaWG;
   const AttentionFwdParams& p = args.p;
   const TileSchedule& schedule = args.schedule;
-  const SplitTail& split = args.split;
-  static_assert(!(kVarlen && kSplitTail));
-  const int tiles = kSplitTail ? split.work_end : args.tile_end;
+  const int tiles = schedule.tiles();
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Tr::Smem*>(smem_raw);
 
@@ -363,13 +328,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     const auto kv_shape = make_shape(int32_t(kv_rows), int32_t(p.head_dim), int32_t(p.kv_heads), int32_t(batch));
     auto write = cutlass::make_producer_start_state<Pipeline>();
     uint32_t q_phase = 0;  // parity of the Q loads
-    const int block = blockIdx.x / kClusterM;
-    for (int tile = kSplitTail ? first_piece(split, grid - 1 - block) : block;;
-         tile = kSplitTail ? next_piece(split, tile) : next_tile(p.tile_counter, tile, tiles, grid)) {
+    for (int tile = blockIdx.x / kClusterM;; tile = next_tile(p.tile_counter, tile, tiles, grid)) {
       tile_ring.push(smem, tile);
       if (tile >= tiles) break;
-      QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, work_coord<kClusterM, kSplitTail>(schedule, split, tile, rank()));
-      if constexpr (kSplitTail) keep_piece_keys(t, split, tile, 1u);
+      const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, cta_tile_coord<kClusterM>(schedule, tile, rank()));
       if (skips_tile<kClusterM, kBlockM, kVarlen>(t) || t.n_block_max <= t.n_block_min) continue;  // nothing to load
       const int64_t tma_b = kVarlen ? 0 : t.b, hk = t.h / (p.heads / p.kv_heads);
       const auto k_row0 = make_coord(int32_t(t.seq.k_row0), _0{});
@@ -585,80 +547,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     }
   };
 
-  // The split tail's hand-over (SplitTail): a tile's second part leaves this
-  // group's unnormalized O and its softmax statistics in the block's slot
-  // of p.fwd_partial, each thread its own elements (float4s, coalesced
-  // across the group), and raises the group's ready flag; the first part's
-  // group, at its block's end, waits for the flag, folds them into its own
-  // and stores the tile. Each thread folds the partial of the thread at its
-  // place, which summed the same columns (row sums are per thread until
-  // finalize). Through L2 (.cg): the writer ran on another SM.
-  constexpr int kOElems = decltype(size(tOrO))::value;
-  constexpr int kOCols = decltype(size<1>(o))::value;
-  static_assert(kRows == 2 && kOElems % 4 == 0 && 64 * (kHeadDim + 8) == 128 * (kOElems + 2 * kRows),
-                "a group's partial: 64 rows of O and 8 floats of statistics a row");
-  static_assert(Tr::kBlockM * (kHeadDim + 8) <= fwd_partial_floats_per_block(kHeadDim) &&
-                kNumMmaWG <= kFwdPartialFlagsPerBlock);
-  using SplitFlag = cutlass::GenericBarrier<cutlass::detail::SyncthreadsSync>;
-  struct ReadyFlag : SplitFlag {
-    using SplitFlag::ld_acquire;
-    using SplitFlag::red_release;
-  };
-  const int lane = tid % 128;
-  const auto partial_of = [&](int block) {
-    return p.fwd_partial + block * fwd_partial_floats_per_block(kHeadDim) + turns.wg * 64 * (kHeadDim + 8);
-  };
-  const auto ready_flag = [&](int block) {
-    return p.fwd_partial_ready + block * kFwdPartialFlagsPerBlock + turns.wg;
-  };
-  const auto write_partial = [&](const auto& sm) {
-    float* part = partial_of(blockIdx.x);
-    CUTE_UNROLL
-    for (int c = 0; c < kOElems / 4; ++c) {
-      const int e = 4 * c;
-      const float4 chunk = make_float4(o((e + 0) / kOCols, (e + 0) % kOCols), o((e + 1) / kOCols, (e + 1) % kOCols),
-                                       o((e + 2) / kOCols, (e + 2) % kOCols), o((e + 3) / kOCols, (e + 3) % kOCols));
-      __stcg(reinterpret_cast<float4*>(part) + c * 128 + lane, chunk);
-    }
-    float* stats = part + 64 * kHeadDim;
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      __stcg(stats + mi * 128 + lane, sm.row_max[mi]);
-      __stcg(stats + (kRows + mi) * 128 + lane, sm.row_sum[mi]);
-    }
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-    if (lane == 0) ReadyFlag::red_release(ready_flag(blockIdx.x), 1);
-  };
-  const auto merge_partial = [&](auto& sm) {
-    const int from = blockIdx.x - kClusterM;  // the next run's block (cluster), the same rank
-    if (lane == 0) {
-      int* flag = ready_flag(from);
-      while (ReadyFlag::ld_acquire(flag) == 0) {
-      }
-      *flag = 0;  // left zero for the next call; nothing else reads it in this one
-    }
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-    const float* part = partial_of(from);
-    const float* stats = part + 64 * kHeadDim;
-    float max_other[kRows], sum_other[kRows], mine[kRows], theirs[kRows];
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      max_other[mi] = __ldcg(stats + mi * 128 + lane);
-      sum_other[mi] = __ldcg(stats + (kRows + mi) * 128 + lane);
-    }
-    sm.merge(max_other, sum_other, scale_log2, mine, theirs);
-    CUTE_UNROLL
-    for (int c = 0; c < kOElems / 4; ++c) {
-      const float4 chunk = __ldcg(reinterpret_cast<const float4*>(part) + c * 128 + lane);
-      const float other[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-      CUTE_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const int mi = (4 * c + j) / kOCols, di = (4 * c + j) % kOCols;
-        o(mi, di) = fmaf(o(mi, di), mine[mi], other[j] * theirs[mi]);
-      }
-    }
-  };
-
   typename Pipeline::PipelineState read;
   uint32_t q_phase = 0;
   // A tile's index from the ring and its coordinates. With
@@ -669,7 +557,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // of a QueryTile, carried, took registers the key loop then spilled.)
   const auto take_tile = [&](int& tile, TileCoord& c) {
     tile = tile_ring.pop(smem);
-    if (tile < tiles) c = work_coord<kClusterM, kSplitTail>(schedule, split, tile, rank());
+    if (tile < tiles) c = cta_tile_coord<kClusterM>(schedule, tile, rank());
   };
   int tile;
   TileCoord coord;
@@ -687,10 +575,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
                __shfl_sync(0xffffffff, coord.h, 0)};
     }
     if (tile >= tiles) break;
-    QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
-    const PieceEnd piece_end = kSplitTail ? keep_piece_keys(t, split, tile, 0xffffffffu) : PieceEnd::kStore;
+    const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
     if (skips_tile<kClusterM, kBlockM, kVarlen>(t)) continue;
-    if (piece_end == PieceEnd::kSkip) continue;
     if (t.n_block_max <= t.n_block_min) {
       store_empty_tile(t);
       continue;
@@ -778,12 +664,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     ++read;  // the next tile's first stage
 
     if constexpr (!Tr::kSeparateO) staging_wait_other();
-    if (piece_end == PieceEnd::kHandOver) {
-      write_partial(softmax);
-    } else {
-      if (piece_end == PieceEnd::kTakeIn) merge_partial(softmax);
-      store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
-    }
+    store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
     if constexpr (!Tr::kSeparateO) {
       // O read out of the stages (by TMA, waited for in store_tile; by a
       // varlen tile's row stores, fenced there) before TMA loads overwrite
@@ -870,8 +751,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   const int64_t q_rows = kVarlen ? p.total_q : p.q_len, kv_rows = kVarlen ? p.total_k : p.kv_len;
   const int64_t batch = kVarlen ? 1 : p.batch;
-  const TileSchedule schedule = tile_schedule<Tr>(p);
-  FwdArgs<Tr> args{p, schedule, schedule.tiles(), split_tail(schedule.tiles(), 0, 0),
+  FwdArgs<Tr> args{p, tile_schedule<Tr>(p),
                    make_tma_copy(SM90_TMA_LOAD{}, gmem_tensor<Tr>(p.q, q_rows, p.head_dim, p.heads, batch, p.q_stride),
                                  typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    make_tma_copy(typename Tr::TmaKVOp{},
@@ -895,7 +775,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   // 0.206 at N = 512 causal (H100, benchmarks/NOTES.md).
   // Cluster pairs: as many pairs as fit at once (an odd GPC leaves an SM
   // out), else one pair per two tiles.
-  const auto kernel = attention_fwd_sm90_kernel<Tr, kVarlen, false>;
+  const auto kernel = attention_fwd_sm90_kernel<Tr, kVarlen>;
   const int64_t slots =
       Tr::kClusterM > 1
           ? int64_t(max_active_clusters(kernel, Tr::kClusterM, Tr::kNThreads, Tr::kSmemBytes)) * Tr::kClusterM
@@ -908,29 +788,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   }
   // Tile indices are int: gridDim.x + the counter (< tiles) must not overflow.
   if (tiles > 0x7fffffff - grid) throw std::runtime_error("flash_ext attention forward (sm90): too many tiles");
-  // Equal tiles whose last round would run part empty, where the glue gave
-  // the workspace (fwd_split_workspace: the knob's calls): the whole rounds,
-  // then a launch of the last tiles split between the blocks by their keys
-  // (SplitTail).
-  if constexpr (!kVarlen) {
-    if (p.fwd_partial != nullptr && p.fwd_partial_ready != nullptr && grid < tiles && grid <= p.num_sms &&
-        !fwd_deals_tiles_dynamically(p)) {
-      args.split = split_tail(schedule.tiles(), static_cast<int>(ceil_div64(p.kv_len, Tr::kBlockN)),
-                              static_cast<int>(grid / Tr::kClusterM));
-      args.tile_end = args.split.whole_tiles;
-    }
-  }
-  if (args.tile_end > 0) {
-    launch_1d_clusters("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kClusterM, Tr::kNThreads,
-                       Tr::kSmemBytes, stream, args);
-  }
-  if constexpr (!kVarlen) {
-    if (args.split.splits()) {
-      launch_1d_clusters("attention forward (sm90, split tail", Tr::kHeadDim,
-                         attention_fwd_sm90_kernel<Tr, false, true>, grid, Tr::kClusterM, Tr::kNThreads,
-                         Tr::kSmemBytes, stream, args);
-    }
-  }
+  launch_1d_clusters("attention forward (sm90", Tr::kHeadDim, kernel, grid, Tr::kClusterM, Tr::kNThreads,
+                     Tr::kSmemBytes, stream, args);
 }
 
 }  // namespace flash_ext::cuda::sm90

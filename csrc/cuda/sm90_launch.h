@@ -68,20 +68,8 @@ struct FwdTuning {
   // A sequence with an odd number of query tiles computes one more, past its
   // end (sm90_configs.cuh).
   int64_t cluster_pairs_varlen_min_q = 2048;
-  // Dense calls without a mask or window and with kv_len at least this may
-  // split their last tiles' keys between blocks (SplitTail; 0: never).
-  int64_t split_tail_min_kv = 0;
 };
 const FwdTuning& fwd_tuning();
-
-// The split tail's workspace per block (FwdTraits::kBlockM rows of O and of
-// two softmax statistics per consumer thread, which are 8 floats a row) and
-// its ready flags per block (one per consumer group, three at most), for the
-// configurations of head dim instance `head_dim` (d = 64's tiles: 192 rows).
-constexpr int64_t fwd_partial_floats_per_block(int head_dim) {
-  return (head_dim == 64 ? 192 : 128) * int64_t(head_dim + 8);
-}
-constexpr int kFwdPartialFlagsPerBlock = 3;
 
 // Backward knobs, as FwdTuning's, from FLASH_EXT_BWD_TUNING.
 struct BwdTuning {

@@ -15,12 +15,6 @@ namespace flash_ext::cuda::sm80 {
 // row (the max is exact in any order; the sum's rounding changes slightly).
 // The Hopper forward takes 4; the sm80 kernels keep 1, as their registers
 // are full (4 chains spilled 760 B instead of 388 at d = 64).
-// A row maximum m in exp2 units (times scale * log2(e)), 0 for a row that
-// has seen no key yet (-inf), so exp2(x - that) gives 0 there, never NaN.
-__device__ __forceinline__ float scaled_row_max(float m, float scale_log2) {
-  return m == -INFINITY ? 0.f : m * scale_log2;
-}
-
 template <int kRows, int kChains = 1>
 struct OnlineSoftmax {
   float row_max[kRows];
@@ -54,7 +48,8 @@ struct OnlineSoftmax {
       CUTE_UNROLL
       for (int c = 1; c < kChains; ++c) m = fmaxf(m, part[c]);
       m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
-      const float m_scaled = scaled_row_max(m, scale_log2);
+      // A fully masked row so far: subtract 0, so exp2(-inf) = 0 and no NaN.
+      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
       corr[mi] = kFirst ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
       row_max[mi] = m;
       CUTE_UNROLL
@@ -70,22 +65,6 @@ struct OnlineSoftmax {
       CUTE_UNROLL
       for (int c = 1; c < kChains; ++c) sum += part[c];
       row_sum[mi] = sum;
-    }
-  }
-
-  // Takes in another state of the same rows and this thread's columns,
-  // folded over other keys (`max`, `sum`: its row_max and row_sum): this
-  // state becomes both's, and `mine` / `theirs` return the factors that
-  // scale this state's output and the other's into the sum of both.
-  __device__ __forceinline__ void merge(const float (&max)[kRows], const float (&sum)[kRows], float scale_log2,
-                                        float (&mine)[kRows], float (&theirs)[kRows]) {
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const float m_scaled = scaled_row_max(fmaxf(row_max[mi], max[mi]), scale_log2);
-      mine[mi] = exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
-      theirs[mi] = exp2f(fmaf(max[mi], scale_log2, -m_scaled));
-      row_max[mi] = fmaxf(row_max[mi], max[mi]);
-      row_sum[mi] = fmaf(row_sum[mi], mine[mi], sum[mi] * theirs[mi]);
     }
   }
 

@@ -105,19 +105,9 @@ void run_attention_fwd(const at::Tensor& q, AttentionFwdParams& params) {
   require_supported(q, params, flash_ext::cuda::fwd_unsupported_reason);
   params.num_sms = at::cuda::getDeviceProperties(q.get_device())->multiProcessorCount;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // One zero-kept buffer of ints: the tile counter, then the split tail's
-  // ready flags.
-  const flash_ext::cuda::FwdSplitWorkspace split = flash_ext::cuda::fwd_split_workspace(params);
-  const bool counter = flash_ext::cuda::fwd_needs_tile_counter(params);
-  at::Tensor captured_counters, partial;
-  if (counter || split.ready_flags > 0) {
-    int* counters = zero_counters(q, 1 + static_cast<int64_t>(split.ready_flags), stream, captured_counters);
-    if (counter) params.tile_counter = counters;
-    if (split.ready_flags > 0) {
-      partial = at::empty({static_cast<int64_t>(split.partial_floats)}, q.options().dtype(at::kFloat));
-      params.fwd_partial = partial.data_ptr<float>();
-      params.fwd_partial_ready = counters + 1;
-    }
+  at::Tensor captured_counter;
+  if (flash_ext::cuda::fwd_needs_tile_counter(params)) {
+    params.tile_counter = zero_counters(q, 1, stream, captured_counter);
   }
   run_kernels("forward", [&] { flash_ext::cuda::run_attention_fwd(params, stream); });
 }

@@ -238,74 +238,6 @@ void test_tile_schedule() {
   if (wrong != 0) ++failures;
 }
 
-// The Hopper forward's split tail (cuda/tile_schedule.h): its pieces cover
-// every key tile of the split tiles once; a tile is cut at most once, its
-// second part the next run's first piece (handed over early) and its first
-// part the run's last (taken in at its end); every run within one key tile
-// of the mean; and no split where the last round is full, nearly
-// full, or the runs would be short.
-void test_split_tail() {
-  using flash_ext::cuda::sm90::SplitTail;
-  int64_t wrong = 0, checked = 0, splits = 0;
-  const auto check = [&](bool ok) {
-    ++checked;
-    if (!ok) ++wrong;
-  };
-  for (int grid : {1, 3, 66, 132}) {
-    for (int tiles : {1, 2, 5, 67, 131, 133, 144, 200, 264, 2048, 3000}) {
-      for (int key_tiles : {1, 3, 4, 7, 16, 93, 205}) {
-        const SplitTail s = flash_ext::cuda::sm90::split_tail(tiles, key_tiles, grid);
-        const int rest = tiles % grid;
-        const bool want = tiles > grid && rest > 0 && rest * 8 <= grid * 7 && key_tiles >= 4;
-        check(s.splits() == want);
-        if (!s.splits()) {
-          check(s.whole_tiles == tiles && s.work_end == tiles);
-          continue;
-        }
-        ++splits;
-        check(s.whole_tiles % grid == 0 && s.whole_tiles < tiles && tiles - s.whole_tiles >= grid);
-        const int split_tiles = tiles - s.whole_tiles;
-        std::vector<int> covered(static_cast<size_t>(split_tiles) * key_tiles, 0);
-        std::vector<int> first_run(split_tiles, -1), cuts(split_tiles, 0);
-        const int64_t mean = int64_t(split_tiles) * key_tiles / grid;
-        for (int run = 0; run < grid; ++run) {
-          std::vector<flash_ext::cuda::sm90::WorkPiece> pieces;
-          int work = flash_ext::cuda::sm90::first_piece(s, run), count = 0;
-          for (; work < s.work_end && count < 4; work = flash_ext::cuda::sm90::next_piece(s, work), ++count) {
-            const auto piece = flash_ext::cuda::sm90::work_piece(s, work);
-            if (piece.n_begin < piece.n_end) pieces.push_back(piece);
-          }
-          check(count == 3 && work == s.work_end);
-          int64_t run_keys = 0;
-          for (size_t i = 0; i < pieces.size(); ++i) {
-            const auto& piece = pieces[i];
-            const int t = piece.tile - s.whole_tiles;
-            check(t >= 0 && t < split_tiles && piece.n_begin >= 0 && piece.n_end <= key_tiles);
-            if (t < 0 || t >= split_tiles || piece.n_begin < 0 || piece.n_end > key_tiles) continue;
-            for (int n = piece.n_begin; n < piece.n_end; ++n) ++covered[static_cast<size_t>(t) * key_tiles + n];
-            run_keys += piece.n_end - piece.n_begin;
-            const bool hands_over = piece.n_end < key_tiles, takes_in = piece.n_begin > 0;
-            check(!(hands_over && takes_in));
-            if (hands_over) check(i == 0 && run > 0);                    // the run's first piece
-            if (takes_in) check(i + 1 == pieces.size() && run + 1 < grid);  // its last
-            if (hands_over || takes_in) ++cuts[t];
-            // The part taken in comes from the next run, the same tile.
-            if (takes_in) first_run[t] = run;
-            if (hands_over) check(first_run[t] == run - 1);
-          }
-          check(run_keys >= mean && run_keys <= mean + 1);
-        }
-        for (int c : covered) check(c == 1);
-        for (int c : cuts) check(c == 0 || c == 2);
-      }
-    }
-  }
-  check(splits > 20);
-  std::printf("%-44s %lld of %lld wrong %s\n", "Hopper forward split tail", static_cast<long long>(wrong),
-              static_cast<long long>(checked), wrong == 0 ? "ok" : "FAIL");
-  if (wrong != 0) ++failures;
-}
-
 // The backward's workspace layouts (cuda/bwd_workspace.h): every (sequence,
 // head)'s run of whole 128-row tiles of dq_accum and of the Hopper
 // pre-pass's D/lse rows lies inside its buffer, 16-byte aligned where bulk
@@ -387,7 +319,6 @@ int main() {
   test_fast_divmod();
   test_fully_visible_tiles();
   test_tile_schedule();
-  test_split_tail();
   test_bwd_workspace_layout();
   std::printf("%s\n", failures == 0 ? "all C++ tests passed" : "C++ tests FAILED");
   return failures == 0 ? 0 : 1;
