@@ -522,6 +522,35 @@ def test_hopper_forward_sections_short_first(gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("align", ["none", "top", "bottom"])
+def test_hopper_forward_epilogue_across_tiles(d, align, gen):
+    """A persistent block's tiles one after another, each epilogue's TMA
+    store waited for at the next tile's first turn where O has a buffer of
+    its own (d = 64), at once where it is staged in a K/V stage, against
+    float64 over ~7 tiles a block, with partial tiles. "bottom" (more
+    queries than keys, FlashAttention's causal) puts tiles without any
+    visible key (stored as zeros, no staging) between the others."""
+    n_q, n_k = (384, 200) if align == "bottom" else (333, 333)
+    q = randn((6, 40, n_q, d), torch.bfloat16, "cuda", gen)
+    k, v = (randn((6, 40, n_k, d), torch.bfloat16, "cuda", gen) for _ in range(2))
+    if align == "bottom":
+        out = flash_ext.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True).transpose(1, 2)
+        ref = reference_attention(q, k, v, window=(-1, 0), bottom_right=True)
+        theirs = torch.cat([torch.zeros_like(q[:, :, :n_q - n_k]),
+                            TORCH_SDPA(q[:, :, n_q - n_k:], k, v, is_causal=True)], dim=2)
+        assert (out[:, :, :n_q - n_k] == 0).all(), "rows without keys"
+    else:
+        out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=align == "top")
+        ref = reference_attention(q, k, v, is_causal=align == "top")
+        theirs = TORCH_SDPA(q, k, v, is_causal=align == "top")
+    assert flash_ext.last_cuda_kernel_family() == "sm90"
+    assert_matches_reference(out, ref, torch.bfloat16, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_backward_block_order_in_process(gen):
     """flash_ext._C._set_bwd_tuning's masked_section_rounds reorders the
     backward's blocks under a mask (sections of pairs, heaviest key tiles
