@@ -26,7 +26,7 @@ import itertools
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 # The extension is built in place in the repo root; scripts run from scripts/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,74 +34,89 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DEFAULT_VARIANTS = {"default": "", "no_pair_major": "pair_major_max_q=0,pair_major_max_q_causal=0"}
 TOKENS, HIDDEN = 16384, 2048
 
+Setting = tuple[int, int, int]  # (head dim, causal, n)
+# A setting's timed calls: ours and cuDNN's (each returning the tensors that
+# are compared), and the FLOPs of one call.
+Calls = Callable[[int, int, int], tuple[Callable[[], Sequence], Callable[[], Sequence], float]]
 
-def measure(settings: list[tuple[int, int, int]], variants: dict[str, str], rounds: int,
-            report: Callable[[tuple[int, int, int], dict[str, list[float]]], None]
-            ) -> dict[tuple[int, int, int], dict[str, list[float]]]:
-    """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [relative error]};
-    report(setting, row) as each setting is done (a run stopped early keeps what it printed)."""
+
+def forward_calls(d: int, causal: int, n: int) -> tuple[Callable[[], Sequence], Callable[[], Sequence], float]:
+    """Our forward and cuDNN's on fresh bf16 tensors of the prefill bench's shape."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
 
     import flash_ext
-    set_tuning = flash_ext._C._set_fwd_tuning
+    batch, heads = max(1, TOKENS // n), HIDDEN // d
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def ours() -> Sequence:
+        return (flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)),)
+
+    def cudnn() -> Sequence:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return (F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)),)
+
+    return ours, cudnn, 4 * batch * heads * n * n * d / (2 if causal else 1)
+
+
+def measure(settings: list[Setting], variants: dict[str, str], rounds: int, set_tuning: Callable[[str], None],
+            calls: Calls, report: Callable[[Setting, dict[str, list[float]]], None]
+            ) -> dict[Setting, dict[str, list[float]]]:
+    """setting -> {variant or "cuDNN": TFLOP/s of each round, variant + " err": [largest relative error of
+    ours against cuDNN's tensors]}; report(setting, row) as each setting is done (a run stopped early keeps
+    what it printed)."""
+    from triton.testing import do_bench
+
     results = {}
-    for d, causal, n in settings:
-        batch, heads = max(1, TOKENS // n), HIDDEN // d
-        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
-
-        def ours() -> torch.Tensor:
-            return flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
-
-        def cudnn() -> torch.Tensor:
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
-
-        reference = cudnn().float()
+    for setting in settings:
+        ours, cudnn, flops = calls(*setting)
+        reference = [t.float() for t in cudnn()]
         row: dict[str, list[float]] = {name: [] for name in [*variants, "cuDNN"]}
         for name, spec in variants.items():
             set_tuning(spec)
-            row[name + " err"] = [((ours().float() - reference).norm() / reference.norm()).item()]
+            row[name + " err"] = [max(((t.float() - r).norm() / r.norm()).item() for t, r in zip(ours(), reference))]
         for _ in range(rounds):
             for name, spec in variants.items():
                 set_tuning(spec)
                 row[name].append(flops / do_bench(ours, warmup=25, rep=100, return_mode="median") / 1e9)
             row["cuDNN"].append(flops / do_bench(cudnn, warmup=25, rep=100, return_mode="median") / 1e9)
-        results[(d, causal, n)] = row
-        report((d, causal, n), row)
+        results[setting] = row
+        report(setting, row)
     set_tuning("")
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def tuning_main(description: str, set_tuning_name: str, calls: Calls, what: str,
+                default_variants: dict[str, str], default_seqlens: list[int], default_causal: list[int]) -> None:
+    """The command line of a tuning script: variants against the defaults and cuDNN, one row a setting."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--causal", type=int, nargs="+", choices=(0, 1), default=[0, 1])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=default_seqlens)
+    parser.add_argument("--causal", type=int, nargs="+", choices=(0, 1), default=default_causal)
     parser.add_argument("--rounds", type=int, default=3, help="turns of every variant per setting")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)} if args.variant else DEFAULT_VARIANTS
+    variants = {"default": "", **dict(v.split("=", 1) for v in args.variant)} if args.variant else default_variants
     names = [*variants, "cuDNN"]
     print(f"{'d causal n':>12} | " + " | ".join(f"{name:>16}" for name in names), flush=True)
 
-    def report(setting: tuple[int, int, int], row: dict[str, list[float]]) -> None:
+    def report(setting: Setting, row: dict[str, list[float]]) -> None:
         d, causal, n = setting
         cells = (f"{statistics.median(row[name]):6.0f} ({min(row[name]):4.0f}-{max(row[name]):4.0f})"
                  for name in names)
         print(f"{d:4d} {causal} {n:5d} | " + " | ".join(cells), flush=True)
 
+    import flash_ext
     table = measure(list(itertools.product(args.head_dims, args.causal, args.seqlens)), variants, args.rounds,
-                    report)
+                    getattr(flash_ext._C, set_tuning_name), calls, report)
     worst = {name: max(row[name + " err"][0] for row in table.values()) for name in variants}
-    print(f"forward TFLOP/s: median (min-max) of {args.rounds} rounds; "
+    print(f"{what} TFLOP/s: median (min-max) of {args.rounds} rounds; "
           "largest relative error against cuDNN: " + ", ".join(f"{name} {err:.2e}" for name, err in worst.items()))
 
 
 if __name__ == "__main__":
-    main()
+    tuning_main(__doc__, "_set_fwd_tuning", forward_calls, "forward", DEFAULT_VARIANTS,
+                [512, 1024, 2048, 4096], [0, 1])

@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // divisions were ~160 instructions ahead of the loads of the sequence's
   // bounds, on every block of a grid of short blocks.
   const TileCoord place = tile_coord(args.order, static_cast<int>(blockIdx.x));
-  const int64_t n_block = place.m_block, b = place.b, hk = place.h;
+  const int64_t n_block = place.step, b = place.b, hk = place.h;
   const int64_t group = static_cast<uint32_t>(p.heads) / static_cast<uint32_t>(p.kv_heads);  // (int32 in the TMA descriptors)
   const int64_t n0 = n_block * kBlockN;
   const SequenceBounds seq = sequence_bounds<kVarlen>(p, b);

@@ -66,7 +66,7 @@ struct QueryTile {
 template <int kClusterM>
 __device__ __forceinline__ TileCoord cta_tile_coord(const TileSchedule& s, int tile, int rank) {
   TileCoord c = tile_coord(s, tile);
-  c.m_block = c.m_block * kClusterM + rank;
+  c.step = c.step * kClusterM + rank;
   return c;
 }
 
@@ -87,7 +87,7 @@ __device__ __forceinline__ bool skips_tile(const QueryTile& t) {
 template <int kBlockM, int kBlockN, bool kVarlen>
 __device__ __forceinline__ QueryTile query_tile(const AttentionFwdParams& p, const TileCoord& c) {
   QueryTile t;
-  t.m_block = c.m_block;
+  t.m_block = c.step;
   t.b = c.b;
   t.h = c.h;
   t.m0 = int64_t(t.m_block) * kBlockM;
@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
                                make_coord(t.m_block * kNumMmaWG + turns.wg, _0{}));
         auto tma_o = args.tma_o.get_slice(_0{});
         copy(args.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
-        tma_store_arrive();  // waited for in finish_store
+        tma_store_arrive();  // waited for in wait_store_read
       }
     } else {
       cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
@@ -557,30 +557,19 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   int tile;
   TileCoord coord;
   bool taken = false;  // tile and coord hold the next tile already
-  // The last epilogue's TMA store, once it has read the staging: O's K/V
-  // stage (`staged`) back to the producer, at once; a separate O buffer at
-  // the next tile's first turn (its next writer, the next epilogue, comes
-  // after that turn barrier, which the waiting thread takes part in), so the
-  // store's latency no longer holds the issuing warp, and with it the
-  // group's next turn, at every tile's end. Measured on an H100 (session
-  // 27): d = 64 +1-3 % at N = 512, level from 2k. Deferring the K/V stage's
-  // release the same way (to the next tile's first product) measured -4 ..
-  // +2.4 % at d = 128.
-  bool store_pending = false;
-  typename Pipeline::PipelineState staged;
-  const auto finish_store = [&] {
+  // The thread that issued a group's TMA store of O waits for the store to
+  // have read the staging before it is written again (tma_store_wait<0>
+  // returns at once with no store in flight): a K/V stage right after the
+  // store, to release it to the producer; a separate O buffer only at the
+  // next tile's first turn (or the block's end), since the next epilogue,
+  // its next writer, comes after that turn barrier, which the thread takes
+  // part in after its wait. Waiting at once there held the issuing warp, and
+  // with it the group's next turn, for the store's latency at every tile's
+  // end: measured on an H100 (session 27), d = 64 +1-3 % at N = 512, level
+  // from 2k. Releasing a K/V stage that late as well measured -4..+2.4 % at
+  // d = 128.
+  const auto wait_store_read = [&] {
     if (tid % 128 == 0) tma_store_wait<0>();
-    if constexpr (!Tr::kSeparateO) {
-      // O read out of the stage (by TMA, waited for above; by a varlen
-      // tile's row stores, fenced in store_tile) before TMA loads overwrite
-      // it: each thread arrives itself (a block of one CTA counts every
-      // consumer thread). In a cluster a few lanes signal for their group:
-      // the group's reads of O are done first.
-      if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-      release_stage<kClusterM>(pipeline_k, smem.pipeline_k, staged);
-      if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, staged);
-    }
-    store_pending = false;
   };
   turns.start();
   for (;;) {
@@ -591,11 +580,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       // from two places, the values otherwise left the uniform datapath and
       // the key loop grew by ~35 instructions.
       tile = __shfl_sync(0xffffffff, tile, 0);
-      coord = {__shfl_sync(0xffffffff, coord.m_block, 0), __shfl_sync(0xffffffff, coord.b, 0),
+      coord = {__shfl_sync(0xffffffff, coord.step, 0), __shfl_sync(0xffffffff, coord.b, 0),
                __shfl_sync(0xffffffff, coord.h, 0)};
     }
     if (tile >= tiles) {
-      if (store_pending) finish_store();  // (bulk stores read before the block's shared memory goes)
+      wait_store_read();  // (before the block's shared memory goes)
       break;
     }
     const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
@@ -639,7 +628,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
     // First key tile: S only.
     pipeline_k.consumer_wait(read);
-    if (Tr::kSeparateO && store_pending) finish_store();
+    if constexpr (Tr::kSeparateO) wait_store_read();
     turns.wait();
     issue_qk(read.index());
     turns.pass();
@@ -689,9 +678,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
 
     if constexpr (!Tr::kSeparateO) staging_wait_other();
     store_tile(t, softmax, Tr::o_staging(smem, turns.wg, last.index()));
-    staged = last;
-    store_pending = true;
-    if constexpr (!Tr::kSeparateO) finish_store();
+    if constexpr (!Tr::kSeparateO) {
+      // O read out of the stages (by TMA, waited for here; by a varlen
+      // tile's row stores, fenced in store_tile) before TMA loads overwrite
+      // them: each thread arrives itself (a block of one CTA counts every
+      // consumer thread).
+      // In a cluster a few lanes signal for their group: the group's reads
+      // of O are done first.
+      wait_store_read();
+      if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+      release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
+      if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
+    }
   }
   turns.finish();
 #endif

@@ -64,7 +64,7 @@ inline TileSchedule make_tile_schedule(int steps, int heads, int batch_heads, in
 // Where tile `tile` lies in the schedule: its step (query or key tile),
 // batch entry, head.
 struct TileCoord {
-  int m_block, b, h;
+  int step, b, h;
 };
 
 FLASH_HOST_DEVICE TileCoord tile_coord(const TileSchedule& s, int tile) {

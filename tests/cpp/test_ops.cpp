@@ -210,13 +210,13 @@ void test_tile_schedule() {
               const int step = in_section / section_pairs, bh = section0 + in_section % section_pairs;
               const flash_ext::cuda::sm90::TileCoord c = flash_ext::cuda::sm90::tile_coord(s, tile);
               ++checked;
-              const bool placed = c.m_block >= 0 && c.m_block < steps && c.b >= 0 && c.b < batch && c.h >= 0 &&
+              const bool placed = c.step >= 0 && c.step < steps && c.b >= 0 && c.b < batch && c.h >= 0 &&
                                   c.h < heads;
-              if (!placed || c.m_block != (descending ? steps - 1 - step : step) || c.b != bh / heads ||
+              if (!placed || c.step != (descending ? steps - 1 - step : step) || c.b != bh / heads ||
                   c.h != bh % heads) {
                 ++wrong;
               }
-              if (placed) ++seen[(static_cast<size_t>(c.b) * heads + c.h) * steps + c.m_block];
+              if (placed) ++seen[(static_cast<size_t>(c.b) * heads + c.h) * steps + c.step];
             }
             for (int count : seen) wrong += count != 1;
           }
@@ -229,7 +229,7 @@ void test_tile_schedule() {
   const auto huge = flash_ext::cuda::sm90::make_tile_schedule(1 << 20, 3, 1500, 1000, false);
   const auto last = flash_ext::cuda::sm90::tile_coord(huge, huge.tiles() - 1);
   ++checked;
-  if (huge.section != 1500 || huge.first_pairs != 1500 || last.m_block != (1 << 20) - 1 || last.b != 499 ||
+  if (huge.section != 1500 || huge.first_pairs != 1500 || last.step != (1 << 20) - 1 || last.b != 499 ||
       last.h != 2) {
     ++wrong;
   }
