@@ -359,8 +359,8 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the order of the tiles and whether blocks share K/V loads in
-    cluster pairs, never the arithmetic:
+    the grid, the tile sizes, the order of the tiles and whether blocks share
+    K/V loads in cluster pairs, never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -371,7 +371,9 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("per_tile", "per_tile_max_q=100000"), ("both", "two_stage_max_kv=1,per_tile_max_q=4096"),
                        ("pair_major", "pair_major_max_q=100000,pair_major_max_q_causal=100000"),
                        ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
-                       ("no_cluster_pairs", "cluster_pairs_min_kv=0")):
+                       ("no_cluster_pairs", "cluster_pairs_min_kv=0"),
+                       ("d64_narrow", "d64_narrow_max_q=100000,d64_narrow_max_q_causal=100000"),
+                       ("d64_wide", "d64_narrow_max_q=0,d64_narrow_max_q_causal=0")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)
@@ -547,6 +549,37 @@ def test_hopper_forward_epilogue_across_tiles(d, align, gen):
         theirs = TORCH_SDPA(q, k, v, is_causal=align == "top")
     assert flash_ext.last_cuda_kernel_family() == "sm90"
     assert_matches_reference(out, ref, torch.bfloat16, theirs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("slack", [0, 8])
+def test_hopper_forward_rescale_skip(d, slack, gen):
+    """The forward skips O's rescale in a warp none of whose rows raised its
+    maximum: rows whose maximum jumps at a late key tile (a key aligned with
+    their query), alone among the rows of their warp, and rows whose maximum
+    moves by a little (under FwdTuning::rescale_slack, kept), against
+    float64 at every row, with and without a causal mask."""
+    n = 2500
+    q = randn((2, 4, n, d), torch.bfloat16, "cuda", gen)
+    k, v = (randn((2, 4, n, d), torch.bfloat16, "cuda", gen) for _ in range(2))
+    # Query rows 5, 70 and 131 (one per 64-row group) see their largest score
+    # at keys 2000-2002, far past the first tiles: row 5's past any slack
+    # (2 |q|^2 / sqrt(d): 16-32 against a largest other score of ~4), the
+    # others' within 8 (log2 units); row 200 a little above its others at 1500.
+    for row, key, gain in ((5, 2000, 2.0), (70, 2001, 0.5), (131, 2002, 0.5), (200, 1500, 0.1)):
+        k[:, :, key] = q[:, :, row] * gain
+    set_tuning = flash_ext._C._set_fwd_tuning
+    try:
+        set_tuning(f"rescale_slack={slack}")
+        for causal in (False, True):
+            out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            assert flash_ext.last_cuda_kernel_family() == "sm90"
+            assert_matches_reference(out, reference_attention(q, k, v, is_causal=causal), torch.bfloat16,
+                                     TORCH_SDPA(q, k, v, is_causal=causal))
+    finally:
+        set_tuning("")
 
 
 @pytest.mark.cuda

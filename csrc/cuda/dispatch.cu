@@ -139,6 +139,9 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"pair_major_max_q_causal", &FwdTuning::pair_major_max_q_causal},
     {"cluster_pairs_min_kv", &FwdTuning::cluster_pairs_min_kv},
     {"cluster_pairs_varlen_min_q", &FwdTuning::cluster_pairs_varlen_min_q},
+    {"d64_narrow_max_q", &FwdTuning::d64_narrow_max_q},
+    {"d64_narrow_max_q_causal", &FwdTuning::d64_narrow_max_q_causal},
+    {"rescale_slack", &FwdTuning::rescale_slack},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

@@ -56,7 +56,7 @@ using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>
 // benchmarks/NOTES.md): 128 rows win up to N = 1024 without a mask (+1-3 %)
 // and up to 2048 with one (+17 % at 512, +2 % at 2048), 192 beyond.
 inline bool d64_narrow_tiles(const AttentionFwdParams& p, bool windowed) {
-  return p.q_len <= (windowed ? 2048 : 1024);
+  return p.q_len <= (windowed ? fwd_tuning().d64_narrow_max_q_causal : fwd_tuning().d64_narrow_max_q);
 }
 
 // Cluster pairs on a varlen batch (equal lengths, so q_len is every

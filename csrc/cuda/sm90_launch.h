@@ -68,6 +68,14 @@ struct FwdTuning {
   // A sequence with an odd number of query tiles computes one more, past its
   // end (sm90_configs.cuh).
   int64_t cluster_pairs_varlen_min_q = 2048;
+  // d = 64: calls with q_len up to these take 128-row query tiles, longer
+  // ones 192 (d64_narrow_tiles), without and with a mask or window.
+  int64_t d64_narrow_max_q = 1024;
+  int64_t d64_narrow_max_q_causal = 2048;
+  // Rows keep their running maximum while a tile's exceeds it by at most
+  // this many log2 units of the scaled scores (0: only an equal one), so
+  // more warps skip O's rescale; probabilities reach up to 2^N.
+  int64_t rescale_slack = 0;
 };
 const FwdTuning& fwd_tuning();
 

@@ -32,8 +32,12 @@ struct OnlineSoftmax {
   // update() in two steps, for kernels whose product into `o` is still in
   // flight while the next tile's softmax runs: fold() returns each row's
   // correction of `o`, rescale() applies it once the product has landed.
+  // max_slack: a row keeps its running maximum while the tile's exceeds it
+  // by at most this much (log2 units of the scaled scores), so its
+  // correction is exactly 1; probabilities then reach up to 2^max_slack,
+  // and the output and the LSE are the same in exact arithmetic.
   template <bool kFirst, class S>
-  __device__ __forceinline__ void fold(S& s, float scale_log2, float (&corr)[kRows]) {
+  __device__ __forceinline__ void fold(S& s, float scale_log2, float (&corr)[kRows], float max_slack = 0.f) {
     static_assert(decltype(size<0>(s))::value == kRows);
     constexpr int kCols = decltype(size<1>(s))::value;
     static_assert(kCols % kChains == 0, "whole chains per row");
@@ -48,9 +52,15 @@ struct OnlineSoftmax {
       CUTE_UNROLL
       for (int c = 1; c < kChains; ++c) m = fmaxf(m, part[c]);
       m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
+      // A kept maximum corrects by exactly 1 (the FMA would leave the
+      // product's rounding error), which lets the Hopper forward skip O's
+      // rescale where no row of a warp moved. (NaN, false, where both are
+      // -inf: a fully masked row so far.)
+      const bool keep = !kFirst && (m - row_max[mi]) * scale_log2 <= max_slack;
+      if (keep) m = row_max[mi];
       // A fully masked row so far: subtract 0, so exp2(-inf) = 0 and no NaN.
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      corr[mi] = kFirst ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
+      corr[mi] = kFirst || keep ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
       row_max[mi] = m;
       CUTE_UNROLL
       for (int c = 0; c < kChains; ++c) part[c] = c == 0 && !kFirst ? row_sum[mi] * corr[mi] : 0.f;
