@@ -564,11 +564,12 @@ def test_hopper_forward_rescale_skip(d, slack, gen):
     n = 2500
     q = randn((2, 4, n, d), torch.bfloat16, "cuda", gen)
     k, v = (randn((2, 4, n, d), torch.bfloat16, "cuda", gen) for _ in range(2))
-    # Query rows 5, 70 and 131 (one per 64-row group) see their largest score
-    # at keys 2000-2002, far past the first tiles: row 5's past any slack
+    # Query rows 2100, 2170 and 2240 (each in another 64-row group, visible
+    # to the keys under the causal mask too) see their largest score at keys
+    # 2000-2002, far past the first tiles: row 2100's past any slack
     # (2 |q|^2 / sqrt(d): 16-32 against a largest other score of ~4), the
-    # others' within 8 (log2 units); row 200 a little above its others at 1500.
-    for row, key, gain in ((5, 2000, 2.0), (70, 2001, 0.5), (131, 2002, 0.5), (200, 1500, 0.1)):
+    # others' within 8 (log2 units); row 2300 a little above its others at 1500.
+    for row, key, gain in ((2100, 2000, 2.0), (2170, 2001, 0.5), (2240, 2002, 0.5), (2300, 1500, 0.1)):
         k[:, :, key] = q[:, :, row] * gain
     set_tuning = flash_ext._C._set_fwd_tuning
     try:
