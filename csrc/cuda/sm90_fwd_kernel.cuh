@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     // O's rescale, skipped by a warp none of whose rows changed its maximum
     // (corrections of exactly 1). It sits inside the group's turn, between
     // its two product issues: measured on an H100 (session 28), +2 % at
-    // d = 128 from 8k, +3-7 % at d = 64 and 256 on long rows, level below.
+    // d = 128 from 8k, +3-8 % at d = 64 and 256 on long rows, level below.
     const auto rescale_o = [&] {
       bool changed = false;
       CUTE_UNROLL
