@@ -554,16 +554,18 @@ def test_hopper_forward_epilogue_across_tiles(d, align, gen):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("slack", [0, 8])
-def test_hopper_forward_rescale_skip(d, slack, gen):
+@pytest.mark.parametrize("slack", [0, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_forward_rescale_skip(d, slack, dtype, gen):
     """The forward skips O's rescale in a warp none of whose rows raised its
     maximum: rows whose maximum jumps at a late key tile (a key aligned with
     their query), alone among the rows of their warp, and rows whose maximum
     moves by a little (under FwdTuning::rescale_slack, kept), against
-    float64 at every row, with and without a causal mask."""
+    float64 at every row, with and without a causal mask (probabilities up
+    to 2^slack, in fp16 too)."""
     n = 2500
-    q = randn((2, 4, n, d), torch.bfloat16, "cuda", gen)
-    k, v = (randn((2, 4, n, d), torch.bfloat16, "cuda", gen) for _ in range(2))
+    q = randn((2, 4, n, d), dtype, "cuda", gen)
+    k, v = (randn((2, 4, n, d), dtype, "cuda", gen) for _ in range(2))
     # Query rows 2100, 2170 and 2240 (each in another 64-row group, visible
     # to the keys under the causal mask too) see their largest score at keys
     # 2000-2002, far past the first tiles: row 2100's past any slack
@@ -577,7 +579,7 @@ def test_hopper_forward_rescale_skip(d, slack, gen):
         for causal in (False, True):
             out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
             assert flash_ext.last_cuda_kernel_family() == "sm90"
-            assert_matches_reference(out, reference_attention(q, k, v, is_causal=causal), torch.bfloat16,
+            assert_matches_reference(out, reference_attention(q, k, v, is_causal=causal), dtype,
                                      TORCH_SDPA(q, k, v, is_causal=causal))
     finally:
         set_tuning("")
