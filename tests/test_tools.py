@@ -203,3 +203,63 @@ def test_in_turns_takes_turns_and_drops_a_call_that_raised():
     assert errors == {"b": "RuntimeError: refused"}
     assert len(results["b"]) == fail_at - 1 and len(results["a"]) == rounds
     assert results["a"] == sorted(results["a"])  # in round order
+
+
+def test_fwd_trace_cuts_tiles_into_phases():
+    """scripts/fwd_trace.py: made-up consumer timelines with random phase
+    lengths come back as those lengths; a tile's fixed cost is its time
+    beyond its key tiles at the steady rate; the producer's events and a
+    tile cut off by a full buffer are left out."""
+    fwd_trace = _load("fwd_trace")
+    import numpy as np
+    rng = random.Random()
+    events = np.zeros((fwd_trace.SMS, fwd_trace.ROLES, fwd_trace.EVENTS), dtype=np.uint64)
+    counts = np.zeros((fwd_trace.SMS, fwd_trace.ROLES), dtype=np.int32)
+    step = 10 * rng.randint(100, 180)  # every key tile after the first: 5 phases summing to it
+    want_fixed, want_epilogue, want_gaps = [], [], []
+    for sm, role in ((0, 1), (0, 2), (3, 3)):
+        clock, trace = 1000, [(1000, 0)]
+        for tile in range(rng.randint(2, 4)):
+            if tile:
+                gap = rng.randint(10, 500)
+                want_gaps.append(gap)
+                clock += gap
+            trace.append((clock, 2))
+            begin = clock
+            for event in (3, 4, 5, 6):
+                clock += rng.randint(1, 400)
+                trace.append((clock, event))
+            keys = rng.randint(1, 5)
+            for _ in range(keys - 1):
+                parts = [step // 10, step // 5, step // 10, step // 5, step - 3 * (step // 5)]
+                for event, part in zip((13, 7, 14, 8, 9), parts):
+                    clock += part
+                    trace.append((clock, event))
+            for event in (10, 11, 12):
+                clock += rng.randint(1, 400)
+                trace.append((clock, event))
+            want_epilogue.append(trace[-1][0] - trace[-2][0])
+            want_fixed.append(clock - begin - (keys - 1) * step)
+        trace += [(clock + 5, 1), (clock + 9, 2), (clock + 20, 3)]  # cut off before its epilogue
+        for i, (at, event) in enumerate(trace):
+            events[sm, role, i] = (at << 8) | event
+        counts[sm, role] = len(trace)
+    events[0, 0, :3] = [(1 << 8) | 20, (2 << 8) | 21, (3 << 8) | 22]
+    counts[0, 0] = 3
+    found = fwd_trace.tile_phases(events, counts)
+    assert found["fixed"] == want_fixed and found["gaps"] == want_gaps
+    assert found["phases"]["epilogue"] == want_epilogue
+    if found["phases"].get("loop: S -> P"):
+        assert found["steady"] == step
+        assert set(found["phases"]["loop: K -> turn"]) == {step // 5}
+
+
+def test_fwd_trace_patch_applies():
+    """scripts/fwd_trace.patch still applies to the kernel it instruments."""
+    import shutil
+    import subprocess
+    if shutil.which("patch") is None:
+        pytest.skip("no patch program")
+    result = subprocess.run(["patch", "--dry-run", "-p1", "-d", str(SCRIPTS.parent), "-i",
+                             str(SCRIPTS / "fwd_trace.patch")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
