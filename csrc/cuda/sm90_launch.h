@@ -75,8 +75,9 @@ struct FwdTuning {
   // Rows keep their running maximum while a tile's exceeds it by at most
   // this many log2 units of the scaled scores (0: only an equal one), so
   // more warps skip O's rescale; probabilities reach up to 2^N. Measured
-  // (session 29, H100, five alternating rounds): 4 against 0, d = 256
-  // +3..+5 % from 2k, d = 128 +0..+2 %, d = 64 level to +3 %; 8 no better.
+  // (session 29, H100, alternating rounds): 4 against 0, d = 256 +2..+10 %
+  // from 2k without a mask (+0..+5 % causal), d = 128 +0..+2 %, d = 64 level
+  // to +3 %; 8 no better.
   int64_t rescale_slack = 4;
 };
 const FwdTuning& fwd_tuning();
