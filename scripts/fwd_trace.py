@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 SMS, ROLES, EVENTS = 8, 4, 8192  # as trace::k* in the patch
-# (head dim, causal, n) in the prefill bench's shapes: batch * n = 16k tokens, heads * d = 2048.
+# (head dim, causal, n), in fwd_tuning.py's (the prefill bench's) shapes.
 CONFIGS = [(128, 0, 2048), (128, 0, 512), (256, 1, 512), (64, 1, 512), (128, 0, 16384), (128, 1, 2048),
            (256, 0, 2048), (64, 0, 512)]
 
@@ -35,18 +35,18 @@ CONFIGS = [(128, 0, 2048), (128, 0, 512), (256, 1, 512), (64, 1, 512), (128, 0, 
 def run(out_dir: Path) -> None:
     """Trace one forward of each configuration (after five untraced ones) into out_dir/trace_*.npz."""
     import torch
+    from fwd_tuning import forward_calls  # (scripts/ is the script's directory; it puts the repo on the path)
 
     import flash_ext
     lib = ctypes.CDLL(flash_ext._C.__file__)
     out_dir.mkdir(parents=True, exist_ok=True)
     for d, causal, n in CONFIGS:
-        batch, heads = max(1, 16384 // n), 2048 // d
-        q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ours, _, _ = forward_calls(d, causal, n)
         for _ in range(5):
-            flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+            ours()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        flash_ext.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+        ours()
         end.record()
         torch.cuda.synchronize()
         events = np.zeros((SMS, ROLES, EVENTS), dtype=np.uint64)
