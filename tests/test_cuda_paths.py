@@ -334,6 +334,15 @@ for d, causal, n_q, n_k in ((128, False, 1536, 1536), (128, True, 1536, 1536), (
     k, v = (torch.randn(4, n_k, 16, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs += [t.cpu() for t in flash_ext.flash_attn_func(q, k, v, causal=causal, return_lse=True)]
     assert flash_ext.last_cuda_kernel_family() == "sm90"
+# Varlen at d = 128 without a mask (the three-stage tiles, O staged in a K
+# stage): a sequence without keys (its tiles store zeros between others) and
+# short ones, more tiles than SMs.
+lens_q, lens_k = [700, 300, 1300, 130, 1536] * 8, [700, 0, 1300, 130, 1536] * 8
+cu_q, cu_k = (torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+q = torch.randn(int(cu_q[-1]), 8, 128, device="cuda", dtype=torch.bfloat16)
+k, v = (torch.randn(int(cu_k[-1]), 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+outs.append(flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)).cpu())
+assert flash_ext.last_cuda_kernel_family() == "sm90"
 # Cluster pairs (d = 128's 176-key tiles, by default from 8192 keys): even
 # numbers of query tiles, partial last query and key tiles, a head dim padded
 # to 128, several pairs per cluster; an odd number keeps single blocks.
@@ -359,8 +368,10 @@ torch.save(outs, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 def test_hopper_forward_tuning_variants_agree(tmp_path):
     """FLASH_EXT_FWD_TUNING (scripts/fwd_tuning.py) changes the pipeline depth,
-    the grid, the tile sizes, the order of the tiles and whether blocks share
-    K/V loads in cluster pairs, never the arithmetic:
+    the grid, the tile sizes, the order of the tiles, whether blocks share
+    K/V loads in cluster pairs and when O's staging stage is released (a
+    stage released before the TMA store has read it would let the next
+    loads overwrite O), never the arithmetic:
     every variant's output equals the default's bit for bit; an unknown key or
     a bad value is refused by name."""
     import os
@@ -373,7 +384,8 @@ def test_hopper_forward_tuning_variants_agree(tmp_path):
                        ("no_pair_major", "pair_major_max_q=0,pair_major_max_q_causal=0"),
                        ("no_cluster_pairs", "cluster_pairs_min_kv=0"),
                        ("d64_narrow", "d64_narrow_max_q=100000,d64_narrow_max_q_causal=100000"),
-                       ("d64_wide", "d64_narrow_max_q=0,d64_narrow_max_q_causal=0")):
+                       ("d64_wide", "d64_narrow_max_q=0,d64_narrow_max_q_causal=0"),
+                       ("o_release_at_once", "o_release_late=0"), ("o_release_late", "o_release_late=1")):
         path = tmp_path / f"{name}.pt"
         env = dict(os.environ, FLASH_EXT_FWD_TUNING=spec)
         subprocess.run([sys.executable, "-c", _TUNING_CHILD, str(path)], env=env, check=True, timeout=120)

@@ -115,6 +115,9 @@ struct FwdArgs {
   // Rows keep a running maximum exceeded by at most this (log2 units;
   // FwdTuning::rescale_slack, OnlineSoftmax::fold).
   float max_slack;
+  // FwdTuning::o_release_late: a K stage holding O's staging goes back to
+  // the producer after the next tile's first softmax (Tr::kLateOStageRelease).
+  bool o_release_late;
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -574,6 +577,26 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const auto wait_store_read = [&] {
     if (tid % 128 == 0) tma_store_wait<0>();
   };
+  // O staged in a K stage (three or more stages, single blocks), with
+  // args.o_release_late: the stage is released after the next tile's first
+  // softmax instead of at the epilogue's end, so the store's read of it is
+  // waited for once it is long done rather than on the way to the next
+  // tile's first product (an H200 trace at d = 128, N = 2k: epilogues of
+  // ~1,900 cycles against ~900 where O has a buffer of its own). The
+  // producer needs the stage back only for the next tile's third key tile.
+  // held_stage: that stage's index, or -1.
+  constexpr bool kLateCapable = Tr::kLateOStageRelease;
+  const bool release_late = kLateCapable && args.o_release_late;
+  int held_stage = -1;
+  const auto release_held_stage = [&] {
+    if constexpr (kLateCapable) {
+      if (held_stage >= 0) {
+        wait_store_read();
+        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, typename Pipeline::PipelineState(held_stage, 0, 0));
+        held_stage = -1;
+      }
+    }
+  };
   turns.start();
   for (;;) {
     if (!taken) take_tile(tile, coord);
@@ -588,6 +611,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     }
     if (tile >= tiles) {
       wait_store_read();  // (before the block's shared memory goes)
+      release_held_stage();
       break;
     }
     const QueryTile t = query_tile<kBlockM, kBlockN, kVarlen>(p, coord);
@@ -651,6 +675,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
     clear(tOrO);
+    release_held_stage();
 
     // Steady state: S of tile n in flight with P V of tile n+1.
     for (int n = n_block_max - 2; n >= n_block_min; --n) {
@@ -698,10 +723,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       // consumer thread).
       // In a cluster a few lanes signal for their group: the group's reads
       // of O are done first.
-      wait_store_read();
-      if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-      release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
-      if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
+      if (release_late) {
+        held_stage = static_cast<int>(last.index());
+      } else {
+        wait_store_read();
+        if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
+        if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
+      }
     }
   }
   turns.finish();
@@ -793,7 +822,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.out, q_rows, p.head_dim, p.heads, batch, p.o_stride),
                                  typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
-                   static_cast<float>(fwd_tuning().rescale_slack)};
+                   static_cast<float>(fwd_tuning().rescale_slack), fwd_tuning().o_release_late != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static
