@@ -577,13 +577,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const auto wait_store_read = [&] {
     if (tid % 128 == 0) tma_store_wait<0>();
   };
-  // O staged in a K stage (three or more stages, single blocks), with
-  // args.o_release_late: the stage is released after the next tile's first
-  // softmax instead of at the epilogue's end, so the store's read of it is
-  // waited for once it is long done rather than on the way to the next
-  // tile's first product (an H200 trace at d = 128, N = 2k: epilogues of
-  // ~1,900 cycles against ~900 where O has a buffer of its own). The
-  // producer needs the stage back only for the next tile's third key tile.
+  // O staged in K/V stages (single blocks), with args.o_release_late: the
+  // stages go back to the producer during the next tile rather than at the
+  // epilogue's end, so the store's read of them is waited for once it is
+  // (nearly) done instead of on the way to the next tile's first product (an
+  // H200 trace at d = 128, N = 2k: epilogues of ~1,900 cycles against ~850
+  // where O has a buffer of its own). Three stages: after the next tile's
+  // first softmax (the producer needs the stage back for its third key
+  // tile); two: once its first Q K^T is issued (its second key tile's).
   // held_stage: that stage's index, or -1.
   constexpr bool kLateCapable = Tr::kLateOStageRelease;
   const bool release_late = kLateCapable && args.o_release_late;
@@ -592,7 +593,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     if constexpr (kLateCapable) {
       if (held_stage >= 0) {
         wait_store_read();
-        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, typename Pipeline::PipelineState(held_stage, 0, 0));
+        const typename Pipeline::PipelineState held(held_stage, 0, 0);
+        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, held);
+        if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, held);
         held_stage = -1;
       }
     }
@@ -669,13 +672,14 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.wait();
     issue_qk(read.index());
     turns.pass();
+    if constexpr (Tr::kStages < 3) release_held_stage();
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
     if (Tr::kSeparateO || n_block_max - 1 > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
     mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
     clear(tOrO);
-    release_held_stage();
+    if constexpr (Tr::kStages >= 3) release_held_stage();
 
     // Steady state: S of tile n in flight with P V of tile n+1.
     for (int n = n_block_max - 2; n >= n_block_min; --n) {

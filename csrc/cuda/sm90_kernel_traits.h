@@ -159,10 +159,10 @@ struct FwdTraits {
       return kv + stage * kKVStageElems + wg % kOGroupsPerStage * kOGroupElems;
     }
   }
-  // Whether O's K stage may be released after the next tile's first softmax
-  // (FwdArgs::o_release_late): the next tile's first two key tiles then
-  // still find free stages, and a single block releases a stage alone.
-  static constexpr bool kLateOStageRelease = !kSeparateO && !kOInV && kStages >= 3 && kClusterM == 1;
+  // Whether the stages O is staged in may be released during the next tile
+  // (FwdArgs::o_release_late): single blocks, which release a stage alone
+  // (a cluster pair's lanes signal for their group after its barrier).
+  static constexpr bool kLateOStageRelease = !kSeparateO && kClusterM == 1;
   // One consumer group's O = P V, for its epilogue's copies.
   using TiledMmaOGroup = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
