@@ -343,7 +343,7 @@ q = torch.randn(int(cu_q[-1]), 8, 128, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(int(cu_k[-1]), 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 outs.append(flash_ext.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)).cpu())
 assert flash_ext.last_cuda_kernel_family() == "sm90"
-# Cluster pairs (d = 128's 176-key tiles, by default from 8192 keys): even
+# Cluster pairs (d = 128's 176-key tiles, by default from 4096 keys): even
 # numbers of query tiles, partial last query and key tiles, a head dim padded
 # to 128, several pairs per cluster; an odd number keeps single blocks.
 for d, n_q, n_k in ((128, 512, 9000), (96, 250, 8300), (128, 1536, 8192), (128, 1100, 9000)):
@@ -500,7 +500,7 @@ torch.save(saved, sys.argv[1])
 @pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0",
                                   "cluster_pairs_min_kv=1,wide_keys_min_kv=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
-    """The d = 128 176-key tiles (by default from 8192 keys; all calls under
+    """The d = 128 176-key tiles (by default from 4096 keys; all calls under
     wide_keys_min_kv=1, none under 0), d = 64's 128-row tiles (Q K^T with Q
     in registers) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,

@@ -49,8 +49,11 @@ struct FwdTuning {
   // the persistent grid (0: never; d = 256 windows keep their own rule).
   int64_t per_tile_max_q = 0;
   // d = 128 calls without a window with kv_len (varlen: the longest) at
-  // least this take 176-key tiles (FwdConfigWideKeys; 0: never).
-  int64_t wide_keys_min_kv = 8192;
+  // least this take 176-key tiles (FwdConfigWideKeys; 0: never). From 4k
+  // with cluster_pairs_min_kv: +3 % at 4k in three alternating runs on two
+  // machines (sessions 29 and 30: H100 576 -> 593, H200 570 -> 590 and
+  // 558 -> 576 TFLOP/s), +0-1 % at 2k (noise), so 2k stays on 128 keys.
+  int64_t wide_keys_min_kv = 4096;
   // Calls with q_len up to this take their tiles a (batch, head) pair at a
   // time rather than a row of query tiles of many pairs at a time
   // (tile_schedule; 0: never), without and with a causal mask or window. Measured
@@ -62,7 +65,7 @@ struct FwdTuning {
   // mask or window, with an even number of query tiles and kv_len at least
   // this: the blocks run in cluster pairs that share their K/V loads
   // (FwdTraits::kClusterM; 0: never).
-  int64_t cluster_pairs_min_kv = 8192;
+  int64_t cluster_pairs_min_kv = 4096;
   // Varlen batches (of equal lengths: fwd_pairs_fit) take those cluster
   // pairs when their sequences have at least this many query rows (0: any).
   // A sequence with an odd number of query tiles computes one more, past its
