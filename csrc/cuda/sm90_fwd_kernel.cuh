@@ -578,25 +578,31 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   const auto wait_store_read = [&] {
     if (tid % 128 == 0) tma_store_wait<0>();
   };
-  // O staged in K/V stages (single blocks), with args.o_release_late: the
-  // stages go back to the producer during the next tile rather than at the
-  // epilogue's end, so the store's read of them is waited for once it is
-  // (nearly) done instead of on the way to the next tile's first product (an
-  // H200 trace at d = 128, N = 2k: epilogues of ~1,900 cycles against ~850
-  // where O has a buffer of its own). Three stages: after the next tile's
-  // first softmax (the producer needs the stage back for its third key
-  // tile); two: once its first Q K^T is issued (its second key tile's).
-  // held_stage: that stage's index, or -1.
-  constexpr bool kLateCapable = Tr::kLateOStageRelease;
-  const bool release_late = kLateCapable && args.o_release_late;
+  // The K/V stages tile `last`'s O is staged in, back to the producer once
+  // the store has read them (O staged in K/V stages only).
+  const auto release_o_stages = [&](typename Pipeline::PipelineState last) {
+    wait_store_read();
+    // In a cluster a few lanes signal for their group: the group's reads of
+    // O are done first.
+    if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
+    release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
+    if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
+  };
+  // With args.o_release_late (Tr::kLateOStageRelease) those stages go back
+  // during the next tile rather than at the epilogue's end, so the store's
+  // read of them is waited for once it is (nearly) done instead of on the
+  // way to the next tile's first product (an H200 trace at d = 128, N = 2k:
+  // epilogues of ~1,900 cycles against ~850 where O has a buffer of its
+  // own). Three stages: after the next tile's first softmax (the producer
+  // needs the stage back for its third key tile); two: once its first
+  // Q K^T is issued (its second key tile's). held_stage: that stage's
+  // index, or -1.
+  const bool release_late = Tr::kLateOStageRelease && args.o_release_late;
   int held_stage = -1;
   const auto release_held_stage = [&] {
-    if constexpr (kLateCapable) {
+    if constexpr (Tr::kLateOStageRelease) {
       if (held_stage >= 0) {
-        wait_store_read();
-        const typename Pipeline::PipelineState held(held_stage, 0, 0);
-        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, held);
-        if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, held);
+        release_o_stages(typename Pipeline::PipelineState(held_stage, 0, 0));
         held_stage = -1;
       }
     }
@@ -726,15 +732,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       // tile's row stores, fenced in store_tile) before TMA loads overwrite
       // them: each thread arrives itself (a block of one CTA counts every
       // consumer thread).
-      // In a cluster a few lanes signal for their group: the group's reads
-      // of O are done first.
       if (release_late) {
         held_stage = static_cast<int>(last.index());
       } else {
-        wait_store_read();
-        if constexpr (kClusterM > 1) cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + turns.wg);
-        release_stage<kClusterM>(pipeline_k, smem.pipeline_k, last);
-        if constexpr (Tr::kOInV) release_stage<kClusterM>(pipeline_v, smem.pipeline_v, last);
+        release_o_stages(last);
       }
     }
   }

@@ -82,7 +82,7 @@ struct FwdTuning {
   // from 2k without a mask (+0..+5 % causal), d = 128 +0..+2 %, d = 64 level
   // to +3 %; 8 no better.
   int64_t rescale_slack = 4;
-  // 1: where O is staged in K/V stages (single blocks at d = 128 and 256),
+  // 1: where O is staged in K/V stages (d = 128's 128-key tiles, d = 256),
   // they go back to the producer during the next tile (three stages: after
   // its first softmax; two: after its first Q K^T's issue) rather than at
   // the epilogue's end, so no warp waits for the TMA store's read on the way
