@@ -38,25 +38,42 @@ __device__ __forceinline__ DropoutRng resolve_dropout(const DropoutParams& d) {
   return r;
 }
 
+// +-2^21: past it a bound of a tile of fewer than 2^8 rows and columns
+// masks all of them or none, so clamped tile offsets keep the arithmetic in int.
+__device__ __forceinline__ int clamp_tile_offset(int64_t x) {
+  return static_cast<int>(x < -(int64_t(1) << 21) ? -(1 << 21) : x > (int64_t(1) << 21) ? 1 << 21 : x);
+}
+
 // Sets to -inf the scores of keys outside the window or past kv_len.
-// (m0, n0) is the tile's origin.
+// (m0, n0) is the tile's origin. The bounds are taken once per tile, in 64
+// bits, relative to this thread's first element: each element then tests a
+// compile-time column offset against a row's int bound, and without a left
+// bound (causal, or kv_len only) one bound: a compare and a select.
 template <class S, class C>
 __device__ __forceinline__ void mask_window(S& s, const C& c, int64_t m0, int64_t n0,
                                             const VisibilityWindow& w, int64_t kv_len) {
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(s); ++mi) {
-    const int64_t diag = m0 + get<0>(c(mi, 0)) + w.diagonal_offset - n0;
-    int64_t hi = kv_len - n0;
-    if (w.window_right >= 0 && diag + w.window_right + 1 < hi) hi = diag + w.window_right + 1;
-    const int64_t lo = w.window_left >= 0 ? diag - w.window_left : 0;
-    // Clamped so tile-local comparisons fit in int.
-    const int col_lo = static_cast<int>(lo < 0 ? 0 : lo > 1 << 20 ? 1 << 20 : lo);
-    const int col_hi = static_cast<int>(hi < 0 ? 0 : hi > 1 << 20 ? 1 << 20 : hi);
+  const int row0 = get<0>(c(0, 0)), col0 = get<1>(c(0, 0));
+  const int64_t diag0 = m0 + row0 + w.diagonal_offset - n0 - col0;  // row0's diagonal key
+  const int kv_hi = clamp_tile_offset(kv_len - n0 - col0);
+  const int hi0 = w.window_right >= 0 ? clamp_tile_offset(diag0 + w.window_right + 1) : 1 << 21;
+  const int lo0 = w.window_left >= 0 ? clamp_tile_offset(diag0 - w.window_left) : -(1 << 21);
+  const auto mask = [&](auto has_left_bound) {
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(s); ++ni) {
-      const int col = get<1>(c(0, ni));
-      if (col < col_lo || col >= col_hi) s(mi, ni) = -INFINITY;
+    for (int mi = 0; mi < size<0>(s); ++mi) {
+      const int row = get<0>(c(mi, 0)) - row0;
+      const int hi = hi0 + row < kv_hi ? hi0 + row : kv_hi;
+      const int lo = lo0 + row;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        const int col = get<1>(c(0, ni)) - col0;
+        if ((decltype(has_left_bound)::value && col < lo) || col >= hi) s(mi, ni) = -INFINITY;
+      }
     }
+  };
+  if (w.window_left >= 0) {
+    mask(cute::true_type{});
+  } else {
+    mask(cute::false_type{});
   }
 }
 
