@@ -593,10 +593,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   // read of them is waited for once it is (nearly) done instead of on the
   // way to the next tile's first product (an H200 trace at d = 128, N = 2k:
   // epilogues of ~1,900 cycles against ~850 where O has a buffer of its
-  // own). Three stages: after the next tile's first softmax (the producer
-  // needs the stage back for its third key tile); two: once its first
-  // Q K^T is issued (its second key tile's). held_stage: that stage's
-  // index, or -1.
+  // own): after the next tile's first softmax (with three stages the
+  // producer needs it back only for that tile's third key tile).
+  // held_stage: that stage's index, or -1.
   const bool release_late = Tr::kLateOStageRelease && args.o_release_late;
   int held_stage = -1;
   const auto release_held_stage = [&] {
@@ -679,14 +678,13 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     turns.wait();
     issue_qk(read.index());
     turns.pass();
-    if constexpr (Tr::kStages < 3) release_held_stage();
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
     if (Tr::kSeparateO || n_block_max - 1 > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
     mask_and_fold(n_block_max - 1, cute::true_type{});
     to_p();
     clear(tOrO);
-    if constexpr (Tr::kStages >= 3) release_held_stage();
+    release_held_stage();
 
     // Steady state: S of tile n in flight with P V of tile n+1.
     for (int n = n_block_max - 2; n >= n_block_min; --n) {

@@ -159,13 +159,15 @@ struct FwdTraits {
       return kv + stage * kKVStageElems + wg % kOGroupsPerStage * kOGroupElems;
     }
   }
-  // Whether the stages O is staged in may be released during the next tile
-  // (FwdArgs::o_release_late): single blocks, which release a stage alone
-  // (a cluster pair's lanes signal for their group after its barrier), and
-  // not d = 128's 176-key tiles, whose key loops already spill: the held
-  // stage's index added local accesses there (varlen: 2 -> 3 and 5 -> 7 a
-  // pass).
-  static constexpr bool kLateOStageRelease = !kSeparateO && kClusterM == 1 && !(kHeadDim == 128 && kBlockN > 128);
+  // Whether the stage O is staged in may be released during the next tile
+  // (FwdArgs::o_release_late): d = 128's three-stage 128-key tiles in single
+  // blocks, which release a stage alone (a cluster pair's lanes signal for
+  // their group after its barrier). Not d = 128's 176-key tiles, whose key
+  // loops already spill (the held stage's index added local accesses there,
+  // varlen: 2 -> 3 and 5 -> 7 a pass), nor d = 256's two-stage tiles, where
+  // it measured -1 % at N = 512 and level from 2k (H100, session 31).
+  static constexpr bool kLateOStageRelease = !kSeparateO && kClusterM == 1 && kHeadDim == 128 && kBlockN == 128;
+  static_assert(!kLateOStageRelease || kStages >= 3, "released after the next tile's first softmax");
   // One consumer group's O = P V, for its epilogue's copies.
   using TiledMmaOGroup = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
