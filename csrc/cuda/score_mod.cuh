@@ -44,29 +44,53 @@ __device__ __forceinline__ int clamp_tile_offset(int64_t x) {
   return static_cast<int>(x < -(int64_t(1) << 21) ? -(1 << 21) : x > (int64_t(1) << 21) ? 1 << 21 : x);
 }
 
-// Sets to -inf the scores of keys outside the window or past kv_len.
-// (m0, n0) is the tile's origin. The bounds are taken once per tile, in 64
-// bits, relative to this thread's first element: each element then tests a
-// compile-time column offset against a row's int bound, and without a left
-// bound (causal, or kv_len only) one bound: a compare and a select.
-template <class S, class C>
+// Sets to -inf the scores of keys outside the window or past kv_len, in a
+// tile of queries from m0 and keys from n0: queries along its rows, or with
+// kKeysAlongRows (the backward's S^T) along its columns. The bounds are taken
+// once per tile, in 64 bits, relative to this thread's first element: each
+// element then tests a compile-time key offset against its query's int
+// bound, and without a left bound (causal, or kv_len only) one bound: a
+// compare and a select.
+template <bool kKeysAlongRows = false, class S, class C>
 __device__ __forceinline__ void mask_window(S& s, const C& c, int64_t m0, int64_t n0,
                                             const VisibilityWindow& w, int64_t kv_len) {
-  const int row0 = get<0>(c(0, 0)), col0 = get<1>(c(0, 0));
-  const int64_t diag0 = m0 + row0 + w.diagonal_offset - n0 - col0;  // row0's diagonal key
-  const int kv_hi = clamp_tile_offset(kv_len - n0 - col0);
+  constexpr int kQueryMode = kKeysAlongRows ? 1 : 0, kKeyMode = 1 - kQueryMode;
+  const auto score_at = [&](int qi, int ki) -> auto& {
+    if constexpr (kKeysAlongRows) {
+      return s(ki, qi);
+    } else {
+      return s(qi, ki);
+    }
+  };
+  const int q0 = kKeysAlongRows ? get<1>(c(0, 0)) : get<0>(c(0, 0));
+  const int k0 = kKeysAlongRows ? get<0>(c(0, 0)) : get<1>(c(0, 0));
+  const int64_t diag0 = m0 + q0 + w.diagonal_offset - n0 - k0;  // query q0's diagonal key
+  const int kv_hi = clamp_tile_offset(kv_len - n0 - k0);
   const int hi0 = w.window_right >= 0 ? clamp_tile_offset(diag0 + w.window_right + 1) : 1 << 21;
   const int lo0 = w.window_left >= 0 ? clamp_tile_offset(diag0 - w.window_left) : -(1 << 21);
   const auto mask = [&](auto has_left_bound) {
     CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(s); ++mi) {
-      const int row = get<0>(c(mi, 0)) - row0;
-      const int hi = hi0 + row < kv_hi ? hi0 + row : kv_hi;
-      const int lo = lo0 + row;
+    for (int qi = 0; qi < size<kQueryMode>(s); ++qi) {
+      int q;
+      if constexpr (kKeysAlongRows) {
+        q = get<1>(c(0, qi)) - q0;
+      } else {
+        q = get<0>(c(qi, 0)) - q0;
+      }
+      const int hi = hi0 + q < kv_hi ? hi0 + q : kv_hi;
+      const int lo = lo0 + q;
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(s); ++ni) {
-        const int col = get<1>(c(0, ni)) - col0;
-        if ((decltype(has_left_bound)::value && col < lo) || col >= hi) s(mi, ni) = -INFINITY;
+      for (int ki = 0; ki < size<kKeyMode>(s); ++ki) {
+        // Written out rather than through a helper taking ki: with one, the
+        // d = 64 forward's windowed path kept its compares in predicate
+        // registers (P2R, +128 SASS instructions).
+        int k;
+        if constexpr (kKeysAlongRows) {
+          k = get<0>(c(ki, 0)) - k0;
+        } else {
+          k = get<1>(c(0, ki)) - k0;
+        }
+        if ((decltype(has_left_bound)::value && k < lo) || k >= hi) score_at(qi, ki) = -INFINITY;
       }
     }
   };

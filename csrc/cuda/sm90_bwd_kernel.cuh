@@ -40,8 +40,8 @@
 
 namespace flash_ext::cuda::sm90 {
 
-using sm80::clamp_tile_offset;
 using sm80::DqWorkspace;
+using sm80::mask_window;
 
 template <class Tr>
 struct BwdArgs {
@@ -113,39 +113,6 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
       dpsum[out_row] = acc;
       lse_log2[out_row] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
     }
-  }
-}
-
-// Sets to -inf the entries of an S^T tile (rows = keys, columns = queries,
-// origin (n0, m0)) whose key lies outside the query's window or past kv_len:
-// mask_window with the roles of rows and columns exchanged. Column c keeps
-// rows [lo0 + c, min(hi0 + c, kv_hi)), offsets taken once per tile and
-// relative to this thread's first element (compile-time offsets per element).
-template <class S, class C>
-__device__ __forceinline__ void mask_window_transposed(S& s, const C& c, int64_t m0, int64_t n0,
-                                                       const VisibilityWindow& w, int64_t kv_len) {
-  const int row0 = get<0>(c(0, 0)), col0 = get<1>(c(0, 0));
-  const int64_t diag0 = m0 + col0 + w.diagonal_offset - n0 - row0;  // column col0's diagonal key
-  const int kv_hi = clamp_tile_offset(kv_len - n0 - row0);
-  const int hi0 = w.window_right >= 0 ? clamp_tile_offset(diag0 + w.window_right + 1) : 1 << 21;
-  const int lo0 = w.window_left >= 0 ? clamp_tile_offset(diag0 - w.window_left) : -(1 << 21);
-  const auto mask = [&](auto has_left_bound) {
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(s); ++ni) {
-      const int col = get<1>(c(0, ni)) - col0;
-      const int row_lo = lo0 + col;
-      const int row_hi = hi0 + col < kv_hi ? hi0 + col : kv_hi;
-      CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(s); ++mi) {
-        const int row = get<0>(c(mi, 0)) - row0;
-        if ((decltype(has_left_bound)::value && row < row_lo) || row >= row_hi) s(mi, ni) = -INFINITY;
-      }
-    }
-  };
-  if (w.window_left >= 0) {
-    mask(cute::true_type{});
-  } else {
-    mask(cute::false_type{});
   }
 }
 
@@ -367,7 +334,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       warpgroup_wait<1>();
       Tensor s = rowcol(tSrS);
       if (m_block < full_first || m_block >= full_end) {
-        mask_window_transposed(s, coord_st, m0, n0, seq.window, seq.kv_len);
+        mask_window</*kKeysAlongRows=*/true>(s, coord_st, m0, n0, seq.window, seq.kv_len);
       }
       const float* lse = smem.lse.data() + stage * kBlockM;
       CUTE_UNROLL

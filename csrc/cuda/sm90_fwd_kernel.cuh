@@ -115,7 +115,7 @@ struct FwdArgs {
   // Rows keep a running maximum exceeded by at most this (log2 units;
   // FwdTuning::rescale_slack, OnlineSoftmax::fold).
   float max_slack;
-  // FwdTuning::o_release_late: the K/V stages holding O's staging go back to
+  // FwdTuning::o_release_late: the K stage holding O's staging goes back to
   // the producer during the next tile (Tr::kLateOStageRelease; the kernel's
   // release_held_stage).
   bool o_release_late;
