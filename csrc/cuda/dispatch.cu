@@ -143,6 +143,7 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"d64_narrow_max_q_causal", &FwdTuning::d64_narrow_max_q_causal},
     {"rescale_slack", &FwdTuning::rescale_slack},
     {"o_release_late", &FwdTuning::o_release_late},
+    {"fold_ahead", &FwdTuning::fold_ahead},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

@@ -119,6 +119,9 @@ struct FwdArgs {
   // the producer during the next tile (Tr::kLateOStageRelease; the kernel's
   // release_held_stage).
   bool o_release_late;
+  // FwdTuning::fold_ahead: a key tile's exponentials start before its row
+  // maxima are known (Tr::kFoldAhead; OnlineSoftmax::fold_ahead).
+  bool fold_ahead;
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -443,6 +446,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
   Tensor rP = make_tensor<Element>(tSrS.layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
   Tensor s = rowcol(tSrS);
+  Tensor p_rowcol = rowcol(rP);
   Tensor o = rowcol(tOrO);
   Tensor coord_s = rowcol(thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{})));
   constexpr int kRows = decltype(size<0>(s))::value;
@@ -658,10 +662,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       for (int mi = 0; mi < kRows; ++mi) changed |= corr[mi] != 1.f;
       if (__any_sync(0xffffffff, changed)) decltype(softmax)::rescale(o, corr);
     };
-    auto mask_and_fold = [&](int n, auto first) {
-      if (n < full_first || n >= full_end) mask_window(s, coord_s, m0, int64_t(n) * kBlockN, window(), kv_len());
-      softmax.template fold<decltype(first)::value>(s, scale_log2, corr, args.max_slack);
+    const auto unmasked = [&](int n) { return n >= full_first && n < full_end; };
+    const auto mask = [&](int n) {
+      if (!unmasked(n)) mask_window(s, coord_s, m0, int64_t(n) * kBlockN, window(), kv_len());
     };
+    // Exponentials ahead of the maxima (Tr::kFoldAhead) once the rows have
+    // folded an unmasked tile: after a masked first one (a causal diagonal,
+    // where a row saw a few keys) the next tile's maxima often move past the
+    // slack, and the warp would fold that tile twice.
+    [[maybe_unused]] bool settled = unmasked(n_block_max - 1);
 
     cutlass::arch::ClusterTransactionBarrier::wait(&smem.q_full[turns.wg], q_phase);
     q_phase ^= 1;
@@ -681,7 +690,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     warpgroup_wait<0>();
     // The tile's last K stage stays held where O is staged in it.
     if (Tr::kSeparateO || n_block_max - 1 > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
-    mask_and_fold(n_block_max - 1, cute::true_type{});
+    mask(n_block_max - 1);
+    softmax.template fold<true>(s, scale_log2, corr, args.max_slack);
     to_p();
     clear(tOrO);
     release_held_stage();
@@ -699,10 +709,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       turns.pass();
       warpgroup_wait<1>();
       if (Tr::kSeparateO || n > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
-      mask_and_fold(n, cute::false_type{});
+      mask(n);
+      if constexpr (!Tr::kFoldAhead) softmax.template fold<false>(s, scale_log2, corr, args.max_slack);
+      // fold_ahead writes P in place of the P V operand: after that product
+      // (ptxas places the wait before the fold in any case).
       warpgroup_wait<0>();
       release_stage<kClusterM>(pipeline_v, smem.pipeline_v, read_v);
-      to_p();
+      if constexpr (Tr::kFoldAhead) {
+        if (!(settled && args.fold_ahead && softmax.fold_ahead(s, p_rowcol, scale_log2, corr, args.max_slack))) {
+          softmax.template fold<false>(s, scale_log2, corr, args.max_slack);
+          to_p();
+        }
+        settled |= unmasked(n);
+      } else {
+        to_p();
+      }
     }
     if constexpr (!Tr::kQInRegs) release_q();  // every Q K^T of the tile has landed
     if (!Tr::kSeparateO && other_stages_in_k) staging_tell_other();
@@ -826,7 +847,8 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  gmem_tensor<Tr>(p.out, q_rows, p.head_dim, p.heads, batch, p.o_stride),
                                  typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
-                   static_cast<float>(fwd_tuning().rescale_slack), fwd_tuning().o_release_late != 0};
+                   static_cast<float>(fwd_tuning().rescale_slack), fwd_tuning().o_release_late != 0,
+                   fwd_tuning().fold_ahead != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

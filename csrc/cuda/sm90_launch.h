@@ -90,6 +90,12 @@ struct FwdTuning {
   // rounds on three machines): N = 512 +2.1 / +1.5 / +2.0 %, 1k -0.7 %, 2k
   // +0.9 / 0 / +0.2 %.
   int64_t o_release_late = 1;
+  // 1: d = 128's key loop on 128-key tiles (FwdTraits::kFoldAhead) takes a
+  // tile's exponentials against the running row maxima while it reduces the
+  // tile's, and keeps them where no row of the warp moved its maximum past
+  // rescale_slack (else it folds the tile again after the maxima, as with
+  // 0): the maxima leave the chain from S to P. The same bits either way.
+  int64_t fold_ahead = 1;
 };
 const FwdTuning& fwd_tuning();
 

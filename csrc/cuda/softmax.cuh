@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "tile_utils.cuh"
 
@@ -76,6 +77,67 @@ struct OnlineSoftmax {
       for (int c = 1; c < kChains; ++c) sum += part[c];
       row_sum[mi] = sum;
     }
+  }
+
+  // fold<false>() with the tile's exponentials taken before its row maxima
+  // are known: against the running maxima, written converted to `p` (the
+  // 16-bit P, rows x cols as `s`), the maxima reduced beside them (on other
+  // units than MUFU's, so they leave the chain). Where every row of the warp
+  // keeps its running maximum (fold()'s rule, max_slack) that is fold()'s
+  // result bit for bit and it returns true; else it returns false with the
+  // row statistics and `s` unchanged, and the caller folds the tile with
+  // fold() (and converts P again).
+  template <class S, class P>
+  __device__ __forceinline__ bool fold_ahead(const S& s, P& p, float scale_log2, float (&corr)[kRows],
+                                             float max_slack) {
+    static_assert(decltype(size<0>(s))::value == kRows);
+    constexpr int kCols = decltype(size<1>(s))::value;
+    static_assert(kCols % kChains == 0 && kCols % 2 == 0, "whole chains and pairs of columns per row");
+    static_assert(decltype(shape<1, 0>(p.layout()))::value == 2 && decltype(stride<1, 0>(p.layout()))::value == 1,
+                  "each pair of columns in neighbouring registers");
+    using Element = typename std::decay_t<P>::value_type;
+    using Pair = cutlass::Array<Element, 2>;
+    cutlass::NumericArrayConverter<Element, float, 2> convert;
+    bool keep = true;
+    float sum[kRows];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      // A row without a key so far (-inf) never keeps: its exponentials
+      // here are discarded.
+      const float m_scaled = row_max[mi] == -INFINITY ? 0.f : row_max[mi] * scale_log2;
+      float max_part[kChains], sum_part[kChains];
+      CUTE_UNROLL
+      for (int c = 0; c < kChains; ++c) {
+        max_part[c] = c == 0 ? row_max[mi] : -INFINITY;
+        sum_part[c] = c == 0 ? row_sum[mi] : 0.f;
+      }
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ni += 2) {
+        cutlass::Array<float, 2> e;
+        CUTE_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          max_part[(ni + j) % kChains] = fmaxf(max_part[(ni + j) % kChains], s(mi, ni + j));
+          e[j] = exp2f(fmaf(s(mi, ni + j), scale_log2, -m_scaled));
+          sum_part[(ni + j) % kChains] += e[j];
+        }
+        *reinterpret_cast<Pair*>(&p(mi, ni)) = convert(e);
+      }
+      float m = max_part[0];
+      CUTE_UNROLL
+      for (int c = 1; c < kChains; ++c) m = fmaxf(m, max_part[c]);
+      m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
+      keep &= (m - row_max[mi]) * scale_log2 <= max_slack;
+      sum[mi] = sum_part[0];
+      CUTE_UNROLL
+      for (int c = 1; c < kChains; ++c) sum[mi] += sum_part[c];
+    }
+    if (!__all_sync(0xffffffffu, keep)) return false;
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      row_sum[mi] = sum[mi];
+      corr[mi] = 1.f;
+    }
+    return true;
   }
 
   template <class O>
