@@ -69,11 +69,11 @@ struct FwdTraits {
   // 176-key tiles), which the tile carried across the epilogue made spill more.
   static constexpr bool kEarlyNextTile = kNumMmaWG == 2 && kStages >= 3 && !(kHeadDim == 128 && kBlockN > 128);
   // Whether the key loop may take a tile's exponentials before its row
-  // maxima (FwdArgs::fold_ahead). Measured on an H100 (session 32, five
-  // alternating rounds): d = 128's 128-key tiles +2-4 % without a mask (N =
-  // 512-2k), causal -1..+2 %; its 176-key tiles -1 % at 4k, -4.5 % at 16k
-  // (235 of the 240 registers live); d = 64 causal -3..-5 %, d = 256 level to
-  // -2 %.
+  // maxima (FwdArgs::fold_ahead). Measured on H100s (session 32, two runs
+  // of alternating rounds): d = 128's 128-key tiles without a mask +2-3 % at
+  // N = 512, +4-6 % at 2k, causal -1..+2 %; its 176-key tiles -1 % at 4k,
+  // -4.5-7 % at 16k (235 of the 240 registers live); d = 64 causal -3..-5 %,
+  // d = 256 level to -2 %.
   static constexpr bool kFoldAhead = kHeadDim == 128 && kBlockN == 128;
 
   // S = Q K^T (M = queries, N = keys, K = head dim) and O = P V
