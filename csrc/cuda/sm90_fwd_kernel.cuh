@@ -710,9 +710,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       warpgroup_wait<1>();
       if (Tr::kSeparateO || n > n_block_min) release_stage<kClusterM>(pipeline_k, smem.pipeline_k, read);
       mask(n);
+      // Without fold_ahead the fold stays ahead of the wait in the source, the
+      // schedule these kernels were measured with (moved behind it, ptxas
+      // reorders them: 400-2,200 SASS lines differ). fold_ahead writes P in
+      // place of the P V operand, so it comes after that product.
       if constexpr (!Tr::kFoldAhead) softmax.template fold<false>(s, scale_log2, corr, args.max_slack);
-      // fold_ahead writes P in place of the P V operand: after that product
-      // (ptxas places the wait before the fold in any case).
       warpgroup_wait<0>();
       release_stage<kClusterM>(pipeline_v, smem.pipeline_v, read_v);
       if constexpr (Tr::kFoldAhead) {

@@ -49,18 +49,13 @@ struct OnlineSoftmax {
       for (int c = 0; c < kChains; ++c) part[c] = c == 0 && !kFirst ? row_max[mi] : -INFINITY;
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) part[ni % kChains] = fmaxf(part[ni % kChains], s(mi, ni));
-      float m = part[0];
-      CUTE_UNROLL
-      for (int c = 1; c < kChains; ++c) m = fmaxf(m, part[c]);
-      m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
+      float m = row_allmax(part);
       // A kept maximum corrects by exactly 1 (the FMA would leave the
       // product's rounding error), which lets the Hopper forward skip O's
-      // rescale where no row of a warp moved. (NaN, false, where both are
-      // -inf: a fully masked row so far.)
-      const bool keep = !kFirst && (m - row_max[mi]) * scale_log2 <= max_slack;
+      // rescale where no row of a warp moved.
+      const bool keep = !kFirst && keeps_max(mi, m, scale_log2, max_slack);
       if (keep) m = row_max[mi];
-      // A fully masked row so far: subtract 0, so exp2(-inf) = 0 and no NaN.
-      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
+      const float m_scaled = exponent_offset(m, scale_log2);
       corr[mi] = kFirst || keep ? 1.f : exp2f(fmaf(row_max[mi], scale_log2, -m_scaled));
       row_max[mi] = m;
       CUTE_UNROLL
@@ -72,10 +67,7 @@ struct OnlineSoftmax {
         s(mi, ni) = p;
         part[ni % kChains] += p;
       }
-      float sum = part[0];
-      CUTE_UNROLL
-      for (int c = 1; c < kChains; ++c) sum += part[c];
-      row_sum[mi] = sum;
+      row_sum[mi] = chain_sum(part);
     }
   }
 
@@ -104,7 +96,7 @@ struct OnlineSoftmax {
     for (int mi = 0; mi < kRows; ++mi) {
       // A row without a key so far (-inf) never keeps: its exponentials
       // here are discarded.
-      const float m_scaled = row_max[mi] == -INFINITY ? 0.f : row_max[mi] * scale_log2;
+      const float m_scaled = exponent_offset(row_max[mi], scale_log2);
       float max_part[kChains], sum_part[kChains];
       CUTE_UNROLL
       for (int c = 0; c < kChains; ++c) {
@@ -122,14 +114,8 @@ struct OnlineSoftmax {
         }
         *reinterpret_cast<Pair*>(&p(mi, ni)) = convert(e);
       }
-      float m = max_part[0];
-      CUTE_UNROLL
-      for (int c = 1; c < kChains; ++c) m = fmaxf(m, max_part[c]);
-      m = quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
-      keep &= (m - row_max[mi]) * scale_log2 <= max_slack;
-      sum[mi] = sum_part[0];
-      CUTE_UNROLL
-      for (int c = 1; c < kChains; ++c) sum[mi] += sum_part[c];
+      keep &= keeps_max(mi, row_allmax(max_part), scale_log2, max_slack);
+      sum[mi] = chain_sum(sum_part);
     }
     if (!__all_sync(0xffffffffu, keep)) return false;
     CUTE_UNROLL
@@ -138,6 +124,35 @@ struct OnlineSoftmax {
       corr[mi] = 1.f;
     }
     return true;
+  }
+
+  // fold()'s rule, shared by fold_ahead(): row mi keeps its running maximum
+  // while the tile moves it by at most max_slack (NaN, false, where both are
+  // -inf: a row without a key so far).
+  __device__ __forceinline__ bool keeps_max(int mi, float m, float scale_log2, float max_slack) const {
+    return (m - row_max[mi]) * scale_log2 <= max_slack;
+  }
+
+  // What exp2's argument subtracts for a row of maximum m: 0 for a row
+  // without a key so far, so exp2(-inf) = 0 and no NaN.
+  __device__ __forceinline__ static float exponent_offset(float m, float scale_log2) {
+    return m == -INFINITY ? 0.f : m * scale_log2;
+  }
+
+  // A row's maximum from this thread's partial chains and its quad's.
+  __device__ __forceinline__ static float row_allmax(const float (&part)[kChains]) {
+    float m = part[0];
+    CUTE_UNROLL
+    for (int c = 1; c < kChains; ++c) m = fmaxf(m, part[c]);
+    return quad_allreduce(m, [](float a, float b) { return fmaxf(a, b); });
+  }
+
+  // This thread's part of a row's sum, its chains added in order.
+  __device__ __forceinline__ static float chain_sum(const float (&part)[kChains]) {
+    float sum = part[0];
+    CUTE_UNROLL
+    for (int c = 1; c < kChains; ++c) sum += part[c];
+    return sum;
   }
 
   template <class O>
