@@ -10,10 +10,21 @@
 // instruction; F2FP, FMNMX, IMAD, PRMT 2; FFMA 1; MUFU+F2FP 8 (F2FP is not on
 // MUFU's pipe); FMNMX+PRMT 4 (one pipe); FMNMX+IMAD 2.1 (two).
 #include <cstdio>
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <vector>
+
+// A failed CUDA call ends the run with its message rather than a wrong rate.
+#define CHECK(call)                                                             \
+  do {                                                                          \
+    const cudaError_t err = (call);                                             \
+    if (err != cudaSuccess) {                                                   \
+      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(err));          \
+      std::exit(1);                                                             \
+    }                                                                           \
+  } while (0)
 
 constexpr int kChains = 8, kIters = 4096;
 template <int kMode>
@@ -42,29 +53,34 @@ __global__ void k(float* out, long long* cycles, float seed) {
 template <int kMode>
 void run(const char* name) {
   int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const int blocks = sms * 4, threads = 256;  // 4 blocks of 8 warps per SM: 8 warps per sub-partition
   float* out;
   long long* cycles;
-  cudaMalloc(&out, 4);
-  cudaMalloc(&cycles, sizeof(long long) * blocks);
+  CHECK(cudaMalloc(&out, 4));
+  CHECK(cudaMalloc(&cycles, sizeof(long long) * blocks));
   cudaEvent_t e0, e1;
-  cudaEventCreate(&e0); cudaEventCreate(&e1);
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
   k<kMode><<<blocks, threads>>>(out, cycles, 0.5f);
-  cudaEventRecord(e0);
+  CHECK(cudaEventRecord(e0));
   for (int r = 0; r < 5; ++r) k<kMode><<<blocks, threads>>>(out, cycles, 0.5f);
-  cudaEventRecord(e1);
-  cudaEventSynchronize(e1);
-  float ms; cudaEventElapsedTime(&ms, e0, e1);
+  CHECK(cudaEventRecord(e1));
+  CHECK(cudaGetLastError());
+  CHECK(cudaEventSynchronize(e1));
+  float ms;
+  CHECK(cudaEventElapsedTime(&ms, e0, e1));
   std::vector<long long> c(blocks);
-  cudaMemcpy(c.data(), cycles, sizeof(long long) * blocks, cudaMemcpyDeviceToHost);
+  CHECK(cudaMemcpy(c.data(), cycles, sizeof(long long) * blocks, cudaMemcpyDeviceToHost));
   const long long cmax = *std::max_element(c.begin(), c.end());
   // Each of a sub-partition's 8 warps issues kIters * kChains instructions
   // of each kind in the loop.
   printf("%-12s %7.3f ms  %6.2f cycles per warp instruction of a kind per SMSP, %.0f MHz\n", name, ms / 5,
          double(cmax) / (8.0 * kIters * kChains), double(cmax) / (ms / 5 * 1e3));
-  cudaFree(out);
-  cudaFree(cycles);
+  CHECK(cudaEventDestroy(e0));
+  CHECK(cudaEventDestroy(e1));
+  CHECK(cudaFree(out));
+  CHECK(cudaFree(cycles));
 }
 int main() {
   run<1>("mufu");
