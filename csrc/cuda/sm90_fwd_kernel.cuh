@@ -718,6 +718,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       warpgroup_wait<0>();
       release_stage<kClusterM>(pipeline_v, smem.pipeline_v, read_v);
       if constexpr (Tr::kFoldAhead) {
+        // fold_ahead's vote is the warp's, so its fallback is register work
+        // only: a product (wgmma, its fence or wait) issued by one warp of
+        // the group is undefined (NOTES, session 34: a branch whose fallback
+        // computed S again did that).
         if (!(settled && args.fold_ahead && softmax.fold_ahead(s, p_rowcol, scale_log2, corr, args.max_slack))) {
           softmax.template fold<false>(s, scale_log2, corr, args.max_slack);
           to_p();
