@@ -167,7 +167,7 @@ if [[ ${GPU_CHECK_TESTS:-$([[ $MODE == quick ]] && echo 1 || echo 0)} != 0 ]]; t
     rc=0
     # SIGINT at the limit: pytest stops as on Ctrl-C and still reports the
     # failures so far and its summary (a TERM or KILL leaves no report).
-    timeout -s INT -k 20 "$limit" python3 -m pytest tests -q -k cuda --maxfail=5 -p no:cacheprovider \
+    timeout -s INT -k 10 "$limit" python3 -m pytest tests -q -k cuda --maxfail=5 -p no:cacheprovider \
       --continue-on-collection-errors > "$OUT/tests.log" 2>&1 || rc=$?
     result=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran" "$OUT/tests.log" | tail -1 | tr -d '=' || true)
     (( rc == 124 || rc == 137 )) && result="$result (stopped at its ${limit}s limit)"
