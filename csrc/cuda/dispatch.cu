@@ -144,7 +144,6 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"rescale_slack", &FwdTuning::rescale_slack},
     {"o_release_late", &FwdTuning::o_release_late},
     {"fold_ahead", &FwdTuning::fold_ahead},
-    {"stagger_cycles", &FwdTuning::stagger_cycles},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

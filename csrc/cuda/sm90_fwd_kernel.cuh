@@ -31,7 +31,6 @@
 #include <cutlass/arch/memory.h>
 #include <cutlass/arch/reg_reconfig.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "common/mask.h"
@@ -123,8 +122,6 @@ struct FwdArgs {
   // FwdTuning::fold_ahead: a key tile's exponentials start before its row
   // maxima are known (Tr::kFoldAhead; OnlineSoftmax::fold_ahead).
   bool fold_ahead;
-  // FwdTuning::stagger_cycles (clamped to int on the host).
-  int stagger_cycles;
 };
 
 // Tile indices from the producer thread to every consumer thread: a ring of
@@ -613,23 +610,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
       }
     }
   };
-  // FwdArgs::stagger_cycles: this group's first Q K^T of a tile waits
-  // until that many cycles after the previous group's, then records its
-  // own. The turn orders the slot's writes and reads (the writer arrives
-  // on the reader's turn barrier after writing). The wait is voted per
-  // warp, so every warp reaches the product converged (wgmma is .aligned).
-  const auto stagger_first_issue = [&] {
-    volatile long long* slot = &smem.first_issue_clock;
-    if (turns.wg > 0) {
-      const long long earliest = *slot + args.stagger_cycles;
-      while (__any_sync(0xffffffff, clock64() < earliest)) {
-      }
-    }
-    if (tid % 128 == 0) {
-      *slot = clock64();
-      __threadfence_block();
-    }
-  };
   turns.start();
   for (;;) {
     if (!taken) take_tile(tile, coord);
@@ -705,7 +685,6 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_fwd_sm90_kernel(co
     pipeline_k.consumer_wait(read);
     if constexpr (Tr::kSeparateO) wait_store_read();
     turns.wait();
-    if (args.stagger_cycles > 0) stagger_first_issue();
     issue_qk(read.index());
     turns.pass();
     warpgroup_wait<0>();
@@ -875,8 +854,7 @@ void launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
                                  typename Tr::SmemLayoutQWarpGroup{}, Shape<_64, Int<Tr::kHeadDim>>{}, _1{}),
                    static_cast<float>(p.scale), static_cast<float>(p.scale * M_LOG2E),
                    static_cast<float>(fwd_tuning().rescale_slack), fwd_tuning().o_release_late != 0,
-                   fwd_tuning().fold_ahead != 0,
-                   static_cast<int>(std::min<int64_t>(fwd_tuning().stagger_cycles, 1 << 20))};
+                   fwd_tuning().fold_ahead != 0};
   // One block per SM (p.num_sms; 0: one per tile). Tiles of unequal
   // weight past the grid's first are dealt through p.tile_counter as blocks
   // free up (fwd_deals_tiles_dynamically): under a causal mask the static

@@ -131,8 +131,6 @@ struct FwdTraits {
     uint64_t tile_full[kTileSlots];
     uint64_t tile_empty[kTileSlots];
     int tile_index[kTileSlots];
-    // SM clock at the last group's first Q K^T of a tile (FwdArgs::stagger_cycles).
-    long long first_issue_clock;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
   };

@@ -96,13 +96,6 @@ struct FwdTuning {
   // rescale_slack (else it folds the tile again after the maxima, as with
   // 0): the maxima leave the chain from S to P. The same bits either way.
   int64_t fold_ahead = 1;
-  // At each tile's first product, consumer group g > 0 issues its Q K^T no
-  // earlier than this many SM clock cycles after group g - 1 issued its own
-  // (0: as soon as the turn comes). The groups' softmaxes otherwise start
-  // ~1,000-1,200 cycles apart of a ~3,050-cycle key tile (d = 128, session
-  // 30's trace) and overlap, sharing MUFU; half a tile apart they would not
-  // (NOTES, "Next GPU session" item 1). The same bits either way.
-  int64_t stagger_cycles = 0;
 };
 const FwdTuning& fwd_tuning();
 
