@@ -144,6 +144,7 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"rescale_slack", &FwdTuning::rescale_slack},
     {"o_release_late", &FwdTuning::o_release_late},
     {"fold_ahead", &FwdTuning::fold_ahead},
+    {"d128_tall_keys", &FwdTuning::d128_tall_keys},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

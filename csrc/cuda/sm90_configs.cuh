@@ -48,6 +48,12 @@ using FwdConfig = std::conditional_t<
 template <class Element, int kClusterM = 1>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>;
 
+// d = 128 on 192-row query tiles (three consumer groups at 160 registers)
+// of 64 keys in 4 stages or 80 in 3 (FwdTuning::d128_tall_keys): a group's
+// products and softmax half as long, a third group to hide them under.
+template <class Element, int kBlockN>
+using FwdConfigTall = FwdTraits<128, 192, kBlockN, kBlockN == 64 ? 4 : 3, Element>;
+
 // d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
 // faster, but short sequences and the diagonal of a causal mask or window
 // favour 128 rows: less of the last tile is past q_len, and the diagonal is
@@ -76,6 +82,17 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
   const bool windowed = has_window(p.window);
   if constexpr (kHeadDim == 128) {
+    if constexpr (!kVarlen && kDtype == ScalarKind::kBFloat16) {
+      const int64_t tall_keys = fwd_tuning().d128_tall_keys;
+      if (!windowed && (tall_keys == 64 || tall_keys == 80)) {
+        if (tall_keys == 64) {
+          launch_attention_fwd<FwdConfigTall<Element, 64>, kVarlen>(p, stream);
+        } else {
+          launch_attention_fwd<FwdConfigTall<Element, 80>, kVarlen>(p, stream);
+        }
+        return;
+      }
+    }
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
       const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;

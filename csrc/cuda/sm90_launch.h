@@ -96,6 +96,9 @@ struct FwdTuning {
   // rescale_slack (else it folds the tile again after the maxima, as with
   // 0): the maxima leave the chain from S to P. The same bits either way.
   int64_t fold_ahead = 1;
+  // 64 or 80: dense bf16 d = 128 calls without a window take 192-row query
+  // tiles of that many keys (sm90_configs.cuh, FwdConfigTall; 0: never).
+  int64_t d128_tall_keys = 0;
 };
 const FwdTuning& fwd_tuning();
 
