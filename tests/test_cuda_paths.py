@@ -63,6 +63,7 @@ CASES = [
     (1, 4, 2, 300, 517, 256, False, (-1, -1)),    # GQA 2 at d = 256
     (2, 2, 2, 400, 400, 192, True, (100, 0)),     # d = 192 on the d = 256 tiles, window
     (3, 16, 8, 1100, 1100, 128, True, (-1, -1)),  # 432 query tiles: several per block of the persistent forward
+    (2, 6, 2, 2100, 2250, 128, False, (-1, -1)),  # d = 128's 192-row tiles of 80 keys, both partial; GQA 3
 ]
 
 
@@ -496,10 +497,13 @@ torch.save(saved, sys.argv[1])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0",
-                                  "cluster_pairs_min_kv=1,wide_keys_min_kv=1"])
+                                  "cluster_pairs_min_kv=1,wide_keys_min_kv=1",
+                                  "d128_tall_min=1,d128_tall_max_kv=100000"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 4096 keys; all calls under
-    wide_keys_min_kv=1, none under 0), d = 64's 128-row tiles (Q K^T with Q
+    wide_keys_min_kv=1, none under 0), d = 128's 192-row tiles of 80 keys
+    (by default at 2k-8k; every dense call without a window under
+    d128_tall_min=1), d = 64's 128-row tiles (Q K^T with Q
     in registers) and d = 256's 80-key tiles sum in other
     tiles than the rest, so each setting is held to the float64 reference,
     with lengths that leave partial tiles, a head dim padded to 128 and a

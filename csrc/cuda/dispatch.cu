@@ -144,7 +144,8 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"rescale_slack", &FwdTuning::rescale_slack},
     {"o_release_late", &FwdTuning::o_release_late},
     {"fold_ahead", &FwdTuning::fold_ahead},
-    {"d128_tall_keys", &FwdTuning::d128_tall_keys},
+    {"d128_tall_min", &FwdTuning::d128_tall_min},
+    {"d128_tall_max_kv", &FwdTuning::d128_tall_max_kv},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

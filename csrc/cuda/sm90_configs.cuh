@@ -48,11 +48,22 @@ using FwdConfig = std::conditional_t<
 template <class Element, int kClusterM = 1>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>;
 
-// d = 128 on 192-row query tiles (three consumer groups at 160 registers)
-// of 64 keys in 4 stages or 80 in 3 (FwdTuning::d128_tall_keys): a group's
-// products and softmax half as long, a third group to hide them under.
-template <class Element, int kBlockN>
-using FwdConfigTall = FwdTraits<128, 192, kBlockN, kBlockN == 64 ? 4 : 3, Element>;
+// d = 128 on 192-row query tiles of 80 keys in 3 stages (FwdTuning::
+// d128_tall_min, d128_tall_max_kv): three consumer groups at 160 registers
+// (no spill, 148 live at most), each group's products and softmax ~60 % of
+// a 128-key tile's, and two other groups to hide them under. Measured (H100,
+// session 35, three runs of 3-7 alternating rounds against 128-key tiles
+// at 2k and 176-key cluster pairs at 4k-8k): 2k +1.3 / +1.6 / +2.1 %, 3k +7
+// %, 4k +2.0 % each time, 8k level; 1k -6 %, 512 -11 % (a 192-row tile is a
+// larger share of a short row). 64-key tiles in 4 stages lost 1-9 %.
+template <class Element>
+using FwdConfigTall = FwdTraits<128, 192, 80, 3, Element>;
+
+// Dense d = 128 calls without a window that take FwdConfigTall.
+inline bool d128_tall_tiles(const AttentionFwdParams& p) {
+  const int64_t min = fwd_tuning().d128_tall_min;
+  return min > 0 && p.q_len >= min && p.kv_len >= min && p.kv_len <= fwd_tuning().d128_tall_max_kv;
+}
 
 // d = 64: 192-row query tiles (three consumer groups) run long rows 10-15 %
 // faster, but short sequences and the diagonal of a causal mask or window
@@ -82,14 +93,10 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
   const bool windowed = has_window(p.window);
   if constexpr (kHeadDim == 128) {
-    if constexpr (!kVarlen && kDtype == ScalarKind::kBFloat16) {
-      const int64_t tall_keys = fwd_tuning().d128_tall_keys;
-      if (!windowed && (tall_keys == 64 || tall_keys == 80)) {
-        if (tall_keys == 64) {
-          launch_attention_fwd<FwdConfigTall<Element, 64>, kVarlen>(p, stream);
-        } else {
-          launch_attention_fwd<FwdConfigTall<Element, 80>, kVarlen>(p, stream);
-        }
+    // (Not varlen: its batches keep the tiles below, measured there.)
+    if constexpr (!kVarlen) {
+      if (!windowed && d128_tall_tiles(p)) {
+        launch_attention_fwd<FwdConfigTall<Element>, kVarlen>(p, stream);
         return;
       }
     }
