@@ -146,6 +146,7 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"fold_ahead", &FwdTuning::fold_ahead},
     {"d128_tall_min", &FwdTuning::d128_tall_min},
     {"d128_tall_max_kv", &FwdTuning::d128_tall_max_kv},
+    {"d128_tall_min_windowed", &FwdTuning::d128_tall_min_windowed},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

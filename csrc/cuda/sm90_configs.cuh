@@ -49,19 +49,20 @@ template <class Element, int kClusterM = 1>
 using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>;
 
 // d = 128 on 192-row query tiles of 80 keys in 3 stages (FwdTuning::
-// d128_tall_min, d128_tall_max_kv): three consumer groups at 160 registers
-// (no spill, 148 live at most), each group's products and softmax ~60 % of
-// a 128-key tile's, and two other groups to hide them under. Measured (H100,
-// session 35, three runs of 3-7 alternating rounds against 128-key tiles
-// at 2k and 176-key cluster pairs at 4k-8k): 2k +1.3 / +1.6 / +2.1 %, 3k +7
-// %, 4k +2.0 % each time, 8k level; 1k -6 %, 512 -11 % (a 192-row tile is a
-// larger share of a short row). 64-key tiles in 4 stages lost 1-9 %.
+// d128_tall_min, d128_tall_max_kv, d128_tall_min_windowed): three consumer
+// groups at 160 registers (no spill, 148 live at most), each group's
+// products and softmax ~60 % of a 128-key tile's, and two other groups to
+// hide them under. Measured (H100, session 35, three runs of 3-7
+// alternating rounds against 128-key tiles at 2k and 176-key cluster pairs
+// at 4k-8k): 2k +1.3 / +1.6 / +2.1 %, 3k +7 %, 4k +2.0 % each time, 8k
+// level; 1k -6 %, 512 -11 % (a 192-row tile is a larger share of a short
+// row). 64-key tiles in 4 stages lost 1-9 %.
 template <class Element>
 using FwdConfigTall = FwdTraits<128, 192, 80, 3, Element>;
 
-// Dense d = 128 calls without a window that take FwdConfigTall.
-inline bool d128_tall_tiles(const AttentionFwdParams& p) {
-  const int64_t min = fwd_tuning().d128_tall_min;
+// Dense d = 128 calls that take FwdConfigTall.
+inline bool d128_tall_tiles(const AttentionFwdParams& p, bool windowed) {
+  const int64_t min = windowed ? fwd_tuning().d128_tall_min_windowed : fwd_tuning().d128_tall_min;
   return min > 0 && p.q_len >= min && p.kv_len >= min && p.kv_len <= fwd_tuning().d128_tall_max_kv;
 }
 
@@ -95,7 +96,7 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim == 128) {
     // (Not varlen: its batches keep the tiles below, measured there.)
     if constexpr (!kVarlen) {
-      if (!windowed && d128_tall_tiles(p)) {
+      if (d128_tall_tiles(p, windowed)) {
         launch_attention_fwd<FwdConfigTall<Element>, kVarlen>(p, stream);
         return;
       }

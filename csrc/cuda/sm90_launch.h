@@ -102,6 +102,9 @@ struct FwdTuning {
   // (session 35, H100): +1.3-2.1 % at 2k, +2 % at 4k, level at 8k, -6 % at 1k.
   int64_t d128_tall_min = 2048;
   int64_t d128_tall_max_kv = 8191;
+  // The same for calls with a causal mask or window (0: never; not yet
+  // measured: a 192-row tile covers the diagonal in coarser steps).
+  int64_t d128_tall_min_windowed = 0;
 };
 const FwdTuning& fwd_tuning();
 
