@@ -498,18 +498,20 @@ torch.save(saved, sys.argv[1])
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("spec", ["", "wide_keys_min_kv=1", "wide_keys_min_kv=0",
                                   "cluster_pairs_min_kv=1,wide_keys_min_kv=1",
-                                  "d128_tall_min=1,d128_tall_max_kv=100000,d128_tall_min_windowed=1"])
+                                  "d128_tall_min=1,d128_tall_max_kv=100000,d128_tall_min_windowed=1",
+                                  "d128_tall_min=1,d128_tall_max_kv=100000,d128_tall_pairs_min_kv=1"])
 def test_hopper_forward_tile_variants(tmp_path, spec):
     """The d = 128 176-key tiles (by default from 4096 keys; all calls under
     wide_keys_min_kv=1, none under 0), d = 128's 192-row tiles of 80 keys
     (by default at 2k-8k without a window; every dense call, causal ones
-    too, under d128_tall_min=1 and d128_tall_min_windowed=1), d = 64's 128-row tiles (Q K^T with Q
-    in registers) and d = 256's 80-key tiles sum in other
-    tiles than the rest, so each setting is held to the float64 reference,
-    with lengths that leave partial tiles, a head dim padded to 128 and a
-    packed (varlen) batch; so are cluster pairs on 176-key tiles
-    (cluster_pairs_min_kv=1: even numbers of query tiles at d = 96 and 128,
-    K/V tiles multicast)."""
+    too, under d128_tall_min=1 and d128_tall_min_windowed=1), d = 64's
+    128-row tiles (Q K^T with Q in registers) and d = 256's 80-key tiles
+    sum in other tiles than the rest, so each setting is held to the
+    float64 reference, with lengths that leave partial tiles, a head dim
+    padded to 128 and a packed (varlen) batch; so are cluster pairs on
+    176-key tiles (cluster_pairs_min_kv=1: even numbers of query tiles at
+    d = 96 and 128, K/V tiles multicast) and on the 192-row tiles
+    (d128_tall_pairs_min_kv=1: 1000 and 200 query rows make 6 and 2 tiles)."""
     import os
     import subprocess
     import sys

@@ -147,6 +147,7 @@ constexpr std::pair<const char*, int64_t FwdTuning::*> kFwdKnobs[] = {
     {"d128_tall_min", &FwdTuning::d128_tall_min},
     {"d128_tall_max_kv", &FwdTuning::d128_tall_max_kv},
     {"d128_tall_min_windowed", &FwdTuning::d128_tall_min_windowed},
+    {"d128_tall_pairs_min_kv", &FwdTuning::d128_tall_pairs_min_kv},
 };
 
 // The forward's knobs: FLASH_EXT_FWD_TUNING's at the first call, then

@@ -56,9 +56,12 @@ using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>
 // alternating rounds against 128-key tiles at 2k and 176-key cluster pairs
 // at 4k-8k): 2k +1.3 / +1.6 / +2.1 %, 3k +7 %, 4k +2.0 % each time, 8k
 // level; 1k -6 %, 512 -11 % (a 192-row tile is a larger share of a short
-// row). 64-key tiles in 4 stages lost 1-9 %.
-template <class Element>
-using FwdConfigTall = FwdTraits<128, 192, 80, 3, Element>;
+// row). 64-key tiles in 4 stages lost 1-9 %. kClusterM = 2: in cluster
+// pairs sharing their K/V loads (FwdTuning::d128_tall_pairs_min_kv; not yet
+// measured; ptxas: 32 bytes of spill, 8 local accesses a pass around the
+// K/V loads' TMA issue, against the 176-key pairs' 26).
+template <class Element, int kClusterM = 1>
+using FwdConfigTall = FwdTraits<128, 192, 80, 3, Element, false, kClusterM>;
 
 // Dense d = 128 calls that take FwdConfigTall.
 inline bool d128_tall_tiles(const AttentionFwdParams& p, bool windowed) {
@@ -97,7 +100,12 @@ void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
     // (Not varlen: its batches keep the tiles below, measured there.)
     if constexpr (!kVarlen) {
       if (d128_tall_tiles(p, windowed)) {
-        launch_attention_fwd<FwdConfigTall<Element>, kVarlen>(p, stream);
+        const int64_t pairs_min = fwd_tuning().d128_tall_pairs_min_kv;
+        if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigTall<Element, 2>>(p)) {
+          launch_attention_fwd<FwdConfigTall<Element, 2>, kVarlen>(p, stream);
+        } else {
+          launch_attention_fwd<FwdConfigTall<Element>, kVarlen>(p, stream);
+        }
         return;
       }
     }

@@ -105,6 +105,10 @@ struct FwdTuning {
   // The same for calls with a causal mask or window (0: never; not yet
   // measured: a 192-row tile covers the diagonal in coarser steps).
   int64_t d128_tall_min_windowed = 0;
+  // Those tiles in cluster pairs sharing their K/V loads where kv_len is at
+  // least this and the query tiles pair up (fwd_pairs_fit; 0: never; not yet
+  // measured).
+  int64_t d128_tall_pairs_min_kv = 0;
 };
 const FwdTuning& fwd_tuning();
 
