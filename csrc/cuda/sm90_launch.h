@@ -49,7 +49,9 @@ struct FwdTuning {
   // the persistent grid (0: never; d = 256 windows keep their own rule).
   int64_t per_tile_max_q = 0;
   // d = 128 calls without a window with kv_len (varlen: the longest) at
-  // least this take 176-key tiles (FwdConfigWideKeys; 0: never). From 4k
+  // least this take 176-key tiles (FwdConfigWideKeys; 0: never), unless
+  // they take the 192-row tiles (d128_tall_min, below: dense calls at
+  // 2k-8k since session 35). From 4k
   // with cluster_pairs_min_kv: +3 % at 4k in three alternating runs on two
   // machines (sessions 29 and 30: H100 576 -> 593, H200 570 -> 590 and
   // 558 -> 576 TFLOP/s), +0-1 % at 2k (noise), so 2k stays on 128 keys.
