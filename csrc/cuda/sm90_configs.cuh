@@ -90,34 +90,35 @@ inline bool varlen_pairs_pay(const AttentionFwdParams& p) {
   return p.q_len >= fwd_tuning().cluster_pairs_varlen_min_q;
 }
 
+// Config<Element, 2> (blocks in cluster pairs sharing their K/V loads)
+// where kv_len reaches pairs_min (0: never), pairs_pay and the pairs fit the
+// call (fwd_pairs_fit), else Config<Element, 1>.
+template <template <class, int> class Config, class Element, bool kVarlen>
+void launch_fwd_maybe_paired(const AttentionFwdParams& p, cudaStream_t stream, int64_t pairs_min, bool pairs_pay) {
+  if (pairs_min > 0 && p.kv_len >= pairs_min && pairs_pay && fwd_pairs_fit<Config<Element, 2>>(p)) {
+    launch_attention_fwd<Config<Element, 2>, kVarlen>(p, stream);
+  } else {
+    launch_attention_fwd<Config<Element, 1>, kVarlen>(p, stream);
+  }
+}
+
 // Varlen batches take the dense batches' tiles (their sequences are as long;
-// kv_len is the longest's).
+// kv_len is the longest's), except the 192-row ones (not measured there).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Element = ElementOf<kDtype>;
   const bool windowed = has_window(p.window);
   if constexpr (kHeadDim == 128) {
-    // (Not varlen: its batches keep the tiles below, measured there.)
-    if constexpr (!kVarlen) {
+    if constexpr (!kVarlen) {  // (constexpr: the varlen instances compile no 192-row kernel)
       if (d128_tall_tiles(p, windowed)) {
-        const int64_t pairs_min = fwd_tuning().d128_tall_pairs_min_kv;
-        if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigTall<Element, 2>>(p)) {
-          launch_attention_fwd<FwdConfigTall<Element, 2>, kVarlen>(p, stream);
-        } else {
-          launch_attention_fwd<FwdConfigTall<Element>, kVarlen>(p, stream);
-        }
+        launch_fwd_maybe_paired<FwdConfigTall, Element, kVarlen>(p, stream, fwd_tuning().d128_tall_pairs_min_kv, true);
         return;
       }
     }
     const int64_t wide_min = fwd_tuning().wide_keys_min_kv;
     if (!windowed && wide_min > 0 && p.kv_len >= wide_min) {
-      const int64_t pairs_min = fwd_tuning().cluster_pairs_min_kv;
-      if (pairs_min > 0 && p.kv_len >= pairs_min && fwd_pairs_fit<FwdConfigWideKeys<Element, 2>>(p) &&
-          (!kVarlen || varlen_pairs_pay(p))) {
-        launch_attention_fwd<FwdConfigWideKeys<Element, 2>, kVarlen>(p, stream);
-        return;
-      }
-      launch_attention_fwd<FwdConfigWideKeys<Element>, kVarlen>(p, stream);
+      launch_fwd_maybe_paired<FwdConfigWideKeys, Element, kVarlen>(p, stream, fwd_tuning().cluster_pairs_min_kv,
+                                                                   !kVarlen || varlen_pairs_pay(p));
       return;
     }
   }

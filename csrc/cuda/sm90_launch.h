@@ -100,8 +100,8 @@ struct FwdTuning {
   int64_t fold_ahead = 1;
   // Dense d = 128 calls without a window, q_len and kv_len at least
   // d128_tall_min and kv_len at most d128_tall_max_kv, take 192-row query
-  // tiles of 80 keys (sm90_configs.cuh, FwdConfigTall; 0: never). Measured
-  // (session 35, H100): +1.3-2.1 % at 2k, +2 % at 4k, level at 8k, -6 % at 1k.
+  // tiles of 80 keys (0: never; sm90_configs.cuh's FwdConfigTall says what
+  // they measured).
   int64_t d128_tall_min = 2048;
   int64_t d128_tall_max_kv = 8191;
   // The same for calls with a causal mask or window (0: never; not yet
