@@ -56,10 +56,12 @@ using FwdConfigWideKeys = FwdTraits<128, 128, 176, 2, Element, false, kClusterM>
 // alternating rounds against 128-key tiles at 2k and 176-key cluster pairs
 // at 4k-8k): 2k +1.3 / +1.6 / +2.1 %, 3k +7 %, 4k +2.0 % each time, 8k
 // level; 1k -6 %, 512 -11 % (a 192-row tile is a larger share of a short
-// row). 64-key tiles in 4 stages lost 1-9 %. kClusterM = 2: in cluster
-// pairs sharing their K/V loads (FwdTuning::d128_tall_pairs_min_kv; not yet
-// measured; ptxas: 32 bytes of spill, 8 local accesses a pass around the
-// K/V loads' TMA issue, against the 176-key pairs' 26).
+// row). 64-key tiles in 4 stages lost 1-9 %. Causal calls on them were
+// level at 2k-8k (H200, session 36). kClusterM = 2: in cluster pairs
+// sharing their K/V loads (FwdTuning::d128_tall_pairs_min_kv; +0.3-0.9 %
+// at 8k-16k on an H200, inside the spread; ptxas: 32 bytes of spill, 8
+// local accesses a pass around the K/V loads' TMA issue, against the
+// 176-key pairs' 26).
 template <class Element, int kClusterM = 1>
 using FwdConfigTall = FwdTraits<128, 192, 80, 3, Element, false, kClusterM>;
 
