@@ -5,7 +5,10 @@ Run as a script it turns result files into tables:
 ``python benchmarks/common.py summary A.json [B.json ...]`` prints the compact
 comparison of each; ``python benchmarks/common.py import A.json ...`` copies
 result files (e.g. fetched from the GPU machine) to
-``benchmarks/results/<device>/`` and writes their markdown tables beside them.
+``benchmarks/results/<device>/`` and writes their markdown tables beside them;
+``python benchmarks/common.py merge A.json ... [--note TEXT]`` puts a partial
+run's rows (a few implementations or head dims) in place of the same
+settings' rows there, keeping the rest.
 """
 from __future__ import annotations
 
@@ -425,23 +428,77 @@ def strict_flash_ext() -> Any:
     return flash_ext
 
 
-def _import(paths: list[str]) -> None:
+# A row's measurements, as against the fields naming its setting.
+MEASURED = {"fwd_ms", "fwd_tflops", "bwd_ms", "bwd_tflops", "fwd_bwd_ms", "us", "GBps", "peak_extra_MiB"}
+
+
+def _setting(bench: str, row: dict[str, Any]) -> tuple:
+    return tuple(row.get(c) for c in COLUMNS[bench] if c not in MEASURED)
+
+
+def merge_records(old: dict[str, Any], new: dict[str, Any], note: str = "") -> dict[str, Any]:
+    """``old`` with ``new``'s rows in place of its rows of the same settings
+    (implementation, dtype, shape...; the rest kept in order, new settings
+    appended), and a provenance that says which rows came from which run.
+    ``old``'s ceilings stay in the header; ``new``'s go into the command."""
+    bench = old["bench"]
+    for field in ("bench", "slug", "quick"):
+        if old.get(field) != new.get(field):
+            raise ValueError(f"merge: the records differ in {field!r} ({old.get(field)!r} and {new.get(field)!r})")
+    if bench not in COLUMNS:
+        raise ValueError(f"merge: no setting columns are known for the bench {bench!r}; import the whole file instead")
+    fresh = {_setting(bench, r): r for r in new["rows"]}
+    if len(fresh) != len(new["rows"]):
+        raise ValueError("merge: the new record has two rows of one setting")
+    rows = [fresh.pop(_setting(bench, r), r) for r in old["rows"]] + list(fresh.values())
+    impls = ", ".join(sorted({str(r.get("impl")) for r in new["rows"]}))
+    ceilings = ", ".join(f"{k} {v:g}" for k, v in new.get("ceilings", {}).items())
+    source = (f"{note + ': ' if note else ''}{new['command']} (commit {new['commit']}, {new['date']}"
+              f"{'; ceilings ' + ceilings if ceilings else ''}) gave {len(new['rows'])} rows ({impls}), "
+              "in place of those settings' rows")
+    return {**old, "rows": rows, "date": new["date"],
+            "commit": f"{new['commit']} ({len(new['rows'])} rows); {old['commit']}",
+            "command": f"{source}. The rest: {old['command']}"}
+
+
+def _write_record(dest: Path, record: dict[str, Any]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(record, indent=1) + "\n")
+    dest.with_suffix(".md").write_text(markdown(record))
+
+
+def _results_file(record: dict[str, Any], results: Path) -> Path:
+    return results / record["slug"] / f"{record['bench']}{'_quick' if record.get('quick') else ''}.json"
+
+
+def _import(paths: list[str], results: Path = RESULTS) -> None:
     for p in paths:
         record = json.loads(Path(p).read_text())
-        dest = RESULTS / record["slug"] / f"{record['bench']}{'_quick' if record.get('quick') else ''}.json"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(record, indent=1) + "\n")
-        dest.with_suffix(".md").write_text(markdown(record))
-        print(f"{p} -> {dest.relative_to(ROOT)} (+ .md)")
+        dest = _results_file(record, results)
+        _write_record(dest, record)
+        print(f"{p} -> {dest} (+ .md)")
+
+
+def _merge(paths: list[str], note: str = "", results: Path = RESULTS) -> None:
+    for p in paths:
+        new = json.loads(Path(p).read_text())
+        dest = _results_file(new, results)
+        merged = merge_records(json.loads(dest.read_text()), new, note) if dest.exists() else new
+        _write_record(dest, merged)
+        print(f"{p} -> {dest} (+ .md): {len(new['rows'])} rows merged into {len(merged['rows'])}")
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["summary", "import"])
+    parser.add_argument("action", choices=["summary", "import", "merge"])
     parser.add_argument("files", nargs="+")
+    parser.add_argument("--note", default="", help="merge: how the new rows were made (machine, build), before their command")
     args = parser.parse_args(argv)
     if args.action == "import":
         _import(args.files)
+        return
+    if args.action == "merge":
+        _merge(args.files, args.note)
         return
     for p in args.files:
         try:

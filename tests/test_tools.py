@@ -1,6 +1,7 @@
 """The performance notes' analysis tools (scripts/), on made-up inputs whose
 answer is known."""
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -180,12 +181,17 @@ def test_loop_spills_reports_each_innermost_tensor_core_loop():
     assert [int(line.split(", ")[1].split()[0]) for line in lines] == spills
 
 
-def test_in_turns_takes_turns_and_drops_a_call_that_raised():
-    """benchmarks/common.in_turns: every call once per round in order; a call
-    that raises keeps its error, its earlier results, and no later turn."""
+def _load_bench_common():
     spec = importlib.util.spec_from_file_location("bench_common", SCRIPTS.parent / "benchmarks" / "common.py")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
+    return common
+
+
+def test_in_turns_takes_turns_and_drops_a_call_that_raised():
+    """benchmarks/common.in_turns: every call once per round in order; a call
+    that raises keeps its error, its earlier results, and no later turn."""
+    common = _load_bench_common()
     rounds, fail_at = random.randint(2, 5), random.randint(1, 2)
     order = []
 
@@ -203,6 +209,59 @@ def test_in_turns_takes_turns_and_drops_a_call_that_raised():
     assert errors == {"b": "RuntimeError: refused"}
     assert len(results["b"]) == fail_at - 1 and len(results["a"]) == rounds
     assert results["a"] == sorted(results["a"])  # in round order
+
+
+def test_merge_puts_a_partial_runs_rows_in_place_of_the_same_settings(tmp_path):
+    """benchmarks/common.py merge: a run of two implementations at one head
+    dim replaces exactly those rows of the device's prefill file, keeps the
+    others and their order, appends a setting the file lacked, and says in
+    the command which run gave which rows; a record of another device is
+    refused."""
+    common = _load_bench_common()
+    rng = random.Random()
+    header = {"bench": "prefill", "device": "GPU X", "slug": "gpu-x", "torch": "t", "cuda": "c", "cudnn": 1,
+              "quick": False}
+
+    def row(impl, d, causal, n):
+        return {"impl": impl, "dtype": "bfloat16", "d": d, "causal": causal, "n": n, "batch": 16384 // n,
+                "heads": 2048 // d, "fwd_ms": rng.random(), "fwd_tflops": rng.uniform(100, 700),
+                "bwd_ms": rng.random(), "bwd_tflops": rng.uniform(100, 600)}
+
+    settings = [(impl, d, causal, n) for impl in ("flash_ext", "sdpa_cudnn", "sdpa_flash") for d in (64, 128)
+                for causal in (False, True) for n in (512, 2048)]
+    old = {**header, "commit": "aaa", "command": "the full sweep", "date": "2026-01-01",
+           "ceilings": {"matmul_bf16_tflops": 780.0}, "rows": [row(*s) for s in settings]}
+    d = rng.choice([64, 128])
+    added = ("flash_ext", d, False, 4096)
+    new_settings = [s for s in settings if s[0] != "sdpa_flash" and s[1] == d] + [added]
+    rng.shuffle(new_settings)
+    new = {**header, "commit": "bbb", "command": "the partial sweep", "date": "2026-02-02",
+           "ceilings": {"matmul_bf16_tflops": 790.0}, "rows": [row(*s) for s in new_settings]}
+    results = tmp_path / "results"
+    dest = results / "gpu-x" / "prefill.json"
+    dest.parent.mkdir(parents=True)
+    dest.write_text(json.dumps(old))
+    new_file = tmp_path / "new.json"
+    new_file.write_text(json.dumps(new))
+
+    common._merge([str(new_file)], "machine Y", results=results)
+    merged = json.loads(dest.read_text())
+
+    def key(r):
+        return (r["impl"], r["d"], r["causal"], r["n"])
+
+    assert [key(r) for r in merged["rows"]] == settings + [added]
+    by_old, by_new = {key(r): r for r in old["rows"]}, {key(r): r for r in new["rows"]}
+    for r in merged["rows"]:
+        assert r == by_new.get(key(r), by_old.get(key(r)))
+    assert sum(key(r) in by_new for r in merged["rows"]) == len(new_settings)
+    assert merged["command"].startswith("machine Y: the partial sweep (commit bbb, 2026-02-02; ceilings "
+                                        "matmul_bf16_tflops 790)")
+    assert merged["command"].endswith("The rest: the full sweep")
+    assert merged["ceilings"] == old["ceilings"] and merged["date"] == new["date"]
+    assert "the partial sweep" in dest.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="slug"):
+        common.merge_records(old, {**new, "slug": "gpu-z"})
 
 
 def test_fwd_trace_cuts_tiles_into_phases():
