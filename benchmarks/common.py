@@ -492,7 +492,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["summary", "import", "merge"])
     parser.add_argument("files", nargs="+")
-    parser.add_argument("--note", default="", help="merge: how the new rows were made (machine, build), before their command")
+    parser.add_argument("--note", default="",
+                        help="merge: how the new rows were made (machine, build), put before their command")
     args = parser.parse_args(argv)
     if args.action == "import":
         _import(args.files)
