@@ -223,7 +223,7 @@ struct BwdTraits {
   // warp (+2-7 % on an H100, session 14); at d = 64 one reduce-add per group
   // after a group barrier (the per-warp hand-off measured level, -9 % at
   // causal N = 2k). d = 256 adds dQ with atomics from registers (at d = 128
-  // they lost 3-4 % to this hand-off on an H200, session 36).
+  // they lost 1.6-3.4 % to this hand-off on an H200, session 36).
   static constexpr bool kWarpDqReduce = kHeadDim == 128;
 
   // How the groups tile the keys-along-M products: along M (keys) or, with
