@@ -31,9 +31,11 @@ set -euo pipefail
 (( $# > 0 )) || { echo "usage: [AB_FLAGS=...] [AB_A_TREE=tgz] [AB_REUSE_A=1] $0 <benchmark command>" >&2; exit 2; }
 [[ -n ${AB_FLAGS:-} || -n ${AB_A_TREE:-} || ${AB_REUSE_A:-0} == 1 ]] ||
   { echo "set AB_FLAGS (build B's nvcc flags), AB_A_TREE or AB_REUSE_A=1" >&2; exit 2; }
-# B rebuilt in place (incrementally): a tree change. Extra flags need a fresh
+# A: the earlier in-place build (AB_A_TREE takes precedence). B rebuilt in
+# place, incrementally, only for a tree change: extra flags need a fresh
 # build, which ninja would not redo for flags read from the environment.
-B_IN_PLACE=$([[ ${AB_REUSE_A:-0} == 1 && -z ${AB_FLAGS:-} ]] && echo 1 || echo 0)
+A_IN_PLACE=$([[ -z ${AB_A_TREE:-} && ${AB_REUSE_A:-0} == 1 ]] && echo 1 || echo 0)
+B_IN_PLACE=$([[ $A_IN_PLACE == 1 && -z ${AB_FLAGS:-} ]] && echo 1 || echo 0)
 OUT=${OUT:-$PWD/.device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -54,7 +56,7 @@ if [[ -n ${AB_A_TREE:-} ]]; then
   mkdir -p "$STASH/tree_a"
   tar xzf "$AB_A_TREE" -C "$STASH/tree_a"
   build a "" "$STASH/tree_a"
-elif [[ ${AB_REUSE_A:-0} == 1 ]]; then
+elif [[ $A_IN_PLACE == 1 ]]; then
   cp flash_ext/_C*.so "$STASH/a.so"
   echo "build a: the extension built in place"
 else
@@ -82,7 +84,7 @@ done
 # flags), B in tree mode and when B was rebuilt in place.
 cp "$STASH/$([[ -n ${AB_A_TREE:-} || $B_IN_PLACE == 1 ]] && echo b || echo a).so" "$SO"
 
-A_NAME=$([[ ${AB_REUSE_A:-0} == 1 ]] && echo "the earlier in-place build" || echo "${AB_A_TREE:-the working tree}")
+A_NAME=$([[ $A_IN_PLACE == 1 ]] && echo "the earlier in-place build" || echo "${AB_A_TREE:-the working tree}")
 echo "---- $(( $(date +%s) - START ))s in all; A = $A_NAME, B = the working tree ${AB_FLAGS:+with $AB_FLAGS}"
 for variant in a b; do
   echo "== $variant"

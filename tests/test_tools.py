@@ -1,5 +1,5 @@
-"""The performance notes' analysis tools (scripts/), on made-up inputs whose
-answer is known."""
+"""The performance notes' analysis tools (scripts/) and the results files'
+helpers (benchmarks/common.py), on made-up inputs whose answer is known."""
 import importlib.util
 import json
 import random
