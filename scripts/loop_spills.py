@@ -1,8 +1,9 @@
 """Local-memory traffic and register pressure in the tensor-core loops of our
 CUDA kernels, read from the SASS: for each kernel, its innermost loops that
 issue wgmma (HGMMA) or mma (HMMA), each loop's instruction count, the spill
-loads and stores (LDL/STL) inside it with their source lines, and the live
-registers at the loop's head and at their peak. ptxas's "bytes spill" says
+loads and stores (LDL/STL) and returning global atomics (ATOMG) inside it
+with their source lines, and the live registers at the loop's head and at
+their peak. ptxas's "bytes spill" says
 how much spills somewhere; this says whether it is on the hot path, which
 is what sessions 13, 20 and 21 of benchmarks/NOTES.md needed (and found by
 hand).
@@ -123,6 +124,14 @@ def report(fn: Function, live: dict[int, int]) -> list[str]:
         lines.append(f"  loop {first:#x}-{last:#x}: {len(body)} instructions, {len(local)} local loads/stores")
         for i in local:
             lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
+        # A global atomic whose result nobody reads should be a fire-and-forget
+        # REDG; ptxas kept d = 256's dQ adds as ATOMG once the kernel held a
+        # release fence (session 38), at the same instruction count.
+        atoms = [i for i in body if re.search(r"\bATOMG\b", i.text)]
+        if atoms:
+            lines.append(f"    {len(atoms)} returning global atomics (ATOMG; REDG if the result is unused):")
+            for i in atoms:
+                lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
         if live:
             lines.append(f"    live registers: {live.get(first, '?')} at the loop head, "
                          f"{max(live.get(i.address, 0) for i in body)} at most in it")

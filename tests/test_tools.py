@@ -79,12 +79,13 @@ def test_ncu_stalls_groups_instructions_by_execution_count():
     assert next(g for g in groups if g["executed"] == 256)["producer"]
 
 
-def _made_up_sass(loop_spills: int, rng: random.Random) -> tuple[str, str, list[int]]:
+def _made_up_sass(loop_spills: int, rng: random.Random, loop_atoms: int = 0) -> tuple[str, str, list[int]]:
     """nvdisasm text (line info, labels) of two functions: `other`, without
     tensor-core code, and `kernel`, whose outer loop holds an inner loop that
-    issues HGMMA with `loop_spills` local accesses spread in it, plus STL/LDL
-    outside it; and the matching -plr -lrm count text. Returns both and the
-    inner loop's (first, last, instruction count)."""
+    issues HGMMA with `loop_spills` local accesses and `loop_atoms` returning
+    atomics (beside a REDG) spread in it, plus STL/LDL and an ATOMG outside
+    it; and the matching -plr -lrm count text. Returns both and the inner
+    loop's (first, last, instruction count)."""
     lines, live_lines = [], []
     address = 0
 
@@ -113,24 +114,28 @@ def _made_up_sass(loop_spills: int, rng: random.Random) -> tuple[str, str, list[
         first = address
         body = ["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "FFMA R5, R6, R7, R8", "MUFU.EX2 R9, R9"]
         body += ["LDL R10, [R1+0x8]"] * loop_spills
+        body += ["ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR6][R2.64], R4"] * loop_atoms
+        body += ["REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R4"]
         rng.shuffle(body)
         for i, text in enumerate(body):
             emit(text, 30 + i)
         emit("@P0 BRA `(.L_x_1)", 40)
         last = address - 16
         emit("LDL R2, [R1+0x4]", 41)                 # in the outer loop only
+        emit("ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR6][R4.64], R5", 41)
         emit("@P1 BRA `(.L_x_0)", 42)
         emit("EXIT", 43)
     return "\n".join(lines), "\n".join(live_lines), [first, last, len(body) + 1]
 
 
 @pytest.mark.parametrize("loop_spills", [0, 3])
-def test_loop_spills_finds_the_innermost_tensor_core_loop(loop_spills):
+@pytest.mark.parametrize("loop_atoms", [0, 2])
+def test_loop_spills_finds_the_innermost_tensor_core_loop(loop_spills, loop_atoms):
     """The loop reported is the smallest backward branch around an HGMMA;
-    only the spills inside it count; the live-register column is read per
-    instruction."""
+    only the spills and returning atomics (ATOMG, not REDG) inside it count;
+    the live-register column is read per instruction."""
     loop_spills_tool = _load("loop_spills")
-    sass, live_text, (first, last, count) = _made_up_sass(loop_spills, random.Random())
+    sass, live_text, (first, last, count) = _made_up_sass(loop_spills, random.Random(), loop_atoms)
     functions = loop_spills_tool.parse_disassembly(sass)
     assert sorted(functions) == ["_Z5otherv", "_Z6kernelv"]
     assert loop_spills_tool.mma_loops(functions["_Z5otherv"]) == []
@@ -143,6 +148,10 @@ def test_loop_spills_finds_the_innermost_tensor_core_loop(loop_spills):
     assert lines[0].endswith(f"{count} instructions, {loop_spills} local loads/stores")
     spill_lines = [line for line in lines[1:] if "LDL" in line]
     assert len(spill_lines) == loop_spills and all("kernel.cuh:" in line for line in spill_lines)
+    atom_lines = [line for line in lines[1:] if "ATOMG.E" in line]
+    assert len(atom_lines) == loop_atoms and all("kernel.cuh:" in line for line in atom_lines)
+    assert any(f"{loop_atoms} returning global atomics" in line for line in lines) == (loop_atoms > 0)
+    assert not any("REDG.E" in line for line in lines)
     assert f"{live[first]} at the loop head" in lines[-2]
     assert lines[-1].endswith(str(max(live.values())))
 
