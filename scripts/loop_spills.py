@@ -3,10 +3,9 @@ CUDA kernels, read from the SASS: for each kernel, its innermost loops that
 issue wgmma (HGMMA) or mma (HMMA), each loop's instruction count, the spill
 loads and stores (LDL/STL) and returning global atomics (ATOMG) inside it
 with their source lines, and the live registers at the loop's head and at
-their peak. ptxas's "bytes spill" says
-how much spills somewhere; this says whether it is on the hot path, which
-is what sessions 13, 20 and 21 of benchmarks/NOTES.md needed (and found by
-hand).
+their peak. ptxas's "bytes spill" says how much spills somewhere; this says
+whether it is on the hot path, which is what sessions 13, 20 and 21 of
+benchmarks/NOTES.md needed (and found by hand).
 
     python scripts/loop_spills.py csrc/cuda/instantiations/sm90_bwd_hdim128_bf16.cu [--kernel attention_bwd]
     python scripts/loop_spills.py some.cubin [--kernel REGEX]

@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       float* dq_tile = p.dq_accum + (sm80::dq_accum_row0(kVarlen, p, ws, seq, b, h) + m0) * kHeadDim;
       static_assert(decltype(size(tdQrdQ))::value == Tr::kDqFrag);
       if constexpr (Tr::kSplitDims) {
-        // Vector atomics from registers: 512 consecutive bytes per warp.
+        // Vector reductions from registers: 512 consecutive bytes per warp.
         CUTE_UNROLL
         for (int j = 0; j < Tr::kDqFrag / 4; ++j) {
           red_add_f32x4(dq_tile + dq_tile_offset<Tr>(tid, j), tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2),
