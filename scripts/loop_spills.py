@@ -115,22 +115,25 @@ def parse_live_counts(text: str) -> dict[str, dict[int, int]]:
     return counts
 
 
+def _where(i: Instr) -> str:
+    """One listed instruction: address, text and source line."""
+    return f"    {i.address:#06x} {i.text[:48]:48s} {i.source}"
+
+
 def report(fn: Function, live: dict[int, int]) -> list[str]:
     lines = []
     for first, last in mma_loops(fn):
         body = [i for i in fn.instrs if first <= i.address <= last]
         local = [i for i in body if re.search(r"\b(LDL|STL)\b", i.text)]
-        lines.append(f"  loop {first:#x}-{last:#x}: {len(body)} instructions, {len(local)} local loads/stores")
-        for i in local:
-            lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
         # A global atomic whose result nobody reads should be a fire-and-forget
         # REDG; ptxas kept d = 256's dQ adds as ATOMG once the kernel held a
         # release fence (session 38), at the same instruction count.
         atoms = [i for i in body if re.search(r"\bATOMG\b", i.text)]
+        lines.append(f"  loop {first:#x}-{last:#x}: {len(body)} instructions, {len(local)} local loads/stores")
+        lines += [_where(i) for i in local]
         if atoms:
             lines.append(f"    {len(atoms)} returning global atomics (ATOMG; REDG if the result is unused):")
-            for i in atoms:
-                lines.append(f"    {i.address:#06x} {i.text[:48]:48s} {i.source}")
+            lines += [_where(i) for i in atoms]
         if live:
             lines.append(f"    live registers: {live.get(first, '?')} at the loop head, "
                          f"{max(live.get(i.address, 0) for i in body)} at most in it")
