@@ -652,6 +652,36 @@ def test_hopper_backward_block_order_in_process(gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,n_q,n_k,heads,kv_heads", [
+    (128, 1000, 1000, 4, 4), (128, 2048, 2048, 2, 2), (128, 333, 777, 6, 2), (96, 161, 300, 2, 1),
+    (128, 80, 130, 3, 3)])
+def test_hopper_backward_tall_tiles_against_float64(d, n_q, n_k, heads, kv_heads, dtype, gen):
+    """The d = 128 backward's 80-row query tiles (BwdTuning d128_tall_min_q)
+    against float64: query lengths off both tile sizes (the last tile
+    reaching into the padding), GQA, a head dim padded to 128."""
+    set_tuning = flash_ext._C._set_bwd_tuning
+    q = randn((2, heads, n_q, d), dtype, "cuda", gen, requires_grad=True)
+    k = randn((2, kv_heads, n_k, d), dtype, "cuda", gen, requires_grad=True)
+    v = randn((2, kv_heads, n_k, d), dtype, "cuda", gen, requires_grad=True)
+    dout = randn((2, heads, n_q, d), dtype, "cuda", gen)
+    gqa = heads != kv_heads
+    try:
+        set_tuning("d128_tall_min_q=1")
+        out = flash_ext.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        assert flash_ext.last_cuda_kernel_family() == "sm90"
+    finally:
+        set_tuning("")
+    theirs = torch.autograd.grad(TORCH_SDPA(q, k, v, enable_gqa=gqa), (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    refs = torch.autograd.grad(reference_attention(q64, k64, v64, enable_gqa=True), (q64, k64, v64), dout.double())
+    for name, g, r, t in zip("qkv", grads, refs, theirs):
+        assert_matches_reference(g, r, dtype, t, what=f"d{name} (80-row tiles)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("d,align,n_q,n_k,heads,kv_heads", [
     (128, None, 1000, 1000, 4, 4), (128, "top", 700, 700, 4, 4), (128, None, 500, 500, 8, 2),
     (96, None, 300, 1111, 2, 2), (64, "top", 600, 900, 4, 4), (128, "bottom", 400, 200, 2, 2),

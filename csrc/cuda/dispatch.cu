@@ -160,6 +160,7 @@ FwdTuning& current_fwd_tuning() {
 using sm90::BwdTuning;
 constexpr std::pair<const char*, int64_t BwdTuning::*> kBwdKnobs[] = {
     {"masked_section_rounds", &BwdTuning::masked_section_rounds},
+    {"d128_tall_min_q", &BwdTuning::d128_tall_min_q},
 };
 
 BwdTuning& current_bwd_tuning() {

@@ -15,9 +15,28 @@ namespace flash_ext::cuda::sm90 {
 template <int kHeadDim, class Element>
 using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
+// d = 128 without a mask or window may take 80-row query tiles
+// (BwdTuning::d128_tall_min_q): a quarter more work per tile for the same
+// barriers, pipeline waits and dQ hand-offs (FlashAttention-3's tile there).
+// Instantiated in sm90_bwd_tall_hdim128_*, dense batches only.
+template <ScalarKind kDtype>
+void run_bwd_tall(const AttentionBwdParams& p, cudaStream_t stream) {
+  launch_attention_bwd<BwdTraits<128, 80, 128, 2, ElementOf<kDtype>>, false>(p, stream);
+}
+extern template void run_bwd_tall<ScalarKind::kBFloat16>(const AttentionBwdParams&, cudaStream_t);
+extern template void run_bwd_tall<ScalarKind::kFloat16>(const AttentionBwdParams&, cudaStream_t);
+
+inline bool bwd_tall_tiles(const AttentionBwdParams& p) {
+  const int64_t min_q = bwd_tuning().d128_tall_min_q;
+  return min_q > 0 && p.q_len >= min_q && !has_window(p.window);
+}
+
 // Varlen batches take the dense batches' tiles (their sequences are as long).
 template <int kHeadDim, ScalarKind kDtype, bool kVarlen>
 void run_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim == 128 && !kVarlen) {
+    if (bwd_tall_tiles(p)) return run_bwd_tall<kDtype>(p, stream);
+  }
   launch_attention_bwd<BwdConfig<kHeadDim, ElementOf<kDtype>>, kVarlen>(p, stream);
 }
 

@@ -11,9 +11,11 @@
 //        P^T = exp2(S^T scale log2(e) - lse), dS^T = P^T (dP^T - D)
 //        dV += P^T dO                               (wgmma, A from registers)
 //      then writes dS^T to shared memory, and after a barrier of both groups
-//      computes its half of dQ = dS K, then dK += dS^T Q (A from
-//      registers); it adds dQ to the float32 dq accumulator with bulk
-//      reduce-adds (cp.reduce.async.bulk) from shared memory while dK runs;
+//      computes its half of dQ = dS K (with 80-row query tiles, its half of
+//      the head dims of dQ^T = K^T dS^T: wgmma tiles are 64 rows), then
+//      dK += dS^T Q (A from registers); it adds dQ to the float32 dq
+//      accumulator with bulk reduce-adds (cp.reduce.async.bulk) from shared
+//      memory while dK runs;
 //      dK, dV stay in registers until the end. At d = 256
 //      (BwdTraits::kSplitDims) both groups share 64 keys: each computes S^T,
 //      dP^T for half the queries, leaves P^T and dS^T in shared memory, and
@@ -27,6 +29,11 @@
 // Varlen (packed) batches, kVarlen: as the forward's, the TMA descriptors
 // span the packed tensors and a tile starts at its sequence's first row.
 #pragma once
+
+// wgmma tiles of any N multiple of 8 (80 queries), before any CuTe header.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
 
 #include <cuda_runtime.h>
 
@@ -69,20 +76,21 @@ __host__ __device__ __forceinline__ float* lse_log2_ptr(const AttentionBwdParams
 }
 
 // D and lse of every query row of every (sequence, head), and of the rows
-// past a sequence's end up to its last whole 128-row tile: D = 0 and
+// past a sequence's end up to its last whole tile of kTileRows rows (which
+// hold the main kernel's query tiles, BwdTraits::kPrepassTileRows): D = 0 and
 // lse = +inf there, as in rows without any visible key (lse = -inf), so
 // that P = exp2(s - lse) = 0. The same rows of dq_accum are zeroed for the
 // main kernel's reduce-adds: whole query tiles, only those some key tile
 // adds to (a varlen batch's padding between sequences is left alone, and
 // there is no separate memset). kHeadDim / 8 lanes per row, 8 dims each, so
 // a warp covers 256 / kHeadDim rows (a memory-bound pass: every lane loads).
-template <class Element, int kHeadDim, bool kVarlen>
+template <class Element, int kHeadDim, int kTileRows, bool kVarlen>
 __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdParams p, int64_t head_rows,
                                                              const DqWorkspace ws) {
   constexpr int kLanes = kHeadDim / 8, kRowsPerWarp = 32 / kLanes;
   const int lane = threadIdx.x % 32, col = lane % kLanes * 8;
   // (batch, head, row) with rows up to the longest sequence's, padded.
-  const int64_t padded = whole_tiles(p.q_len, kSoftmaxTileRows);
+  const int64_t padded = whole_tiles(p.q_len, kTileRows);
   const int64_t rows = p.batch * p.heads * padded;
   float* dpsum = dpsum_ptr(p);
   float* lse_log2 = lse_log2_ptr(p, head_rows);
@@ -99,7 +107,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const AttentionBwdP
     float acc = valid && col < p.v_head_dim ? sm80::out_dout_dot8<Element>(p, b, h, seq.q_row0 + i, col) : 0.f;
     CUTE_UNROLL
     for (int s = kLanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-    const bool in_tiles = in_range && i < whole_tiles(seq.q_len, kSoftmaxTileRows);
+    const bool in_tiles = in_range && i < whole_tiles(seq.q_len, kTileRows);
     if (in_tiles) {
       // Row i's kHeadDim floats: the rows of a tile together cover its run,
       // whatever order dq_tile_offset keeps inside it.
@@ -296,8 +304,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
   Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);
-  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_K, buffer)
-  Tensor tdQrK = thr_dq.partition_fragment_B(sKt);
+  // dQ = dS K: A = dS (MMA, MMA_M, MMA_K, buffer), B = K; transposed, A = K^T
+  // and B = dS.
+  auto tdQrdS = [&] {
+    if constexpr (Tr::kDqTransposed) return thr_dq.partition_fragment_B(sdS);
+    else return thr_dq.partition_fragment_A(sdS);
+  }();
+  auto tdQrK = [&] {
+    if constexpr (Tr::kDqTransposed) return thr_dq.partition_fragment_A(sKt);
+    else return thr_dq.partition_fragment_B(sKt);
+  }();
 
   Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
@@ -308,7 +324,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   // memory by stmatrix (8 consecutive queries are 16 contiguous bytes of
   // dS). CuTe's generic copy compiled to 4-byte generic stores, each with a
   // 64-bit address held in registers across the key loop.
-  auto r2s_ds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+  auto r2s_ds = make_tiled_copy_C(Copy_Atom<typename Tr::StoreAtomdS, Element>{}, mma_sdp);
   auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
   Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
 
@@ -394,8 +410,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
       // runs and its reduction (shared memory and a bulk add, or atomics)
       // overlaps this group's dK product rather than following it (+4-6 %
       // at d = 256, ~1 % at d = 128 on an H100, session 14).
-      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-      wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
+      Tensor tdQrdQ = partition_fragment_C(mma_dq, typename Tr::DqTileShape{});
+      if constexpr (Tr::kDqTransposed) {
+        wgmma<true>(mma_dq, tdQrK, tdQrdS(_, _, _, buffer), tdQrdQ);
+      } else {
+        wgmma<true>(mma_dq, tdQrdS(_, _, _, buffer), tdQrK, tdQrdQ);
+      }
       if constexpr (Tr::kSplitDims) {
         Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
         wgmma<false>(mma_dkv, tdKrdSt(_, _, _, buffer), tdKrQ(_, _, _, stage), acc_dk);
@@ -501,7 +521,8 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
   __shared__ __align__(16) Element staged[kBlockM * kPitch];
   const int tid = threadIdx.x;
   typename Tr::TiledMmadQ mma_dq;
-  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor coord = mma_dq.get_thread_slice(tid).partition_C(make_identity_tensor(typename Tr::DqTileShape{}));
+  constexpr int kRowMode = Tr::kDqTransposed ? 1 : 0;  // the query's mode of coord
   static_assert(decltype(size(coord))::value == Tr::kDqFrag);
   const float scale = static_cast<float>(p.scale);
   const int64_t m_blocks = ceil_div64(p.q_len, kBlockM);
@@ -517,7 +538,8 @@ __global__ void __launch_bounds__(128 * Tr::kNumMmaWG) convert_dq_sm90_kernel(co
       const float v[4] = {v4.x, v4.y, v4.z, v4.w};
       CUTE_UNROLL
       for (int e = 0; e < 4; ++e) {
-        staged[get<0>(coord(4 * j + e)) * kPitch + get<1>(coord(4 * j + e))] = static_cast<Element>(v[e] * scale);
+        staged[get<kRowMode>(coord(4 * j + e)) * kPitch + get<1 - kRowMode>(coord(4 * j + e))] =
+            static_cast<Element>(v[e] * scale);
       }
     }
     __syncthreads();
@@ -569,12 +591,12 @@ template <class Tr, bool kVarlen>
 void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Element = typename Tr::Element;
   const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
-  static_assert(sm80::kDqRowPad % Tr::kBlockM == 0, "query tiles must not straddle dq_accum's padding");
+  static_assert(128 % Tr::kBlockM == 0 || Tr::kBlockM == 80, "query tiles must not reach past padded_query_rows");
   const int64_t head_rows = softmax_head_rows(p);
-  const int64_t rows = p.batch * p.heads * whole_tiles(p.q_len, kSoftmaxTileRows);
+  const int64_t rows = p.batch * p.heads * whole_tiles(p.q_len, Tr::kPrepassTileRows);
   if (rows > 0) {
     const int64_t rows_per_block = 8 * (256 / Tr::kHeadDim);  // 8 warps
-    bwd_preprocess_kernel<Element, Tr::kHeadDim, kVarlen>
+    bwd_preprocess_kernel<Element, Tr::kHeadDim, Tr::kPrepassTileRows, kVarlen>
         <<<grid_stride_blocks(ceil_div64(rows, rows_per_block)), 256, 0, stream>>>(p, head_rows, ws);
     sm80::launch_checked("sm90 backward pre-pass kernel", cudaGetLastError());
   }

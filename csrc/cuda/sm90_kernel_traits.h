@@ -191,7 +191,8 @@ struct FwdTraits {
 //    from registers). dK and dV of 64 keys x d stay in registers (2 x 64
 //    floats per thread at d = 128), beside S^T and dP^T (2 x kBlockM / 2):
 //    192 accumulator floats at d = 128 with 64-row query tiles, and at d = 64
-//    with 128-row ones.
+//    with 128-row ones; 208 at d = 128 with 80-row tiles (ptxas: 229 live
+//    registers, a few loop values spilled: 7 local accesses a pass).
 //  - d = 256: that would be 256 floats of dK and dV alone, so both groups
 //    share one 64-key tile and each owns half of the head dims of dK, dV
 //    and dQ (64 + 64 + 64 floats). Each computes S^T, dP^T for half of the
@@ -206,13 +207,19 @@ struct BwdTraits {
   static constexpr bool kSplitDims = kHeadDim == 256;
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
   static_assert(kBlockN == (kSplitDims ? 64 : 128));
-  static_assert(kBlockM == 64 || (kBlockM == 128 && kHeadDim == 64));
+  static_assert(kBlockM == 64 || (kBlockM == 128 && kHeadDim == 64) || (kBlockM == 80 && kHeadDim == 128));
+  // The pre-pass fills D, lse and zeroes dq_accum in whole tiles of this many
+  // rows: 128 (holding the 64- and 128-row tiles), or the 80-row tiles.
+  static constexpr int kPrepassTileRows = 128 % kBlockM == 0 ? 128 : kBlockM;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   // dQ = dS K is split between the groups along the queries when the tile
   // has 64 rows per group (each product then 64 x kHeadDim, as wide as the
-  // others), else along the head dims.
-  static constexpr int kDqWgM = kBlockM / 64;
+  // others), else along the head dims. A query tile that is not a whole
+  // number of wgmma rows (80) computes dQ^T = K^T dS^T instead: head dims
+  // along M, split between the groups, queries along N.
+  static constexpr bool kDqTransposed = kBlockM % 64 != 0;
+  static constexpr int kDqWgM = kDqTransposed ? 1 : kBlockM / 64;
   static constexpr int kDqWgN = kNumMmaWG / kDqWgM;
   static constexpr int kDqCols = kHeadDim / kDqWgN;  // dQ columns per consumer group
   // dQ accumulator floats per consumer thread.
@@ -253,10 +260,18 @@ struct BwdTraits {
   // dQ = dS K: M = queries, N = head dim, K = keys, split as kDqWgM x kDqWgN.
   // A = dS, stored queries-contiguous (MN-major) from the dS^T accumulators;
   // B = K (keys x dims) has N contiguous: MN-major.
+  // kDqTransposed: dQ^T = K^T dS^T, M = head dim (split between the groups),
+  // N = queries, K = keys; A = K^T (dims contiguous: MN-major), B = dS
+  // stored keys-contiguous (K-major).
+  static constexpr int kDqGroupM = kDqTransposed ? kDqCols : kBlockM / kDqWgM;  // a group's product, M x N
+  static constexpr int kDqGroupN = kDqTransposed ? kBlockM : kDqCols;
   using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM / kDqWgM>, Int<kDqCols>, Int<kBlockN>>,
-                           GMMA::Major::MN, GMMA::Major::MN>(),
-      Layout<Shape<Int<kDqWgM>, Int<kDqWgN>, _1>>{}));
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kDqGroupM>, Int<kDqGroupN>, Int<kBlockN>>,
+                           GMMA::Major::MN, kDqTransposed ? GMMA::Major::K : GMMA::Major::MN>(),
+      Layout<Shape<Int<kDqTransposed ? kDqWgN : kDqWgM>, Int<kDqTransposed ? 1 : kDqWgN>, _1>>{}));
+  // The dQ accumulator's tile: (queries, dims), or (dims, queries) transposed.
+  using DqTileShape = std::conditional_t<kDqTransposed, Shape<Int<kHeadDim>, Int<kBlockM>>,
+                                         Shape<Int<kBlockM>, Int<kHeadDim>>>;
 
   // K's swizzle spans one group's dQ columns: read MN-major by dQ = dS K, a
   // kDqCols-wide slice must hold whole swizzle rows (64-byte swizzle when
@@ -273,8 +288,12 @@ struct BwdTraits {
   // dS (queries x keys, queries contiguous), double-buffered so one barrier
   // per query tile separates writing it from the other group's last read.
   // With kSplitDims P takes the same layout.
-  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
+  // kDqTransposed: keys contiguous (80 queries are not whole 64-query
+  // swizzle rows), written by transposing stmatrix.
+  using SmemLayoutdS = decltype(tile_to_shape(
+      std::conditional_t<kDqTransposed, GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_MN_SW128_Atom<Element>>{},
+      Shape<Int<kBlockM>, Int<kBlockN>, _2>{}));
+  using StoreAtomdS = std::conditional_t<kDqTransposed, SM90_U16x8_STSM_T, SM90_U32x4_STSM_N>;
   using SmemLayoutdSt = decltype(composition(
       SmemLayoutdS{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _2>{}, Step<_2, _1, _3>{})));
 

@@ -120,6 +120,9 @@ struct BwdTuning {
   // about this many rounds of num_sms key tiles (TileSchedule; 0: pair by
   // pair, as equal tiles).
   int64_t masked_section_rounds = 2;
+  // d = 128 calls without a mask or window of at least this many queries
+  // take 80-row query tiles (sm90_bwd_configs.cuh; 0: never).
+  int64_t d128_tall_min_q = 0;
 };
 const BwdTuning& bwd_tuning();
 

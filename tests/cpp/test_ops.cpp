@@ -239,7 +239,8 @@ void test_tile_schedule() {
 }
 
 // The backward's workspace layouts (cuda/bwd_workspace.h): every (sequence,
-// head)'s run of whole 128-row tiles of dq_accum and of the Hopper
+// head)'s run of padded rows (whole 64-, 80- and 128-row tiles) of dq_accum
+// and of the Hopper
 // pre-pass's D/lse rows lies inside its buffer, 16-byte aligned where bulk
 // copies read it, and apart from every other run; dense and varlen batches
 // (ragged, empty sequences, lengths off the tile size), and varlen bounds
@@ -248,8 +249,7 @@ void test_tile_schedule() {
 void test_bwd_workspace_layout() {
   using flash_ext::cuda::whole_tiles;
   using flash_ext::cuda::sm80::dq_accum_row0;
-  using flash_ext::cuda::sm80::kDqRowPad;
-  using flash_ext::cuda::sm90::kSoftmaxTileRows;
+  using flash_ext::cuda::padded_query_rows;
   using flash_ext::cuda::sm90::softmax_row0;
   int64_t wrong = 0, checked = 0;
   // Runs [begin, end) inside [0, size); when `apart`, no two overlap.
@@ -265,7 +265,8 @@ void test_bwd_workspace_layout() {
   };
   const std::vector<std::vector<int32_t>> cases = {
       {0, 512, 1024, 1536}, {0, 100, 100, 357, 360, 1000}, {0, 0, 0}, {0, 1, 130, 258, 259},
-      {0, 300, 200, 700},   {0, 5000, 40, 60},             {-7, 64, 64, 128}};
+      {0, 300, 200, 700},   {0, 5000, 40, 60},             {-7, 64, 64, 128},
+      {0, 2048, 18432, 18433}};
   for (const auto& cu : cases) {
     for (bool varlen : {false, true}) {
       for (int64_t heads : {1, 3, 16}) {
@@ -287,10 +288,13 @@ void test_bwd_workspace_layout() {
           const flash_ext::SequenceBounds seq = flash_ext::sequence_bounds(p, b);
           for (int64_t h = 0; h < heads; ++h) {
             const int64_t dq0 = dq_accum_row0(varlen, p, ws, seq, b, h);
-            dq_runs.emplace_back(dq0, dq0 + whole_tiles(seq.q_len, kDqRowPad));
+            const int64_t padded = padded_query_rows(seq.q_len);
+            for (int64_t tile : {64, 80, 128}) wrong += whole_tiles(seq.q_len, tile) > padded;
+            wrong += padded - seq.q_len > flash_ext::cuda::kQueryRowSlack;
+            dq_runs.emplace_back(dq0, dq0 + padded);
             const int64_t s0 = varlen ? softmax_row0<true>(p, head_rows, seq.q_row0, seq.q_len, b, h)
                                       : softmax_row0<false>(p, head_rows, seq.q_row0, seq.q_len, b, h);
-            softmax_runs.emplace_back(s0, s0 + whole_tiles(seq.q_len, kSoftmaxTileRows));
+            softmax_runs.emplace_back(s0, s0 + padded);
           }
         }
         check_runs(dq_runs, ws.floats / ws.dims, 1, valid);
