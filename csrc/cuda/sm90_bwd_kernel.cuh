@@ -321,9 +321,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) attention_bwd_sm90_kernel(co
   clear(acc_dv);
 
   // S^T-shaped accumulators (dS^T; with kSplitDims also P^T) -> shared
-  // memory by stmatrix (8 consecutive queries are 16 contiguous bytes of
-  // dS). CuTe's generic copy compiled to 4-byte generic stores, each with a
-  // 64-bit address held in registers across the key loop.
+  // memory by stmatrix (8 consecutive queries, or keys with kDqTransposed,
+  // are 16 contiguous bytes of dS). CuTe's generic copy compiled to 4-byte
+  // generic stores, each with a 64-bit address held in registers across the
+  // key loop.
   auto r2s_ds = make_tiled_copy_C(Copy_Atom<typename Tr::StoreAtomdS, Element>{}, mma_sdp);
   auto r2s_ds_thr = r2s_ds.get_thread_slice(tid);
   Tensor tdSsdS = r2s_ds_thr.partition_D(sdSt);  // (CPY, CPY_M, CPY_N, buffer)
