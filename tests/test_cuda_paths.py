@@ -653,31 +653,46 @@ def test_hopper_backward_block_order_in_process(gen):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_SM90, reason="needs a GPU served by the Hopper kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ["none", "causal", "bottom", "window"])
 @pytest.mark.parametrize("d,n_q,n_k,heads,kv_heads", [
     (128, 1000, 1000, 4, 4), (128, 2048, 2048, 2, 2), (128, 333, 777, 6, 2), (96, 161, 300, 2, 1),
     (128, 80, 130, 3, 3)])
-def test_hopper_backward_tall_tiles_against_float64(d, n_q, n_k, heads, kv_heads, dtype, gen):
-    """The d = 128 backward's 80-row query tiles (BwdTuning d128_tall_min_q)
-    against float64: query lengths off both tile sizes (the last tile
-    reaching into the padding), GQA, a head dim padded to 128."""
+def test_hopper_backward_tall_tiles_against_float64(d, n_q, n_k, heads, kv_heads, mask, dtype, gen):
+    """The d = 128 backward's 80-row query tiles (BwdTuning d128_tall_min_q,
+    d128_tall_masked) against float64: query lengths off both tile sizes
+    (the last tile reaching into the padding), GQA, a head dim padded to 128;
+    no mask, causal (top-left, and bottom-right through flash_attn_func) and
+    a sliding window."""
     set_tuning = flash_ext._C._set_bwd_tuning
     q = randn((2, heads, n_q, d), dtype, "cuda", gen, requires_grad=True)
     k = randn((2, kv_heads, n_k, d), dtype, "cuda", gen, requires_grad=True)
     v = randn((2, kv_heads, n_k, d), dtype, "cuda", gen, requires_grad=True)
     dout = randn((2, heads, n_q, d), dtype, "cuda", gen)
     gqa = heads != kv_heads
+    window = {"bottom": (-1, 0), "window": (300, 0)}.get(mask)
     try:
-        set_tuning("d128_tall_min_q=1")
-        out = flash_ext.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        set_tuning("d128_tall_min_q=1,d128_tall_masked=1")
+        if window is None:
+            out = flash_ext.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=gqa)
+        else:
+            out = flash_ext.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            window_size=window).transpose(1, 2)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         assert flash_ext.last_cuda_kernel_family() == "sm90"
     finally:
         set_tuning("")
-    theirs = torch.autograd.grad(TORCH_SDPA(q, k, v, enable_gqa=gqa), (q, k, v), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    refs = torch.autograd.grad(reference_attention(q64, k64, v64, enable_gqa=True), (q64, k64, v64), dout.double())
+    if window is None:
+        theirs = torch.autograd.grad(TORCH_SDPA(q, k, v, is_causal=mask == "causal", enable_gqa=gqa), (q, k, v),
+                                     dout)
+        ref = reference_attention(q64, k64, v64, is_causal=mask == "causal", enable_gqa=True)
+    else:
+        vis = window_visible(n_q, n_k, window[0], window[1], True, device="cuda")
+        theirs = torch.autograd.grad(_torch_visible(q, k, v, vis, gqa), (q, k, v), dout)
+        ref = reference_attention(q64, k64, v64, window=window, bottom_right=True, enable_gqa=True)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, r, t in zip("qkv", grads, refs, theirs):
-        assert_matches_reference(g, r, dtype, t, what=f"d{name} (80-row tiles)")
+        assert_matches_reference(g, r, dtype, t, what=f"d{name} (80-row tiles, {mask})")
 
 
 @pytest.mark.cuda

@@ -161,6 +161,7 @@ using sm90::BwdTuning;
 constexpr std::pair<const char*, int64_t BwdTuning::*> kBwdKnobs[] = {
     {"masked_section_rounds", &BwdTuning::masked_section_rounds},
     {"d128_tall_min_q", &BwdTuning::d128_tall_min_q},
+    {"d128_tall_masked", &BwdTuning::d128_tall_masked},
 };
 
 BwdTuning& current_bwd_tuning() {

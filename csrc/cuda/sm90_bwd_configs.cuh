@@ -15,10 +15,11 @@ namespace flash_ext::cuda::sm90 {
 template <int kHeadDim, class Element>
 using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256 ? 64 : 128, 2, Element>;
 
-// d = 128 without a mask or window may take 80-row query tiles
-// (BwdTuning::d128_tall_min_q): a quarter more work per tile for the same
-// barriers, pipeline waits and dQ hand-offs (FlashAttention-3's tile there).
-// Instantiated in sm90_bwd_tall_hdim128_*, dense batches only.
+// d = 128 may take 80-row query tiles (BwdTuning::d128_tall_min_q, and
+// d128_tall_masked under a mask or window): a quarter more work per tile for
+// the same barriers, pipeline waits and dQ hand-offs (FlashAttention-3's
+// tile without a mask). Instantiated in sm90_bwd_tall_hdim128_*, dense
+// batches only.
 template <ScalarKind kDtype>
 void run_bwd_tall(const AttentionBwdParams& p, cudaStream_t stream) {
   launch_attention_bwd<BwdTraits<128, 80, 128, 2, ElementOf<kDtype>>, false>(p, stream);
@@ -27,8 +28,9 @@ extern template void run_bwd_tall<ScalarKind::kBFloat16>(const AttentionBwdParam
 extern template void run_bwd_tall<ScalarKind::kFloat16>(const AttentionBwdParams&, cudaStream_t);
 
 inline bool bwd_tall_tiles(const AttentionBwdParams& p) {
-  const int64_t min_q = bwd_tuning().d128_tall_min_q;
-  return min_q > 0 && p.q_len >= min_q && !has_window(p.window);
+  const BwdTuning& tuning = bwd_tuning();
+  return tuning.d128_tall_min_q > 0 && p.q_len >= tuning.d128_tall_min_q &&
+         (!has_window(p.window) || tuning.d128_tall_masked != 0);
 }
 
 // Varlen batches take the dense batches' tiles (their sequences are as long).

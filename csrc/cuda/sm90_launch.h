@@ -121,8 +121,10 @@ struct BwdTuning {
   // pair, as equal tiles).
   int64_t masked_section_rounds = 2;
   // d = 128 calls without a mask or window of at least this many queries
-  // take 80-row query tiles (sm90_bwd_configs.cuh; 0: never).
+  // take 80-row query tiles (sm90_bwd_configs.cuh; 0: never); with
+  // d128_tall_masked = 1 those under a mask or window too.
   int64_t d128_tall_min_q = 0;
+  int64_t d128_tall_masked = 0;
 };
 const BwdTuning& bwd_tuning();
 
