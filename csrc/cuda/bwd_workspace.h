@@ -15,12 +15,17 @@ namespace flash_ext::cuda {
 // `rows` rounded up to whole tiles of `tile` rows (rows >= 0).
 FLASH_HOST_DEVICE int64_t whole_tiles(int64_t rows, int64_t tile) { return (rows + tile - 1) / tile * tile; }
 
+// The Hopper d = 128 backward's tall query tiles (sm90_bwd_configs.cuh).
+constexpr int kTallQueryTileRows = 80;
+
 // A query length padded to whole tiles of every backward kernel's query tile
-// (64 and 128 rows, and the Hopper d = 128 backward's 80): whole 128-row
-// tiles that also hold whole 80-row ones. At most kQueryRowSlack rows more
-// than the length.
-FLASH_HOST_DEVICE int64_t padded_query_rows(int64_t rows) { return whole_tiles(whole_tiles(rows, 80), 128); }
-constexpr int64_t kQueryRowSlack = 256;  // >= 79 + 127
+// (64 and 128 rows, and kTallQueryTileRows): whole 128-row tiles that also
+// hold whole tall ones. At most kQueryRowSlack rows more than the length.
+FLASH_HOST_DEVICE int64_t padded_query_rows(int64_t rows) {
+  return whole_tiles(whole_tiles(rows, kTallQueryTileRows), 128);
+}
+constexpr int64_t kQueryRowSlack = 256;
+static_assert(kQueryRowSlack >= kTallQueryTileRows - 1 + 127);
 
 namespace sm80 {
 

@@ -22,7 +22,7 @@ using BwdConfig = BwdTraits<kHeadDim, kHeadDim == 64 ? 128 : 64, kHeadDim == 256
 // batches only.
 template <ScalarKind kDtype>
 void run_bwd_tall(const AttentionBwdParams& p, cudaStream_t stream) {
-  launch_attention_bwd<BwdTraits<128, 80, 128, 2, ElementOf<kDtype>>, false>(p, stream);
+  launch_attention_bwd<BwdTraits<128, kTallQueryTileRows, 128, 2, ElementOf<kDtype>>, false>(p, stream);
 }
 extern template void run_bwd_tall<ScalarKind::kBFloat16>(const AttentionBwdParams&, cudaStream_t);
 extern template void run_bwd_tall<ScalarKind::kFloat16>(const AttentionBwdParams&, cudaStream_t);

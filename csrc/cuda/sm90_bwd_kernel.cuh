@@ -592,7 +592,8 @@ template <class Tr, bool kVarlen>
 void launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Element = typename Tr::Element;
   const DqWorkspace ws = sm80::dq_workspace(p, Tr::kHeadDim, Tr::kBlockM);
-  static_assert(128 % Tr::kBlockM == 0 || Tr::kBlockM == 80, "query tiles must not reach past padded_query_rows");
+  static_assert(128 % Tr::kBlockM == 0 || Tr::kBlockM == kTallQueryTileRows,
+                "query tiles must not reach past padded_query_rows");
   const int64_t head_rows = softmax_head_rows(p);
   const int64_t rows = p.batch * p.heads * whole_tiles(p.q_len, Tr::kPrepassTileRows);
   if (rows > 0) {

@@ -289,7 +289,9 @@ void test_bwd_workspace_layout() {
           for (int64_t h = 0; h < heads; ++h) {
             const int64_t dq0 = dq_accum_row0(varlen, p, ws, seq, b, h);
             const int64_t padded = padded_query_rows(seq.q_len);
-            for (int64_t tile : {64, 80, 128}) wrong += whole_tiles(seq.q_len, tile) > padded;
+            for (int64_t tile : {64, 128, flash_ext::cuda::kTallQueryTileRows}) {
+              wrong += whole_tiles(seq.q_len, tile) > padded;
+            }
             wrong += padded - seq.q_len > flash_ext::cuda::kQueryRowSlack;
             dq_runs.emplace_back(dq0, dq0 + padded);
             const int64_t s0 = varlen ? softmax_row0<true>(p, head_rows, seq.q_row0, seq.q_len, b, h)
